@@ -1,0 +1,281 @@
+//! Types shared by the XDP program (`lb-ebpf`) and the daemon (`lb-daemon`).
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding fields: the kernel hashes
+//! and compares every byte of a key, so an uninitialised padding byte would make two equal
+//! keys differ. Addresses are kept as the raw network-order bytes of the packet, viewed as
+//! four `u32` words (IPv4 in the first word, the rest zero), so the data path never
+//! byte-swaps an address.
+#![no_std]
+
+pub mod hash;
+
+/// Map names, as the daemon looks them up in the loaded object.
+pub mod maps {
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const RINGS: &str = "RINGS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const MARK_RULES_V4: &str = "MARK_RULES_V4";
+    pub const MARK_RULES_V6: &str = "MARK_RULES_V6";
+    pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const EGRESS: &str = "EGRESS";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
+    pub const BENCH_CFG: &str = "BENCH_CFG";
+    pub const BENCH_TARGET: &str = "BENCH_TARGET";
+}
+
+/// Program names in the object.
+pub mod programs {
+    /// The balancer itself.
+    pub const BALANCER: &str = "lb_balancer";
+    /// Returns XDP_PASS. Attached to the peer of a veth that receives XDP_REDIRECT or
+    /// XDP_TX frames, which the kernel requires before it delivers them.
+    pub const PASS: &str = "lb_pass";
+    /// Benchmark floor: parse Ethernet/IPv4/TCP, swap MACs, XDP_TX.
+    pub const FLOOR: &str = "lb_floor";
+    /// Benchmark driver: varies the flow of the packet in place, then tail-calls the target.
+    pub const BENCH_DRIVER: &str = "lb_bench_driver";
+}
+
+pub const MAX_SERVICES: u32 = 4096;
+pub const MAX_BACKENDS: u32 = 16384;
+/// Rules kept per destination prefix in the mark tries (first match wins, in config order).
+pub const MAX_MARK_RULES_PER_PREFIX: usize = 8;
+pub const MAX_MARK_PREFIXES: u32 = 4096;
+pub const MAX_EGRESS_INTERFACES: u32 = 64;
+
+/// Default number of Maglev ring slots shared by all services: room for four services
+/// with the largest common ring (65537) double-buffered.
+pub const DEFAULT_RING_SLOTS: u32 = 8 * 65537;
+/// Default size of the connection table.
+pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// `ServiceKey::kind` and `FlowKey::family` values.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+/// A service keyed by a fwmark-style rule mark instead of an address.
+pub const KIND_MARK: u8 = 1;
+
+/// Exact service key: (VIP, port, protocol), or a mark.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// VIP in network order; for `KIND_MARK`, `addr[0]` is the mark and the rest is zero.
+    pub addr: [u32; 4],
+    /// Destination port in network order; zero for marks.
+    pub port: u16,
+    /// IP protocol; zero for marks.
+    pub proto: u8,
+    /// `FAMILY_V4`, `FAMILY_V6` or `KIND_MARK`.
+    pub kind: u8,
+}
+
+/// Scheduler flag: hash the 5-tuple (`mh`) instead of the source address (`sh`).
+pub const SERVICE_F_HASH_TUPLE: u32 = 1;
+
+/// A service as the data path sees it. The ring is a window into the shared `RINGS`
+/// array; the daemon writes a new ring into an idle window and then replaces this value,
+/// so a packet sees either the whole old ring or the whole new one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Index into the per-service counters.
+    pub id: u32,
+    pub ring_offset: u32,
+    /// A prime; zero means no backend is available.
+    pub ring_size: u32,
+    pub flags: u32,
+}
+
+/// Backend states in the data path. Draining backends are absent from the ring but keep
+/// their established flows; down backends lose them (they are rescheduled).
+pub const BACKEND_UP: u8 = 0;
+pub const BACKEND_DOWN: u8 = 1;
+
+/// Where and how to send a packet for one backend (direct routing).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: [u32; 4],
+    /// The backend's MAC address (new Ethernet destination).
+    pub dst_mac: [u8; 6],
+    /// The egress interface's MAC address (new Ethernet source).
+    pub src_mac: [u8; 6],
+    /// Egress interface; equal to the receiving interface means XDP_TX.
+    pub ifindex: u32,
+    pub family: u8,
+    pub state: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Connection-table key: the 5-tuple as seen on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Flow states, following what the director sees of a TCP connection (only the
+/// client-to-server half passes through it in direct routing).
+pub const FLOW_SYN_SENT: u8 = 1;
+pub const FLOW_ESTABLISHED: u8 = 2;
+pub const FLOW_FIN: u8 = 3;
+pub const FLOW_CLOSED: u8 = 4;
+/// UDP has no handshake: a flow is established from its first packet.
+pub const FLOW_UDP: u8 = 5;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub backend: u32,
+    pub service: u32,
+    pub state: u8,
+    pub _pad: [u8; 7],
+    /// `bpf_ktime_get_ns` of the last packet: lets user space tell active from idle.
+    pub last_seen_ns: u64,
+}
+
+/// One fwmark-style rule under a destination prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MarkRule {
+    /// Source prefix, pre-masked; all zero with a zero mask matches any source.
+    pub src: [u32; 4],
+    pub src_mask: [u32; 4],
+    /// Destination port range, host order, inclusive.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// Zero matches TCP and UDP.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+    pub mark: u32,
+}
+
+/// The rules for one destination prefix: the rules of every covering prefix too, flattened
+/// in config order by the daemon, because an LPM lookup returns only the longest prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MarkRuleSet {
+    pub count: u32,
+    pub rules: [MarkRule; MAX_MARK_RULES_PER_PREFIX],
+}
+
+/// Key of the VIP address set, consulted only on the slow path of malformed or fragmented
+/// packets, to decide whether they were meant for a service (drop) or not (pass).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AddrKey {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Per service and per backend counters (one copy per CPU, summed by user space).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Indices into `GLOBAL_STATS`: XDP action totals, then drops by reason.
+pub mod stat {
+    pub const ACTION_ABORTED: u32 = 0;
+    pub const ACTION_DROP: u32 = 1;
+    pub const ACTION_PASS: u32 = 2;
+    pub const ACTION_TX: u32 = 3;
+    pub const ACTION_REDIRECT: u32 = 4;
+
+    pub const DROP_TRUNCATED: u32 = 8;
+    pub const DROP_BAD_IHL: u32 = 9;
+    pub const DROP_BAD_LENGTH: u32 = 10;
+    pub const DROP_FRAGMENT: u32 = 11;
+    pub const DROP_BAD_L4_HEADER: u32 = 12;
+    pub const DROP_NO_BACKEND: u32 = 13;
+    pub const DROP_BACKEND_INVALID: u32 = 14;
+    pub const DROP_NO_EGRESS: u32 = 15;
+    pub const DROP_IPV6_EXT_CHAIN: u32 = 16;
+
+    pub const COUNT: u32 = 32;
+
+    /// Drop reasons with the names the daemon exports them under.
+    pub const DROP_REASONS: [(u32, &str); 9] = [
+        (DROP_TRUNCATED, "truncated"),
+        (DROP_BAD_IHL, "bad_ihl"),
+        (DROP_BAD_LENGTH, "bad_length"),
+        (DROP_FRAGMENT, "fragment"),
+        (DROP_BAD_L4_HEADER, "bad_l4_header"),
+        (DROP_NO_BACKEND, "no_backend"),
+        (DROP_BACKEND_INVALID, "backend_invalid"),
+        (DROP_NO_EGRESS, "no_egress"),
+        (DROP_IPV6_EXT_CHAIN, "ipv6_ext_chain"),
+    ];
+
+    pub const ACTIONS: [(u32, &str); 5] = [
+        (ACTION_ABORTED, "aborted"),
+        (ACTION_DROP, "drop"),
+        (ACTION_PASS, "pass"),
+        (ACTION_TX, "tx"),
+        (ACTION_REDIRECT, "redirect"),
+    ];
+}
+
+/// Benchmark driver settings (`BENCH_CFG[0]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BenchConfig {
+    /// Zero leaves the packet as it is; otherwise run `i` rewrites the TCP source port and
+    /// the low half of the IPv4 source address from `i % flows`, so `flows` distinct
+    /// 5-tuples are visited in turn.
+    pub flows: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, contain no pointers, and have explicit
+    // padding fields, so every bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::MarkRule {}
+    unsafe impl aya::Pod for super::MarkRuleSet {}
+    unsafe impl aya::Pod for super::AddrKey {}
+    unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::BenchConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    // The sizes are part of the kernel/user contract: a field added without its padding
+    // shows up here before it shows up as a map that never matches.
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(size_of::<Backend>(), 36);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<Flow>(), 24);
+        assert_eq!(size_of::<MarkRule>(), 44);
+        assert_eq!(size_of::<MarkRuleSet>(), 4 + 8 * 44);
+        assert_eq!(size_of::<AddrKey>(), 20);
+        assert_eq!(size_of::<Counters>(), 24);
+    }
+}

@@ -1,0 +1,419 @@
+//! Pure planning: (services, mark rules, neighbours) -> the state the maps should hold.
+//!
+//! No I/O. The [`Planner`] remembers which id it gave each service and backend, so that a
+//! re-plan after any change keeps ids (and with them counters and connection-table
+//! entries) for everything that stayed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use lb_common::{
+    BACKEND_DOWN, BACKEND_UP, Backend, FAMILY_V4, FAMILY_V6, KIND_MARK, MAX_BACKENDS,
+    MAX_MARK_RULES_PER_PREFIX, MAX_SERVICES, MarkRule, MarkRuleSet, PROTO_TCP, PROTO_UDP,
+    SERVICE_F_HASH_TUPLE, ServiceKey,
+};
+
+use crate::dataplane::{DataplaneState, MarkPrefix, ServiceState};
+use crate::maglev::{self, MaglevBackend, MaglevError};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        }
+    }
+}
+
+/// How a new flow picks its backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheduler {
+    /// Source hashing: one client address, one backend (IPVS `sh`).
+    Sh,
+    /// Maglev over the 5-tuple: connections of one client spread out (IPVS `mh`).
+    Mh,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ServiceMatch {
+    Vip {
+        addr: IpAddr,
+        port: u16,
+        proto: Protocol,
+    },
+    /// Traffic classified by a fwmark-style rule with this mark.
+    Mark(u32),
+}
+
+/// What an operator asked of a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    Active,
+    /// No new flows; established ones stay (soft stop for rolling upgrades).
+    Drain,
+    /// No traffic at all: established flows move to other backends.
+    Disabled,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub addr: IpAddr,
+    pub weight: u32,
+    pub state: BackendState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub matcher: ServiceMatch,
+    pub scheduler: Scheduler,
+    /// A prime: the Maglev table size.
+    pub ring_size: u32,
+    pub backends: Vec<BackendSpec>,
+}
+
+/// `iptables -t mangle -A PREROUTING -d DST [-s SRC] -p PROTO --dport LO:HI -j MARK --set-mark N`
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MarkRuleSpec {
+    pub mark: u32,
+    pub dst: IpNet,
+    /// `None` matches TCP and UDP.
+    pub proto: Option<Protocol>,
+    /// Inclusive destination port range.
+    pub ports: (u16, u16),
+    pub src: Option<IpNet>,
+}
+
+/// Where a backend is on the link: resolved by the daemon from the neighbour table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Neighbour {
+    pub mac: [u8; 6],
+    pub ifindex: u32,
+    /// MAC of the interface `ifindex` (the new Ethernet source).
+    pub if_mac: [u8; 6],
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("service {service}: {source}")]
+    Maglev { service: String, source: MaglevError },
+    #[error("more than {max} services")]
+    TooManyServices { max: u32 },
+    #[error("more than {max} backends over all services")]
+    TooManyBackends { max: u32 },
+    #[error("destination prefix {prefix} falls under more than {max} mark rules")]
+    TooManyRules { prefix: IpNet, max: usize },
+    #[error("mark rule for {dst}: source {src} is not of the same address family")]
+    MixedFamilies { dst: IpNet, src: IpNet },
+}
+
+/// The result of planning: the state, and backends left out because their link-layer
+/// address is unknown (they count as down until resolved).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub state: DataplaneState,
+    pub unresolved: Vec<(String, IpAddr)>,
+    /// Backend id of each (service name, backend address), for status and metrics.
+    pub backend_ids: BTreeMap<(String, IpAddr), u32>,
+    pub service_ids: BTreeMap<String, u32>,
+}
+
+/// Hands out small integer ids and reuses those whose owner is gone.
+#[derive(Debug)]
+struct Ids<K> {
+    max: u32,
+    by_key: HashMap<K, u32>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Ids<K> {
+    fn new(max: u32) -> Self {
+        Ids { max, by_key: HashMap::new() }
+    }
+
+    /// Keeps the ids of `keys` that had one, gives free ids to the others, forgets the rest.
+    fn assign(&mut self, keys: &[K]) -> Option<HashMap<K, u32>> {
+        let wanted: std::collections::HashSet<&K> = keys.iter().collect();
+        self.by_key.retain(|k, _| wanted.contains(k));
+        let mut used: BTreeSet<u32> = self.by_key.values().copied().collect();
+        let mut next = 0u32;
+        for k in keys {
+            if self.by_key.contains_key(k) {
+                continue;
+            }
+            while used.contains(&next) {
+                next += 1;
+            }
+            if next >= self.max {
+                return None;
+            }
+            used.insert(next);
+            self.by_key.insert(k.clone(), next);
+        }
+        Some(self.by_key.clone())
+    }
+}
+
+/// Stateful only in the ids it remembers between plans.
+#[derive(Debug)]
+pub struct Planner {
+    service_ids: Ids<ServiceMatch>,
+    backend_ids: Ids<(ServiceMatch, IpAddr)>,
+}
+
+impl Default for Planner {
+    fn default() -> Self {
+        Planner { service_ids: Ids::new(MAX_SERVICES), backend_ids: Ids::new(MAX_BACKENDS) }
+    }
+}
+
+/// Network-order words of an address, as the data path keeps it.
+pub fn addr_words(addr: IpAddr) -> (u8, [u32; 4]) {
+    match addr {
+        IpAddr::V4(a) => (FAMILY_V4, [u32::from_ne_bytes(a.octets()), 0, 0, 0]),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            (FAMILY_V6, [w(0), w(4), w(8), w(12)])
+        }
+    }
+}
+
+pub fn service_key(m: &ServiceMatch) -> ServiceKey {
+    match *m {
+        ServiceMatch::Vip { addr, port, proto } => {
+            let (kind, words) = addr_words(addr);
+            ServiceKey { addr: words, port: port.to_be(), proto: proto.number(), kind }
+        }
+        ServiceMatch::Mark(mark) => ServiceKey { addr: [mark, 0, 0, 0], port: 0, proto: 0, kind: KIND_MARK },
+    }
+}
+
+fn mark_rule(r: &MarkRuleSpec) -> Result<MarkRule, PlanError> {
+    let (src, src_mask) = match r.src {
+        None => ([0; 4], [0; 4]),
+        Some(net) => {
+            if net.addr().is_ipv4() != r.dst.addr().is_ipv4() {
+                return Err(PlanError::MixedFamilies { dst: r.dst, src: net });
+            }
+            let (_, mask) = addr_words(net.netmask());
+            let (_, addr) = addr_words(net.network());
+            (addr, mask)
+        }
+    };
+    Ok(MarkRule {
+        src,
+        src_mask,
+        port_lo: r.ports.0,
+        port_hi: r.ports.1,
+        proto: r.proto.map_or(0, Protocol::number),
+        _pad: [0; 3],
+        mark: r.mark,
+    })
+}
+
+/// One trie entry per distinct destination prefix, holding the rules of every prefix that
+/// covers it, in config order: the trie returns only the longest match, and that entry
+/// must still let an earlier, broader rule win.
+fn mark_prefixes(rules: &[MarkRuleSpec]) -> Result<Vec<MarkPrefix>, PlanError> {
+    let prefixes: BTreeSet<IpNet> = rules.iter().map(|r| r.dst.trunc()).collect();
+    let mut out = Vec::with_capacity(prefixes.len());
+    for prefix in prefixes {
+        let mut set = MarkRuleSet::default();
+        for r in rules.iter().filter(|r| r.dst.trunc().contains(&prefix)) {
+            let slot = set.count as usize;
+            if slot >= MAX_MARK_RULES_PER_PREFIX {
+                return Err(PlanError::TooManyRules { prefix, max: MAX_MARK_RULES_PER_PREFIX });
+            }
+            set.rules[slot] = mark_rule(r)?;
+            set.count += 1;
+        }
+        let (family, addr) = addr_words(prefix.network());
+        out.push(MarkPrefix { family, addr, prefix_len: prefix.prefix_len(), rules: set });
+    }
+    Ok(out)
+}
+
+impl Planner {
+    pub fn plan(
+        &mut self,
+        services: &[ServiceSpec],
+        mark_rules: &[MarkRuleSpec],
+        neighbours: &HashMap<IpAddr, Neighbour>,
+    ) -> Result<Plan, PlanError> {
+        let matchers: Vec<ServiceMatch> = services.iter().map(|s| s.matcher).collect();
+        let service_ids =
+            self.service_ids.assign(&matchers).ok_or(PlanError::TooManyServices { max: MAX_SERVICES })?;
+        let backend_keys: Vec<(ServiceMatch, IpAddr)> =
+            services.iter().flat_map(|s| s.backends.iter().map(|b| (s.matcher, b.addr))).collect();
+        let backend_ids =
+            self.backend_ids.assign(&backend_keys).ok_or(PlanError::TooManyBackends { max: MAX_BACKENDS })?;
+
+        let mut plan = Plan::default();
+        for svc in services {
+            let id = service_ids[&svc.matcher];
+            plan.service_ids.insert(svc.name.clone(), id);
+            let mut candidates = Vec::new();
+            for b in &svc.backends {
+                let bid = backend_ids[&(svc.matcher, b.addr)];
+                plan.backend_ids.insert((svc.name.clone(), b.addr), bid);
+                let (family, addr) = addr_words(b.addr);
+                let neighbour = neighbours.get(&b.addr);
+                if neighbour.is_none() {
+                    plan.unresolved.push((svc.name.clone(), b.addr));
+                }
+                let up = b.state != BackendState::Disabled && neighbour.is_some();
+                let n = neighbour.copied().unwrap_or(Neighbour { mac: [0; 6], ifindex: 0, if_mac: [0; 6] });
+                plan.state.backends.insert(
+                    bid,
+                    Backend {
+                        addr,
+                        dst_mac: n.mac,
+                        src_mac: n.if_mac,
+                        ifindex: n.ifindex,
+                        family,
+                        state: if up { BACKEND_UP } else { BACKEND_DOWN },
+                        _pad: [0; 2],
+                    },
+                );
+                if up {
+                    plan.state.egress_ifindexes.insert(n.ifindex);
+                }
+                let weight = if up && b.state == BackendState::Active { b.weight } else { 0 };
+                candidates.push(MaglevBackend { key: b.addr.to_string(), id: bid, weight });
+            }
+            let ring = maglev::populate(&candidates, svc.ring_size)
+                .map_err(|source| PlanError::Maglev { service: svc.name.clone(), source })?;
+            let flags = match svc.scheduler {
+                Scheduler::Sh => 0,
+                Scheduler::Mh => SERVICE_F_HASH_TUPLE,
+            };
+            plan.state.services.insert(service_key(&svc.matcher), ServiceState { id, flags, ring });
+        }
+        plan.state.mark_prefixes = mark_prefixes(mark_rules)?;
+        Ok(plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn neighbours(addrs: &[IpAddr]) -> HashMap<IpAddr, Neighbour> {
+        addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                (*a, Neighbour { mac: [2, 0, 0, 0, 1, i as u8], ifindex: 7, if_mac: [2, 0, 0, 0, 0, 9] })
+            })
+            .collect()
+    }
+
+    fn v4(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn web(backends: &[(&str, u32, BackendState)]) -> ServiceSpec {
+        ServiceSpec {
+            name: "web".into(),
+            matcher: ServiceMatch::Vip { addr: v4("192.0.2.10"), port: 80, proto: Protocol::Tcp },
+            scheduler: Scheduler::Sh,
+            ring_size: 4093,
+            backends: backends
+                .iter()
+                .map(|(a, w, s)| BackendSpec { addr: v4(a), weight: *w, state: *s })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn ids_survive_replans_and_are_reused() {
+        let all = [v4("10.1.0.1"), v4("10.1.0.2"), v4("10.1.0.3")];
+        let n = neighbours(&all);
+        let mut p = Planner::default();
+        use BackendState::Active as A;
+        let first = p.plan(&[web(&[("10.1.0.1", 1, A), ("10.1.0.2", 1, A)])], &[], &n).unwrap();
+        let second = p.plan(&[web(&[("10.1.0.2", 1, A), ("10.1.0.3", 1, A)])], &[], &n).unwrap();
+        let id = |plan: &Plan, a: &str| plan.backend_ids[&("web".to_string(), v4(a))];
+        assert_eq!(id(&first, "10.1.0.2"), id(&second, "10.1.0.2"));
+        assert_eq!(id(&second, "10.1.0.3"), id(&first, "10.1.0.1"), "the freed id is reused");
+        assert_eq!(first.service_ids, second.service_ids);
+    }
+
+    #[test]
+    fn drain_leaves_the_ring_but_stays_up_and_disabled_goes_down() {
+        let all = [v4("10.1.0.1"), v4("10.1.0.2"), v4("10.1.0.3")];
+        let mut p = Planner::default();
+        let plan = p
+            .plan(
+                &[web(&[
+                    ("10.1.0.1", 1, BackendState::Active),
+                    ("10.1.0.2", 1, BackendState::Drain),
+                    ("10.1.0.3", 1, BackendState::Disabled),
+                ])],
+                &[],
+                &neighbours(&all),
+            )
+            .unwrap();
+        let svc = plan.state.services.values().next().unwrap();
+        let active = plan.backend_ids[&("web".to_string(), v4("10.1.0.1"))];
+        assert!(svc.ring.iter().all(|&b| b == active));
+        let state = |a: &str| plan.state.backends[&plan.backend_ids[&("web".to_string(), v4(a))]].state;
+        assert_eq!(
+            (state("10.1.0.1"), state("10.1.0.2"), state("10.1.0.3")),
+            (BACKEND_UP, BACKEND_UP, BACKEND_DOWN)
+        );
+    }
+
+    #[test]
+    fn unresolved_backends_are_reported_and_kept_out() {
+        let mut p = Planner::default();
+        let plan = p.plan(&[web(&[("10.1.0.1", 1, BackendState::Active)])], &[], &HashMap::new()).unwrap();
+        assert_eq!(plan.unresolved, vec![("web".to_string(), v4("10.1.0.1"))]);
+        assert!(plan.state.services.values().next().unwrap().ring.is_empty());
+    }
+
+    #[test]
+    fn broader_mark_rules_are_copied_under_narrower_prefixes() {
+        let rule = |mark, dst: &str, ports| MarkRuleSpec {
+            mark,
+            dst: dst.parse().unwrap(),
+            proto: Some(Protocol::Tcp),
+            ports,
+            src: None,
+        };
+        let rules = [rule(1, "192.0.2.0/24", (80, 80)), rule(2, "192.0.2.10/32", (443, 443))];
+        let prefixes = mark_prefixes(&rules).unwrap();
+        assert_eq!(prefixes.len(), 2);
+        let narrow = prefixes.iter().find(|p| p.prefix_len == 32).unwrap();
+        assert_eq!(narrow.rules.count, 2);
+        assert_eq!((narrow.rules.rules[0].mark, narrow.rules.rules[1].mark), (1, 2));
+        let broad = prefixes.iter().find(|p| p.prefix_len == 24).unwrap();
+        assert_eq!(broad.rules.count, 1);
+        assert_eq!(broad.addr[0], u32::from_ne_bytes(Ipv4Addr::new(192, 0, 2, 0).octets()));
+    }
+
+    #[test]
+    fn source_prefix_is_masked_in_network_order() {
+        let r = MarkRuleSpec {
+            mark: 3,
+            dst: "192.0.2.0/24".parse().unwrap(),
+            proto: None,
+            ports: (1, 65535),
+            src: Some("198.51.100.77/25".parse().unwrap()),
+        };
+        let m = mark_rule(&r).unwrap();
+        assert_eq!(m.src[0].to_ne_bytes(), [198, 51, 100, 0]);
+        assert_eq!(m.src_mask[0].to_ne_bytes(), [255, 255, 255, 128]);
+        assert_eq!(m.proto, 0);
+        let bad = MarkRuleSpec { src: Some("2001:db8::/32".parse().unwrap()), ..r };
+        assert!(matches!(mark_rule(&bad), Err(PlanError::MixedFamilies { .. })));
+    }
+}

@@ -1,0 +1,2 @@
+//! Everything that talks rtnetlink lives here.
+pub mod neighbour;

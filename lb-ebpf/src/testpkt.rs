@@ -1,0 +1,175 @@
+//! Frame builders for tests and benchmarks: valid checksums unless a field is broken on
+//! purpose, so a fixture differs from a real packet only where it says so.
+
+use crate::csum;
+use std::vec::Vec;
+
+/// Ethernet source of built frames (the client, or the router in front of the director).
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+/// Ethernet destination of built frames (the director's receiving interface).
+pub const DIRECTOR_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
+
+#[derive(Clone, Debug)]
+pub enum L4 {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        payload: usize,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+        payload: usize,
+    },
+    /// Any other protocol with `len` zero bytes of payload.
+    Other {
+        proto: u8,
+        len: usize,
+    },
+}
+
+impl L4 {
+    pub fn tcp(sport: u16, dport: u16, flags: u8) -> Self {
+        L4::Tcp { sport, dport, flags, payload: 0 }
+    }
+
+    pub fn udp(sport: u16, dport: u16) -> Self {
+        L4::Udp { sport, dport, payload: 4 }
+    }
+
+    fn proto(&self) -> u8 {
+        match self {
+            L4::Tcp { .. } => 6,
+            L4::Udp { .. } => 17,
+            L4::Other { proto, .. } => *proto,
+        }
+    }
+
+    /// Header and payload with a zero checksum field; returns the checksum offset.
+    fn bytes(&self) -> (Vec<u8>, Option<usize>) {
+        match *self {
+            L4::Tcp { sport, dport, flags, payload } => {
+                let mut b = Vec::with_capacity(20 + payload);
+                b.extend_from_slice(&sport.to_be_bytes());
+                b.extend_from_slice(&dport.to_be_bytes());
+                b.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
+                b.extend_from_slice(&0u32.to_be_bytes()); // ack
+                b.push(5 << 4);
+                b.push(flags);
+                b.extend_from_slice(&64240u16.to_be_bytes());
+                b.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+                b.extend((0..payload).map(|i| i as u8));
+                (b, Some(16))
+            }
+            L4::Udp { sport, dport, payload } => {
+                let mut b = Vec::with_capacity(8 + payload);
+                b.extend_from_slice(&sport.to_be_bytes());
+                b.extend_from_slice(&dport.to_be_bytes());
+                b.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
+                b.extend_from_slice(&[0, 0]);
+                b.extend((0..payload).map(|i| i as u8));
+                (b, Some(6))
+            }
+            L4::Other { len, .. } => (vec![0; len], None),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Ipv4Opts {
+    pub vlan: Option<u16>,
+    /// Bytes of IP options (a multiple of 4, filled with NOPs).
+    pub options: usize,
+    /// Overrides the IHL nibble (to build broken headers).
+    pub ihl: Option<u8>,
+    /// Added to the total length field (to claim more bytes than the frame has).
+    pub total_len_extra: usize,
+    /// Flags and fragment offset field, host order.
+    pub frag: u16,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Ipv6Opts {
+    pub vlan: Option<u16>,
+    /// Extension header types in order, 8 bytes each.
+    pub ext: Vec<u8>,
+}
+
+fn ethernet(vlan: Option<u16>, ethertype: u16) -> Vec<u8> {
+    let mut f = Vec::with_capacity(128);
+    f.extend_from_slice(&DIRECTOR_MAC);
+    f.extend_from_slice(&CLIENT_MAC);
+    if let Some(tag) = vlan {
+        f.extend_from_slice(&0x8100u16.to_be_bytes());
+        f.extend_from_slice(&tag.to_be_bytes());
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
+}
+
+fn pseudo_sum(src: &[u8], dst: &[u8], proto: u8, len: usize) -> u32 {
+    let mut s = csum::sum_be(src, 0);
+    s = csum::sum_be(dst, s);
+    s + proto as u32 + len as u32
+}
+
+fn finish_l4(l4: &L4, src: &[u8], dst: &[u8]) -> Vec<u8> {
+    let (mut b, check_at) = l4.bytes();
+    if let Some(at) = check_at {
+        let c = csum::checksum(&b, pseudo_sum(src, dst, l4.proto(), b.len()));
+        b[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    b
+}
+
+pub fn ipv4(src: [u8; 4], dst: [u8; 4], l4: L4, opts: Ipv4Opts) -> Vec<u8> {
+    let mut f = ethernet(opts.vlan, 0x0800);
+    let payload = finish_l4(&l4, &src, &dst);
+    let hlen = 20 + opts.options;
+    let ihl = opts.ihl.unwrap_or((hlen / 4) as u8);
+    let tot = (hlen + payload.len() + opts.total_len_extra) as u16;
+    let mut h = vec![0x40 | ihl, 0];
+    h.extend_from_slice(&tot.to_be_bytes());
+    h.extend_from_slice(&0x1c46u16.to_be_bytes());
+    h.extend_from_slice(&opts.frag.to_be_bytes());
+    h.extend_from_slice(&[64, l4.proto(), 0, 0]);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    h.extend(std::iter::repeat_n(1u8, opts.options));
+    let c = csum::checksum(&h, 0);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&h);
+    f.extend_from_slice(&payload);
+    f
+}
+
+/// Rewrites the IPv4 total length (and header checksum) of `f` to match its length.
+pub fn fix_ipv4_total_len(f: &mut [u8], l3: usize) {
+    let tot = (f.len() - l3) as u16;
+    f[l3 + 2..l3 + 4].copy_from_slice(&tot.to_be_bytes());
+    let ihl = (f[l3] & 0xf) as usize * 4;
+    f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+    let c = csum::checksum(&f[l3..l3 + ihl], 0);
+    f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+}
+
+pub fn ipv6(src: [u8; 16], dst: [u8; 16], l4: L4, opts: Ipv6Opts) -> Vec<u8> {
+    let mut f = ethernet(opts.vlan, 0x86dd);
+    let payload = finish_l4(&l4, &src, &dst);
+    let mut ext = Vec::new();
+    for (i, _) in opts.ext.iter().enumerate() {
+        let next = opts.ext.get(i + 1).copied().unwrap_or(l4.proto());
+        ext.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]); // PadN filling the rest
+    }
+    let first = opts.ext.first().copied().unwrap_or(l4.proto());
+    let plen = (ext.len() + payload.len()) as u16;
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&plen.to_be_bytes());
+    f.extend_from_slice(&[first, 64]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&ext);
+    f.extend_from_slice(&payload);
+    f
+}

@@ -1,0 +1,97 @@
+//! The connection table and Maglev scheduling: an existing flow keeps its backend while
+//! that backend is up; a new one (or one whose backend went down) is hashed onto the ring.
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::{
+    BACKEND_UP, Backend, FAMILY_V6, FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_FIN, FLOW_SYN_SENT, FLOW_UDP, Flow,
+    FlowKey, PROTO_TCP, SERVICE_F_HASH_TUPLE, Service,
+    hash::{source_hash, tuple_hash},
+    stat,
+};
+use lb_ebpf::parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+
+use super::maps::{BACKENDS, FLOWS, RINGS};
+
+pub struct Decision {
+    pub backend_id: u32,
+    pub backend: Backend,
+    pub new_flow: bool,
+}
+
+/// TCP state after a segment with `flags`, from what the director sees (client side only).
+#[inline(always)]
+fn next_tcp_state(state: u8, flags: u8) -> u8 {
+    if flags & TCP_RST != 0 {
+        FLOW_CLOSED
+    } else if flags & TCP_FIN != 0 {
+        FLOW_FIN
+    } else if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
+        if state == 0 { FLOW_SYN_SENT } else { state }
+    } else if state == 0 || state == FLOW_SYN_SENT {
+        FLOW_ESTABLISHED
+    } else {
+        state
+    }
+}
+
+#[inline(always)]
+fn backend(id: u32) -> Option<Backend> {
+    BACKENDS.get(id).copied()
+}
+
+#[inline(always)]
+pub fn pick(p: &Parsed, svc: &Service) -> Result<Decision, u32> {
+    let key = FlowKey {
+        src: p.src,
+        dst: p.dst,
+        sport: p.sport,
+        dport: p.dport,
+        proto: p.proto,
+        family: p.family,
+        _pad: [0; 2],
+    };
+    // SAFETY: a plain helper call with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let tcp = p.proto == PROTO_TCP;
+    let syn = tcp && p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & TCP_ACK == 0;
+
+    if let Some(f) = FLOWS.get_ptr_mut(&key) {
+        // SAFETY: the element stays valid for this program run (RCU); concurrent writers
+        // are other CPUs touching the same flow, which RSS makes rare and which can only
+        // race on a timestamp or a state byte.
+        let f = unsafe { &mut *f };
+        // A new SYN on a closed tuple is a new connection reusing the ports.
+        let reopened = syn && (f.state == FLOW_FIN || f.state == FLOW_CLOSED);
+        if !reopened && f.service == svc.id {
+            if let Some(b) = backend(f.backend) {
+                if b.state == BACKEND_UP {
+                    if tcp {
+                        let next = next_tcp_state(f.state, p.tcp_flags);
+                        if next != f.state {
+                            f.state = next;
+                        }
+                    }
+                    f.last_seen_ns = now;
+                    return Ok(Decision { backend_id: f.backend, backend: b, new_flow: false });
+                }
+            }
+        }
+    }
+
+    if svc.ring_size == 0 {
+        return Err(stat::DROP_NO_BACKEND);
+    }
+    let ipv6 = p.family == FAMILY_V6;
+    let h = if svc.flags & SERVICE_F_HASH_TUPLE != 0 {
+        tuple_hash(&p.src, &p.dst, p.sport, p.dport, p.proto, ipv6)
+    } else {
+        source_hash(&p.src, ipv6)
+    };
+    let backend_id = *RINGS.get(svc.ring_offset + h % svc.ring_size).ok_or(stat::DROP_BACKEND_INVALID)?;
+    let b = backend(backend_id).ok_or(stat::DROP_BACKEND_INVALID)?;
+    let state = if tcp { next_tcp_state(0, p.tcp_flags) } else { FLOW_UDP };
+    let flow = Flow { backend: backend_id, service: svc.id, state, _pad: [0; 7], last_seen_ns: now };
+    // A full table is no reason to drop: the hash sends the next packet to the same
+    // backend for as long as the ring is unchanged.
+    let _ = FLOWS.insert(&key, &flow, 0);
+    Ok(Decision { backend_id, backend: b, new_flow: true })
+}

@@ -1,0 +1,61 @@
+//! Every map of the object. Sizes are defaults; the daemon may override them at load time.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
+};
+use lb_common::{
+    AddrKey, Backend, BenchConfig, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, Flow, FlowKey,
+    MAX_BACKENDS, MAX_EGRESS_INTERFACES, MAX_MARK_PREFIXES, MAX_SERVICES, MarkRuleSet, Service, ServiceKey,
+    stat,
+};
+
+/// Per-CPU LRU lists: no cross-CPU lock on insert, at the price of each CPU evicting
+/// from its own share of the table (flows stay on one CPU through RSS anyway).
+const BPF_F_NO_COMMON_LRU: u32 = 2;
+
+#[map]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// All Maglev rings, back to back; each service owns two windows and flips between them.
+#[map]
+pub static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_RING_SLOTS, 0);
+
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// Destination prefix (IPv4 address bytes) -> the fwmark rules that apply under it.
+#[map]
+pub static MARK_RULES_V4: LpmTrie<u32, MarkRuleSet> = LpmTrie::with_max_entries(MAX_MARK_PREFIXES, 0);
+
+#[map]
+pub static MARK_RULES_V6: LpmTrie<[u32; 4], MarkRuleSet> = LpmTrie::with_max_entries(MAX_MARK_PREFIXES, 0);
+
+/// Addresses of exact-match services, for deciding whether a malformed packet was ours.
+#[map]
+pub static VIP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Egress interfaces for XDP_REDIRECT, keyed by ifindex.
+#[map]
+pub static EGRESS: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS_INTERFACES, 0);
+
+#[map]
+pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+#[map]
+pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+#[map]
+pub static BENCH_CFG: Array<BenchConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static BENCH_STATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);

@@ -1,0 +1,8 @@
+//! One concern per module, as in Katran's `lib/bpf`: maps, classification, connection
+//! tracking and scheduling, forwarding, counters; `programs` wires them into entry points.
+mod classify;
+mod conntrack;
+mod forward;
+mod maps;
+mod programs;
+mod stats;

@@ -1,0 +1,122 @@
+//! Entry points.
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lb_common::stat;
+use lb_ebpf::{
+    csum,
+    parse::{self, ParseError},
+};
+
+use super::{
+    classify, conntrack, forward,
+    maps::{BENCH_CFG, BENCH_STATE, BENCH_TARGET},
+    stats,
+};
+
+#[xdp]
+pub fn lb_balancer(ctx: XdpContext) -> u32 {
+    let action = balance(&ctx);
+    let index = match action {
+        xdp_action::XDP_DROP => stat::ACTION_DROP,
+        xdp_action::XDP_PASS => stat::ACTION_PASS,
+        xdp_action::XDP_TX => stat::ACTION_TX,
+        xdp_action::XDP_REDIRECT => stat::ACTION_REDIRECT,
+        _ => stat::ACTION_ABORTED,
+    };
+    stats::global(index);
+    action
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let p = match parse::parse(start, end) {
+        Ok(p) => p,
+        Err(ParseError::NotOurs) => return xdp_action::XDP_PASS,
+        Err(ParseError::Malformed { reason, family, dst }) => {
+            if classify::is_service_address(family, &dst) {
+                stats::global(reason);
+                return xdp_action::XDP_DROP;
+            }
+            return xdp_action::XDP_PASS;
+        }
+    };
+    let Some(svc) = classify::lookup_service(&p) else {
+        return xdp_action::XDP_PASS;
+    };
+    let d = match conntrack::pick(&p, &svc) {
+        Ok(d) => d,
+        Err(reason) => {
+            stats::global(reason);
+            return xdp_action::XDP_DROP;
+        }
+    };
+    match forward::direct_route(ctx, &d.backend) {
+        Ok(action) => {
+            stats::forwarded(svc.id, d.backend_id, (end - start) as u64, d.new_flow);
+            action
+        }
+        Err(reason) => {
+            stats::global(reason);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+#[xdp]
+pub fn lb_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// The benchmark floor: what any XDP forwarder must do at least.
+#[xdp]
+pub fn lb_floor(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if parse::parse(start, end).is_err() || start + 12 > end {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: 12 bytes bounds-checked above.
+    unsafe {
+        let dst = core::ptr::read_unaligned(start as *const [u8; 6]);
+        let src = core::ptr::read_unaligned((start + 6) as *const [u8; 6]);
+        core::ptr::write_unaligned(start as *mut [u8; 6], src);
+        core::ptr::write_unaligned((start + 6) as *mut [u8; 6], dst);
+    }
+    xdp_action::XDP_TX
+}
+
+/// Fixed offsets of the benchmark frame: Ethernet, a 20-byte IPv4 header, TCP.
+const BENCH_IP_SRC_LOW: usize = 14 + 14;
+const BENCH_IP_CHECK: usize = 14 + 10;
+const BENCH_TCP_SPORT: usize = 14 + 20;
+const BENCH_TCP_CHECK: usize = 14 + 20 + 16;
+
+/// Turns the one packet that BPF_PROG_TEST_RUN repeats into a stream of flows, then runs
+/// the target program. Checksums are patched (RFC 1624), so the frames stay valid.
+#[xdp]
+pub fn lb_bench_driver(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let flows = BENCH_CFG.get(0).map_or(0, |c| c.flows);
+    if flows != 0 && start + BENCH_TCP_CHECK + 2 <= end {
+        if let Some(state) = BENCH_STATE.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot; the frame offsets were bounds-checked above.
+            unsafe {
+                let i = (*state % flows as u64) as u32;
+                *state += 1;
+                let sport = (start + BENCH_TCP_SPORT) as *mut u16;
+                let src_low = (start + BENCH_IP_SRC_LOW) as *mut u16;
+                let ip_check = (start + BENCH_IP_CHECK) as *mut u16;
+                let tcp_check = (start + BENCH_TCP_CHECK) as *mut u16;
+                let (old_port, new_port) = (sport.read_unaligned(), (i as u16).to_be());
+                let (old_src, new_src) = (src_low.read_unaligned(), ((i >> 16) as u16).to_be());
+                sport.write_unaligned(new_port);
+                src_low.write_unaligned(new_src);
+                ip_check.write_unaligned(csum::update16(ip_check.read_unaligned(), old_src, new_src));
+                let c = csum::update16(tcp_check.read_unaligned(), old_src, new_src);
+                tcp_check.write_unaligned(csum::update16(c, old_port, new_port));
+            }
+        }
+    }
+    // SAFETY: on success the tail call does not return.
+    let _ = unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
