@@ -126,7 +126,7 @@ pub struct Plan {
 }
 
 /// Hands out small integer ids and reuses those whose owner is gone.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Ids<K> {
     max: u32,
     by_key: HashMap<K, u32>,
@@ -161,7 +161,7 @@ impl<K: std::hash::Hash + Eq + Clone> Ids<K> {
 }
 
 /// Stateful only in the ids it remembers between plans.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Planner {
     service_ids: Ids<ServiceMatch>,
     backend_ids: Ids<(ServiceMatch, IpAddr)>,

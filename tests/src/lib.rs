@@ -1,1 +1,149 @@
+//! Test harness: network namespaces that clean up after themselves, and helpers to run
+//! code inside them.
+//!
+//! A network namespace is a per-thread attribute on Linux, so code "inside" a namespace
+//! runs on a thread that called `setns`; sockets and XDP attachments made there stay in
+//! that namespace. Namespaces get unique names (prefix, pid, counter) so tests can run in
+//! parallel, and are deleted on drop, on panic too.
 
+use std::fs::File;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context as _, Result, bail};
+use nix::sched::{CloneFlags, setns};
+
+pub mod fixture;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace, deleted (with every interface in it) when dropped.
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+}
+
+/// Runs a command; fails with its stderr if it exits non-zero.
+pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A name unique to this process and call, at most 15 bytes (interface name limit).
+pub fn unique_name(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = format!("{prefix}{}x{n}", std::process::id() % 100_000);
+    name.chars().take(15).collect()
+}
+
+impl NetNs {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let name = unique_name(prefix);
+        run("ip", &["netns", "add", &name])?;
+        let ns = NetNs { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n NAME ...`
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Runs a program inside the namespace (`ip netns exec`).
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["netns", "exec", self.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.exec(&["sysctl", "-qw", &format!("{key}={value}")]).map(drop)
+    }
+
+    /// Moves the calling thread into this namespace. Only for threads made for it.
+    pub fn enter_current_thread(&self) -> Result<()> {
+        let f = File::open(format!("/run/netns/{}", self.name))
+            .with_context(|| format!("opening namespace {}", self.name))?;
+        setns(f, CloneFlags::CLONE_NEWNET).with_context(|| format!("entering namespace {}", self.name))
+    }
+
+    /// Runs `f` on a new thread inside the namespace and waits for its result.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+        self.spawn(f).join().map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+    }
+
+    /// Starts `f` on a new thread inside the namespace.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> std::thread::JoinHandle<Result<T>> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+            setns(file, CloneFlags::CLONE_NEWNET).with_context(|| format!("entering {path}"))?;
+            f()
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Connects two namespaces with a veth pair and returns the two interface names.
+pub fn veth(a: &NetNs, b: &NetNs, prefix: &str) -> Result<(String, String)> {
+    let name_a = unique_name(&format!("{prefix}a"));
+    let name_b = unique_name(&format!("{prefix}b"));
+    run(
+        "ip",
+        &[
+            "link",
+            "add",
+            &name_a,
+            "netns",
+            a.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &name_b,
+            "netns",
+            b.name(),
+        ],
+    )?;
+    a.ip(&["link", "set", &name_a, "up"])?;
+    b.ip(&["link", "set", &name_b, "up"])?;
+    Ok((name_a, name_b))
+}
+
+/// The MAC address of an interface inside a namespace.
+pub fn mac_of(ns: &NetNs, iface: &str) -> Result<[u8; 6]> {
+    let text = ns.exec(&["cat", &format!("/sys/class/net/{iface}/address")])?;
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = text.trim().split(':').collect();
+    if parts.len() != 6 {
+        bail!("unexpected MAC {text:?} for {iface}");
+    }
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).with_context(|| format!("MAC {text:?}"))?;
+    }
+    Ok(mac)
+}
+
+/// The ifindex of an interface inside a namespace.
+pub fn ifindex_of(ns: &NetNs, iface: &str) -> Result<u32> {
+    let text = ns.exec(&["cat", &format!("/sys/class/net/{iface}/ifindex")])?;
+    text.trim().parse().with_context(|| format!("ifindex {text:?} of {iface}"))
+}

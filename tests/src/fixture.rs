@@ -1,0 +1,89 @@
+//! Running packets through the loaded balancer with `BPF_PROG_TEST_RUN`, and predicting
+//! what it should do with them.
+
+use std::net::IpAddr;
+
+use anyhow::{Context as _, Result};
+use aya::programs::{TestRun, TestRunOptions};
+use lb_common::{FAMILY_V6, SERVICE_F_HASH_TUPLE, hash};
+use lb_daemon::dataplane::{Dataplane, DataplaneState};
+use lb_daemon::plan::{ServiceMatch, addr_words, service_key};
+use lb_ebpf::parse;
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// Runs one frame through the balancer; returns the action and the frame as it left.
+pub fn test_run(dp: &Dataplane, input: &[u8]) -> Result<(u32, Vec<u8>)> {
+    run_program(dp, lb_common::programs::BALANCER, input, 1)
+}
+
+/// Runs one frame through a program `repeat` times (the frame is not restored between runs).
+pub fn run_program(dp: &Dataplane, name: &'static str, input: &[u8], repeat: u32) -> Result<(u32, Vec<u8>)> {
+    let prog = dp.program(name)?;
+    let mut out = vec![0u8; input.len() + 256];
+    let res = prog
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        })
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
+    out.truncate(res.data_size_out as usize);
+    Ok((res.return_value, out))
+}
+
+/// Like [`run_program`], also returning the kernel's average run time in nanoseconds.
+pub fn timed_run(
+    dp: &Dataplane,
+    name: &'static str,
+    input: &[u8],
+    repeat: u32,
+) -> Result<(u32, Vec<u8>, f64)> {
+    let prog = dp.program(name)?;
+    let mut out = vec![0u8; input.len() + 256];
+    let res = prog
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        })
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
+    out.truncate(res.data_size_out as usize);
+    Ok((res.return_value, out, res.duration.as_nanos() as f64))
+}
+
+/// The backend id the Maglev ring of `service` gives a frame, computed independently of
+/// the data path from the planned ring and the shared flow hash.
+pub fn predicted_backend(state: &DataplaneState, service: &ServiceMatch, frame: &[u8]) -> Option<u32> {
+    let start = frame.as_ptr() as usize;
+    let p = parse::parse(start, start + frame.len()).ok()?;
+    let svc = state.services.get(&service_key(service))?;
+    if svc.ring.is_empty() {
+        return None;
+    }
+    let ipv6 = p.family == FAMILY_V6;
+    let h = if svc.flags & SERVICE_F_HASH_TUPLE != 0 {
+        hash::tuple_hash(&p.src, &p.dst, p.sport, p.dport, p.proto, ipv6)
+    } else {
+        hash::source_hash(&p.src, ipv6)
+    };
+    svc.ring.get((h % svc.ring.len() as u32) as usize).copied()
+}
+
+/// `frame` with its Ethernet addresses replaced, as direct routing sends it.
+pub fn with_macs(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[0..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&src);
+    f
+}
+
+/// Network-order words of an address (as the data path keeps them).
+pub fn words(addr: IpAddr) -> [u32; 4] {
+    addr_words(addr).1
+}

@@ -1,0 +1,544 @@
+//! Packet fixtures through BPF_PROG_TEST_RUN: input frame -> expected action and exact
+//! output bytes, one row per case (the way Katran's `lib/testing/fixtures` are laid out),
+//! then scenarios that need several packets or a config change.
+//!
+//! Each test runs in its own network namespace (for its loopback, which is the ingress
+//! device of BPF_PROG_TEST_RUN, and a dummy device to redirect to). Needs root.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use anyhow::{Result, ensure};
+use lb_common::{FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_FIN, FLOW_SYN_SENT, stat};
+use lb_daemon::dataplane::{Dataplane, LoadOptions};
+use lb_daemon::plan::{
+    BackendSpec, BackendState, MarkRuleSpec, Neighbour, Plan, Planner, Protocol, Scheduler, ServiceMatch,
+    ServiceSpec,
+};
+use lb_ebpf::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use lb_ebpf::testpkt::{self, Ipv4Opts, Ipv6Opts, L4};
+use lb_tests::NetNs;
+use lb_tests::fixture::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, predicted_backend, test_run, with_macs};
+
+const DIRECTOR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
+const VIP: [u8; 4] = [192, 0, 2, 10];
+const VIP6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+const CLIENT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01];
+const MARKED_NET: [u8; 4] = [198, 51, 100, 5];
+const DUMMY: &str = "lbfx0";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("address literal")
+}
+
+fn web() -> ServiceMatch {
+    ServiceMatch::Vip { addr: ip("192.0.2.10"), port: 80, proto: Protocol::Tcp }
+}
+fn dns() -> ServiceMatch {
+    ServiceMatch::Vip { addr: ip("192.0.2.10"), port: 53, proto: Protocol::Udp }
+}
+fn web6() -> ServiceMatch {
+    ServiceMatch::Vip { addr: ip("2001:db8::10"), port: 80, proto: Protocol::Tcp }
+}
+fn empty() -> ServiceMatch {
+    ServiceMatch::Vip { addr: ip("192.0.2.20"), port: 80, proto: Protocol::Tcp }
+}
+
+fn service(
+    name: &str,
+    matcher: ServiceMatch,
+    scheduler: Scheduler,
+    backends: &[(&str, BackendState)],
+) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        matcher,
+        scheduler,
+        ring_size: 4093,
+        backends: backends.iter().map(|(a, s)| BackendSpec { addr: ip(a), weight: 100, state: *s }).collect(),
+    }
+}
+
+use BackendState::{Active, Disabled, Drain};
+
+fn services() -> Vec<ServiceSpec> {
+    let three = [("10.1.0.11", Active), ("10.1.0.12", Active), ("10.1.0.13", Active)];
+    vec![
+        service("web", web(), Scheduler::Sh, &three),
+        service("dns", dns(), Scheduler::Sh, &three[..2]),
+        service("web6", web6(), Scheduler::Mh, &[("2001:db8:1::11", Active), ("2001:db8:1::12", Active)]),
+        service("marked7", ServiceMatch::Mark(7), Scheduler::Sh, &three),
+        service("marked8", ServiceMatch::Mark(8), Scheduler::Sh, &[("10.2.0.21", Active)]),
+        service("empty", empty(), Scheduler::Sh, &[("10.1.0.11", Disabled)]),
+    ]
+}
+
+fn mark_rules() -> Vec<MarkRuleSpec> {
+    vec![
+        MarkRuleSpec {
+            mark: 7,
+            dst: "198.51.100.0/24".parse().expect("prefix"),
+            proto: Some(Protocol::Tcp),
+            ports: (8000, 8099),
+            src: None,
+        },
+        MarkRuleSpec {
+            mark: 8,
+            dst: "198.51.100.0/24".parse().expect("prefix"),
+            proto: None,
+            ports: (9000, 9000),
+            src: Some("203.0.113.0/24".parse().expect("prefix")),
+        },
+    ]
+}
+
+/// Backends on loopback (ifindex 1, the BPF_PROG_TEST_RUN ingress: XDP_TX) except
+/// 10.2.0.21, reached through a veth in the namespace (XDP_REDIRECT).
+fn neighbours(dummy_ifindex: u32) -> HashMap<IpAddr, Neighbour> {
+    let on =
+        |last: u8, ifindex| Neighbour { mac: [0x02, 0, 0, 0, 0x01, last], ifindex, if_mac: DIRECTOR_MAC };
+    HashMap::from([
+        (ip("10.1.0.11"), on(0x11, 1)),
+        (ip("10.1.0.12"), on(0x12, 1)),
+        (ip("10.1.0.13"), on(0x13, 1)),
+        (ip("2001:db8:1::11"), on(0x61, 1)),
+        (ip("2001:db8:1::12"), on(0x62, 1)),
+        (ip("10.2.0.21"), on(0x21, dummy_ifindex)),
+    ])
+}
+
+struct Env {
+    dp: Dataplane,
+    planner: Planner,
+    plan: Plan,
+    neighbours: HashMap<IpAddr, Neighbour>,
+}
+
+impl Env {
+    fn replan(&mut self, services: &[ServiceSpec]) -> Result<()> {
+        self.plan = self.planner.plan(services, &mark_rules(), &self.neighbours)?;
+        self.dp.apply(&self.plan.state)?;
+        Ok(())
+    }
+
+    fn backend_id(&self, service: &str, addr: &str) -> u32 {
+        self.plan.backend_ids[&(service.to_string(), ip(addr))]
+    }
+
+    /// The frame as direct routing should emit it towards backend `id`.
+    fn routed(&self, frame: &[u8], id: u32) -> Vec<u8> {
+        let b = &self.plan.state.backends[&id];
+        with_macs(frame, b.dst_mac, b.src_mac)
+    }
+
+    /// Sends `frame`; asserts it was forwarded (TX) unchanged but for the MACs, and
+    /// returns the backend id it went to.
+    fn forward(&self, frame: &[u8]) -> Result<u32> {
+        let (action, out) = test_run(&self.dp, frame)?;
+        ensure!(action == XDP_TX, "expected XDP_TX, got {action}");
+        let id = self
+            .plan
+            .state
+            .backends
+            .iter()
+            .find(|(_, b)| out[0..6] == b.dst_mac)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| anyhow::anyhow!("unknown destination MAC {:02x?}", &out[0..6]))?;
+        ensure!(out == self.routed(frame, id), "only the MACs may change");
+        Ok(id)
+    }
+}
+
+/// Runs `f` with a freshly loaded data path in a namespace of its own.
+fn with_env(f: impl FnOnce(&mut Env) -> Result<()> + Send + 'static) -> Result<()> {
+    let ns = NetNs::new("fx")?;
+    ns.ip(&["link", "add", DUMMY, "type", "veth", "peer", "name", "lbfx1"])?;
+    ns.ip(&["link", "set", DUMMY, "up"])?;
+    ns.run(move || {
+        let dummy = nix::net::if_::if_nametoindex(DUMMY)?;
+        let dp = Dataplane::load(&LoadOptions { ring_slots: 16 * 4093, flow_entries: 65536 })?;
+        let neighbours = neighbours(dummy);
+        let mut planner = Planner::default();
+        let plan = planner.plan(&services(), &mark_rules(), &neighbours)?;
+        let mut env = Env { dp, planner, plan, neighbours };
+        env.dp.apply(&env.plan.state)?;
+        f(&mut env)
+    })
+}
+
+fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    testpkt::ipv4(src, dst, L4::tcp(sport, dport, flags), Ipv4Opts::default())
+}
+
+fn tcp4_with(src: [u8; 4], dst: [u8; 4], dport: u16, opts: Ipv4Opts) -> Vec<u8> {
+    testpkt::ipv4(src, dst, L4::tcp(40000, dport, TCP_SYN), opts)
+}
+
+/// What a fixture row expects.
+#[derive(Debug)]
+enum Expect {
+    /// XDP_PASS with the frame byte for byte unchanged.
+    Pass,
+    /// XDP_DROP, counted under this reason.
+    Drop(u32),
+    /// Forwarded to the backend the ring of this service predicts, by TX or REDIRECT.
+    Forward(ServiceMatch, u32),
+}
+
+struct Case {
+    name: &'static str,
+    frame: Vec<u8>,
+    expect: Expect,
+}
+
+fn cases() -> Vec<Case> {
+    let c = [10, 0, 0, 1];
+    let truncated_tcp = {
+        let mut f = tcp4(c, VIP, 40000, 80, TCP_SYN);
+        f.truncate(f.len() - 8);
+        testpkt::fix_ipv4_total_len(&mut f, 14);
+        f
+    };
+    let truncated_tcp_other = {
+        let mut f = tcp4(c, [192, 0, 2, 99], 40000, 80, TCP_SYN);
+        f.truncate(f.len() - 8);
+        testpkt::fix_ipv4_total_len(&mut f, 14);
+        f
+    };
+    let bad_doff = {
+        let mut f = tcp4(c, VIP, 40001, 80, TCP_SYN);
+        f[14 + 20 + 12] = 4 << 4;
+        f
+    };
+    let arp = {
+        let mut f = tcp4(c, VIP, 1, 80, TCP_SYN);
+        f[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        f
+    };
+    let v6 = |opts: Ipv6Opts| testpkt::ipv6(CLIENT6, VIP6, L4::tcp(5000, 80, TCP_SYN), opts);
+    let frag = |frag| Ipv4Opts { frag, ..Default::default() };
+    vec![
+        Case {
+            name: "IPv4 SYN to a VIP",
+            frame: tcp4(c, VIP, 40000, 80, TCP_SYN),
+            expect: Expect::Forward(web(), XDP_TX),
+        },
+        Case {
+            name: "IPv4 ACK with no flow entry (director restarted)",
+            frame: tcp4([10, 0, 0, 2], VIP, 40000, 80, TCP_ACK),
+            expect: Expect::Forward(web(), XDP_TX),
+        },
+        Case {
+            name: "IPv4 UDP to a VIP",
+            frame: testpkt::ipv4(c, VIP, L4::udp(5353, 53), Ipv4Opts::default()),
+            expect: Expect::Forward(dns(), XDP_TX),
+        },
+        Case {
+            name: "IPv4 with 12 bytes of options",
+            frame: tcp4_with([10, 0, 0, 3], VIP, 80, Ipv4Opts { options: 12, ..Default::default() }),
+            expect: Expect::Forward(web(), XDP_TX),
+        },
+        Case {
+            name: "802.1Q-tagged IPv4 SYN keeps its tag",
+            frame: tcp4_with([10, 0, 0, 4], VIP, 80, Ipv4Opts { vlan: Some(100), ..Default::default() }),
+            expect: Expect::Forward(web(), XDP_TX),
+        },
+        Case {
+            name: "IPv6 SYN to a VIP (mh)",
+            frame: v6(Ipv6Opts::default()),
+            expect: Expect::Forward(web6(), XDP_TX),
+        },
+        Case {
+            name: "IPv6 with hop-by-hop and destination options",
+            frame: v6(Ipv6Opts { ext: vec![0, 60], ..Default::default() }),
+            expect: Expect::Forward(web6(), XDP_TX),
+        },
+        Case {
+            name: "VLAN-tagged IPv6",
+            frame: v6(Ipv6Opts { vlan: Some(7), ..Default::default() }),
+            expect: Expect::Forward(web6(), XDP_TX),
+        },
+        Case {
+            name: "IPv6 fragment header to a VIP",
+            frame: v6(Ipv6Opts { ext: vec![44], ..Default::default() }),
+            expect: Expect::Drop(stat::DROP_FRAGMENT),
+        },
+        Case {
+            name: "IPv6 chain of five extension headers",
+            frame: v6(Ipv6Opts { ext: vec![60; 5], ..Default::default() }),
+            expect: Expect::Drop(stat::DROP_IPV6_EXT_CHAIN),
+        },
+        Case {
+            name: "VIP address, port without a service",
+            frame: tcp4(c, VIP, 40000, 8080, TCP_SYN),
+            expect: Expect::Pass,
+        },
+        Case { name: "not a VIP", frame: tcp4(c, [192, 0, 2, 99], 40000, 80, TCP_SYN), expect: Expect::Pass },
+        Case {
+            name: "ICMP to a VIP",
+            frame: testpkt::ipv4(c, VIP, L4::Other { proto: 1, len: 16 }, Ipv4Opts::default()),
+            expect: Expect::Pass,
+        },
+        Case { name: "ARP", frame: arp, expect: Expect::Pass },
+        // (BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header.)
+        Case {
+            name: "Ethernet header claiming IPv4, nothing after it",
+            frame: tcp4(c, VIP, 40000, 80, TCP_SYN)[..14].to_vec(),
+            expect: Expect::Pass,
+        },
+        Case {
+            name: "IPv4 header cut short",
+            frame: tcp4(c, VIP, 40000, 80, TCP_SYN)[..30].to_vec(),
+            expect: Expect::Pass,
+        },
+        Case {
+            name: "truncated TCP header to a VIP",
+            frame: truncated_tcp,
+            expect: Expect::Drop(stat::DROP_TRUNCATED),
+        },
+        Case { name: "truncated TCP header elsewhere", frame: truncated_tcp_other, expect: Expect::Pass },
+        Case {
+            name: "IHL below 5",
+            frame: tcp4_with(c, VIP, 80, Ipv4Opts { ihl: Some(4), ..Default::default() }),
+            expect: Expect::Drop(stat::DROP_BAD_IHL),
+        },
+        Case {
+            name: "total length beyond the frame",
+            frame: tcp4_with(c, VIP, 80, Ipv4Opts { total_len_extra: 100, ..Default::default() }),
+            expect: Expect::Drop(stat::DROP_BAD_LENGTH),
+        },
+        Case {
+            name: "non-first IPv4 fragment",
+            frame: tcp4_with(c, VIP, 80, frag(0x00b9)),
+            expect: Expect::Drop(stat::DROP_FRAGMENT),
+        },
+        Case {
+            name: "first IPv4 fragment (MF)",
+            frame: tcp4_with(c, VIP, 80, frag(0x2000)),
+            expect: Expect::Drop(stat::DROP_FRAGMENT),
+        },
+        Case {
+            name: "fragment not for a VIP",
+            frame: tcp4_with(c, [192, 0, 2, 99], 80, frag(0x00b9)),
+            expect: Expect::Pass,
+        },
+        Case {
+            name: "TCP data offset below 5",
+            frame: bad_doff,
+            expect: Expect::Drop(stat::DROP_BAD_L4_HEADER),
+        },
+        Case {
+            name: "fwmark rule: prefix, protocol and port range match",
+            frame: tcp4([10, 0, 0, 5], MARKED_NET, 40000, 8042, TCP_SYN),
+            expect: Expect::Forward(ServiceMatch::Mark(7), XDP_TX),
+        },
+        Case {
+            name: "fwmark rule: port above the range",
+            frame: tcp4([10, 0, 0, 5], MARKED_NET, 40000, 8100, TCP_SYN),
+            expect: Expect::Pass,
+        },
+        Case {
+            name: "fwmark rule: wrong protocol",
+            frame: testpkt::ipv4([10, 0, 0, 5], MARKED_NET, L4::udp(40000, 8042), Ipv4Opts::default()),
+            expect: Expect::Pass,
+        },
+        Case {
+            name: "fwmark rule: source prefix matches, redirected to another interface",
+            frame: testpkt::ipv4([203, 0, 113, 9], MARKED_NET, L4::udp(40000, 9000), Ipv4Opts::default()),
+            expect: Expect::Forward(ServiceMatch::Mark(8), XDP_REDIRECT),
+        },
+        Case {
+            name: "fwmark rule: source prefix misses",
+            frame: testpkt::ipv4([192, 0, 2, 99], MARKED_NET, L4::udp(40000, 9000), Ipv4Opts::default()),
+            expect: Expect::Pass,
+        },
+        Case {
+            name: "fwmark rule: destination outside every prefix",
+            frame: tcp4([10, 0, 0, 5], [198, 51, 101, 5], 40000, 8042, TCP_SYN),
+            expect: Expect::Pass,
+        },
+        Case {
+            name: "service whose only backend is disabled",
+            frame: tcp4(c, [192, 0, 2, 20], 40000, 80, TCP_SYN),
+            expect: Expect::Drop(stat::DROP_NO_BACKEND),
+        },
+    ]
+}
+
+#[test]
+fn fixtures() -> Result<()> {
+    with_env(|env| {
+        let cases = cases();
+        let mut expected_global = [0u64; stat::COUNT as usize];
+        let mut failures = Vec::new();
+        for case in &cases {
+            let (action, out) = test_run(&env.dp, &case.frame)?;
+            let (want_action, want_out) = match &case.expect {
+                Expect::Pass => (XDP_PASS, Some(case.frame.clone())),
+                Expect::Drop(reason) => {
+                    expected_global[*reason as usize] += 1;
+                    (XDP_DROP, None)
+                }
+                Expect::Forward(svc, action) => {
+                    let id = predicted_backend(&env.plan.state, svc, &case.frame)
+                        .ok_or_else(|| anyhow::anyhow!("{}: no prediction", case.name))?;
+                    (*action, Some(env.routed(&case.frame, id)))
+                }
+            };
+            expected_global[match want_action {
+                XDP_DROP => stat::ACTION_DROP,
+                XDP_PASS => stat::ACTION_PASS,
+                XDP_TX => stat::ACTION_TX,
+                _ => stat::ACTION_REDIRECT,
+            } as usize] += 1;
+            if action != want_action || want_out.as_ref().is_some_and(|w| *w != out) {
+                failures.push(format!("{}: action {action} (want {want_action})", case.name));
+            }
+        }
+        ensure!(failures.is_empty(), "failed fixtures:\n{}", failures.join("\n"));
+        ensure!(cases.len() >= 25);
+        let got = env.dp.global_counters()?;
+        ensure!(got == expected_global, "global counters\n got {got:?}\nwant {expected_global:?}");
+        Ok(())
+    })
+}
+
+#[test]
+fn same_source_same_backend_and_every_backend_gets_a_share() -> Result<()> {
+    with_env(|env| {
+        let mut used = std::collections::BTreeSet::new();
+        for i in 0..200u16 {
+            let src = [10, 7, (i >> 8) as u8, i as u8];
+            let first = env.forward(&tcp4(src, VIP, 30000, 80, TCP_SYN))?;
+            for port in [30001, 40000, 65000] {
+                ensure!(env.forward(&tcp4(src, VIP, port, 80, TCP_SYN))? == first, "source {src:?} moved");
+            }
+            used.insert(first);
+        }
+        ensure!(used.len() == 3, "backends used: {used:?}");
+        Ok(())
+    })
+}
+
+#[test]
+fn established_flow_keeps_its_backend_when_the_ring_changes() -> Result<()> {
+    with_env(|env| {
+        // A fourth, heavy backend changes the ring; find a client it takes over.
+        let mut more = services();
+        more[0].backends.push(BackendSpec { addr: ip("10.1.0.14"), weight: 300, state: Active });
+        env.neighbours.insert(
+            ip("10.1.0.14"),
+            Neighbour { mac: [2, 0, 0, 0, 1, 0x14], ifindex: 1, if_mac: DIRECTOR_MAC },
+        );
+        let next = env.planner.clone().plan(&more, &mark_rules(), &env.neighbours)?;
+        let (syn, before) = (0..=255u8)
+            .map(|i| tcp4([10, 8, 0, i], VIP, 41000, 80, TCP_SYN))
+            .find_map(|syn| {
+                let now = predicted_backend(&env.plan.state, &web(), &syn)?;
+                let later = predicted_backend(&next.state, &web(), &syn)?;
+                (now != later).then_some((syn, now))
+            })
+            .ok_or_else(|| anyhow::anyhow!("no client moves on the new ring"))?;
+        ensure!(env.forward(&syn)? == before);
+        env.replan(&more)?;
+        let ack = {
+            let mut f = syn.clone();
+            f[14 + 20 + 13] = TCP_ACK;
+            f
+        };
+        ensure!(env.forward(&ack)? == before, "the established flow moved");
+        // A new connection from the same client follows the new ring.
+        let mut fresh = syn.clone();
+        fresh[14 + 20..14 + 20 + 2].copy_from_slice(&41001u16.to_be_bytes());
+        let want = predicted_backend(&env.plan.state, &web(), &fresh).expect("prediction");
+        ensure!(env.forward(&fresh)? == want);
+        ensure!(want != before, "the chosen client should have moved on the new ring");
+        Ok(())
+    })
+}
+
+fn flow_state(env: &Env, sport: u16) -> Result<Option<u8>> {
+    Ok(env.dp.flows()?.into_iter().find(|(k, _)| u16::from_be(k.sport) == sport).map(|(_, f)| f.state))
+}
+
+#[test]
+fn tcp_state_follows_syn_ack_fin_rst_and_a_new_syn_reschedules() -> Result<()> {
+    with_env(|env| {
+        let src = [10, 9, 0, 1];
+        let seg = |flags| tcp4(src, VIP, 42000, 80, flags);
+        let id = env.forward(&seg(TCP_SYN))?;
+        ensure!(flow_state(env, 42000)? == Some(FLOW_SYN_SENT));
+        env.forward(&seg(TCP_ACK))?;
+        ensure!(flow_state(env, 42000)? == Some(FLOW_ESTABLISHED));
+        env.forward(&seg(TCP_FIN | TCP_ACK))?;
+        ensure!(flow_state(env, 42000)? == Some(FLOW_FIN));
+        let svc = env.plan.service_ids["web"];
+        let new_before = env.dp.service_counters(svc)?.new_flows;
+        ensure!(env.forward(&seg(TCP_SYN))? == id, "sh sends the same client to the same backend");
+        ensure!(flow_state(env, 42000)? == Some(FLOW_SYN_SENT), "a SYN after FIN opens a new flow");
+        ensure!(env.dp.service_counters(svc)?.new_flows == new_before + 1);
+        env.forward(&seg(TCP_RST))?;
+        ensure!(flow_state(env, 42000)? == Some(FLOW_CLOSED));
+        Ok(())
+    })
+}
+
+#[test]
+fn drained_backend_keeps_its_flows_and_disabled_one_loses_them() -> Result<()> {
+    with_env(|env| {
+        // One flow on each backend.
+        let mut flows: HashMap<u32, Vec<u8>> = HashMap::new();
+        for i in 0..=255u8 {
+            let syn = tcp4([10, 10, 0, i], VIP, 43000, 80, TCP_SYN);
+            let id = env.forward(&syn)?;
+            flows.entry(id).or_insert(syn);
+            if flows.len() == 3 {
+                break;
+            }
+        }
+        let drained = env.backend_id("web", "10.1.0.11");
+        let disabled = env.backend_id("web", "10.1.0.12");
+        let mut changed = services();
+        changed[0].backends[0].state = Drain;
+        changed[0].backends[1].state = Disabled;
+        env.replan(&changed)?;
+        ensure!(
+            env.plan.state.services[&lb_daemon::plan::service_key(&web())].ring.iter().all(|&b| b != drained)
+        );
+        let ack = |f: &Vec<u8>| {
+            let mut f = f.clone();
+            f[14 + 20 + 13] = TCP_ACK;
+            f
+        };
+        ensure!(env.forward(&ack(&flows[&drained]))? == drained, "draining keeps established flows");
+        let moved = env.forward(&ack(&flows[&disabled]))?;
+        ensure!(moved != disabled && moved != drained, "a disabled backend's flow goes to a live one");
+        Ok(())
+    })
+}
+
+#[test]
+fn counters_equal_the_packets_sent() -> Result<()> {
+    with_env(|env| {
+        let svc = env.plan.service_ids["web"];
+        let (mut packets, mut bytes, mut new_flows) = (0u64, 0u64, 0u64);
+        let mut per_backend: HashMap<u32, u64> = HashMap::new();
+        for i in 0..50u8 {
+            for (n, flags) in [TCP_SYN, TCP_ACK, TCP_ACK, TCP_FIN | TCP_ACK].into_iter().enumerate() {
+                let f = tcp4([10, 11, 0, i], VIP, 44000, 80, flags);
+                let id = env.forward(&f)?;
+                packets += 1;
+                bytes += f.len() as u64;
+                new_flows += (n == 0) as u64;
+                *per_backend.entry(id).or_default() += 1;
+            }
+        }
+        let c = env.dp.service_counters(svc)?;
+        ensure!((c.packets, c.bytes, c.new_flows) == (packets, bytes, new_flows), "service counters {c:?}");
+        for (id, n) in per_backend {
+            ensure!(env.dp.backend_counters(id)?.packets == n, "backend {id}");
+        }
+        ensure!(env.dp.global_counters()?[stat::ACTION_TX as usize] == packets);
+        Ok(())
+    })
+}
