@@ -14,6 +14,8 @@ use anyhow::{Context as _, Result, bail};
 use nix::sched::{CloneFlags, setns};
 
 pub mod fixture;
+pub mod tcp;
+pub mod topology;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -70,13 +72,6 @@ impl NetNs {
         self.exec(&["sysctl", "-qw", &format!("{key}={value}")]).map(drop)
     }
 
-    /// Moves the calling thread into this namespace. Only for threads made for it.
-    pub fn enter_current_thread(&self) -> Result<()> {
-        let f = File::open(format!("/run/netns/{}", self.name))
-            .with_context(|| format!("opening namespace {}", self.name))?;
-        setns(f, CloneFlags::CLONE_NEWNET).with_context(|| format!("entering namespace {}", self.name))
-    }
-
     /// Runs `f` on a new thread inside the namespace and waits for its result.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
         self.spawn(f).join().map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
@@ -87,13 +82,19 @@ impl NetNs {
         &self,
         f: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> std::thread::JoinHandle<Result<T>> {
-        let path = format!("/run/netns/{}", self.name);
+        let name = self.name.clone();
         std::thread::spawn(move || {
-            let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-            setns(file, CloneFlags::CLONE_NEWNET).with_context(|| format!("entering {path}"))?;
+            enter(&name)?;
             f()
         })
     }
+}
+
+/// Moves the calling thread into the named namespace. Only for threads made for it.
+pub fn enter(name: &str) -> Result<()> {
+    let path = format!("/run/netns/{name}");
+    let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+    setns(file, CloneFlags::CLONE_NEWNET).with_context(|| format!("entering {path}"))
 }
 
 impl Drop for NetNs {

@@ -1,0 +1,104 @@
+//! A direct-routing farm in namespaces:
+//!
+//! ```text
+//!  client ──veth── director ──veth── lan (bridge) ──veth── server1..N
+//!  10.0.1.10+      10.0.1.1 │ 10.0.2.1                       10.0.2.11+, VIP on lo
+//! ```
+//!
+//! The client routes the VIP via the director. The director's XDP program sends VIP
+//! traffic to a server by rewriting MACs and redirecting into its LAN interface; servers
+//! hold the VIP on loopback (arp_ignore/arp_announce, as with LVS-DR) and answer the
+//! client directly through their default gateway, the director, which routes the replies.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+
+use crate::{NetNs, veth};
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+pub const DIRECTOR_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+pub const DIRECTOR_LAN_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
+
+pub struct DrTopology {
+    pub client: NetNs,
+    pub director: NetNs,
+    pub lan: NetNs,
+    pub servers: Vec<NetNs>,
+    /// Director interface facing the client (the balancer attaches here).
+    pub director_in: String,
+    /// Director interface facing the servers.
+    pub director_out: String,
+    /// The bridge port that receives the director's redirected frames.
+    pub lan_port: String,
+    pub client_addrs: Vec<Ipv4Addr>,
+    pub server_addrs: Vec<Ipv4Addr>,
+}
+
+/// Veth offloads would leave checksums to "hardware" that XDP bypasses.
+fn no_offloads(ns: &NetNs, iface: &str) -> Result<()> {
+    ns.exec(&["ethtool", "-K", iface, "tx", "off", "tso", "off", "gso", "off", "gro", "off"]).map(drop)
+}
+
+impl DrTopology {
+    pub fn build(servers: usize, client_addrs: usize) -> Result<Self> {
+        let client = NetNs::new("cl")?;
+        let director = NetNs::new("dr")?;
+        let lan = NetNs::new("ln")?;
+        let (cl_if, dir_in) = veth(&client, &director, "c")?;
+        let (dir_out, lan_port) = veth(&director, &lan, "d")?;
+        for (ns, i) in [(&client, &cl_if), (&director, &dir_in), (&director, &dir_out), (&lan, &lan_port)] {
+            no_offloads(ns, i)?;
+        }
+
+        let client_addrs: Vec<Ipv4Addr> =
+            (0..client_addrs).map(|i| Ipv4Addr::new(10, 0, 1, 10 + i as u8)).collect();
+        for a in &client_addrs {
+            client.ip(&["addr", "add", &format!("{a}/24"), "dev", &cl_if])?;
+        }
+        client.ip(&["route", "add", &format!("{VIP}/32"), "via", &DIRECTOR_CLIENT_SIDE.to_string()])?;
+
+        director.ip(&["addr", "add", &format!("{DIRECTOR_CLIENT_SIDE}/24"), "dev", &dir_in])?;
+        director.ip(&["addr", "add", &format!("{DIRECTOR_LAN_SIDE}/24"), "dev", &dir_out])?;
+        director.sysctl("net.ipv4.ip_forward", "1")?;
+        // Replies come from the VIP, which the director has no route back to.
+        for scope in ["all", "default", dir_in.as_str(), dir_out.as_str()] {
+            director.sysctl(&format!("net.ipv4.conf.{scope}.rp_filter"), "0")?;
+        }
+
+        let bridge = "br0";
+        lan.ip(&["link", "add", bridge, "type", "bridge"])?;
+        lan.ip(&["link", "set", bridge, "up"])?;
+        lan.ip(&["link", "set", &lan_port, "master", bridge])?;
+
+        let mut server_ns = Vec::new();
+        let mut server_addrs = Vec::new();
+        for i in 0..servers {
+            let s = NetNs::new("sv")?;
+            let (port, sif) = veth(&lan, &s, "s")?;
+            no_offloads(&lan, &port)?;
+            no_offloads(&s, &sif)?;
+            lan.ip(&["link", "set", &port, "master", bridge])?;
+            let addr = Ipv4Addr::new(10, 0, 2, 11 + i as u8);
+            s.ip(&["addr", "add", &format!("{addr}/24"), "dev", &sif])?;
+            s.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+            s.ip(&["route", "add", "default", "via", &DIRECTOR_LAN_SIDE.to_string()])?;
+            // LVS-DR: never answer or announce ARP for the VIP held on loopback.
+            s.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
+            s.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
+            server_addrs.push(addr);
+            server_ns.push(s);
+        }
+        Ok(DrTopology {
+            client,
+            director,
+            lan,
+            servers: server_ns,
+            director_in: dir_in,
+            director_out: dir_out,
+            lan_port,
+            client_addrs,
+            server_addrs,
+        })
+    }
+}
