@@ -22,6 +22,7 @@ pub mod maps {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
+    pub const CONFIG: &str = "CONFIG";
     pub const BENCH_CFG: &str = "BENCH_CFG";
     pub const BENCH_TARGET: &str = "BENCH_TARGET";
 }
@@ -110,7 +111,7 @@ pub struct Backend {
     pub ifindex: u32,
     pub family: u8,
     pub state: u8,
-    pub _pad: [u8; 2],
+    pub _pad: u16,
 }
 
 /// Connection-table key: the 5-tuple as seen on the wire.
@@ -123,26 +124,31 @@ pub struct FlowKey {
     pub dport: u16,
     pub proto: u8,
     pub family: u8,
-    pub _pad: [u8; 2],
+    pub _pad: u16,
 }
 
 /// Flow states, following what the director sees of a TCP connection (only the
 /// client-to-server half passes through it in direct routing).
-pub const FLOW_SYN_SENT: u8 = 1;
-pub const FLOW_ESTABLISHED: u8 = 2;
-pub const FLOW_FIN: u8 = 3;
-pub const FLOW_CLOSED: u8 = 4;
+pub const FLOW_SYN_SENT: u32 = 1;
+pub const FLOW_ESTABLISHED: u32 = 2;
+pub const FLOW_FIN: u32 = 3;
+pub const FLOW_CLOSED: u32 = 4;
 /// UDP has no handshake: a flow is established from its first packet.
-pub const FLOW_UDP: u8 = 5;
+pub const FLOW_UDP: u32 = 5;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
     pub backend: u32,
     pub service: u32,
-    pub state: u8,
-    pub _pad: [u8; 7],
-    /// `bpf_ktime_get_ns` of the last packet: lets user space tell active from idle.
+    /// One of the `FLOW_*` states. Padding fields here and in other hot-path structs are
+    /// integers, not byte arrays: zeroing an odd-sized byte array compiles to a call into
+    /// a byte-at-a-time BPF `memset`.
+    pub state: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of the last packet: lets user
+    /// space tell active from idle flows. Coarse is a cached read; a tick of resolution
+    /// is plenty for idle timeouts measured in seconds.
     pub last_seen_ns: u64,
 }
 
@@ -178,7 +184,17 @@ pub struct MarkRuleSet {
 pub struct AddrKey {
     pub addr: [u32; 4],
     pub family: u8,
-    pub _pad: [u8; 3],
+    pub _pad8: u8,
+    pub _pad16: u16,
+}
+
+/// Data-path switches kept in `CONFIG[0]`, so that work nobody configured costs nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataplaneConfig {
+    /// Number of IPv4 / IPv6 mark-rule prefixes; zero skips the trie lookup.
+    pub mark_prefixes_v4: u32,
+    pub mark_prefixes_v6: u32,
 }
 
 /// Per service and per backend counters (one copy per CPU, summed by user space).
@@ -257,6 +273,7 @@ mod pod {
     unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::BenchConfig {}
+    unsafe impl aya::Pod for super::DataplaneConfig {}
 }
 
 #[cfg(test)]

@@ -17,8 +17,9 @@ use aya::{
     programs::{ProgramError, Xdp, xdp::XdpLinkId},
 };
 use lb_common::{
-    AddrKey, Backend, BenchConfig, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, FAMILY_V4, Flow,
-    FlowKey, MAX_BACKENDS, MAX_SERVICES, MarkRuleSet, Service, ServiceKey, maps, programs, stat,
+    AddrKey, Backend, BenchConfig, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig,
+    FAMILY_V4, FAMILY_V6, Flow, FlowKey, MAX_BACKENDS, MAX_SERVICES, MarkRuleSet, Service, ServiceKey, maps,
+    programs, stat,
 };
 
 /// The XDP object built by `build.rs`.
@@ -213,6 +214,7 @@ pub struct Dataplane {
     mark_prefixes: BTreeMap<(u8, [u32; 4], u8), MarkRuleSet>,
     vip_addrs: BTreeSet<AddrKey>,
     egress: BTreeSet<u32>,
+    config: DataplaneConfig,
     links: Vec<(&'static str, XdpLinkId)>,
 }
 
@@ -243,6 +245,7 @@ impl Dataplane {
             mark_prefixes: BTreeMap::new(),
             vip_addrs: BTreeSet::new(),
             egress: BTreeSet::new(),
+            config: DataplaneConfig::default(),
             links: Vec::new(),
         })
     }
@@ -421,7 +424,7 @@ impl Dataplane {
             .services
             .keys()
             .filter(|k| k.kind != lb_common::KIND_MARK)
-            .map(|k| AddrKey { addr: k.addr, family: k.kind, _pad: [0; 3] })
+            .map(|k| AddrKey { addr: k.addr, family: k.kind, _pad8: 0, _pad16: 0 })
             .collect();
         let mut map: HashMap<&mut MapData, AddrKey, u32> = map_mut(&mut self.ebpf, maps::VIP_ADDRS)?;
         for k in wanted.difference(&self.vip_addrs) {
@@ -472,6 +475,14 @@ impl Dataplane {
                 Err(e) => return Err(map_err(maps::MARK_RULES_V4)(e)),
             }
             report.mark_prefixes_removed += 1;
+        }
+        // Enable the trie lookups only once the tries hold what they should.
+        let count = |f| wanted.keys().filter(|(family, _, _)| *family == f).count() as u32;
+        let cfg = DataplaneConfig { mark_prefixes_v4: count(FAMILY_V4), mark_prefixes_v6: count(FAMILY_V6) };
+        if cfg != self.config {
+            let mut map: Array<&mut MapData, DataplaneConfig> = map_mut(&mut self.ebpf, maps::CONFIG)?;
+            map.set(0, cfg, 0).map_err(map_err(maps::CONFIG))?;
+            self.config = cfg;
         }
         self.mark_prefixes = wanted;
         Ok(())

@@ -279,7 +279,7 @@ impl Planner {
                         ifindex: n.ifindex,
                         family,
                         state: if up { BACKEND_UP } else { BACKEND_DOWN },
-                        _pad: [0; 2],
+                        _pad: 0,
                     },
                 );
                 if up {

@@ -98,6 +98,36 @@ fn read_raw32(start: usize, end: usize, offset: usize) -> Option<u32> {
     ptr_at::<u32>(start, end, offset).map(|p| unsafe { p.read_unaligned() })
 }
 
+/// Writes a MAC address at `at`, a byte at a time. A `[u8; 6]` copy would become a call
+/// into a BPF `memcpy` subprogram; six byte stores cost less than the call.
+///
+/// # Safety
+/// `at..at + 6` must be writable.
+#[inline(always)]
+pub unsafe fn write_mac(at: usize, mac: &[u8; 6]) {
+    let p = at as *mut u8;
+    // Volatile keeps LLVM from fusing the stores back into a memcpy call.
+    for (i, b) in mac.iter().enumerate() {
+        // SAFETY: the caller guarantees the six bytes are writable.
+        unsafe { p.add(i).write_volatile(*b) };
+    }
+}
+
+/// Reads a MAC address at `at` (see [`write_mac`]).
+///
+/// # Safety
+/// `at..at + 6` must be readable.
+#[inline(always)]
+pub unsafe fn read_mac(at: usize) -> [u8; 6] {
+    let p = at as *const u8;
+    let mut mac = [0u8; 6];
+    for (i, b) in mac.iter_mut().enumerate() {
+        // SAFETY: the caller guarantees the six bytes are readable.
+        *b = unsafe { p.add(i).read_volatile() };
+    }
+    mac
+}
+
 /// Returns the L3 offset and EtherType, skipping at most one VLAN tag.
 #[inline(always)]
 pub fn parse_eth(start: usize, end: usize) -> Option<(usize, u16)> {

@@ -457,7 +457,7 @@ fn established_flow_keeps_its_backend_when_the_ring_changes() -> Result<()> {
     })
 }
 
-fn flow_state(env: &Env, sport: u16) -> Result<Option<u8>> {
+fn flow_state(env: &Env, sport: u16) -> Result<Option<u32>> {
     Ok(env.dp.flows()?.into_iter().find(|(k, _)| u16::from_be(k.sport) == sport).map(|(_, f)| f.state))
 }
 

@@ -1,1 +1,154 @@
-fn main() {}
+//! Build orchestration, kept out of the library crates: `cargo xtask <command>`.
+
+use std::process::{Command, ExitStatus};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Set up, build, test and benchmark the load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (apt packages, rust-src, bpf-linker). Idempotent.
+    Setup,
+    /// Build the daemon (with the XDP object embedded) in release mode.
+    Build,
+    /// Formatting, clippy, then every test: unit, packet fixtures, end-to-end (needs root).
+    Test,
+    /// Benchmarks: ns per packet through BPF_PROG_TEST_RUN, as ratios to a floor program.
+    Bench,
+    /// Build a client, a director and three real servers in network namespaces, forward
+    /// real TCP connections through the XDP data path, print what happened, clean up.
+    Lab {
+        /// Leave the namespaces in place to explore (prints the commands to look around).
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+/// Debian packages the build and the tests use: libLLVM 22 for bpf-linker, iproute2 and
+/// ethtool for the namespace tests.
+const APT_PACKAGES: &[&str] =
+    &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev", "iproute2", "ethtool", "procps"];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const NIGHTLY: &str = "nightly";
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup(),
+        Cmd::Build => cargo(&["build", "--release"]),
+        Cmd::Test => test(),
+        Cmd::Bench => {
+            require_root("the benchmarks load BPF programs")?;
+            cargo(&["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "lb-bench"])
+        }
+        Cmd::Lab { keep } => {
+            require_root("the lab creates network namespaces and loads XDP programs")?;
+            let mut args = vec!["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "lb-lab"];
+            if keep {
+                args.extend(["--", "--keep"]);
+            }
+            cargo(&args)
+        }
+    }
+}
+
+fn status(cmd: &mut Command) -> Result<ExitStatus> {
+    cmd.status().with_context(|| format!("running {cmd:?}"))
+}
+
+fn check(cmd: &mut Command) -> Result<()> {
+    let st = status(cmd)?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    check(Command::new(env!("CARGO")).args(args))
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn require_root(why: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("run as root: {why}");
+    }
+    Ok(())
+}
+
+fn apt_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
+fn setup() -> Result<()> {
+    let mut changed = false;
+
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !apt_installed(p)).collect();
+    if missing.is_empty() {
+        println!("setup: apt packages present ({})", APT_PACKAGES.join(", "));
+    } else {
+        require_root("setup installs apt packages")?;
+        println!("setup: installing {}", missing.join(", "));
+        check(Command::new("apt-get").args(["update", "-qq"]))?;
+        check(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        changed = true;
+    }
+
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    if !toolchains.lines().any(|l| l.starts_with(NIGHTLY)) {
+        bail!(
+            "no nightly toolchain: the eBPF crate needs the preinstalled nightly (rustup toolchain list shows {toolchains:?})"
+        );
+    }
+    let components =
+        output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))
+            .unwrap_or_default();
+    if components.lines().any(|l| l.starts_with("rust-src")) {
+        println!("setup: rust-src for {NIGHTLY} present");
+    } else {
+        println!("setup: adding rust-src to {NIGHTLY}");
+        check(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+        changed = true;
+    }
+
+    let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if linker.contains(BPF_LINKER_VERSION) {
+        println!("setup: bpf-linker {BPF_LINKER_VERSION} present");
+    } else {
+        println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+        check(
+            Command::new(env!("CARGO"))
+                .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+        )?;
+        changed = true;
+    }
+
+    println!("setup: {}", if changed { "done" } else { "nothing to do, everything was already installed" });
+    Ok(())
+}
+
+fn test() -> Result<()> {
+    require_root("the packet fixtures load BPF programs and the end-to-end tests create namespaces")?;
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&["test", "--workspace"])
+}

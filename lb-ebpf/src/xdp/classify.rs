@@ -4,7 +4,7 @@ use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::{AddrKey, FAMILY_V4, KIND_MARK, MAX_MARK_RULES_PER_PREFIX, MarkRuleSet, Service, ServiceKey};
 use lb_ebpf::parse::Parsed;
 
-use super::maps::{MARK_RULES_V4, MARK_RULES_V6, SERVICES, VIP_ADDRS};
+use super::maps::{CONFIG, MARK_RULES_V4, MARK_RULES_V6, SERVICES, VIP_ADDRS};
 
 #[inline(always)]
 pub fn lookup_service(p: &Parsed) -> Option<Service> {
@@ -21,9 +21,18 @@ pub fn lookup_service(p: &Parsed) -> Option<Service> {
 
 #[inline(always)]
 fn rules_for(family: u8, dst: &[u32; 4]) -> Option<&'static MarkRuleSet> {
+    // An array lookup the verifier inlines, in place of a trie walk on every packet
+    // that is not for a VIP when no mark rules exist.
+    let cfg = CONFIG.get(0)?;
     if family == FAMILY_V4 {
+        if cfg.mark_prefixes_v4 == 0 {
+            return None;
+        }
         MARK_RULES_V4.get(Key::new(32, dst[0]))
     } else {
+        if cfg.mark_prefixes_v6 == 0 {
+            return None;
+        }
         MARK_RULES_V6.get(Key::new(128, *dst))
     }
 }
@@ -56,7 +65,7 @@ fn match_mark(p: &Parsed) -> Option<u32> {
 /// to drop; anything else belongs to the kernel.
 #[inline(always)]
 pub fn is_service_address(family: u8, dst: &[u32; 4]) -> bool {
-    let key = AddrKey { addr: *dst, family, _pad: [0; 3] };
+    let key = AddrKey { addr: *dst, family, _pad8: 0, _pad16: 0 };
     // SAFETY: presence test only.
     unsafe { VIP_ADDRS.get(&key) }.is_some() || rules_for(family, dst).is_some()
 }

@@ -1,6 +1,6 @@
 //! The connection table and Maglev scheduling: an existing flow keeps its backend while
 //! that backend is up; a new one (or one whose backend went down) is hashed onto the ring.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     BACKEND_UP, Backend, FAMILY_V6, FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_FIN, FLOW_SYN_SENT, FLOW_UDP, Flow,
     FlowKey, PROTO_TCP, SERVICE_F_HASH_TUPLE, Service,
@@ -19,7 +19,7 @@ pub struct Decision {
 
 /// TCP state after a segment with `flags`, from what the director sees (client side only).
 #[inline(always)]
-fn next_tcp_state(state: u8, flags: u8) -> u8 {
+fn next_tcp_state(state: u32, flags: u8) -> u32 {
     if flags & TCP_RST != 0 {
         FLOW_CLOSED
     } else if flags & TCP_FIN != 0 {
@@ -47,10 +47,10 @@ pub fn pick(p: &Parsed, svc: &Service) -> Result<Decision, u32> {
         dport: p.dport,
         proto: p.proto,
         family: p.family,
-        _pad: [0; 2],
+        _pad: 0,
     };
     // SAFETY: a plain helper call with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let tcp = p.proto == PROTO_TCP;
     let syn = tcp && p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & TCP_ACK == 0;
 
@@ -89,7 +89,7 @@ pub fn pick(p: &Parsed, svc: &Service) -> Result<Decision, u32> {
     let backend_id = *RINGS.get(svc.ring_offset + h % svc.ring_size).ok_or(stat::DROP_BACKEND_INVALID)?;
     let b = backend(backend_id).ok_or(stat::DROP_BACKEND_INVALID)?;
     let state = if tcp { next_tcp_state(0, p.tcp_flags) } else { FLOW_UDP };
-    let flow = Flow { backend: backend_id, service: svc.id, state, _pad: [0; 7], last_seen_ns: now };
+    let flow = Flow { backend: backend_id, service: svc.id, state, _pad: 0, last_seen_ns: now };
     // A full table is no reason to drop: the hash sends the next packet to the same
     // backend for as long as the ring is unchanged.
     let _ = FLOWS.insert(&key, &flow, 0);

@@ -8,6 +8,7 @@
 //! which would turn a quiet backend's first packet into a drop.
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{Backend, stat};
+use lb_ebpf::parse::write_mac;
 
 use super::maps::EGRESS;
 
@@ -19,8 +20,8 @@ pub fn direct_route(ctx: &XdpContext, b: &Backend) -> Result<u32, u32> {
     }
     // SAFETY: the 12 bytes of Ethernet addresses were bounds-checked above.
     unsafe {
-        core::ptr::write_unaligned(start as *mut [u8; 6], b.dst_mac);
-        core::ptr::write_unaligned((start + 6) as *mut [u8; 6], b.src_mac);
+        write_mac(start, &b.dst_mac);
+        write_mac(start + 6, &b.src_mac);
     }
     if b.ifindex == ctx.ingress_ifindex() as u32 {
         return Ok(xdp_action::XDP_TX);

@@ -76,10 +76,9 @@ pub fn lb_floor(ctx: XdpContext) -> u32 {
     }
     // SAFETY: 12 bytes bounds-checked above.
     unsafe {
-        let dst = core::ptr::read_unaligned(start as *const [u8; 6]);
-        let src = core::ptr::read_unaligned((start + 6) as *const [u8; 6]);
-        core::ptr::write_unaligned(start as *mut [u8; 6], src);
-        core::ptr::write_unaligned((start + 6) as *mut [u8; 6], dst);
+        let (dst, src) = (parse::read_mac(start), parse::read_mac(start + 6));
+        parse::write_mac(start, &src);
+        parse::write_mac(start + 6, &dst);
     }
     xdp_action::XDP_TX
 }
