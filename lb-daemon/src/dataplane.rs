@@ -27,17 +27,19 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("loading the XDP object: {0}")]
+    #[error("loading the XDP object")]
     Load(#[from] aya::EbpfError),
-    #[error("program {name}: {source}")]
+    #[error("{what} must be between 1 and {max}, not {value}")]
+    Size { what: &'static str, value: u32, max: u32 },
+    #[error("program {name}")]
     Program { name: &'static str, source: ProgramError },
     #[error("program {0} is missing from the object")]
     MissingProgram(&'static str),
     #[error("map {0} is missing from the object")]
     MissingMap(&'static str),
-    #[error("map {map}: {source}")]
+    #[error("map {map}")]
     Map { map: &'static str, source: MapError },
-    #[error("attaching to interface {iface}: {source}")]
+    #[error("attaching to interface {iface}")]
     Attach { iface: String, source: ProgramError },
     #[error("no room for a ring of {size} slots (ring capacity {capacity}, {free} free)")]
     RingSpace { size: u32, capacity: u32, free: u32 },
@@ -165,12 +167,12 @@ impl RingSpace {
         }
         let mut offset = w.offset;
         let mut size = w.size;
-        if let Some((&o, &l)) = self.free.range(..offset).next_back() {
-            if o + l == offset {
-                self.free.remove(&o);
-                offset = o;
-                size += l;
-            }
+        if let Some((&o, &l)) = self.free.range(..offset).next_back()
+            && o + l == offset
+        {
+            self.free.remove(&o);
+            offset = o;
+            size += l;
         }
         if let Some(&l) = self.free.get(&(w.offset + w.size)) {
             self.free.remove(&(w.offset + w.size));
@@ -225,6 +227,17 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
 impl Dataplane {
     /// Loads the object and every program in it into the kernel; attaches nothing.
     pub fn load(opts: &LoadOptions) -> Result<Self> {
+        // Beyond these the kernel answers a bare EINVAL or ENOMEM.
+        const MAX_RING_SLOTS: u32 = 1 << 26;
+        const MAX_FLOW_ENTRIES: u32 = 1 << 28;
+        for (what, value, max) in [
+            ("ring slots", opts.ring_slots, MAX_RING_SLOTS),
+            ("flow entries", opts.flow_entries, MAX_FLOW_ENTRIES),
+        ] {
+            if value == 0 || value > max {
+                return Err(DataplaneError::Size { what, value, max });
+            }
+        }
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::RINGS, opts.ring_slots)
             .map_max_entries(maps::FLOWS, opts.flow_entries)

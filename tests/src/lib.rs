@@ -14,6 +14,7 @@ use anyhow::{Context as _, Result, bail};
 use nix::sched::{CloneFlags, setns};
 
 pub mod fixture;
+pub mod lab;
 pub mod tcp;
 pub mod topology;
 

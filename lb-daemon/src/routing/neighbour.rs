@@ -59,10 +59,10 @@ async fn link_mac(handle: &rtnetlink::Handle, ifindex: u32) -> Result<Option<[u8
     let mut links = handle.link().get().match_index(ifindex).execute();
     while let Some(msg) = links.try_next().await? {
         for a in msg.attributes {
-            if let LinkAttribute::Address(l) = a {
-                if l.len() == 6 {
-                    return Ok(Some([l[0], l[1], l[2], l[3], l[4], l[5]]));
-                }
+            if let LinkAttribute::Address(l) = a
+                && l.len() == 6
+            {
+                return Ok(Some([l[0], l[1], l[2], l[3], l[4], l[5]]));
             }
         }
     }
@@ -91,10 +91,10 @@ pub async fn resolve(addrs: &[IpAddr], wait: Duration) -> Result<HashMap<IpAddr,
     loop {
         let mut dump = handle.neighbours().get().execute();
         while let Some(msg) = dump.try_next().await? {
-            if let Some((addr, mac, ifindex)) = entry(&msg) {
-                if addrs.contains(&addr) {
-                    found.insert(addr, (mac, ifindex));
-                }
+            if let Some((addr, mac, ifindex)) = entry(&msg)
+                && addrs.contains(&addr)
+            {
+                found.insert(addr, (mac, ifindex));
             }
         }
         let missing: Vec<IpAddr> = addrs.iter().filter(|a| !found.contains_key(a)).copied().collect();
