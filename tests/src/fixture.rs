@@ -7,7 +7,9 @@ use anyhow::{Context as _, Result};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{FAMILY_V6, SERVICE_F_HASH_TUPLE, hash};
 use lb_daemon::dataplane::{Dataplane, DataplaneState};
-use lb_daemon::plan::{ServiceMatch, addr_words, service_key};
+use lb_daemon::plan::{
+    BackendSpec, BackendState, Protocol, Scheduler, ServiceMatch, ServiceSpec, addr_words, service_key,
+};
 use lb_ebpf::parse;
 
 pub const XDP_DROP: u32 = 1;
@@ -22,18 +24,7 @@ pub fn test_run(dp: &Dataplane, input: &[u8]) -> Result<(u32, Vec<u8>)> {
 
 /// Runs one frame through a program `repeat` times (the frame is not restored between runs).
 pub fn run_program(dp: &Dataplane, name: &'static str, input: &[u8], repeat: u32) -> Result<(u32, Vec<u8>)> {
-    let prog = dp.program(name)?;
-    let mut out = vec![0u8; input.len() + 256];
-    let res = prog
-        .test_run(TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            repeat,
-            ..Default::default()
-        })
-        .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
-    out.truncate(res.data_size_out as usize);
-    Ok((res.return_value, out))
+    timed_run(dp, name, input, repeat).map(|(action, out, _)| (action, out))
 }
 
 /// Like [`run_program`], also returning the kernel's average run time in nanoseconds.
@@ -55,6 +46,20 @@ pub fn timed_run(
         .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
     out.truncate(res.data_size_out as usize);
     Ok((res.return_value, out, res.duration.as_nanos() as f64))
+}
+
+/// A TCP service on `vip:port`, scheduled by source hash, every backend active at weight 100.
+pub fn tcp_service(name: &str, vip: IpAddr, port: u16, ring_size: u32, backends: &[IpAddr]) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        matcher: ServiceMatch::Vip { addr: vip, port, proto: Protocol::Tcp },
+        scheduler: Scheduler::Sh,
+        ring_size,
+        backends: backends
+            .iter()
+            .map(|a| BackendSpec { addr: *a, weight: 100, state: BackendState::Active })
+            .collect(),
+    }
 }
 
 /// The backend id the Maglev ring of `service` gives a frame, computed independently of

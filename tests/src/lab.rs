@@ -11,9 +11,10 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, ensure};
 use lb_common::{Counters, stat};
 use lb_daemon::dataplane::{Dataplane, LoadOptions, XdpMode};
-use lb_daemon::plan::{BackendSpec, BackendState, Planner, Protocol, Scheduler, ServiceMatch, ServiceSpec};
+use lb_daemon::plan::Planner;
 use lb_daemon::routing::neighbour;
 
+use crate::fixture::tcp_service;
 use crate::tcp::{NameServer, fetch_from};
 use crate::topology::{DIRECTOR_CLIENT_SIDE, DrTopology, VIP};
 
@@ -55,16 +56,7 @@ fn start_director(
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let neighbours = rt.block_on(neighbour::resolve(backends, Duration::from_secs(5)))?;
     ensure!(neighbours.len() == backends.len(), "resolved only {neighbours:?}");
-    let web = ServiceSpec {
-        name: "web".into(),
-        matcher: ServiceMatch::Vip { addr: IpAddr::V4(VIP), port: VIP_PORT, proto: Protocol::Tcp },
-        scheduler: Scheduler::Sh,
-        ring_size: 4093,
-        backends: backends
-            .iter()
-            .map(|a| BackendSpec { addr: *a, weight: 100, state: BackendState::Active })
-            .collect(),
-    };
+    let web = tcp_service("web", IpAddr::V4(VIP), VIP_PORT, 4093, backends);
     let plan = Planner::default().plan(&[web], &[], &neighbours)?;
     dp.apply(&plan.state)?;
     dp.attach(dir_in, XdpMode::Native)?;

@@ -16,18 +16,30 @@
 use anyhow::{Result, ensure};
 use lb_common::programs::{BALANCER, BENCH_DRIVER, FLOOR, PASS};
 use lb_daemon::dataplane::{Dataplane, LoadOptions};
-use lb_daemon::plan::{
-    BackendSpec, BackendState, Neighbour, Planner, Protocol, Scheduler, ServiceMatch, ServiceSpec,
-};
+use lb_daemon::plan::{Neighbour, Planner};
 use lb_ebpf::parse::{TCP_ACK, TCP_SYN};
 use lb_ebpf::testpkt::{self, Ipv4Opts, L4};
-use lb_tests::fixture::{XDP_PASS, XDP_TX, run_program, timed_run};
+use lb_tests::fixture::{XDP_PASS, XDP_TX, run_program, tcp_service, timed_run};
 use nix::sched::{CpuSet, sched_setaffinity};
 use nix::unistd::Pid;
 
+/// Even, so that the floor's MAC swaps cancel out and its output equals its input.
 const REPEAT: u32 = 1_000_000;
 const ROUNDS: usize = 9;
 const CYCLED_FLOWS: u32 = 65_536;
+const DIRECTOR_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xaa];
+
+/// What a case's output frame must look like after each timed run.
+#[derive(Clone, Copy)]
+enum Output {
+    /// Byte for byte the input (pass, or an even number of MAC swaps).
+    Unchanged,
+    /// Ethernet addresses as in the input; the driver changed the rest.
+    SameMacs,
+    /// Sent to a backend: its MAC, then the director's, then the rest as the input
+    /// (`whole`) or as the driver left it.
+    Routed { whole: bool },
+}
 
 struct Case {
     name: &'static str,
@@ -35,29 +47,45 @@ struct Case {
     /// Driver setting before the case runs: `Some(flows)` points the driver at `target`.
     driver: Option<(&'static str, u32)>,
     frame: Vec<u8>,
-    check: fn(u32, &[u8], &[u8]) -> bool,
+    /// Untimed runs just before each timed one, undoing what other cases did meanwhile
+    /// (the new-flow case evicts the others' flows from the LRU table).
+    warmup: u32,
+    action: u32,
+    output: Output,
+    /// New flows the service must count per timed run; `None` where the balancer is not run.
+    new_flows: Option<u64>,
     /// The kernel's own average per run, one per round (integer nanoseconds).
     samples: Vec<f64>,
 }
 
 impl Case {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         name: &'static str,
         program: &'static str,
         driver: Option<(&'static str, u32)>,
         frame: Vec<u8>,
-        check: fn(u32, &[u8], &[u8]) -> bool,
+        warmup: u32,
+        action: u32,
+        output: Output,
+        new_flows: Option<u64>,
     ) -> Self {
-        Case { name, program, driver, frame, check, samples: Vec::new() }
+        Case { name, program, driver, frame, warmup, action, output, new_flows, samples: Vec::new() }
     }
-}
 
-fn tx(action: u32, _input: &[u8], _out: &[u8]) -> bool {
-    action == XDP_TX
-}
-
-fn pass_unchanged(action: u32, input: &[u8], out: &[u8]) -> bool {
-    action == XDP_PASS && input == out
+    fn output_ok(&self, out: &[u8], backend_macs: &[[u8; 6]], director_mac: [u8; 6]) -> bool {
+        let input = &self.frame;
+        match self.output {
+            Output::Unchanged => out == input.as_slice(),
+            Output::SameMacs => out.len() == input.len() && out[..12] == input[..12],
+            Output::Routed { whole } => {
+                out.len() == input.len()
+                    && backend_macs.iter().any(|m| out[..6] == *m)
+                    && out[6..12] == director_mac
+                    && (!whole || out[12..] == input[12..])
+            }
+        }
+    }
 }
 
 fn main() -> Result<()> {
@@ -66,20 +94,9 @@ fn main() -> Result<()> {
     let neighbours = backends
         .iter()
         .enumerate()
-        .map(|(i, a)| {
-            (*a, Neighbour { mac: [2, 0, 0, 0, 1, i as u8], ifindex: 1, if_mac: [2, 0, 0, 0, 0, 0xaa] })
-        })
+        .map(|(i, a)| (*a, Neighbour { mac: [2, 0, 0, 0, 1, i as u8], ifindex: 1, if_mac: DIRECTOR_MAC }))
         .collect();
-    let web = ServiceSpec {
-        name: "web".into(),
-        matcher: ServiceMatch::Vip { addr: "192.0.2.10".parse()?, port: 80, proto: Protocol::Tcp },
-        scheduler: Scheduler::Sh,
-        ring_size: 65537,
-        backends: backends
-            .iter()
-            .map(|a| BackendSpec { addr: *a, weight: 100, state: BackendState::Active })
-            .collect(),
-    };
+    let web = tcp_service("web", "192.0.2.10".parse()?, 80, 65537, &backends);
     let plan = Planner::default().plan(&[web], &[], &neighbours)?;
     dp.apply(&plan.state)?;
 
@@ -87,36 +104,58 @@ fn main() -> Result<()> {
         testpkt::ipv4([10, 0, 0, 1], dst, L4::tcp(40000, 80, flags), Ipv4Opts::default())
     };
     let vip = [192, 0, 2, 10];
-    // Establish the single flow of the "established ACK" case.
-    let (action, _) = run_program(&dp, BALANCER, &frame(vip, TCP_SYN), 1)?;
-    ensure!(action == XDP_TX, "the VIP must be forwarded");
-
     let ack = frame(vip, TCP_ACK);
+    let non_vip = frame([192, 0, 2, 99], TCP_ACK);
+    let routed = Output::Routed { whole: true };
+    let driven = Output::Routed { whole: false };
+    let repeat = REPEAT as u64;
     let mut cases = vec![
-        Case::new("empty program (XDP_PASS)", PASS, None, ack.clone(), pass_unchanged),
-        Case::new("floor (parse, swap MACs, XDP_TX)", FLOOR, None, ack.clone(), tx),
-        Case::new("non-VIP packet", BALANCER, None, frame([192, 0, 2, 99], TCP_ACK), pass_unchanged),
-        Case::new("ACK, one established flow", BALANCER, None, ack.clone(), tx),
-        Case::new("floor via driver", BENCH_DRIVER, Some((FLOOR, CYCLED_FLOWS)), ack.clone(), tx),
+        Case::new("empty program (XDP_PASS)", PASS, None, ack.clone(), 0, XDP_PASS, Output::Unchanged, None),
+        Case::new(
+            "floor (parse, swap MACs, XDP_TX)",
+            FLOOR,
+            None,
+            ack.clone(),
+            0,
+            XDP_TX,
+            Output::Unchanged,
+            None,
+        ),
+        Case::new("non-VIP packet", BALANCER, None, non_vip, 0, XDP_PASS, Output::Unchanged, Some(0)),
+        Case::new("ACK, one established flow", BALANCER, None, ack.clone(), 1, XDP_TX, routed, Some(0)),
+        Case::new(
+            "floor via driver",
+            BENCH_DRIVER,
+            Some((FLOOR, CYCLED_FLOWS)),
+            ack.clone(),
+            0,
+            XDP_TX,
+            Output::SameMacs,
+            None,
+        ),
         Case::new(
             "ACK cycling over 65,536 flows",
             BENCH_DRIVER,
             Some((BALANCER, CYCLED_FLOWS)),
             ack.clone(),
-            tx,
+            CYCLED_FLOWS,
+            XDP_TX,
+            driven,
+            Some(0),
         ),
         Case::new(
             "SYN of a new flow (table miss)",
             BENCH_DRIVER,
             Some((BALANCER, u32::MAX)),
             frame(vip, TCP_SYN),
-            tx,
+            0,
+            XDP_TX,
+            driven,
+            Some(repeat),
         ),
     ];
-
-    // Warm the 65,536 flows so the cycling case measures established lookups.
-    dp.configure_bench_driver(BALANCER, CYCLED_FLOWS)?;
-    run_program(&dp, BENCH_DRIVER, &frame(vip, TCP_ACK), CYCLED_FLOWS)?;
+    let service = plan.service_ids["web"];
+    let backend_macs: Vec<[u8; 6]> = plan.state.backends.values().map(|b| b.dst_mac).collect();
 
     // One CPU for every run: BPF_PROG_TEST_RUN runs on the calling CPU, and per-CPU maps
     // (counters, LRU lists) should stay warm on the same one.
@@ -130,12 +169,25 @@ fn main() -> Result<()> {
             if let Some((target, flows)) = case.driver {
                 dp.configure_bench_driver(target, flows)?;
             }
+            if case.warmup > 0 {
+                run_program(&dp, case.program, &case.frame, case.warmup)?;
+            }
+            let flows_before = dp.service_counters(service)?.new_flows;
             let (action, out, kernel_ns) = timed_run(&dp, case.program, &case.frame, REPEAT)?;
+            let new_flows = dp.service_counters(service)?.new_flows - flows_before;
+            ensure!(action == case.action, "{}: action {action}, want {}", case.name, case.action);
             ensure!(
-                (case.check)(action, &case.frame, &out),
-                "{}: unexpected result (action {action})",
+                case.output_ok(&out, &backend_macs, DIRECTOR_MAC),
+                "{}: unexpected output frame",
                 case.name
             );
+            if let Some(want) = case.new_flows {
+                ensure!(
+                    new_flows == want,
+                    "{}: {new_flows} new flows in {REPEAT} runs, want {want}",
+                    case.name
+                );
+            }
             case.samples.push(kernel_ns);
         }
     }
