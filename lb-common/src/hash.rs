@@ -27,6 +27,18 @@ const fn finish(mut h: u32, len_bytes: u32) -> u32 {
     h ^ (h >> 16)
 }
 
+/// Slots of the VIP pre-filter (`VIP_FILTER`): one byte each.
+pub const VIP_FILTER_SLOTS: u32 = 1 << 16;
+
+/// The pre-filter slot of a destination address: the address words folded to 16 bits.
+/// Not a good hash, and it need not be: a collision only costs the exact lookup that
+/// every packet would otherwise pay.
+#[inline(always)]
+pub const fn vip_filter_slot(addr: &[u32; 4], ipv6: bool) -> u32 {
+    let w = if ipv6 { addr[0] ^ addr[1] ^ addr[2] ^ addr[3] } else { addr[0] };
+    (w ^ (w >> 16)) & (VIP_FILTER_SLOTS - 1)
+}
+
 /// `sh`: hash of the source address only (4 bytes for IPv4, 16 for IPv6).
 #[inline(always)]
 pub const fn source_hash(src: &[u32; 4], ipv6: bool) -> u32 {
@@ -68,6 +80,7 @@ pub const fn tuple_hash(
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
 
     #[test]
@@ -91,6 +104,16 @@ mod tests {
         c[3] = 1;
         assert_eq!(source_hash(&a, false), source_hash(&c, false), "IPv4 ignores the upper words");
         assert_ne!(source_hash(&a, true), source_hash(&c, true));
+    }
+
+    #[test]
+    fn vip_filter_slots_spread_neighbouring_addresses() {
+        // Consecutive VIPs in one /24 land in distinct slots.
+        let slots: std::collections::BTreeSet<u32> = (0..=255u8)
+            .map(|i| vip_filter_slot(&[u32::from_ne_bytes([192, 0, 2, i]), 0, 0, 0], false))
+            .collect();
+        assert_eq!(slots.len(), 256);
+        assert!(slots.iter().all(|s| *s < VIP_FILTER_SLOTS));
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod maps {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const CONFIG: &str = "CONFIG";
+    pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const BENCH_CFG: &str = "BENCH_CFG";
     pub const BENCH_TARGET: &str = "BENCH_TARGET";
 }

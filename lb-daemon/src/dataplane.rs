@@ -18,8 +18,8 @@ use aya::{
 };
 use lb_common::{
     AddrKey, Backend, BenchConfig, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig,
-    FAMILY_V4, FAMILY_V6, Flow, FlowKey, MAX_BACKENDS, MAX_SERVICES, MarkRuleSet, Service, ServiceKey, maps,
-    programs, stat,
+    FAMILY_V4, FAMILY_V6, Flow, FlowKey, MAX_BACKENDS, MAX_SERVICES, MarkRuleSet, Service, ServiceKey,
+    hash::vip_filter_slot, maps, programs, stat,
 };
 
 /// The XDP object built by `build.rs`.
@@ -215,6 +215,7 @@ pub struct Dataplane {
     backends: BTreeMap<u32, Backend>,
     mark_prefixes: BTreeMap<(u8, [u32; 4], u8), MarkRuleSet>,
     vip_addrs: BTreeSet<AddrKey>,
+    vip_slots: BTreeSet<u32>,
     egress: BTreeSet<u32>,
     config: DataplaneConfig,
     links: Vec<(&'static str, XdpLinkId)>,
@@ -257,6 +258,7 @@ impl Dataplane {
             backends: BTreeMap::new(),
             mark_prefixes: BTreeMap::new(),
             vip_addrs: BTreeSet::new(),
+            vip_slots: BTreeSet::new(),
             egress: BTreeSet::new(),
             config: DataplaneConfig::default(),
             links: Vec::new(),
@@ -449,6 +451,18 @@ impl Dataplane {
                 Err(e) => return Err(map_err(maps::VIP_ADDRS)(e)),
             }
         }
+        // Slots for new VIPs are set here, after their services were written; stale slots
+        // are cleared after their services left: the filter never hides a live service.
+        let slots: BTreeSet<u32> =
+            wanted.iter().map(|k| vip_filter_slot(&k.addr, k.family == FAMILY_V6)).collect();
+        let mut filter: Array<&mut MapData, u8> = map_mut(&mut self.ebpf, maps::VIP_FILTER)?;
+        for &slot in slots.difference(&self.vip_slots) {
+            filter.set(slot, 1, 0).map_err(map_err(maps::VIP_FILTER))?;
+        }
+        for &slot in self.vip_slots.difference(&slots) {
+            filter.set(slot, 0, 0).map_err(map_err(maps::VIP_FILTER))?;
+        }
+        self.vip_slots = slots;
         self.vip_addrs = wanted;
         Ok(())
     }

@@ -542,3 +542,31 @@ fn counters_equal_the_packets_sent() -> Result<()> {
         Ok(())
     })
 }
+
+#[test]
+fn vip_filter_collisions_pass_and_removed_services_stop_matching() -> Result<()> {
+    with_env(|env| {
+        use lb_common::hash::vip_filter_slot;
+        let slot = |a: [u8; 4]| vip_filter_slot(&[u32::from_ne_bytes(a), 0, 0, 0], false);
+        // An address that is no VIP but folds to the VIP's filter slot.
+        let twin = (0..=u16::MAX)
+            .map(|i| [10, 99, (i >> 8) as u8, i as u8])
+            .find(|a| slot(*a) == slot(VIP))
+            .ok_or_else(|| anyhow::anyhow!("no colliding address in 10.99/16"))?;
+        let to_twin = tcp4([10, 0, 0, 1], twin, 45000, 80, TCP_SYN);
+        ensure!(test_run(&env.dp, &to_twin)? == (XDP_PASS, to_twin.clone()), "a filter collision must pass");
+
+        // Remove every service on the VIP address: its traffic goes to the kernel untouched.
+        let without: Vec<ServiceSpec> =
+            services().into_iter().filter(|s| !["web", "dns"].contains(&s.name.as_str())).collect();
+        env.replan(&without)?;
+        let syn = tcp4([10, 0, 0, 1], VIP, 45001, 80, TCP_SYN);
+        ensure!(test_run(&env.dp, &syn)? == (XDP_PASS, syn.clone()), "a removed service must stop matching");
+
+        // And back.
+        env.replan(&services())?;
+        let id = env.forward(&syn)?;
+        ensure!(Some(id) == predicted_backend(&env.plan.state, &web(), &syn));
+        Ok(())
+    })
+}

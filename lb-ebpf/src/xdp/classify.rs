@@ -1,17 +1,24 @@
 //! Which service, if any, a packet belongs to: exact (VIP, port, protocol) first, then the
 //! fwmark-style rules (`iptables -t mangle ... -j MARK` + `ipvsadm -A -f`), done here.
 use aya_ebpf::maps::lpm_trie::Key;
-use lb_common::{AddrKey, FAMILY_V4, KIND_MARK, MAX_MARK_RULES_PER_PREFIX, MarkRuleSet, Service, ServiceKey};
+use lb_common::{
+    AddrKey, FAMILY_V4, KIND_MARK, MAX_MARK_RULES_PER_PREFIX, MarkRuleSet, Service, ServiceKey,
+    hash::vip_filter_slot,
+};
 use lb_ebpf::parse::Parsed;
 
-use super::maps::{CONFIG, MARK_RULES_V4, MARK_RULES_V6, SERVICES, VIP_ADDRS};
+use super::maps::{CONFIG, MARK_RULES_V4, MARK_RULES_V6, SERVICES, VIP_ADDRS, VIP_FILTER};
 
 #[inline(always)]
 pub fn lookup_service(p: &Parsed) -> Option<Service> {
-    let exact = ServiceKey { addr: p.dst, port: p.dport, proto: p.proto, kind: p.family };
-    // SAFETY: the value is copied out at once; the map hands out RCU-protected memory.
-    if let Some(s) = unsafe { SERVICES.get(&exact) } {
-        return Some(*s);
+    // Most traffic through a director is for no VIP; one inlined array load tells.
+    let slot = vip_filter_slot(&p.dst, p.family != FAMILY_V4);
+    if VIP_FILTER.get(slot).is_some_and(|f| *f != 0) {
+        let exact = ServiceKey { addr: p.dst, port: p.dport, proto: p.proto, kind: p.family };
+        // SAFETY: the value is copied out at once; the map hands out RCU-protected memory.
+        if let Some(s) = unsafe { SERVICES.get(&exact) } {
+            return Some(*s);
+        }
     }
     let mark = match_mark(p)?;
     let by_mark = ServiceKey { addr: [mark, 0, 0, 0], port: 0, proto: 0, kind: KIND_MARK };

@@ -6,7 +6,7 @@ use aya_ebpf::{
 use lb_common::{
     AddrKey, Backend, BenchConfig, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig, Flow,
     FlowKey, MAX_BACKENDS, MAX_EGRESS_INTERFACES, MAX_MARK_PREFIXES, MAX_SERVICES, MarkRuleSet, Service,
-    ServiceKey, stat,
+    ServiceKey, hash::VIP_FILTER_SLOTS, stat,
 };
 
 /// Per-CPU LRU lists: no cross-CPU lock on insert, at the price of each CPU evicting
@@ -50,6 +50,11 @@ pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
 
 #[map]
 pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// Non-zero where some exact-match VIP folds to the slot (`hash::vip_filter_slot`):
+/// lets packets for no VIP skip the service hash lookup with one inlined array load.
+#[map]
+pub static VIP_FILTER: Array<u8> = Array::with_max_entries(VIP_FILTER_SLOTS, 0);
 
 #[map]
 pub static CONFIG: Array<DataplaneConfig> = Array::with_max_entries(1, 0);
