@@ -23,6 +23,7 @@ pub mod maps {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const CONFIG: &str = "CONFIG";
+    pub const SERVICE_GENERATIONS: &str = "SERVICE_GENERATIONS";
     pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const BENCH_CFG: &str = "BENCH_CFG";
     pub const BENCH_TARGET: &str = "BENCH_TARGET";
@@ -86,12 +87,15 @@ pub const SERVICE_F_HASH_TUPLE: u32 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Service {
-    /// Index into the per-service counters.
+    /// Index into the per-service counters and `SERVICE_GENERATIONS`.
     pub id: u32,
     pub ring_offset: u32,
     /// A prime; zero means no backend is available.
     pub ring_size: u32,
     pub flags: u32,
+    /// Equal to `SERVICE_GENERATIONS[id]` while this service exists; flows record it.
+    pub generation: u32,
+    pub _pad: u32,
 }
 
 /// Backend states in the data path. Draining backends are absent from the ring but keep
@@ -146,7 +150,10 @@ pub struct Flow {
     /// integers, not byte arrays: zeroing an odd-sized byte array compiles to a call into
     /// a byte-at-a-time BPF `memset`.
     pub state: u32,
-    pub _pad: u32,
+    /// The service's generation when the flow started: an established flow is forwarded
+    /// without looking its service up, for as long as `SERVICE_GENERATIONS[service]`
+    /// still holds this value (the service was neither removed nor its id reused).
+    pub service_generation: u32,
     /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of the last packet: lets user
     /// space tell active from idle flows. Coarse is a cached read; a tick of resolution
     /// is plenty for idle timeouts measured in seconds.
@@ -287,7 +294,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
-        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(size_of::<Service>(), 24);
         assert_eq!(size_of::<Backend>(), 36);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 24);

@@ -189,6 +189,7 @@ struct AppliedService {
     /// The window the live `Service` value points at, and the idle one.
     live: Window,
     idle: Window,
+    generation: u32,
 }
 
 fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T>
@@ -218,6 +219,8 @@ pub struct Dataplane {
     vip_slots: BTreeSet<u32>,
     egress: BTreeSet<u32>,
     config: DataplaneConfig,
+    /// Last service generation handed out (never zero once used).
+    last_generation: u32,
     links: Vec<(&'static str, XdpLinkId)>,
 }
 
@@ -261,6 +264,7 @@ impl Dataplane {
             vip_slots: BTreeSet::new(),
             egress: BTreeSet::new(),
             config: DataplaneConfig::default(),
+            last_generation: 0,
             links: Vec::new(),
         })
     }
@@ -371,6 +375,19 @@ impl Dataplane {
             }
             let size = want.ring.len() as u32;
             let current = self.services.remove(key);
+            // Established flows follow a service through ring, weight and flag changes;
+            // a new service, or one moved to another id, starts a new generation so that
+            // flows recorded under the old one are scheduled afresh.
+            let generation = match &current {
+                Some(c) if c.state.id == want.id => c.generation,
+                _ => {
+                    self.last_generation = self.last_generation.wrapping_add(1).max(1);
+                    let mut gens: Array<&mut MapData, u32> =
+                        map_mut(&mut self.ebpf, maps::SERVICE_GENERATIONS)?;
+                    gens.set(want.id, self.last_generation, 0).map_err(map_err(maps::SERVICE_GENERATIONS))?;
+                    self.last_generation
+                }
+            };
             let (live, idle) = match current {
                 Some(c) if c.state == *want => {
                     self.services.insert(*key, c);
@@ -392,12 +409,19 @@ impl Dataplane {
                     (target, self.rings.alloc(size)?)
                 }
             };
-            let value = Service { id: want.id, ring_offset: live.offset, ring_size: size, flags: want.flags };
+            let value = Service {
+                id: want.id,
+                ring_offset: live.offset,
+                ring_size: size,
+                flags: want.flags,
+                generation,
+                _pad: 0,
+            };
             let mut map: HashMap<&mut MapData, ServiceKey, Service> =
                 map_mut(&mut self.ebpf, maps::SERVICES)?;
             map.insert(*key, value, 0).map_err(map_err(maps::SERVICES))?;
             report.services_written += 1;
-            self.services.insert(*key, AppliedService { state: want.clone(), live, idle });
+            self.services.insert(*key, AppliedService { state: want.clone(), live, idle, generation });
         }
         let gone: Vec<ServiceKey> =
             self.services.keys().filter(|k| !desired.services.contains_key(k)).copied().collect();
@@ -411,6 +435,12 @@ impl Dataplane {
             if let Some(old) = self.services.remove(&key) {
                 self.rings.release(old.live);
                 self.rings.release(old.idle);
+                // Unless another service took the id in this apply, retire its flows.
+                if !self.services.values().any(|s| s.state.id == old.state.id) {
+                    let mut gens: Array<&mut MapData, u32> =
+                        map_mut(&mut self.ebpf, maps::SERVICE_GENERATIONS)?;
+                    gens.set(old.state.id, 0, 0).map_err(map_err(maps::SERVICE_GENERATIONS))?;
+                }
             }
             report.services_removed += 1;
         }

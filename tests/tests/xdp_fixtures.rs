@@ -570,3 +570,28 @@ fn vip_filter_collisions_pass_and_removed_services_stop_matching() -> Result<()>
         Ok(())
     })
 }
+
+#[test]
+fn a_recreated_service_does_not_inherit_the_old_ones_flows() -> Result<()> {
+    with_env(|env| {
+        let syn = tcp4([10, 12, 0, 1], VIP, 46000, 80, TCP_SYN);
+        let mut ack = syn.clone();
+        ack[14 + 20 + 13] = TCP_ACK;
+        env.forward(&syn)?;
+        let new_flows = |env: &Env| -> Result<u64> {
+            Ok(env.dp.service_counters(env.plan.service_ids["web"])?.new_flows)
+        };
+        let before = new_flows(env)?;
+        env.forward(&ack)?;
+        ensure!(new_flows(env)? == before, "an ACK of a live flow is no new flow");
+
+        let without: Vec<ServiceSpec> = services().into_iter().filter(|s| s.name != "web").collect();
+        env.replan(&without)?;
+        env.replan(&services())?;
+        let before = new_flows(env)?;
+        env.forward(&ack)?;
+        ensure!(new_flows(env)? == before + 1, "the old flow entry must not carry over to the new service");
+        ensure!(flow_state(env, 46000)? == Some(FLOW_ESTABLISHED));
+        Ok(())
+    })
+}

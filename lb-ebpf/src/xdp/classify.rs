@@ -9,11 +9,18 @@ use lb_ebpf::parse::Parsed;
 
 use super::maps::{CONFIG, MARK_RULES_V4, MARK_RULES_V6, SERVICES, VIP_ADDRS, VIP_FILTER};
 
+/// False when the destination is certainly no exact-match VIP. Most traffic through a
+/// director is for no VIP, and one inlined array load tells.
 #[inline(always)]
-pub fn lookup_service(p: &Parsed) -> Option<Service> {
-    // Most traffic through a director is for no VIP; one inlined array load tells.
+pub fn maybe_vip(p: &Parsed) -> bool {
     let slot = vip_filter_slot(&p.dst, p.family != FAMILY_V4);
-    if VIP_FILTER.get(slot).is_some_and(|f| *f != 0) {
+    VIP_FILTER.get(slot).is_some_and(|f| *f != 0)
+}
+
+/// The service of a packet: by exact VIP if `maybe_vip(p)`, else by mark rules.
+#[inline(always)]
+pub fn lookup_service(p: &Parsed, maybe_vip: bool) -> Option<Service> {
+    if maybe_vip {
         let exact = ServiceKey { addr: p.dst, port: p.dport, proto: p.proto, kind: p.family };
         // SAFETY: the value is copied out at once; the map hands out RCU-protected memory.
         if let Some(s) = unsafe { SERVICES.get(&exact) } {

@@ -9,12 +9,38 @@ use lb_common::{
 };
 use lb_ebpf::parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
-use super::maps::{BACKENDS, FLOWS, RINGS};
+use super::maps::{BACKENDS, FLOWS, RINGS, SERVICE_GENERATIONS};
 
 pub struct Decision {
+    pub service_id: u32,
     pub backend_id: u32,
     pub backend: Backend,
     pub new_flow: bool,
+}
+
+/// The connection-table key of a packet.
+#[inline(always)]
+pub fn flow_key(p: &Parsed) -> FlowKey {
+    FlowKey {
+        src: p.src,
+        dst: p.dst,
+        sport: p.sport,
+        dport: p.dport,
+        proto: p.proto,
+        family: p.family,
+        _pad: 0,
+    }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a plain helper call with no arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+#[inline(always)]
+fn is_syn(p: &Parsed) -> bool {
+    p.proto == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & TCP_ACK == 0
 }
 
 /// TCP state after a segment with `flags`, from what the director sees (client side only).
@@ -38,45 +64,38 @@ fn backend(id: u32) -> Option<Backend> {
     BACKENDS.get(id).copied()
 }
 
+/// The decision for a packet of a flow already in the table, if that flow may go on: its
+/// service still exists (same generation), its backend is up, and it is not a new SYN on
+/// a closed tuple (a new connection reusing the ports, to be scheduled afresh).
 #[inline(always)]
-pub fn pick(p: &Parsed, svc: &Service) -> Result<Decision, u32> {
-    let key = FlowKey {
-        src: p.src,
-        dst: p.dst,
-        sport: p.sport,
-        dport: p.dport,
-        proto: p.proto,
-        family: p.family,
-        _pad: 0,
-    };
-    // SAFETY: a plain helper call with no arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let tcp = p.proto == PROTO_TCP;
-    let syn = tcp && p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & TCP_ACK == 0;
-
-    if let Some(f) = FLOWS.get_ptr_mut(&key) {
-        // SAFETY: the element stays valid for this program run (RCU); concurrent writers
-        // are other CPUs touching the same flow, which RSS makes rare and which can only
-        // race on a timestamp or a state byte.
-        let f = unsafe { &mut *f };
-        // A new SYN on a closed tuple is a new connection reusing the ports.
-        let reopened = syn && (f.state == FLOW_FIN || f.state == FLOW_CLOSED);
-        if !reopened && f.service == svc.id {
-            if let Some(b) = backend(f.backend) {
-                if b.state == BACKEND_UP {
-                    if tcp {
-                        let next = next_tcp_state(f.state, p.tcp_flags);
-                        if next != f.state {
-                            f.state = next;
-                        }
-                    }
-                    f.last_seen_ns = now;
-                    return Ok(Decision { backend_id: f.backend, backend: b, new_flow: false });
-                }
-            }
+pub fn established(p: &Parsed, key: &FlowKey) -> Option<Decision> {
+    // SAFETY: the element stays valid for this program run (RCU); concurrent writers
+    // are other CPUs touching the same flow, which RSS makes rare and which can only
+    // race on a timestamp or a state word.
+    let f = unsafe { &mut *FLOWS.get_ptr_mut(key)? };
+    if is_syn(p) && (f.state == FLOW_FIN || f.state == FLOW_CLOSED) {
+        return None;
+    }
+    if *SERVICE_GENERATIONS.get(f.service)? != f.service_generation {
+        return None;
+    }
+    let b = backend(f.backend)?;
+    if b.state != BACKEND_UP {
+        return None;
+    }
+    if p.proto == PROTO_TCP {
+        let next = next_tcp_state(f.state, p.tcp_flags);
+        if next != f.state {
+            f.state = next;
         }
     }
+    f.last_seen_ns = now();
+    Some(Decision { service_id: f.service, backend_id: f.backend, backend: b, new_flow: false })
+}
 
+/// Picks a backend for a new flow on the service's Maglev ring and records the flow.
+#[inline(always)]
+pub fn schedule(p: &Parsed, key: &FlowKey, svc: &Service) -> Result<Decision, u32> {
     if svc.ring_size == 0 {
         return Err(stat::DROP_NO_BACKEND);
     }
@@ -88,10 +107,16 @@ pub fn pick(p: &Parsed, svc: &Service) -> Result<Decision, u32> {
     };
     let backend_id = *RINGS.get(svc.ring_offset + h % svc.ring_size).ok_or(stat::DROP_BACKEND_INVALID)?;
     let b = backend(backend_id).ok_or(stat::DROP_BACKEND_INVALID)?;
-    let state = if tcp { next_tcp_state(0, p.tcp_flags) } else { FLOW_UDP };
-    let flow = Flow { backend: backend_id, service: svc.id, state, _pad: 0, last_seen_ns: now };
+    let state = if p.proto == PROTO_TCP { next_tcp_state(0, p.tcp_flags) } else { FLOW_UDP };
+    let flow = Flow {
+        backend: backend_id,
+        service: svc.id,
+        state,
+        service_generation: svc.generation,
+        last_seen_ns: now(),
+    };
     // A full table is no reason to drop: the hash sends the next packet to the same
     // backend for as long as the ring is unchanged.
-    let _ = FLOWS.insert(&key, &flow, 0);
-    Ok(Decision { backend_id, backend: b, new_flow: true })
+    let _ = FLOWS.insert(key, &flow, 0);
+    Ok(Decision { service_id: svc.id, backend_id, backend: b, new_flow: true })
 }

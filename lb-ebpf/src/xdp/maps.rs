@@ -16,6 +16,10 @@ const BPF_F_NO_COMMON_LRU: u32 = 2;
 #[map]
 pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
+/// Service id -> generation of the service holding that id now; zero: none.
+#[map]
+pub static SERVICE_GENERATIONS: Array<u32> = Array::with_max_entries(MAX_SERVICES, 0);
+
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 

@@ -40,19 +40,31 @@ fn balance(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_PASS;
         }
     };
-    let Some(svc) = classify::lookup_service(&p) else {
-        return xdp_action::XDP_PASS;
-    };
-    let d = match conntrack::pick(&p, &svc) {
-        Ok(d) => d,
-        Err(reason) => {
-            stats::global(reason);
-            return xdp_action::XDP_DROP;
+    let key = conntrack::flow_key(&p);
+    let maybe_vip = classify::maybe_vip(&p);
+    // An established flow to a VIP goes on without its service being looked up.
+    let known = if maybe_vip { conntrack::established(&p, &key) } else { None };
+    let d = match known {
+        Some(d) => d,
+        None => {
+            let Some(svc) = classify::lookup_service(&p, maybe_vip) else {
+                return xdp_action::XDP_PASS;
+            };
+            // Flows of mark-keyed services are looked up only once a mark matched, so
+            // traffic for no service never pays a connection-table lookup.
+            let known = if maybe_vip { None } else { conntrack::established(&p, &key) };
+            match known.ok_or(()).or_else(|()| conntrack::schedule(&p, &key, &svc)) {
+                Ok(d) => d,
+                Err(reason) => {
+                    stats::global(reason);
+                    return xdp_action::XDP_DROP;
+                }
+            }
         }
     };
     match forward::direct_route(ctx, &d.backend) {
         Ok(action) => {
-            stats::forwarded(svc.id, d.backend_id, (end - start) as u64, d.new_flow);
+            stats::forwarded(d.service_id, d.backend_id, (end - start) as u64, d.new_flow);
             action
         }
         Err(reason) => {
