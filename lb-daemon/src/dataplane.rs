@@ -14,7 +14,7 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
         xdp::XdpMapError,
     },
-    programs::{ProgramError, Xdp, xdp::XdpLinkId},
+    programs::{ProgramError, Xdp},
 };
 use lb_common::{
     AddrKey, Backend, BenchConfig, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig,
@@ -192,6 +192,17 @@ struct AppliedService {
     generation: u32,
 }
 
+/// What `apply_services` needs to know of a service's last applied state.
+#[derive(Clone, Copy)]
+struct Current {
+    unchanged: bool,
+    same_id: bool,
+    same_ring: bool,
+    live: Window,
+    idle: Window,
+    generation: u32,
+}
+
 fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T>
 where
     T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
@@ -221,7 +232,6 @@ pub struct Dataplane {
     config: DataplaneConfig,
     /// Last service generation handed out (never zero once used).
     last_generation: u32,
-    links: Vec<(&'static str, XdpLinkId)>,
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -265,7 +275,6 @@ impl Dataplane {
             egress: BTreeSet::new(),
             config: DataplaneConfig::default(),
             last_generation: 0,
-            links: Vec::new(),
         })
     }
 
@@ -299,37 +308,50 @@ impl Dataplane {
 
     fn attach_program(&mut self, name: &'static str, iface: &str, mode: XdpMode) -> Result<()> {
         let prog = self.program_mut(name)?;
-        let link = prog
-            .attach(iface, mode.aya())
+        // The program owns the link: it stays attached for as long as this Dataplane lives.
+        prog.attach(iface, mode.aya())
             .map_err(|source| DataplaneError::Attach { iface: iface.to_owned(), source })?;
-        self.links.push((name, link));
         Ok(())
     }
 
     /// Makes the maps equal to `desired`, writing only the differences.
     pub fn apply(&mut self, desired: &DataplaneState) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
-        self.apply_egress(&desired.egress_ifindexes)?;
+        self.add_egress(&desired.egress_ifindexes)?;
         self.apply_backends(desired, &mut report)?;
         self.apply_services(desired, &mut report)?;
         self.apply_vip_addrs(desired)?;
         self.apply_mark_prefixes(desired, &mut report)?;
         self.remove_backends(desired, &mut report)?;
+        self.remove_egress(&desired.egress_ifindexes)?;
         Ok(report)
     }
 
-    fn apply_egress(&mut self, wanted: &BTreeSet<u32>) -> Result<()> {
+    /// New egress interfaces go in before any backend refers to them.
+    fn add_egress(&mut self, wanted: &BTreeSet<u32>) -> Result<()> {
+        let new: Vec<u32> = wanted.difference(&self.egress).copied().collect();
         let mut map: DevMapHash<&mut MapData> = map_mut(&mut self.ebpf, maps::EGRESS)?;
-        for &ifindex in wanted.difference(&self.egress) {
+        for ifindex in new {
             map.insert(ifindex, ifindex, None, 0).map_err(|e| match e {
                 XdpMapError::MapError(source) => DataplaneError::Map { map: maps::EGRESS, source },
                 other => DataplaneError::Egress { ifindex, reason: other.to_string() },
             })?;
+            self.egress.insert(ifindex);
         }
-        for &ifindex in self.egress.difference(wanted) {
-            map.remove(ifindex).map_err(map_err(maps::EGRESS))?;
+        Ok(())
+    }
+
+    /// Old ones leave after no backend refers to them any more.
+    fn remove_egress(&mut self, wanted: &BTreeSet<u32>) -> Result<()> {
+        let gone: Vec<u32> = self.egress.difference(wanted).copied().collect();
+        let mut map: DevMapHash<&mut MapData> = map_mut(&mut self.ebpf, maps::EGRESS)?;
+        for ifindex in gone {
+            match map.remove(ifindex) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::EGRESS)(e)),
+            }
+            self.egress.remove(&ifindex);
         }
-        self.egress = wanted.clone();
         Ok(())
     }
 
@@ -374,12 +396,20 @@ impl Dataplane {
                 return Err(DataplaneError::IdRange { what: "service", id: want.id, max: MAX_SERVICES - 1 });
             }
             let size = want.ring.len() as u32;
-            let current = self.services.remove(key);
+            // Bookkeeping changes only once the maps did: a failed apply leaves it true.
+            let current = self.services.get(key).map(|c| Current {
+                unchanged: c.state == *want,
+                same_id: c.state.id == want.id,
+                same_ring: c.state.ring == want.ring,
+                live: c.live,
+                idle: c.idle,
+                generation: c.generation,
+            });
             // Established flows follow a service through ring, weight and flag changes;
             // a new service, or one moved to another id, starts a new generation so that
             // flows recorded under the old one are scheduled afresh.
-            let generation = match &current {
-                Some(c) if c.state.id == want.id => c.generation,
+            let generation = match current {
+                Some(c) if c.same_id => c.generation,
                 _ => {
                     self.last_generation = self.last_generation.wrapping_add(1).max(1);
                     let mut gens: Array<&mut MapData, u32> =
@@ -388,25 +418,37 @@ impl Dataplane {
                     self.last_generation
                 }
             };
-            let (live, idle) = match current {
-                Some(c) if c.state == *want => {
-                    self.services.insert(*key, c);
-                    continue;
-                }
-                // Only the flags changed: the live ring stays.
-                Some(c) if c.state.ring == want.ring => (c.live, c.idle),
+            // Windows of the new size are all taken before anything is given back, and old
+            // ones are given back only once the service points elsewhere: a failure at any
+            // step leaves the maps and this bookkeeping as they were.
+            let (live, idle, retired) = match current {
+                Some(c) if c.unchanged => continue,
+                // Only the flags (or the id) changed: the live ring stays.
+                Some(c) if c.same_ring => (c.live, c.idle, Vec::new()),
                 Some(c) => {
-                    // Write the idle window, then flip: the old live window becomes idle.
-                    let target = self.resize(c.idle, size)?;
-                    self.write_ring(target, &want.ring)?;
+                    let (target, spare) = self.take_windows(size, [c.idle, c.live])?;
+                    if let Err(e) = self.write_ring(target, &want.ring) {
+                        self.give_back([(target, c.idle), (spare, c.live)]);
+                        return Err(e);
+                    }
                     report.rings_written += 1;
-                    (target, self.resize(c.live, size)?)
+                    // Flip: the old live window becomes the idle one, if it fits.
+                    let retired = [(c.idle, target), (c.live, spare)]
+                        .into_iter()
+                        .filter(|(old, new)| old != new)
+                        .map(|(old, _)| old)
+                        .collect();
+                    (target, spare, retired)
                 }
                 None => {
-                    let target = self.rings.alloc(size)?;
-                    self.write_ring(target, &want.ring)?;
+                    let empty = Window { offset: 0, size: 0 };
+                    let (target, spare) = self.take_windows(size, [empty, empty])?;
+                    if let Err(e) = self.write_ring(target, &want.ring) {
+                        self.give_back([(target, empty), (spare, empty)]);
+                        return Err(e);
+                    }
                     report.rings_written += 1;
-                    (target, self.rings.alloc(size)?)
+                    (target, spare, Vec::new())
                 }
             };
             let value = Service {
@@ -421,6 +463,9 @@ impl Dataplane {
                 map_mut(&mut self.ebpf, maps::SERVICES)?;
             map.insert(*key, value, 0).map_err(map_err(maps::SERVICES))?;
             report.services_written += 1;
+            for w in retired {
+                self.rings.release(w);
+            }
             self.services.insert(*key, AppliedService { state: want.clone(), live, idle, generation });
         }
         let gone: Vec<ServiceKey> =
@@ -447,13 +492,31 @@ impl Dataplane {
         Ok(())
     }
 
-    /// A window of `size` slots in place of `w`, which no packet may be reading.
-    fn resize(&mut self, w: Window, size: u32) -> Result<Window> {
-        if w.size == size {
-            return Ok(w);
+    /// Two windows of `size` slots, reusing `current` ones of that size (which no packet
+    /// reads from once the flip is done) and allocating the others. All or nothing.
+    fn take_windows(&mut self, size: u32, current: [Window; 2]) -> Result<(Window, Window)> {
+        let first = if current[0].size == size { current[0] } else { self.rings.alloc(size)? };
+        let second = if current[1].size == size {
+            current[1]
+        } else {
+            match self.rings.alloc(size) {
+                Ok(w) => w,
+                Err(e) => {
+                    self.give_back([(first, current[0])]);
+                    return Err(e);
+                }
+            }
+        };
+        Ok((first, second))
+    }
+
+    /// Returns windows `take_windows` allocated (those that differ from what they replaced).
+    fn give_back<const N: usize>(&mut self, taken: [(Window, Window); N]) {
+        for (new, old) in taken {
+            if new != old {
+                self.rings.release(new);
+            }
         }
-        self.rings.release(w);
-        self.rings.alloc(size)
     }
 
     fn write_ring(&mut self, w: Window, ring: &[u32]) -> Result<()> {
@@ -613,7 +676,6 @@ impl std::fmt::Debug for Dataplane {
         f.debug_struct("Dataplane")
             .field("services", &self.services.len())
             .field("backends", &self.backends.len())
-            .field("links", &self.links.len())
             .finish()
     }
 }

@@ -595,3 +595,35 @@ fn a_recreated_service_does_not_inherit_the_old_ones_flows() -> Result<()> {
         Ok(())
     })
 }
+
+#[test]
+fn an_apply_that_runs_out_of_ring_space_changes_nothing() -> Result<()> {
+    use lb_daemon::dataplane::{ApplyReport, DataplaneError};
+    with_env(|env| {
+        let syn = tcp4([10, 13, 0, 1], VIP, 47000, 80, TCP_SYN);
+        let first = env.forward(&syn)?;
+        // The environment has 16 x 4093 slots; five rings of 4093 are double-buffered.
+        let with_ring = |size| {
+            let mut s = services();
+            s[0].ring_size = size;
+            s
+        };
+        let too_big = env.planner.clone().plan(&with_ring(16381), &mark_rules(), &env.neighbours)?;
+        let err = env.dp.apply(&too_big.state).expect_err("16381 x 2 slots do not fit");
+        ensure!(matches!(err, DataplaneError::RingSpace { size: 16381, .. }), "{err}");
+
+        let mut ack = syn.clone();
+        ack[14 + 20 + 13] = TCP_ACK;
+        ensure!(env.forward(&ack)? == first, "the established flow must not notice");
+        let other = tcp4([10, 13, 0, 2], VIP, 47000, 80, TCP_SYN);
+        ensure!(Some(env.forward(&other)?) == predicted_backend(&env.plan.state, &web(), &other), "old ring");
+        let again = env.dp.apply(&env.plan.state)?;
+        ensure!(again == ApplyReport::default(), "the failed apply left its bookkeeping changed: {again:?}");
+
+        env.replan(&with_ring(8191))?;
+        let third = tcp4([10, 13, 0, 3], VIP, 47000, 80, TCP_SYN);
+        ensure!(Some(env.forward(&third)?) == predicted_backend(&env.plan.state, &web(), &third), "new ring");
+        ensure!(env.plan.state.services[&lb_daemon::plan::service_key(&web())].ring.len() == 8191);
+        Ok(())
+    })
+}
