@@ -41,6 +41,7 @@ enum Output {
     Routed { whole: bool },
 }
 
+#[derive(Clone)]
 struct Case {
     name: &'static str,
     program: &'static str,
@@ -54,25 +55,9 @@ struct Case {
     output: Output,
     /// New flows the service must count per timed run; `None` where the balancer is not run.
     new_flows: Option<u64>,
-    /// The kernel's own average per run, one per round (integer nanoseconds).
-    samples: Vec<f64>,
 }
 
 impl Case {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        name: &'static str,
-        program: &'static str,
-        driver: Option<(&'static str, u32)>,
-        frame: Vec<u8>,
-        warmup: u32,
-        action: u32,
-        output: Output,
-        new_flows: Option<u64>,
-    ) -> Self {
-        Case { name, program, driver, frame, warmup, action, output, new_flows, samples: Vec::new() }
-    }
-
     fn output_ok(&self, out: &[u8], backend_macs: &[[u8; 6]], director_mac: [u8; 6]) -> bool {
         let input = &self.frame;
         match self.output {
@@ -109,51 +94,56 @@ fn main() -> Result<()> {
     let routed = Output::Routed { whole: true };
     let driven = Output::Routed { whole: false };
     let repeat = REPEAT as u64;
-    let mut cases = vec![
-        Case::new("empty program (XDP_PASS)", PASS, None, ack.clone(), 0, XDP_PASS, Output::Unchanged, None),
-        Case::new(
-            "floor (parse, swap MACs, XDP_TX)",
-            FLOOR,
-            None,
-            ack.clone(),
-            0,
-            XDP_TX,
-            Output::Unchanged,
-            None,
-        ),
-        Case::new("non-VIP packet", BALANCER, None, non_vip, 0, XDP_PASS, Output::Unchanged, Some(0)),
-        Case::new("ACK, one established flow", BALANCER, None, ack.clone(), 1, XDP_TX, routed, Some(0)),
-        Case::new(
-            "floor via driver",
-            BENCH_DRIVER,
-            Some((FLOOR, CYCLED_FLOWS)),
-            ack.clone(),
-            0,
-            XDP_TX,
-            Output::SameMacs,
-            None,
-        ),
-        Case::new(
-            "ACK cycling over 65,536 flows",
-            BENCH_DRIVER,
-            Some((BALANCER, CYCLED_FLOWS)),
-            ack.clone(),
-            CYCLED_FLOWS,
-            XDP_TX,
-            driven,
-            Some(0),
-        ),
-        Case::new(
-            "SYN of a new flow (table miss)",
-            BENCH_DRIVER,
-            Some((BALANCER, u32::MAX)),
-            frame(vip, TCP_SYN),
-            0,
-            XDP_TX,
-            driven,
-            Some(repeat),
-        ),
+    // What most cases share; each case names what it changes.
+    let base = Case {
+        name: "",
+        program: BALANCER,
+        driver: None,
+        frame: ack.clone(),
+        warmup: 0,
+        action: XDP_TX,
+        output: Output::Unchanged,
+        new_flows: None,
+    };
+    let cases = [
+        Case { name: "empty program (XDP_PASS)", program: PASS, action: XDP_PASS, ..base.clone() },
+        Case { name: "floor (parse, swap MACs, XDP_TX)", program: FLOOR, ..base.clone() },
+        Case { name: "non-VIP packet", frame: non_vip, action: XDP_PASS, new_flows: Some(0), ..base.clone() },
+        Case {
+            name: "ACK, one established flow",
+            warmup: 1,
+            output: routed,
+            new_flows: Some(0),
+            ..base.clone()
+        },
+        Case {
+            name: "floor via driver",
+            program: BENCH_DRIVER,
+            driver: Some((FLOOR, CYCLED_FLOWS)),
+            output: Output::SameMacs,
+            ..base.clone()
+        },
+        Case {
+            name: "ACK cycling over 65,536 flows",
+            program: BENCH_DRIVER,
+            driver: Some((BALANCER, CYCLED_FLOWS)),
+            warmup: CYCLED_FLOWS,
+            output: driven,
+            new_flows: Some(0),
+            ..base.clone()
+        },
+        Case {
+            name: "SYN of a new flow (table miss)",
+            program: BENCH_DRIVER,
+            driver: Some((BALANCER, u32::MAX)),
+            frame: frame(vip, TCP_SYN),
+            output: driven,
+            new_flows: Some(repeat),
+            ..base
+        },
     ];
+    // The kernel's own average per run, per case, one per round (integer nanoseconds).
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     let service = plan.service_ids["web"];
     let backend_macs: Vec<[u8; 6]> = plan.state.backends.values().map(|b| b.dst_mac).collect();
 
@@ -165,7 +155,7 @@ fn main() -> Result<()> {
     sched_setaffinity(Pid::from_raw(0), &cpus)?;
 
     for _ in 0..ROUNDS {
-        for case in &mut cases {
+        for (case, samples) in cases.iter().zip(&mut samples) {
             if let Some((target, flows)) = case.driver {
                 dp.configure_bench_driver(target, flows)?;
             }
@@ -188,24 +178,24 @@ fn main() -> Result<()> {
                     case.name
                 );
             }
-            case.samples.push(kernel_ns);
+            samples.push(kernel_ns);
         }
     }
 
     let floor = cases.iter().position(|c| c.program == FLOOR).unwrap_or(0);
-    let floor_samples = cases[floor].samples.clone();
+    let floor_samples = &samples[floor];
     println!(
         "BPF_PROG_TEST_RUN, {REPEAT} runs x {ROUNDS} interleaved rounds per case, CPU {last}; \
          kernel-measured ns per packet; ratio = median over rounds of case/floor in the same round"
     );
     println!("{:<36} {:>10} {:>8} {:>9}", "case", "median ns", "min ns", "x floor");
-    for case in &cases {
-        let ratios: Vec<f64> = case.samples.iter().zip(&floor_samples).map(|(c, f)| c / f.max(1.0)).collect();
+    for (case, s) in cases.iter().zip(&samples) {
+        let ratios: Vec<f64> = s.iter().zip(floor_samples).map(|(c, f)| c / f.max(1.0)).collect();
         println!(
             "{:<36} {:>10.0} {:>8.0} {:>9.2}",
             case.name,
-            median(&case.samples),
-            case.samples.iter().copied().fold(f64::INFINITY, f64::min),
+            median(s),
+            s.iter().copied().fold(f64::INFINITY, f64::min),
             median(&ratios)
         );
     }
