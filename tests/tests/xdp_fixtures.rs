@@ -685,7 +685,7 @@ fn oracle_service(p: &lb_ebpf::parse::Parsed, env: &Env) -> bool {
 #[test]
 fn mutated_frames_never_forward_anything_but_service_traffic() -> Result<()> {
     const FRAMES: usize = 20_000;
-    const SEED: u64 = 0x5eed_1b_0a1d;
+    const SEED: u64 = 0x005e_ed1b_0a1d;
     with_env(|env| {
         use lb_ebpf::parse::{ParseError, parse};
         let seeds: Vec<Vec<u8>> = cases().into_iter().map(|c| c.frame).filter(|f| f.len() >= 14).collect();
