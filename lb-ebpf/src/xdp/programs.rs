@@ -40,20 +40,27 @@ fn balance(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_PASS;
         }
     };
-    let key = conntrack::flow_key(&p);
     let maybe_vip = classify::maybe_vip(&p);
-    // An established flow to a VIP goes on without its service being looked up.
-    let known = if maybe_vip { conntrack::established(&p, &key) } else { None };
-    let d = match known {
+    // Not a VIP: a mark rule's service, or nothing, and then the packet is the kernel's
+    // before any connection-table work.
+    let mark_service = if maybe_vip {
+        None
+    } else {
+        match classify::lookup_service(&p, false) {
+            Some(svc) => Some(svc),
+            None => return xdp_action::XDP_PASS,
+        }
+    };
+    let key = conntrack::flow_key(&p);
+    // An established flow goes on without its service being looked up.
+    let d = match conntrack::established(&p, &key) {
         Some(d) => d,
         None => {
-            let Some(svc) = classify::lookup_service(&p, maybe_vip) else {
-                return xdp_action::XDP_PASS;
+            let svc = match mark_service.or_else(|| classify::lookup_service(&p, true)) {
+                Some(svc) => svc,
+                None => return xdp_action::XDP_PASS,
             };
-            // Flows of mark-keyed services are looked up only once a mark matched, so
-            // traffic for no service never pays a connection-table lookup.
-            let known = if maybe_vip { None } else { conntrack::established(&p, &key) };
-            match known.ok_or(()).or_else(|()| conntrack::schedule(&p, &key, &svc)) {
+            match conntrack::schedule(&p, &key, &svc) {
                 Ok(d) => d,
                 Err(reason) => {
                     stats::global(reason);
