@@ -8,7 +8,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{FAMILY_V6, SERVICE_F_HASH_TUPLE, hash};
 use lb_daemon::dataplane::{Dataplane, DataplaneState};
 use lb_daemon::plan::{
-    BackendSpec, BackendState, Protocol, Scheduler, ServiceMatch, ServiceSpec, addr_words, service_key,
+    BackendSpec, BackendState, Protocol, Scheduler, ServiceMatch, ServiceSpec, service_key,
 };
 use lb_ebpf::parse;
 
@@ -86,9 +86,4 @@ pub fn with_macs(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
     f[0..6].copy_from_slice(&dst);
     f[6..12].copy_from_slice(&src);
     f
-}
-
-/// Network-order words of an address (as the data path keeps them).
-pub fn words(addr: IpAddr) -> [u32; 4] {
-    addr_words(addr).1
 }

@@ -129,23 +129,3 @@ pub fn veth(a: &NetNs, b: &NetNs, prefix: &str) -> Result<(String, String)> {
     b.ip(&["link", "set", &name_b, "up"])?;
     Ok((name_a, name_b))
 }
-
-/// The MAC address of an interface inside a namespace.
-pub fn mac_of(ns: &NetNs, iface: &str) -> Result<[u8; 6]> {
-    let text = ns.exec(&["cat", &format!("/sys/class/net/{iface}/address")])?;
-    let mut mac = [0u8; 6];
-    let parts: Vec<&str> = text.trim().split(':').collect();
-    if parts.len() != 6 {
-        bail!("unexpected MAC {text:?} for {iface}");
-    }
-    for (m, p) in mac.iter_mut().zip(parts) {
-        *m = u8::from_str_radix(p, 16).with_context(|| format!("MAC {text:?}"))?;
-    }
-    Ok(mac)
-}
-
-/// The ifindex of an interface inside a namespace.
-pub fn ifindex_of(ns: &NetNs, iface: &str) -> Result<u32> {
-    let text = ns.exec(&["cat", &format!("/sys/class/net/{iface}/ifindex")])?;
-    text.trim().parse().with_context(|| format!("ifindex {text:?} of {iface}"))
-}
