@@ -644,19 +644,6 @@ impl Dataplane {
         map.iter().collect::<std::result::Result<_, _>>().map_err(map_err(maps::FLOWS))
     }
 
-    /// Empties the connection table (tests and benchmarks; a live daemon never does this).
-    pub fn clear_flows(&mut self) -> Result<()> {
-        let keys: Vec<FlowKey> = self.flows()?.into_iter().map(|(k, _)| k).collect();
-        let mut map: HashMap<&mut MapData, FlowKey, Flow> = map_mut(&mut self.ebpf, maps::FLOWS)?;
-        for k in keys {
-            match map.remove(&k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(maps::FLOWS)(e)),
-            }
-        }
-        Ok(())
-    }
-
     /// Points the benchmark driver at `target` and sets how many flows it cycles through.
     pub fn configure_bench_driver(&mut self, target: &'static str, flows: u32) -> Result<()> {
         let fd =
