@@ -247,13 +247,17 @@ impl Planner {
         mark_rules: &[MarkRuleSpec],
         neighbours: &HashMap<IpAddr, Neighbour>,
     ) -> Result<Plan, PlanError> {
+        // Ids are assigned on copies and kept only if the whole plan succeeds: a refused
+        // config must not move the ids (and with them the flows) of the running one.
+        let (mut next_service_ids, mut next_backend_ids) =
+            (self.service_ids.clone(), self.backend_ids.clone());
         let matchers: Vec<ServiceMatch> = services.iter().map(|s| s.matcher).collect();
         let service_ids =
-            self.service_ids.assign(&matchers).ok_or(PlanError::TooManyServices { max: MAX_SERVICES })?;
+            next_service_ids.assign(&matchers).ok_or(PlanError::TooManyServices { max: MAX_SERVICES })?;
         let backend_keys: Vec<(ServiceMatch, IpAddr)> =
             services.iter().flat_map(|s| s.backends.iter().map(|b| (s.matcher, b.addr))).collect();
         let backend_ids =
-            self.backend_ids.assign(&backend_keys).ok_or(PlanError::TooManyBackends { max: MAX_BACKENDS })?;
+            next_backend_ids.assign(&backend_keys).ok_or(PlanError::TooManyBackends { max: MAX_BACKENDS })?;
 
         let mut plan = Plan::default();
         for svc in services {
@@ -297,6 +301,8 @@ impl Planner {
             plan.state.services.insert(service_key(&svc.matcher), ServiceState { id, flags, ring });
         }
         plan.state.mark_prefixes = mark_prefixes(mark_rules)?;
+        self.service_ids = next_service_ids;
+        self.backend_ids = next_backend_ids;
         Ok(plan)
     }
 }
@@ -345,6 +351,35 @@ mod tests {
         assert_eq!(id(&first, "10.1.0.2"), id(&second, "10.1.0.2"));
         assert_eq!(id(&second, "10.1.0.3"), id(&first, "10.1.0.1"), "the freed id is reused");
         assert_eq!(first.service_ids, second.service_ids);
+    }
+
+    #[test]
+    fn a_failed_plan_changes_no_ids() {
+        let all = [v4("10.1.0.1"), v4("10.1.0.2"), v4("10.1.0.3")];
+        let n = neighbours(&all);
+        use BackendState::Active as A;
+        let named = |name: &str, last: u8, backend: &str| {
+            let mut s = web(&[(backend, 1, A)]);
+            s.name = name.into();
+            s.matcher =
+                ServiceMatch::Vip { addr: v4(&format!("192.0.2.{last}")), port: 80, proto: Protocol::Tcp };
+            s
+        };
+        let (a, b, x) = (named("a", 1, "10.1.0.1"), named("b", 2, "10.1.0.2"), named("x", 3, "10.1.0.3"));
+        let mut p = Planner::default();
+        let first = p.plan(&[a.clone(), b.clone()], &[], &n).unwrap();
+        // Refused (not a prime): a config without "a" that adds "x".
+        let mut broken_b = b.clone();
+        broken_b.ring_size = 4096;
+        assert!(p.plan(&[x.clone(), broken_b], &[], &n).is_err());
+        // The next valid config keeps "a" and "b" and adds "x": their ids must not move.
+        let next = p.plan(&[a, b, x], &[], &n).unwrap();
+        for name in ["a", "b"] {
+            assert_eq!(first.service_ids[name], next.service_ids[name], "service {name}");
+        }
+        for (key, id) in &first.backend_ids {
+            assert_eq!(next.backend_ids[key], *id, "backend {key:?}");
+        }
     }
 
     #[test]
