@@ -6,7 +6,7 @@
 //! (ARP or neighbour discovery), the way `ping` would, without needing raw sockets.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
@@ -70,8 +70,9 @@ async fn link_mac(handle: &rtnetlink::Handle, ifindex: u32) -> Result<Option<[u8
 }
 
 fn poke(addr: IpAddr) {
-    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let any: IpAddr =
+        if addr.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+    let bind = SocketAddr::new(any, 0);
     // Best effort: an error here only means the address stays unresolved, which the
     // caller reports.
     if let Ok(s) = UdpSocket::bind(bind) {
@@ -85,6 +86,16 @@ fn poke(addr: IpAddr) {
 pub async fn resolve(addrs: &[IpAddr], wait: Duration) -> Result<HashMap<IpAddr, Neighbour>, NeighbourError> {
     let (conn, handle, _) = rtnetlink::new_connection()?;
     let conn_task = tokio::spawn(conn);
+    let result = resolve_with(&handle, addrs, wait).await;
+    conn_task.abort();
+    result
+}
+
+async fn resolve_with(
+    handle: &rtnetlink::Handle,
+    addrs: &[IpAddr],
+    wait: Duration,
+) -> Result<HashMap<IpAddr, Neighbour>, NeighbourError> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut found: HashMap<IpAddr, ([u8; 6], u32)> = HashMap::new();
     let mut poked = false;
@@ -113,7 +124,7 @@ pub async fn resolve(addrs: &[IpAddr], wait: Duration) -> Result<HashMap<IpAddr,
         let if_mac = match if_macs.get(&ifindex) {
             Some(m) => *m,
             None => {
-                let m = link_mac(&handle, ifindex).await?;
+                let m = link_mac(handle, ifindex).await?;
                 if_macs.insert(ifindex, m);
                 m
             }
@@ -122,6 +133,5 @@ pub async fn resolve(addrs: &[IpAddr], wait: Duration) -> Result<HashMap<IpAddr,
             out.insert(addr, Neighbour { mac, ifindex, if_mac });
         }
     }
-    conn_task.abort();
     Ok(out)
 }
