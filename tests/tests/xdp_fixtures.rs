@@ -25,6 +25,7 @@ const VIP: [u8; 4] = [192, 0, 2, 10];
 const VIP6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
 const CLIENT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01];
 const MARKED_NET: [u8; 4] = [198, 51, 100, 5];
+const MARKED_NET6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x05];
 const DUMMY: &str = "lbfx0";
 
 fn ip(s: &str) -> IpAddr {
@@ -80,6 +81,13 @@ fn mark_rules() -> Vec<MarkRuleSpec> {
             dst: "198.51.100.0/24".parse().expect("prefix"),
             proto: Some(Protocol::Tcp),
             ports: (8000, 8099),
+            src: None,
+        },
+        MarkRuleSpec {
+            mark: 7,
+            dst: "2001:db8:77::/48".parse().expect("prefix"),
+            proto: Some(Protocol::Tcp),
+            ports: (443, 443),
             src: None,
         },
         MarkRuleSpec {
@@ -355,6 +363,16 @@ fn cases() -> Vec<Case> {
         Case {
             name: "fwmark rule: destination outside every prefix",
             frame: tcp4([10, 0, 0, 5], [198, 51, 101, 5], 40000, 8042, TCP_SYN),
+            expect: Expect::Pass,
+        },
+        Case {
+            name: "IPv6 fwmark rule: prefix, protocol and port match",
+            frame: testpkt::ipv6(CLIENT6, MARKED_NET6, L4::tcp(5001, 443, TCP_SYN), Ipv6Opts::default()),
+            expect: Expect::Forward(ServiceMatch::Mark(7), XDP_TX),
+        },
+        Case {
+            name: "IPv6 fwmark rule: port misses",
+            frame: testpkt::ipv6(CLIENT6, MARKED_NET6, L4::tcp(5001, 444, TCP_SYN), Ipv6Opts::default()),
             expect: Expect::Pass,
         },
         Case {
