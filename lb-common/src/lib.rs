@@ -43,6 +43,8 @@ pub mod programs {
 }
 
 pub const MAX_SERVICES: u32 = 4096;
+// `Backend::service` holds a service id in 16 bits.
+const _: () = assert!(MAX_SERVICES <= 1 << 16);
 pub const MAX_BACKENDS: u32 = 16384;
 /// Rules kept per destination prefix in the mark tries (first match wins, in config order).
 pub const MAX_MARK_RULES_PER_PREFIX: usize = 8;
@@ -54,6 +56,11 @@ pub const MAX_EGRESS_INTERFACES: u32 = 64;
 pub const DEFAULT_RING_SLOTS: u32 = 8 * 65537;
 /// Default size of the connection table.
 pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
+
+/// Version of the layout of every map's keys and values. Pinned maps are kept under a
+/// directory named after it, so a daemon only ever adopts maps it understands: bump it
+/// whenever a map's key or value type changes meaning or size.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -116,7 +123,9 @@ pub struct Backend {
     pub ifindex: u32,
     pub family: u8,
     pub state: u8,
-    pub _pad: u16,
+    /// Id of the service the backend belongs to. The data path ignores it; a restarted
+    /// daemon reads it back to give every (service, backend) pair its old id.
+    pub service: u16,
 }
 
 /// Connection-table key: the 5-tuple as seen on the wire.

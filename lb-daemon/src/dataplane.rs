@@ -6,6 +6,7 @@
 //! it (one map update, which the kernel swaps in whole), and removals last.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -14,12 +15,16 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
         xdp::XdpMapError,
     },
-    programs::{ProgramError, Xdp},
+    programs::{
+        ProgramError, Xdp,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
 };
 use lb_common::{
     AddrKey, Backend, BenchConfig, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig,
-    FAMILY_V4, FAMILY_V6, Flow, FlowKey, MAX_BACKENDS, MAX_SERVICES, MarkRuleSet, Service, ServiceKey,
-    hash::vip_filter_slot, maps, programs, stat,
+    FAMILY_V4, FAMILY_V6, Flow, FlowKey, MAP_LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES, MarkRuleSet,
+    Service, ServiceKey, hash::vip_filter_slot, maps, programs, stat,
 };
 
 /// The XDP object built by `build.rs`.
@@ -47,23 +52,103 @@ pub enum DataplaneError {
     Egress { ifindex: u32, reason: String },
     #[error("{what} id {id} is out of range (max {max})")]
     IdRange { what: &'static str, id: u32, max: u32 },
+    #[error("{path} is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)")]
+    NotBpffs { path: PathBuf },
+    #[error("{path}")]
+    Pin { path: PathBuf, source: std::io::Error },
+    #[error("pinning the XDP link of {iface} at {path}: {reason}")]
+    PinLink { iface: String, path: PathBuf, reason: String },
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
 
-/// Sizes fixed when the maps are created.
-#[derive(Clone, Copy, Debug)]
+/// Sizes fixed when the maps are created, and where they live.
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Total Maglev slots for all services; each service needs twice its ring size.
     pub ring_slots: u32,
     /// Connection-table entries.
     pub flow_entries: u32,
+    /// Pin maps and XDP links under this bpffs directory, adopting what a previous daemon
+    /// left there. `None`: everything lives and dies with the [`Dataplane`].
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { ring_slots: DEFAULT_RING_SLOTS, flow_entries: DEFAULT_FLOW_ENTRIES }
+        LoadOptions { ring_slots: DEFAULT_RING_SLOTS, flow_entries: DEFAULT_FLOW_ENTRIES, pin_dir: None }
     }
+}
+
+/// Maps a restarted daemon adopts. The benchmark maps are left out: they are per process.
+const PINNED_MAPS: &[&str] = &[
+    maps::SERVICES,
+    maps::SERVICE_GENERATIONS,
+    maps::BACKENDS,
+    maps::RINGS,
+    maps::FLOWS,
+    maps::MARK_RULES_V4,
+    maps::MARK_RULES_V6,
+    maps::VIP_ADDRS,
+    maps::EGRESS,
+    maps::SERVICE_STATS,
+    maps::BACKEND_STATS,
+    maps::GLOBAL_STATS,
+    maps::VIP_FILTER,
+    maps::CONFIG,
+];
+
+/// Where pinned maps and links live under a pin directory.
+fn maps_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(format!("maps-v{MAP_LAYOUT_VERSION}"))
+}
+
+fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn require_bpffs(path: &Path) -> Result<()> {
+    let stat = nix::sys::statfs::statfs(path)
+        .map_err(|e| DataplaneError::Pin { path: path.to_owned(), source: std::io::Error::from(e) })?;
+    if stat.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        return Err(DataplaneError::NotBpffs { path: path.to_owned() });
+    }
+    Ok(())
+}
+
+fn create_dir(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).map_err(|source| DataplaneError::Pin { path: path.to_owned(), source })
+}
+
+/// What `load` found and made.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Maps came from a previous daemon (their contents were read back).
+    pub adopted: bool,
+    /// Sizes of the maps in use, which for adopted maps are those they were created with.
+    pub ring_slots: u32,
+    pub flow_entries: u32,
+}
+
+/// What [`Dataplane::attach`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A new link.
+    New,
+    /// A link pinned by a previous daemon now runs this process's program.
+    TookOver,
+    /// This process had attached it already.
+    Already,
+}
+
+/// Ids recorded in adopted maps, for [`crate::plan::Planner::seed`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AdoptedIds {
+    pub services: Vec<(ServiceKey, u32)>,
+    /// (key of the owning service, backend address words and family, backend id).
+    pub backends: Vec<(ServiceKey, u8, [u32; 4], u32)>,
 }
 
 /// XDP attach mode, as an operator names it.
@@ -161,6 +246,31 @@ impl RingSpace {
         Ok(Window { offset, size })
     }
 
+    /// Marks `w` as taken (an adopted service's live ring).
+    fn reserve(&mut self, w: Window) -> Result<()> {
+        if w.size == 0 {
+            return Ok(());
+        }
+        let found = self.free.range(..=w.offset).next_back().map(|(o, l)| (*o, *l));
+        match found {
+            Some((o, l)) if o + l >= w.offset + w.size => {
+                self.free.remove(&o);
+                if w.offset > o {
+                    self.free.insert(o, w.offset - o);
+                }
+                if o + l > w.offset + w.size {
+                    self.free.insert(w.offset + w.size, o + l - w.offset - w.size);
+                }
+                Ok(())
+            }
+            _ => Err(DataplaneError::RingSpace {
+                size: w.size,
+                capacity: self.capacity,
+                free: self.free.values().sum(),
+            }),
+        }
+    }
+
     fn release(&mut self, w: Window) {
         if w.size == 0 {
             return;
@@ -232,6 +342,11 @@ pub struct Dataplane {
     config: DataplaneConfig,
     /// Last service generation handed out (never zero once used).
     last_generation: u32,
+    pin_dir: Option<PathBuf>,
+    /// Links this process attached or adopted, by interface. Their pins keep them after
+    /// the process ends; dropping one whose pin is gone detaches it.
+    links: BTreeMap<String, FdLink>,
+    report: LoadReport,
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -239,11 +354,11 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
 }
 
 impl Dataplane {
-    /// Loads the object and every program in it into the kernel; attaches nothing.
+    /// Loads the object and every program in it into the kernel; attaches nothing. With a
+    /// pin directory, maps a previous daemon pinned there are adopted with their contents
+    /// (connection table included), and what they hold becomes the base of the next apply.
     pub fn load(opts: &LoadOptions) -> Result<Self> {
-        // Beyond these the kernel answers a bare EINVAL or ENOMEM.
-        const MAX_RING_SLOTS: u32 = 1 << 26;
-        const MAX_FLOW_ENTRIES: u32 = 1 << 28;
+        use crate::config::{MAX_FLOW_ENTRIES, MAX_RING_SLOTS};
         for (what, value, max) in [
             ("ring slots", opts.ring_slots, MAX_RING_SLOTS),
             ("flow entries", opts.flow_entries, MAX_FLOW_ENTRIES),
@@ -252,10 +367,24 @@ impl Dataplane {
                 return Err(DataplaneError::Size { what, value, max });
             }
         }
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(maps::RINGS, opts.ring_slots)
-            .map_max_entries(maps::FLOWS, opts.flow_entries)
-            .load(OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(maps::RINGS, opts.ring_slots).map_max_entries(maps::FLOWS, opts.flow_entries);
+        let mut adopted = false;
+        if let Some(dir) = &opts.pin_dir {
+            // Checked on the closest existing ancestor first: mkdir on, say, a sysfs
+            // without bpffs mounted only says "No such file or directory".
+            let existing = dir.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
+            require_bpffs(existing).map_err(|_| DataplaneError::NotBpffs { path: dir.clone() })?;
+            create_dir(dir)?;
+            let maps_dir = maps_dir(dir);
+            create_dir(&maps_dir)?;
+            create_dir(&links_dir(dir))?;
+            adopted = maps_dir.join(maps::SERVICES).exists();
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, maps_dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         for name in [programs::BALANCER, programs::PASS, programs::FLOOR, programs::BENCH_DRIVER] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -264,9 +393,22 @@ impl Dataplane {
                 .map_err(|source| DataplaneError::Program { name, source })?;
             prog.load().map_err(|source| DataplaneError::Program { name, source })?;
         }
-        Ok(Dataplane {
+        let capacity = |ebpf: &Ebpf, name: &'static str| -> Result<u32> {
+            let map = ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
+            let info = match map {
+                aya::maps::Map::Array(m) | aya::maps::Map::LruHashMap(m) => m.info(),
+                _ => return Err(DataplaneError::MissingMap(name)),
+            };
+            Ok(info.map_err(map_err(name))?.max_entries())
+        };
+        let report = LoadReport {
+            adopted,
+            ring_slots: capacity(&ebpf, maps::RINGS)?,
+            flow_entries: capacity(&ebpf, maps::FLOWS)?,
+        };
+        let mut dp = Dataplane {
             ebpf,
-            rings: RingSpace::new(opts.ring_slots),
+            rings: RingSpace::new(report.ring_slots),
             services: BTreeMap::new(),
             backends: BTreeMap::new(),
             mark_prefixes: BTreeMap::new(),
@@ -275,7 +417,96 @@ impl Dataplane {
             egress: BTreeSet::new(),
             config: DataplaneConfig::default(),
             last_generation: 0,
-        })
+            pin_dir: opts.pin_dir.clone(),
+            links: BTreeMap::new(),
+            report,
+        };
+        if adopted {
+            dp.adopt()?;
+        }
+        Ok(dp)
+    }
+
+    /// What `load` found: adopted or fresh maps, and their sizes.
+    pub fn load_report(&self) -> &LoadReport {
+        &self.report
+    }
+
+    /// Rebuilds the bookkeeping of the last apply from adopted maps, so that the next apply
+    /// writes only what differs from what the previous daemon left.
+    fn adopt(&mut self) -> Result<()> {
+        let services: Vec<(ServiceKey, Service)> = {
+            let map: HashMap<&MapData, ServiceKey, Service> = map_ref(&self.ebpf, maps::SERVICES)?;
+            map.iter().collect::<std::result::Result<_, _>>().map_err(map_err(maps::SERVICES))?
+        };
+        {
+            let rings: Array<&MapData, u32> = map_ref(&self.ebpf, maps::RINGS)?;
+            for (key, svc) in services {
+                let live = Window { offset: svc.ring_offset, size: svc.ring_size };
+                let ring = (svc.ring_offset..svc.ring_offset + svc.ring_size)
+                    .map(|i| rings.get(&i, 0))
+                    .collect::<std::result::Result<Vec<u32>, _>>()
+                    .map_err(map_err(maps::RINGS))?;
+                self.rings.reserve(live)?;
+                self.services.insert(
+                    key,
+                    AppliedService {
+                        state: ServiceState { id: svc.id, flags: svc.flags, ring },
+                        live,
+                        // The old idle window is unknown (nothing points at it): the next
+                        // ring change takes a fresh one.
+                        idle: Window { offset: 0, size: 0 },
+                        generation: svc.generation,
+                    },
+                );
+            }
+        }
+        let gens: Array<&MapData, u32> = map_ref(&self.ebpf, maps::SERVICE_GENERATIONS)?;
+        for id in 0..MAX_SERVICES {
+            let g = gens.get(&id, 0).map_err(map_err(maps::SERVICE_GENERATIONS))?;
+            self.last_generation = self.last_generation.max(g);
+        }
+        let backends: Array<&MapData, Backend> = map_ref(&self.ebpf, maps::BACKENDS)?;
+        for id in 0..MAX_BACKENDS {
+            let b = backends.get(&id, 0).map_err(map_err(maps::BACKENDS))?;
+            // A removed backend is left zeroed apart from its down state.
+            if b.family != 0 {
+                self.backends.insert(id, b);
+            }
+        }
+        let vips: HashMap<&MapData, AddrKey, u32> = map_ref(&self.ebpf, maps::VIP_ADDRS)?;
+        self.vip_addrs =
+            vips.keys().collect::<std::result::Result<_, _>>().map_err(map_err(maps::VIP_ADDRS))?;
+        self.vip_slots =
+            self.vip_addrs.iter().map(|k| vip_filter_slot(&k.addr, k.family == FAMILY_V6)).collect();
+        let v4: LpmTrie<&MapData, u32, MarkRuleSet> = map_ref(&self.ebpf, maps::MARK_RULES_V4)?;
+        for entry in v4.iter() {
+            let (key, rules) = entry.map_err(map_err(maps::MARK_RULES_V4))?;
+            self.mark_prefixes.insert((FAMILY_V4, [key.data(), 0, 0, 0], key.prefix_len() as u8), rules);
+        }
+        let v6: LpmTrie<&MapData, [u32; 4], MarkRuleSet> = map_ref(&self.ebpf, maps::MARK_RULES_V6)?;
+        for entry in v6.iter() {
+            let (key, rules) = entry.map_err(map_err(maps::MARK_RULES_V6))?;
+            self.mark_prefixes.insert((FAMILY_V6, key.data(), key.prefix_len() as u8), rules);
+        }
+        let egress: DevMapHash<&MapData> = map_ref(&self.ebpf, maps::EGRESS)?;
+        self.egress = egress.keys().collect::<std::result::Result<_, _>>().map_err(map_err(maps::EGRESS))?;
+        let cfg: Array<&MapData, DataplaneConfig> = map_ref(&self.ebpf, maps::CONFIG)?;
+        self.config = cfg.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+        Ok(())
+    }
+
+    /// Service and backend ids found in adopted maps (empty for fresh ones).
+    pub fn adopted_ids(&self) -> AdoptedIds {
+        let by_id: BTreeMap<u32, ServiceKey> = self.services.iter().map(|(k, s)| (s.state.id, *k)).collect();
+        AdoptedIds {
+            services: self.services.iter().map(|(k, s)| (*k, s.state.id)).collect(),
+            backends: self
+                .backends
+                .iter()
+                .filter_map(|(id, b)| Some((*by_id.get(&(b.service as u32))?, b.family, b.addr, *id)))
+                .collect(),
+        }
     }
 
     /// A loaded program, for attaching elsewhere or for `BPF_PROG_TEST_RUN`.
@@ -296,8 +527,105 @@ impl Dataplane {
     }
 
     /// Attaches the balancer to `iface` (resolved in the calling thread's network namespace).
-    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<()> {
-        self.attach_program(programs::BALANCER, iface, mode)
+    ///
+    /// With a pin directory the link is pinned, and a link a previous daemon pinned for
+    /// `iface` is taken over by swapping this program into it (`bpf_link_update`): the
+    /// interface never runs without a balancer.
+    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<Attached> {
+        let Some(dir) = self.pin_dir.clone() else {
+            self.attach_program(programs::BALANCER, iface, mode)?;
+            return Ok(Attached::New);
+        };
+        if self.links.contains_key(iface) {
+            return Ok(Attached::Already);
+        }
+        let pin = links_dir(&dir).join(iface);
+        let link_err =
+            |reason: String| DataplaneError::PinLink { iface: iface.to_owned(), path: pin.clone(), reason };
+        let prog = self.program_mut(programs::BALANCER)?;
+        let mut reused = false;
+        let id = match PinnedLink::from_pin(&pin) {
+            Ok(pinned) => {
+                let fd: FdLink = pinned.into();
+                match XdpLink::try_from(fd)
+                    .map_err(|e| crate::error_chain(&e))
+                    .and_then(|link| prog.attach_to_link(link).map_err(|e| crate::error_chain(&e)))
+                {
+                    Ok(id) => {
+                        reused = true;
+                        Some(id)
+                    }
+                    Err(reason) => {
+                        // The interface went away (and maybe came back): its old link is
+                        // defunct. Attach afresh.
+                        tracing::warn!(iface, %reason, "pinned XDP link is unusable, attaching anew");
+                        std::fs::remove_file(&pin)
+                            .map_err(|source| DataplaneError::Pin { path: pin.clone(), source })?;
+                        None
+                    }
+                }
+            }
+            Err(_) => None,
+        };
+        let id = match id {
+            Some(id) => id,
+            None => prog
+                .attach(iface, mode.aya())
+                .map_err(|source| DataplaneError::Attach { iface: iface.to_owned(), source })?,
+        };
+        let link = prog
+            .take_link(id)
+            .map_err(|source| DataplaneError::Attach { iface: iface.to_owned(), source })?;
+        let fd = FdLink::try_from(link)
+            .map_err(|e| link_err(format!("{e} (the kernel offers no bpf_link for XDP)")))?;
+        let fd = if reused { fd } else { fd.pin(&pin).map_err(|e| link_err(crate::error_chain(&e)))?.into() };
+        self.links.insert(iface.to_owned(), fd);
+        Ok(if reused { Attached::TookOver } else { Attached::New })
+    }
+
+    /// Interfaces with a link pinned under the pin directory (attached by any daemon run).
+    pub fn pinned_interfaces(&self) -> Vec<String> {
+        let Some(dir) = &self.pin_dir else { return Vec::new() };
+        std::fs::read_dir(links_dir(dir))
+            .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Removes every pin under `pin_dir`: links first (the interfaces stop balancing), then
+    /// the maps (freed once no program uses them). For `lb-daemon detach`.
+    pub fn remove_pins(pin_dir: &Path) -> Result<Vec<String>> {
+        let mut detached = Vec::new();
+        for dir in [links_dir(pin_dir), maps_dir(pin_dir)] {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(DataplaneError::Pin { path: dir, source }),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|source| DataplaneError::Pin { path: dir.clone(), source })?;
+                std::fs::remove_file(entry.path())
+                    .map_err(|source| DataplaneError::Pin { path: entry.path(), source })?;
+                if dir.ends_with("links") {
+                    detached.push(entry.file_name().to_string_lossy().into_owned());
+                }
+            }
+            std::fs::remove_dir(&dir).map_err(|source| DataplaneError::Pin { path: dir.clone(), source })?;
+        }
+        // Only if empty: anything else in there is not ours to delete.
+        let _ = std::fs::remove_dir(pin_dir);
+        Ok(detached)
+    }
+
+    /// Removes the balancer from `iface`: unpins its link, whichever daemon attached it.
+    pub fn detach(&mut self, iface: &str) -> Result<()> {
+        let Some(dir) = &self.pin_dir else { return Ok(()) };
+        let pin = links_dir(dir).join(iface);
+        self.links.remove(iface);
+        match std::fs::remove_file(&pin) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(DataplaneError::Pin { path: pin, source }),
+        }
     }
 
     /// Attaches the pass-through program: the peer of a veth that receives redirected
@@ -334,7 +662,7 @@ impl Dataplane {
         for ifindex in new {
             map.insert(ifindex, ifindex, None, 0).map_err(|e| match e {
                 XdpMapError::MapError(source) => DataplaneError::Map { map: maps::EGRESS, source },
-                other => DataplaneError::Egress { ifindex, reason: other.to_string() },
+                other => DataplaneError::Egress { ifindex, reason: crate::error_chain(&other) },
             })?;
             self.egress.insert(ifindex);
         }
@@ -365,8 +693,14 @@ impl Dataplane {
                 changed.push((id, *b));
             }
         }
-        let mut map: Array<&mut MapData, Backend> = map_mut(&mut self.ebpf, maps::BACKENDS)?;
         for (id, b) in changed {
+            // A new owner of the id starts from zero, not from its predecessor's counts.
+            let same_owner =
+                self.backends.get(&id).is_some_and(|old| old.addr == b.addr && old.service == b.service);
+            if !same_owner {
+                self.zero_counters(maps::BACKEND_STATS, id)?;
+            }
+            let mut map: Array<&mut MapData, Backend> = map_mut(&mut self.ebpf, maps::BACKENDS)?;
             map.set(id, b, 0).map_err(map_err(maps::BACKENDS))?;
             self.backends.insert(id, b);
             report.backends_written += 1;
@@ -411,6 +745,7 @@ impl Dataplane {
             let generation = match current {
                 Some(c) if c.same_id => c.generation,
                 _ => {
+                    self.zero_counters(maps::SERVICE_STATS, want.id)?;
                     self.last_generation = self.last_generation.wrapping_add(1).max(1);
                     let mut gens: Array<&mut MapData, u32> =
                         map_mut(&mut self.ebpf, maps::SERVICE_GENERATIONS)?;
@@ -606,6 +941,32 @@ impl Dataplane {
         }
         self.mark_prefixes = wanted;
         Ok(())
+    }
+
+    fn zero_counters(&mut self, name: &'static str, id: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| map_err(name)(MapError::IoError(e)))?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus])
+            .map_err(|e| map_err(name)(MapError::IoError(e)))?;
+        let mut map: PerCpuArray<&mut MapData, Counters> = map_mut(&mut self.ebpf, name)?;
+        map.set(id, zeros, 0).map_err(map_err(name))
+    }
+
+    /// Visits every connection-table entry without collecting them; returns the count.
+    pub fn for_each_flow(&self, mut visit: impl FnMut(&FlowKey, &Flow)) -> Result<u64> {
+        let map: HashMap<&MapData, FlowKey, Flow> = map_ref(&self.ebpf, maps::FLOWS)?;
+        let mut n = 0;
+        for entry in map.iter() {
+            match entry {
+                Ok((k, f)) => {
+                    visit(&k, &f);
+                    n += 1;
+                }
+                // An entry evicted between the key walk and its lookup.
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::FLOWS)(e)),
+            }
+        }
+        Ok(n)
     }
 
     fn sum_counters(&self, name: &'static str, id: u32) -> Result<Counters> {

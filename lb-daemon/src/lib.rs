@@ -2,7 +2,28 @@
 //!
 //! Data flows one way: specs -> [`plan`] (pure, with [`maglev`]) -> [`dataplane`] (the
 //! only module that touches BPF maps). [`routing`] is the only one that talks rtnetlink.
+pub mod config;
+pub mod control;
 pub mod dataplane;
 pub mod maglev;
+pub mod metrics;
 pub mod plan;
 pub mod routing;
+pub mod snapshot;
+
+/// An error and its causes on one line (`what: why: root cause`), for logs and for
+/// answers that go to operators.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        // Some library errors repeat their cause in their own message.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}

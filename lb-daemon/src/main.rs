@@ -1,9 +1,15 @@
-//! `lb-daemon`: the load balancer daemon. This build offers `verify`; running from a
-//! YAML configuration arrives with the configuration work.
+//! `lb-daemon`: the load balancer daemon and its operator commands.
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
+use lb_daemon::control::{self, OnExit};
 use lb_daemon::dataplane::{Dataplane, LoadOptions};
+
+const DEFAULT_CONFIG: &str = "/etc/lb-daemon/lb.yaml";
 
 #[derive(Parser)]
 #[command(version, about = "XDP layer-4 load balancer")]
@@ -14,6 +20,34 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run: load or adopt the data path, fill it from the config, attach, serve metrics.
+    /// SIGHUP reloads the file; SIGTERM stops the daemon and leaves traffic flowing.
+    Run {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// On SIGTERM/SIGINT, also remove the XDP program and the pinned maps (the
+        /// connection table is lost). Without it, the data path keeps forwarding.
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Validate a configuration file without touching the system (like `nginx -t`).
+    Check {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Print the running daemon's services and backends, in the spirit of `ipvsadm -L -n`.
+    Status {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Ask this control socket instead of the one the config names.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Remove the XDP program and pinned maps a stopped daemon left forwarding.
+    Detach {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// Load the embedded XDP object into this kernel (verifier included), report, unload.
     /// Attaches nothing and changes no traffic: a pre-deployment check for a kernel.
     Verify {
@@ -26,11 +60,93 @@ enum Cmd {
     },
 }
 
-fn main() -> Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
-    match Cli::parse().command {
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    // journald stamps every line itself.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting tokio")
+}
+
+fn config_path(path: PathBuf) -> Result<PathBuf> {
+    // The daemon re-reads the file on SIGHUP, from whatever directory it runs in.
+    std::path::absolute(&path).with_context(|| format!("resolving {}", path.display()))
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb-daemon: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Run { config, detach_on_exit } => {
+            let config = config_path(config)?;
+            let on_exit = if detach_on_exit { OnExit::Detach } else { OnExit::KeepForwarding };
+            runtime()?.block_on(control::run(&config, on_exit))?;
+        }
+        Cmd::Check { config } => {
+            let c = control::check(&config)?;
+            let backends: usize = c.services.iter().map(|s| s.backends.len()).sum();
+            println!(
+                "{}: ok ({} services, {} backends, {} mark rules, interfaces {})",
+                config.display(),
+                c.services.len(),
+                backends,
+                c.marks.len(),
+                c.director.interfaces.join(",")
+            );
+        }
+        Cmd::Status { config, socket } => {
+            let socket = match socket {
+                Some(s) => s,
+                None => match lb_daemon::config::Config::load(&config) {
+                    Ok(c) => c.director.control_socket,
+                    // The running daemon still serves its old config: ask it anyway.
+                    Err(e) => {
+                        let fallback = PathBuf::from(lb_daemon::config::DEFAULT_CONTROL_SOCKET);
+                        eprintln!(
+                            "lb-daemon: {}; asking {} (use --socket to choose)",
+                            lb_daemon::error_chain(&e),
+                            fallback.display()
+                        );
+                        fallback
+                    }
+                },
+            };
+            print!("{}", runtime()?.block_on(control::request(&socket, "status"))?);
+        }
+        Cmd::Detach { config } => {
+            let detached = runtime()?.block_on(control::detach(&config))?;
+            if detached.is_empty() {
+                println!("nothing was attached");
+            } else {
+                println!("detached from {}; pinned maps removed", detached.join(", "));
+            }
+        }
         Cmd::Verify { ring_slots, flow_entries } => {
-            let dp = Dataplane::load(&LoadOptions { ring_slots, flow_entries })
+            let dp = Dataplane::load(&LoadOptions { ring_slots, flow_entries, pin_dir: None })
                 .context("loading the XDP data path")?;
             println!(
                 "ok: {} bytes of XDP object loaded and verified ({} ring slots, {} flow entries); nothing attached",
@@ -39,7 +155,7 @@ fn main() -> Result<()> {
                 flow_entries
             );
             drop(dp);
-            Ok(())
         }
     }
+    Ok(())
 }

@@ -102,7 +102,7 @@ pub struct Neighbour {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("service {service}: {source}")]
+    #[error("service {service}")]
     Maglev { service: String, source: MaglevError },
     #[error("more than {max} services")]
     TooManyServices { max: u32 },
@@ -170,6 +170,35 @@ pub struct Planner {
 impl Default for Planner {
     fn default() -> Self {
         Planner { service_ids: Ids::new(MAX_SERVICES), backend_ids: Ids::new(MAX_BACKENDS) }
+    }
+}
+
+/// The match a service key was made from (for ids read back from adopted maps).
+pub fn service_match_of(key: &ServiceKey) -> Option<ServiceMatch> {
+    if key.kind == KIND_MARK {
+        return Some(ServiceMatch::Mark(key.addr[0]));
+    }
+    let proto = match key.proto {
+        PROTO_TCP => Protocol::Tcp,
+        PROTO_UDP => Protocol::Udp,
+        _ => return None,
+    };
+    let addr = addr_of(key.kind, &key.addr)?;
+    Some(ServiceMatch::Vip { addr, port: u16::from_be(key.port), proto })
+}
+
+/// Inverse of [`addr_words`].
+pub fn addr_of(family: u8, words: &[u32; 4]) -> Option<IpAddr> {
+    match family {
+        FAMILY_V4 => Some(IpAddr::V4(words[0].to_ne_bytes().into())),
+        FAMILY_V6 => {
+            let mut o = [0u8; 16];
+            for (i, w) in words.iter().enumerate() {
+                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            Some(IpAddr::V6(o.into()))
+        }
+        _ => None,
     }
 }
 
@@ -241,6 +270,21 @@ fn mark_prefixes(rules: &[MarkRuleSpec]) -> Result<Vec<MarkPrefix>, PlanError> {
 }
 
 impl Planner {
+    /// Starts from the ids a previous daemon wrote into the maps, so that flows recorded
+    /// under them keep meaning the same service and backend after a restart.
+    pub fn seed(&mut self, ids: &crate::dataplane::AdoptedIds) {
+        for (key, id) in &ids.services {
+            if let Some(m) = service_match_of(key) {
+                self.service_ids.by_key.insert(m, *id);
+            }
+        }
+        for (key, family, words, id) in &ids.backends {
+            if let (Some(m), Some(addr)) = (service_match_of(key), addr_of(*family, words)) {
+                self.backend_ids.by_key.insert((m, addr), *id);
+            }
+        }
+    }
+
     pub fn plan(
         &mut self,
         services: &[ServiceSpec],
@@ -283,7 +327,8 @@ impl Planner {
                         ifindex: n.ifindex,
                         family,
                         state: if up { BACKEND_UP } else { BACKEND_DOWN },
-                        _pad: 0,
+                        // Ids are below MAX_SERVICES (4096).
+                        service: id as u16,
                     },
                 );
                 if up {
@@ -337,6 +382,37 @@ mod tests {
                 .map(|(a, w, s)| BackendSpec { addr: v4(a), weight: *w, state: *s })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn service_keys_and_addresses_read_back() {
+        for m in [
+            ServiceMatch::Vip { addr: v4("192.0.2.10"), port: 443, proto: Protocol::Tcp },
+            ServiceMatch::Vip { addr: "2001:db8::7".parse().unwrap(), port: 53, proto: Protocol::Udp },
+            ServiceMatch::Mark(77),
+        ] {
+            assert_eq!(service_match_of(&service_key(&m)), Some(m));
+        }
+    }
+
+    #[test]
+    fn a_seeded_planner_keeps_the_ids_of_the_maps() {
+        use crate::dataplane::AdoptedIds;
+        let all = [v4("10.1.0.1"), v4("10.1.0.2")];
+        let n = neighbours(&all);
+        let svc = web(&[("10.1.0.1", 1, BackendState::Active), ("10.1.0.2", 1, BackendState::Active)]);
+        let key = service_key(&svc.matcher);
+        let (f, w1) = addr_words(v4("10.1.0.1"));
+        let (_, w2) = addr_words(v4("10.1.0.2"));
+        // Ids a fresh planner would not choose: a previous daemon's history.
+        let ids = AdoptedIds { services: vec![(key, 9)], backends: vec![(key, f, w1, 40), (key, f, w2, 3)] };
+        let mut p = Planner::default();
+        p.seed(&ids);
+        let plan = p.plan(&[svc], &[], &n).unwrap();
+        assert_eq!(plan.service_ids["web"], 9);
+        assert_eq!(plan.backend_ids[&("web".to_string(), v4("10.1.0.1"))], 40);
+        assert_eq!(plan.backend_ids[&("web".to_string(), v4("10.1.0.2"))], 3);
+        assert_eq!(plan.state.backends[&40].service, 9, "the backend records its owner");
     }
 
     #[test]

@@ -52,7 +52,7 @@ fn start_director(
     lan_ns: &str,
     lan_port: &str,
 ) -> Result<(Dataplane, lb_daemon::plan::Plan)> {
-    let mut dp = Dataplane::load(&LoadOptions { ring_slots: 4 * 4093, flow_entries: 65536 })?;
+    let mut dp = Dataplane::load(&LoadOptions { ring_slots: 4 * 4093, flow_entries: 65536, pin_dir: None })?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let neighbours = rt.block_on(neighbour::resolve(backends, Duration::from_secs(5)))?;
     ensure!(neighbours.len() == backends.len(), "resolved only {neighbours:?}");

@@ -164,7 +164,7 @@ fn with_env(f: impl FnOnce(&mut Env) -> Result<()> + Send + 'static) -> Result<(
     ns.ip(&["link", "set", DUMMY, "up"])?;
     ns.run(move || {
         let dummy = nix::net::if_::if_nametoindex(DUMMY)?;
-        let dp = Dataplane::load(&LoadOptions { ring_slots: 16 * 4093, flow_entries: 65536 })?;
+        let dp = Dataplane::load(&LoadOptions { ring_slots: 16 * 4093, flow_entries: 65536, pin_dir: None })?;
         let neighbours = neighbours(dummy);
         let mut planner = Planner::default();
         let plan = planner.plan(&services(), &mark_rules(), &neighbours)?;

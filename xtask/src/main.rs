@@ -92,6 +92,8 @@ fn apt_installed(pkg: &str) -> bool {
         .is_some_and(|s| s.contains("install ok installed"))
 }
 
+const BPFFS: &str = "/sys/fs/bpf";
+
 fn setup() -> Result<()> {
     let mut changed = false;
 
@@ -139,6 +141,18 @@ fn setup() -> Result<()> {
                 .args(["--no-default-features", "--features", "llvm-22"])
                 .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
         )?;
+        changed = true;
+    }
+
+    // The daemon pins its maps and XDP links here so that a restart adopts them. systemd
+    // mounts it at boot; minimal VMs and containers may not.
+    let fs_type = output(Command::new("stat").args(["-f", "-c", "%T", BPFFS])).unwrap_or_default();
+    if fs_type.trim() == "bpf_fs" {
+        println!("setup: bpf filesystem mounted at {BPFFS}");
+    } else {
+        require_root("setup mounts the bpf filesystem")?;
+        println!("setup: mounting the bpf filesystem at {BPFFS}");
+        check(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
         changed = true;
     }
 

@@ -19,9 +19,9 @@ use crate::plan::Neighbour;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NeighbourError {
-    #[error("opening a netlink socket: {0}")]
+    #[error("opening a netlink socket")]
     Socket(#[from] std::io::Error),
-    #[error("netlink: {0}")]
+    #[error("netlink")]
     Netlink(#[from] rtnetlink::Error),
 }
 

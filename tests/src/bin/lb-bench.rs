@@ -74,7 +74,8 @@ impl Case {
 }
 
 fn main() -> Result<()> {
-    let mut dp = Dataplane::load(&LoadOptions { ring_slots: 4 * 65537, flow_entries: 1 << 20 })?;
+    let mut dp =
+        Dataplane::load(&LoadOptions { ring_slots: 4 * 65537, flow_entries: 1 << 20, pin_dir: None })?;
     let backends: Vec<_> = (1..=10u8).map(|i| format!("10.1.0.{i}").parse().expect("literal")).collect();
     let neighbours = backends
         .iter()

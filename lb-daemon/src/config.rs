@@ -1,0 +1,672 @@
+//! The YAML configuration: its serde model, and validation into the specs [`crate::plan`]
+//! takes. Every error names the file, line, column and key path of what it refuses.
+//!
+//! `configs/lb.example.yaml` documents every key. Parsing uses `serde-saphyr`: it is
+//! maintained, panic-free on hostile input (bounded alias expansion and nesting), refuses
+//! duplicate keys, and reports locations that [`Spanned`] carries into the semantic checks.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use lb_common::{DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, MAX_BACKENDS, MAX_SERVICES};
+use serde::Deserialize;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde_saphyr::{MessageFormatter as _, Spanned};
+
+use crate::dataplane::XdpMode;
+use crate::maglev::is_prime;
+use crate::plan::{BackendSpec, BackendState, MarkRuleSpec, Protocol, Scheduler, ServiceMatch, ServiceSpec};
+
+/// Defaults an operator can rely on (and that the example file states).
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9740));
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb-daemon/control.sock";
+pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/lb";
+pub const DEFAULT_RING_SIZE: u32 = 4093;
+/// Largest accepted ring: beyond this a table costs more memory than balance it buys.
+pub const MAX_RING_SIZE: u32 = 1 << 20;
+pub const MAX_WEIGHT: u32 = 65535;
+/// Sizes above these make the kernel refuse the map with a bare EINVAL or ENOMEM.
+pub const MAX_RING_SLOTS: u32 = 1 << 26;
+pub const MAX_FLOW_ENTRIES: u32 = 1 << 28;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}")]
+    Read { file: String, source: std::io::Error },
+    #[error("{file}:{line}:{column}: {path}: {message}")]
+    Invalid { file: String, line: u64, column: u64, path: String, message: String },
+}
+
+impl ConfigError {
+    /// The key path (`services[1].backends[0].weight`) of an invalid value.
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { path, .. } => Some(path),
+            ConfigError::Read { .. } => None,
+        }
+    }
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub director: Director,
+    pub marks: Vec<MarkRuleSpec>,
+    pub services: Vec<ServiceSpec>,
+    /// Per service name: how it forwards (for status; only direct routing exists).
+    pub forward: BTreeMap<String, Forward>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Director {
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpMode,
+    pub metrics_listen: SocketAddr,
+    pub control_socket: PathBuf,
+    pub bpf_dir: PathBuf,
+    pub connection_table_size: u32,
+    pub ring_slots: u32,
+}
+
+/// Forwarding method, named as in keepalived (`lb_kind DR|TUN|NAT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forward {
+    Dr,
+    Tunnel,
+    Nat,
+}
+
+impl Forward {
+    /// The name `ipvsadm -L` prints.
+    pub fn ipvs_name(self) -> &'static str {
+        match self {
+            Forward::Dr => "Route",
+            Forward::Tunnel => "Tunnel",
+            Forward::Nat => "Masq",
+        }
+    }
+}
+
+// ---- the YAML model ------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    director: RawDirector,
+    #[serde(default)]
+    marks: Vec<RawMark>,
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDirector {
+    interfaces: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    xdp_mode: Option<RawXdpMode>,
+    #[serde(default)]
+    metrics_listen: Option<SocketAddr>,
+    #[serde(default)]
+    control_socket: Option<PathBuf>,
+    #[serde(default)]
+    bpf_dir: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    connection_table_size: Option<Spanned<u32>>,
+    #[serde(default)]
+    ring_slots: Option<Spanned<u32>>,
+}
+
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawXdpMode {
+    Native,
+    Generic,
+}
+
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawProto {
+    Tcp,
+    Udp,
+}
+
+impl From<RawProto> for Protocol {
+    fn from(p: RawProto) -> Self {
+        match p {
+            RawProto::Tcp => Protocol::Tcp,
+            RawProto::Udp => Protocol::Udp,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMark {
+    mark: Spanned<u32>,
+    dst: Spanned<IpNet>,
+    #[serde(default)]
+    src: Option<Spanned<IpNet>>,
+    #[serde(default)]
+    proto: Option<RawProto>,
+    #[serde(default)]
+    ports: Option<PortRanges>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    #[serde(rename = "match")]
+    matcher: Spanned<RawMatch>,
+    #[serde(default)]
+    scheduler: Option<RawScheduler>,
+    #[serde(default)]
+    forward: Option<Spanned<Forward>>,
+    #[serde(default)]
+    ring_size: Option<Spanned<u32>>,
+    #[serde(default)]
+    backends: Vec<RawBackend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    #[serde(default)]
+    vip: Option<Spanned<IpAddr>>,
+    #[serde(default)]
+    port: Option<Spanned<u16>>,
+    #[serde(default)]
+    proto: Option<RawProto>,
+    #[serde(default)]
+    fwmark: Option<Spanned<u32>>,
+}
+
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawScheduler {
+    Sh,
+    Mh,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<IpAddr>,
+    #[serde(default)]
+    port: Option<Spanned<u16>>,
+    #[serde(default)]
+    weight: Option<Spanned<u32>>,
+    #[serde(default)]
+    state: Option<RawBackendState>,
+}
+
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawBackendState {
+    Active,
+    Drain,
+    Disabled,
+}
+
+/// Destination ports of a mark rule: `80`, `"8000-8099"`, `"80,443"`, or a list of those.
+#[derive(Debug)]
+struct PortRanges(Vec<(u16, u16)>);
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u32>() {
+        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        Ok(p) => Err(format!("port {p} is out of range 1-65535")),
+        Err(_) => Err(format!("`{}` is not a port number", s.trim())),
+    }
+}
+
+fn parse_ranges(s: &str, out: &mut Vec<(u16, u16)>) -> Result<(), String> {
+    for part in s.split(',') {
+        let part = part.trim();
+        if part.is_empty() {
+            return Err(format!("empty port range in `{s}`"));
+        }
+        let (lo, hi) = match part.split_once('-') {
+            Some((lo, hi)) => (parse_port(lo)?, parse_port(hi)?),
+            None => {
+                let p = parse_port(part)?;
+                (p, p)
+            }
+        };
+        if lo > hi {
+            return Err(format!("port range {lo}-{hi} is inverted (write {hi}-{lo})"));
+        }
+        out.push((lo, hi));
+    }
+    Ok(())
+}
+
+impl<'de> Deserialize<'de> for PortRanges {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = PortRanges;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a port, a range such as \"8000-8099\", or a list of them")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PortRanges, E> {
+                let p = parse_port(&v.to_string()).map_err(E::custom)?;
+                Ok(PortRanges(vec![(p, p)]))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortRanges, E> {
+                Err(E::custom(format!("port {v} is out of range 1-65535")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PortRanges, E> {
+                let mut out = Vec::new();
+                parse_ranges(v, &mut out).map_err(E::custom)?;
+                Ok(PortRanges(out))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PortRanges, A::Error> {
+                let mut out = Vec::new();
+                while let Some(item) = seq.next_element::<PortRanges>()? {
+                    out.extend(item.0);
+                }
+                if out.is_empty() {
+                    return Err(de::Error::custom("the port list is empty; leave `ports` out to match all"));
+                }
+                Ok(PortRanges(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The path as an operator writes it: without the `value` that [`Spanned`] wraps values
+/// in, and without the `?` serde_path_to_error writes for a key it could not name (a
+/// duplicate key, reported at the mapping that holds it).
+fn key_path(raw: &str) -> String {
+    let parts: Vec<&str> = raw.split('.').filter(|p| !p.is_empty() && *p != "value" && *p != "?").collect();
+    if parts.is_empty() { "(document)".to_owned() } else { parts.join(".") }
+}
+
+// ---- validation ----------------------------------------------------------------------
+
+/// Collects the file name for errors raised while validating.
+struct Checker<'a> {
+    file: &'a str,
+}
+
+impl Checker<'_> {
+    fn err<T>(&self, at: &Spanned<T>, path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_owned(),
+            line: at.referenced.line(),
+            column: at.referenced.column(),
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+fn valid_ifname(name: &str) -> Result<(), String> {
+    // IFNAMSIZ is 16 with the terminating NUL; the kernel refuses '/', ':' and blanks.
+    if name.is_empty() || name.len() > 15 {
+        return Err(format!("interface name `{name}` must be 1 to 15 bytes"));
+    }
+    if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) || name == "." || name == ".." {
+        return Err(format!("`{name}` is not a valid interface name"));
+    }
+    Ok(())
+}
+
+fn valid_service_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("service name `{name}` must be 1 to 64 characters of A-Z a-z 0-9 - _ ."))
+    }
+}
+
+fn no_host_bits(net: &IpNet) -> Result<(), String> {
+    if net.addr() != net.network() {
+        return Err(format!("prefix {net} has host bits set (did you mean {}?)", net.trunc()));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Reads and validates `path`. Touches nothing else.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+        Config::parse(&text, &file)
+    }
+
+    /// Validates YAML `text`; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let mut path = String::new();
+        let raw = serde_saphyr::with_deserializer_from_str(text, |de| {
+            serde_path_to_error::deserialize::<_, RawConfig>(de).map_err(|e| {
+                path = e.path().to_string();
+                e.into_inner()
+            })
+        })
+        .map_err(|e| {
+            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            let message = serde_saphyr::UserMessageFormatter.format_message(&e).into_owned();
+            let path = key_path(&path);
+            ConfigError::Invalid { file: file.to_owned(), line, column, path, message }
+        })?;
+        Checker { file }.validate(raw)
+    }
+}
+
+impl Checker<'_> {
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let director = self.director(raw.director)?;
+        let mut marks = Vec::new();
+        let mut defined_marks = HashSet::new();
+        for (i, m) in raw.marks.into_iter().enumerate() {
+            let at = |key: &str| format!("marks[{i}].{key}");
+            if m.mark.value == 0 {
+                return Err(self.err(&m.mark, at("mark"), "mark 0 means \"no mark\"; use 1 or more"));
+            }
+            no_host_bits(&m.dst.value).map_err(|msg| self.err(&m.dst, at("dst"), msg))?;
+            if let Some(src) = &m.src {
+                no_host_bits(&src.value).map_err(|msg| self.err(src, at("src"), msg))?;
+                if src.value.addr().is_ipv4() != m.dst.value.addr().is_ipv4() {
+                    return Err(self.err(
+                        src,
+                        at("src"),
+                        "source and destination prefixes are of different address families",
+                    ));
+                }
+            }
+            defined_marks.insert(m.mark.value);
+            let ranges = m.ports.map_or_else(|| vec![(1, 65535)], |p| p.0);
+            for ports in ranges {
+                marks.push(MarkRuleSpec {
+                    mark: m.mark.value,
+                    dst: m.dst.value,
+                    proto: m.proto.map(Protocol::from),
+                    ports,
+                    src: m.src.as_ref().map(|s| s.value),
+                });
+            }
+        }
+
+        let mut services = Vec::new();
+        let mut forward = BTreeMap::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut matchers: HashMap<ServiceMatch, usize> = HashMap::new();
+        let mut ring_slots_used: u64 = 0;
+        let mut backends_total = 0usize;
+        for (i, s) in raw.services.into_iter().enumerate() {
+            let at = |key: &str| format!("services[{i}].{key}");
+            valid_service_name(&s.name.value).map_err(|msg| self.err(&s.name, at("name"), msg))?;
+            if let Some(first) = names.insert(s.name.value.clone(), i) {
+                return Err(self.err(
+                    &s.name,
+                    at("name"),
+                    format!("duplicate service name `{}` (also services[{first}])", s.name.value),
+                ));
+            }
+            let matcher = self.service_match(&s.matcher, i, &defined_marks)?;
+            if let Some(first) = matchers.insert(matcher, i) {
+                let what = match matcher {
+                    ServiceMatch::Vip { addr, port, proto } => format!("{addr}:{port}/{}", proto_name(proto)),
+                    ServiceMatch::Mark(m) => format!("fwmark {m}"),
+                };
+                return Err(self.err(
+                    &s.matcher,
+                    at("match"),
+                    format!("{what} is already the match of services[{first}]"),
+                ));
+            }
+            if let Some(f) = &s.forward
+                && f.value != Forward::Dr
+            {
+                return Err(self.err(f, at("forward"), "only `dr` (direct routing) is implemented so far"));
+            }
+            let ring_size = s.ring_size.as_ref().map_or(DEFAULT_RING_SIZE, |r| r.value);
+            if let Some(r) = &s.ring_size {
+                if !(3..=MAX_RING_SIZE).contains(&r.value) {
+                    return Err(self.err(
+                        r,
+                        at("ring_size"),
+                        format!("ring size {} is out of range 3-{MAX_RING_SIZE}", r.value),
+                    ));
+                }
+                if !is_prime(r.value) {
+                    return Err(self.err(
+                        r,
+                        at("ring_size"),
+                        format!(
+                            "ring size {} is not a prime (Maglev needs one; e.g. 4093, 16381, 65537)",
+                            r.value
+                        ),
+                    ));
+                }
+            }
+            let backends = self.backends(&s, i, &matcher)?;
+            if backends.len() > ring_size as usize {
+                let msg = format!("{} backends do not fit a ring of {ring_size} slots", backends.len());
+                return Err(match &s.ring_size {
+                    Some(r) => self.err(r, at("ring_size"), msg),
+                    None => {
+                        self.err(&s.name, at("ring_size"), format!("{msg} (the default); set a larger prime"))
+                    }
+                });
+            }
+            // Each service holds two rings (live and idle) in the shared ring map.
+            ring_slots_used += 2 * ring_size as u64;
+            if ring_slots_used > director.ring_slots as u64 {
+                let msg = format!(
+                    "the rings of services[0..={i}] need {ring_slots_used} slots (two per ring slot), more than director.ring_slots ({})",
+                    director.ring_slots
+                );
+                return Err(match &s.ring_size {
+                    Some(r) => self.err(r, at("ring_size"), msg),
+                    None => self.err(&s.name, at("ring_size"), msg),
+                });
+            }
+            backends_total += backends.len();
+            if backends_total > MAX_BACKENDS as usize {
+                return Err(self.err(
+                    &s.name,
+                    at("backends"),
+                    format!("more than {MAX_BACKENDS} backends over all services"),
+                ));
+            }
+            if i as u32 >= MAX_SERVICES {
+                return Err(self.err(&s.name, at("name"), format!("more than {MAX_SERVICES} services")));
+            }
+            let scheduler = match s.scheduler.unwrap_or(RawScheduler::Sh) {
+                RawScheduler::Sh => Scheduler::Sh,
+                RawScheduler::Mh => Scheduler::Mh,
+            };
+            forward.insert(s.name.value.clone(), Forward::Dr);
+            services.push(ServiceSpec { name: s.name.value, matcher, scheduler, ring_size, backends });
+        }
+        Ok(Config { director, marks, services, forward })
+    }
+
+    fn director(&self, d: RawDirector) -> Result<Director, ConfigError> {
+        if d.interfaces.value.is_empty() {
+            return Err(self.err(
+                &d.interfaces,
+                "director.interfaces",
+                "name at least one interface to attach to",
+            ));
+        }
+        let mut seen = HashSet::new();
+        let mut interfaces = Vec::new();
+        for (i, name) in d.interfaces.value.iter().enumerate() {
+            let path = format!("director.interfaces[{i}]");
+            valid_ifname(&name.value).map_err(|msg| self.err(name, path.clone(), msg))?;
+            if !seen.insert(name.value.clone()) {
+                return Err(self.err(name, path, format!("interface `{}` is listed twice", name.value)));
+            }
+            interfaces.push(name.value.clone());
+        }
+        let sized =
+            |v: &Option<Spanned<u32>>, key: &str, default: u32, max: u32| -> Result<u32, ConfigError> {
+                match v {
+                    None => Ok(default),
+                    Some(s) if (1..=max).contains(&s.value) => Ok(s.value),
+                    Some(s) => Err(self.err(
+                        s,
+                        format!("director.{key}"),
+                        format!("{} is out of range 1-{max}", s.value),
+                    )),
+                }
+            };
+        let connection_table_size =
+            sized(&d.connection_table_size, "connection_table_size", DEFAULT_FLOW_ENTRIES, MAX_FLOW_ENTRIES)?;
+        let ring_slots = sized(&d.ring_slots, "ring_slots", DEFAULT_RING_SLOTS, MAX_RING_SLOTS)?;
+        let bpf_dir = match d.bpf_dir {
+            None => PathBuf::from(DEFAULT_BPF_DIR),
+            Some(p) if p.value.is_absolute() => p.value,
+            Some(p) => {
+                return Err(self.err(&p, "director.bpf_dir", "must be an absolute path on a bpf filesystem"));
+            }
+        };
+        Ok(Director {
+            interfaces,
+            xdp_mode: match d.xdp_mode.unwrap_or(RawXdpMode::Native) {
+                RawXdpMode::Native => XdpMode::Native,
+                RawXdpMode::Generic => XdpMode::Generic,
+            },
+            metrics_listen: d.metrics_listen.unwrap_or(DEFAULT_METRICS_LISTEN),
+            control_socket: d.control_socket.unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+            bpf_dir,
+            connection_table_size,
+            ring_slots,
+        })
+    }
+
+    fn service_match(
+        &self,
+        m: &Spanned<RawMatch>,
+        i: usize,
+        defined_marks: &HashSet<u32>,
+    ) -> Result<ServiceMatch, ConfigError> {
+        let at = |key: &str| format!("services[{i}].match.{key}");
+        let r = &m.value;
+        match (&r.vip, &r.fwmark) {
+            (Some(_), Some(f)) => Err(self.err(f, at("fwmark"), "match by `vip` or by `fwmark`, not both")),
+            (None, None) => {
+                Err(self.err(m, format!("services[{i}].match"), "needs `vip` (with `port`) or `fwmark`"))
+            }
+            (None, Some(f)) => {
+                if let Some(p) = &r.port {
+                    return Err(self.err(
+                        p,
+                        at("port"),
+                        "a fwmark service takes its ports from the mark rules",
+                    ));
+                }
+                if !defined_marks.contains(&f.value) {
+                    return Err(self.err(
+                        f,
+                        at("fwmark"),
+                        format!("fwmark {} is not defined under `marks`", f.value),
+                    ));
+                }
+                Ok(ServiceMatch::Mark(f.value))
+            }
+            (Some(vip), None) => {
+                let Some(port) = &r.port else {
+                    return Err(self.err(vip, at("port"), "a vip service needs a `port`"));
+                };
+                if port.value == 0 {
+                    return Err(self.err(port, at("port"), "port 0 is not a service port"));
+                }
+                let a = vip.value;
+                if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
+                    return Err(self.err(vip, at("vip"), format!("{a} cannot be a virtual address")));
+                }
+                if let IpAddr::V4(v4) = a
+                    && v4.is_broadcast()
+                {
+                    return Err(self.err(vip, at("vip"), format!("{a} cannot be a virtual address")));
+                }
+                Ok(ServiceMatch::Vip {
+                    addr: a,
+                    port: port.value,
+                    proto: r.proto.unwrap_or(RawProto::Tcp).into(),
+                })
+            }
+        }
+    }
+
+    fn backends(
+        &self,
+        s: &RawService,
+        i: usize,
+        matcher: &ServiceMatch,
+    ) -> Result<Vec<BackendSpec>, ConfigError> {
+        let mut out = Vec::new();
+        let mut seen: HashMap<IpAddr, usize> = HashMap::new();
+        for (j, b) in s.backends.iter().enumerate() {
+            let at = |key: &str| format!("services[{i}].backends[{j}].{key}");
+            let addr = b.address.value;
+            if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() {
+                return Err(self.err(&b.address, at("address"), format!("{addr} cannot be a real server")));
+            }
+            if let ServiceMatch::Vip { addr: vip, port, .. } = matcher {
+                if vip.is_ipv4() != addr.is_ipv4() {
+                    return Err(self.err(&b.address, at("address"), format!("{addr} and the vip {vip} are of different address families (direct routing cannot translate)")));
+                }
+                if let Some(p) = &b.port
+                    && p.value != *port
+                {
+                    return Err(self.err(p, at("port"), format!("direct routing keeps the destination port: the backend must listen on {port}, not {}", p.value)));
+                }
+            } else if let Some(p) = &b.port {
+                return Err(self.err(
+                    p,
+                    at("port"),
+                    "a fwmark service keeps each packet's destination port; leave `port` out",
+                ));
+            }
+            if let Some(first) = seen.insert(addr, j) {
+                return Err(self.err(
+                    &b.address,
+                    at("address"),
+                    format!("{addr} is already services[{i}].backends[{first}]"),
+                ));
+            }
+            let weight = match &b.weight {
+                None => 1,
+                Some(w) if w.value <= MAX_WEIGHT => w.value,
+                Some(w) => {
+                    return Err(self.err(
+                        w,
+                        at("weight"),
+                        format!("weight {} is out of range 0-{MAX_WEIGHT}", w.value),
+                    ));
+                }
+            };
+            let state = match b.state.unwrap_or(RawBackendState::Active) {
+                RawBackendState::Active => BackendState::Active,
+                RawBackendState::Drain => BackendState::Drain,
+                RawBackendState::Disabled => BackendState::Disabled,
+            };
+            out.push(BackendSpec { addr, weight, state });
+        }
+        Ok(out)
+    }
+}
+
+pub fn proto_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    }
+}

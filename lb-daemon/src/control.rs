@@ -1,0 +1,539 @@
+//! The running daemon: start (adopting a running data path), SIGHUP reloads, SIGTERM,
+//! systemd notifications, the control socket and the metrics endpoint.
+//!
+//! One [`Daemon`] value holds the config in force, the planner and the data path, behind a
+//! mutex. Slow work (reading the file, resolving neighbours) happens outside the lock; the
+//! lock covers planning and applying, and the map reads of a scrape or status request.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use lb_common::stat;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::{Config, ConfigError};
+use crate::dataplane::{ApplyReport, Attached, Dataplane, DataplaneError, LoadOptions};
+use crate::plan::{BackendState, Neighbour, Plan, PlanError, Planner};
+use crate::routing::neighbour::{self, NeighbourError};
+use crate::snapshot::{BackendSnapshot, BackendStatus, ConnKind, ServiceSnapshot, Snapshot, classify};
+
+/// How long a start or reload waits for backends' link-layer addresses.
+const RESOLVE_WAIT: Duration = Duration::from_secs(3);
+/// How often backends' link-layer addresses are looked up again (a server replaced, a
+/// backend that did not answer ARP at start).
+const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error("resolving backends' link-layer addresses")]
+    Neighbour(#[from] NeighbourError),
+    #[error("{what}")]
+    Io { what: String, source: std::io::Error },
+    #[error("another lb-daemon answers on {0}; stop it first")]
+    AlreadyRunning(PathBuf),
+    #[error("no lb-daemon answers on {path}")]
+    NotRunning { path: PathBuf, source: std::io::Error },
+    #[error("rendering metrics")]
+    Metrics(#[from] crate::metrics::MetricsError),
+}
+
+type Result<T> = std::result::Result<T, ControlError>;
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ControlError {
+    let what = what.into();
+    move |source| ControlError::Io { what, source }
+}
+
+/// Validates a file as `run` would, including planning, without touching the system.
+pub fn check(path: &Path) -> Result<Config> {
+    let config = Config::load(path)?;
+    // Assume every backend resolvable: what is left are the limits planning enforces.
+    let resolved: HashMap<IpAddr, Neighbour> = config
+        .services
+        .iter()
+        .flat_map(|s| s.backends.iter())
+        .map(|b| (b.addr, Neighbour { mac: [0; 6], ifindex: 1, if_mac: [0; 6] }))
+        .collect();
+    Planner::default().plan(&config.services, &config.marks, &resolved)?;
+    Ok(config)
+}
+
+fn backend_addrs(config: &Config) -> Vec<IpAddr> {
+    let set: BTreeSet<IpAddr> =
+        config.services.iter().flat_map(|s| s.backends.iter().map(|b| b.addr)).collect();
+    set.into_iter().collect()
+}
+
+/// The config in force and everything derived from it.
+pub struct Daemon {
+    config_path: PathBuf,
+    config: Config,
+    planner: Planner,
+    plan: Plan,
+    dataplane: Dataplane,
+    neighbours: HashMap<IpAddr, Neighbour>,
+    reloads_ok: u64,
+    reloads_failed: u64,
+    last_reload_success: Option<SystemTime>,
+    last_reload_error: Option<String>,
+}
+
+impl Daemon {
+    /// Loads (or adopts) the data path, fills it from the config and attaches it.
+    pub async fn start(config_path: &Path) -> Result<Daemon> {
+        let config = Config::load(config_path)?;
+        let d = &config.director;
+        let dataplane = Dataplane::load(&LoadOptions {
+            ring_slots: d.ring_slots,
+            flow_entries: d.connection_table_size,
+            pin_dir: Some(d.bpf_dir.clone()),
+        })?;
+        let loaded = dataplane.load_report().clone();
+        let mut planner = Planner::default();
+        if loaded.adopted {
+            planner.seed(&dataplane.adopted_ids());
+            tracing::info!(
+                bpf_dir = %d.bpf_dir.display(),
+                flow_entries = loaded.flow_entries,
+                "adopted the running data path (connection table kept)"
+            );
+        }
+        if loaded.flow_entries != d.connection_table_size || loaded.ring_slots != d.ring_slots {
+            tracing::warn!(
+                in_use_flow_entries = loaded.flow_entries,
+                configured_flow_entries = d.connection_table_size,
+                in_use_ring_slots = loaded.ring_slots,
+                configured_ring_slots = d.ring_slots,
+                "map sizes differ from the config; they change only after `lb-daemon detach` (which drops the connection table)"
+            );
+        }
+        let neighbours = neighbour::resolve(&backend_addrs(&config), RESOLVE_WAIT).await?;
+        let mut daemon = Daemon {
+            config_path: config_path.to_owned(),
+            plan: Plan::default(),
+            config,
+            planner,
+            dataplane,
+            neighbours,
+            reloads_ok: 0,
+            reloads_failed: 0,
+            last_reload_success: None,
+            last_reload_error: None,
+        };
+        let config = daemon.config.clone();
+        // Maps are full before any interface gets the program.
+        daemon.apply(&config)?;
+        daemon.attach_interfaces(&config)?;
+        daemon.reloads_ok = 1;
+        daemon.last_reload_success = Some(SystemTime::now());
+        Ok(daemon)
+    }
+
+    /// Plans `config` against the known neighbours and applies it; on success it is the
+    /// config in force.
+    fn apply(&mut self, config: &Config) -> Result<ApplyReport> {
+        let plan = self.planner.plan(&config.services, &config.marks, &self.neighbours)?;
+        for (service, addr) in &plan.unresolved {
+            if !self.plan.unresolved.contains(&(service.clone(), *addr)) {
+                tracing::warn!(service, backend = %addr, "backend's link-layer address is unknown: it gets no traffic until it answers ARP/ND");
+            }
+        }
+        let report = self.dataplane.apply(&plan.state)?;
+        self.plan = plan;
+        self.config = config.clone();
+        Ok(report)
+    }
+
+    fn attach_interfaces(&mut self, config: &Config) -> Result<()> {
+        for iface in &config.director.interfaces {
+            match self.dataplane.attach(iface, config.director.xdp_mode)? {
+                Attached::New => tracing::info!(iface, "balancer attached"),
+                Attached::TookOver => tracing::info!(iface, "took over the running balancer's link"),
+                Attached::Already => {}
+            }
+        }
+        for iface in self.dataplane.pinned_interfaces() {
+            if !config.director.interfaces.contains(&iface) {
+                self.dataplane.detach(&iface)?;
+                tracing::info!(iface, "interface left the config: balancer detached");
+            }
+        }
+        Ok(())
+    }
+
+    /// Settings fixed at start; a reload that changes them says so and keeps the old ones.
+    fn fixed_settings_changed(&self, new: &Config) -> Vec<&'static str> {
+        let (a, b) = (&self.config.director, &new.director);
+        let mut changed = Vec::new();
+        if a.bpf_dir != b.bpf_dir {
+            changed.push("director.bpf_dir");
+        }
+        if a.connection_table_size != b.connection_table_size {
+            changed.push("director.connection_table_size");
+        }
+        if a.ring_slots != b.ring_slots {
+            changed.push("director.ring_slots");
+        }
+        if a.metrics_listen != b.metrics_listen {
+            changed.push("director.metrics_listen");
+        }
+        if a.control_socket != b.control_socket {
+            changed.push("director.control_socket");
+        }
+        if a.xdp_mode != b.xdp_mode {
+            changed.push("director.xdp_mode");
+        }
+        changed
+    }
+
+    fn record_failure(&mut self, e: &ControlError) {
+        self.reloads_failed += 1;
+        self.last_reload_error = Some(crate::error_chain(e));
+    }
+
+    fn record_success(&mut self) {
+        self.reloads_ok += 1;
+        self.last_reload_success = Some(SystemTime::now());
+        self.last_reload_error = None;
+    }
+
+    /// One line for `systemctl status`.
+    fn status_line(&self) -> String {
+        let backends: usize = self.config.services.iter().map(|s| s.backends.len()).sum();
+        let mut s = format!(
+            "{} services, {} backends on {}",
+            self.config.services.len(),
+            backends,
+            self.config.director.interfaces.join(",")
+        );
+        if let Some(e) = &self.last_reload_error {
+            s.push_str(&format!("; last reload failed: {e}"));
+        }
+        s
+    }
+
+    /// Everything status and metrics show, read from the maps now.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+            .map_err(|e| ControlError::Io { what: "reading the clock".into(), source: e.into() })?;
+        let mut conns: HashMap<u32, (u64, u64)> = HashMap::new();
+        let entries = self.dataplane.for_each_flow(|_, flow| {
+            let c = conns.entry(flow.backend).or_default();
+            match classify(flow, now) {
+                Some(ConnKind::Active) => c.0 += 1,
+                Some(ConnKind::Inactive) => c.1 += 1,
+                None => {}
+            }
+        })?;
+        let mut services = Vec::new();
+        for spec in &self.config.services {
+            let Some(&id) = self.plan.service_ids.get(&spec.name) else { continue };
+            let mut backends = Vec::new();
+            for b in &spec.backends {
+                let Some(&bid) = self.plan.backend_ids.get(&(spec.name.clone(), b.addr)) else { continue };
+                let unresolved = self.plan.unresolved.contains(&(spec.name.clone(), b.addr));
+                let status = match b.state {
+                    BackendState::Disabled => BackendStatus::Disabled,
+                    _ if unresolved => BackendStatus::Unresolved,
+                    BackendState::Drain => BackendStatus::Drain,
+                    BackendState::Active => BackendStatus::Active,
+                };
+                let (active, inactive) = conns.get(&bid).copied().unwrap_or_default();
+                backends.push(BackendSnapshot {
+                    addr: b.addr,
+                    weight: b.weight,
+                    status,
+                    counters: self.dataplane.backend_counters(bid)?,
+                    active,
+                    inactive,
+                });
+            }
+            services.push(ServiceSnapshot {
+                name: spec.name.clone(),
+                matcher: spec.matcher,
+                scheduler: spec.scheduler,
+                ring_size: spec.ring_size,
+                forward: self.config.forward.get(&spec.name).copied().unwrap_or(crate::config::Forward::Dr),
+                counters: self.dataplane.service_counters(id)?,
+                backends,
+            });
+        }
+        let global = self.dataplane.global_counters()?;
+        let pick = |table: &[(u32, &'static str)]| -> Vec<(&'static str, u64)> {
+            table.iter().map(|(i, name)| (*name, global[*i as usize])).collect()
+        };
+        Ok(Snapshot {
+            services,
+            actions: pick(&stat::ACTIONS),
+            drops: pick(&stat::DROP_REASONS),
+            flow_entries: entries,
+            flow_capacity: self.dataplane.load_report().flow_entries,
+            interfaces: self
+                .config
+                .director
+                .interfaces
+                .iter()
+                .map(|i| (i.clone(), self.config.director.xdp_mode))
+                .collect(),
+            reloads_ok: self.reloads_ok,
+            reloads_failed: self.reloads_failed,
+            last_reload_success: self
+                .last_reload_success
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs_f64()),
+            last_reload_error: self.last_reload_error.clone(),
+        })
+    }
+}
+
+fn lock(daemon: &Mutex<Daemon>) -> MutexGuard<'_, Daemon> {
+    // A panic while holding the lock leaves plain data behind, still usable.
+    daemon.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// SIGHUP: read, validate, plan, apply. A refused file changes nothing.
+async fn reload(daemon: &Arc<Mutex<Daemon>>) {
+    notify(&[sd_notify::NotifyState::Reloading]);
+    let path = lock(daemon).config_path.clone();
+    let result = async {
+        let config = Config::load(&path)?;
+        let neighbours = neighbour::resolve(&backend_addrs(&config), RESOLVE_WAIT).await?;
+        let mut d = lock(daemon);
+        let fixed = d.fixed_settings_changed(&config);
+        if !fixed.is_empty() {
+            tracing::warn!(settings = ?fixed, "these settings apply only after a restart; the rest of the reload goes ahead");
+        }
+        // Fixed settings stay as they are until a restart.
+        let mut config = config;
+        config.director = crate::config::Director {
+            interfaces: config.director.interfaces.clone(),
+            ..d.config.director.clone()
+        };
+        d.neighbours = neighbours;
+        let report = d.apply(&config)?;
+        d.attach_interfaces(&config)?;
+        Ok::<_, ControlError>(report)
+    }
+    .await;
+    let mut d = lock(daemon);
+    match result {
+        Ok(report) => {
+            d.record_success();
+            tracing::info!(file = %path.display(), ?report, "configuration reloaded");
+        }
+        Err(e) => {
+            d.record_failure(&e);
+            tracing::error!(error = %crate::error_chain(&e), "reload refused; the previous configuration keeps serving");
+        }
+    }
+    let status = d.status_line();
+    drop(d);
+    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
+}
+
+/// Re-resolves backends' link-layer addresses; re-applies if any changed.
+async fn refresh_neighbours(daemon: &Arc<Mutex<Daemon>>) {
+    let addrs = backend_addrs(&lock(daemon).config);
+    match neighbour::resolve(&addrs, Duration::from_millis(500)).await {
+        Ok(found) => {
+            let mut d = lock(daemon);
+            // Keep entries that are briefly absent from the table (expired, being
+            // re-probed): a server that really left is taken out by config or health.
+            let mut merged = d.neighbours.clone();
+            merged.extend(found);
+            if merged != d.neighbours {
+                d.neighbours = merged;
+                let config = d.config.clone();
+                match d.apply(&config) {
+                    Ok(report) => {
+                        tracing::info!(?report, "backend link-layer addresses changed; maps updated")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %crate::error_chain(&e), "applying new link-layer addresses")
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "refreshing backends' link-layer addresses")
+        }
+    }
+}
+
+fn notify(state: &[sd_notify::NotifyState]) {
+    let mut all = state.to_vec();
+    let now = sd_notify::NotifyState::monotonic_usec_now().ok();
+    // systemd wants RELOADING=1 to carry the time it was sent.
+    if state.iter().any(|s| matches!(s, sd_notify::NotifyState::Reloading))
+        && let Some(now) = now
+    {
+        all.push(now);
+    }
+    if let Err(e) = sd_notify::notify(&all) {
+        tracing::debug!(error = %e, "sd_notify");
+    }
+}
+
+async fn snapshot_of(daemon: &Arc<Mutex<Daemon>>) -> Result<Snapshot> {
+    let daemon = Arc::clone(daemon);
+    tokio::task::spawn_blocking(move || lock(&daemon).snapshot())
+        .await
+        .map_err(|e| ControlError::Io { what: "snapshot task".into(), source: std::io::Error::other(e) })?
+}
+
+async fn serve_metrics(daemon: Arc<Mutex<Daemon>>, listener: tokio::net::TcpListener) {
+    use axum::http::{StatusCode, header};
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let daemon = Arc::clone(&daemon);
+            async move {
+                match snapshot_of(&daemon).await.and_then(|s| Ok(crate::metrics::render(&s)?)) {
+                    Ok(text) => (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text),
+                    Err(e) => (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        [(header::CONTENT_TYPE, "text/plain")],
+                        crate::error_chain(&e),
+                    ),
+                }
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %crate::error_chain(&e), "metrics endpoint stopped");
+    }
+}
+
+/// The control socket speaks one request line and one answer: `status` or `metrics`.
+async fn serve_control(daemon: Arc<Mutex<Daemon>>, listener: UnixListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let daemon = Arc::clone(&daemon);
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            let mut reader = BufReader::new(read);
+            if tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await.is_err() {
+                return;
+            }
+            let answer = match line.trim() {
+                "status" => snapshot_of(&daemon).await.map(|s| s.status_table()),
+                "metrics" => snapshot_of(&daemon).await.and_then(|s| Ok(crate::metrics::render(&s)?)),
+                other => Ok(format!("error: unknown request `{other}` (try status or metrics)\n")),
+            };
+            let text = answer.unwrap_or_else(|e| format!("error: {}\n", crate::error_chain(&e)));
+            let _ = write.write_all(text.as_bytes()).await;
+        });
+    }
+}
+
+/// Asks a running daemon over its control socket.
+pub async fn request(socket: &Path, what: &str) -> Result<String> {
+    let mut stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| ControlError::NotRunning { path: socket.to_owned(), source })?;
+    stream.write_all(format!("{what}\n").as_bytes()).await.map_err(io("writing the request"))?;
+    let mut out = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut out).await.map_err(io("reading the answer"))?;
+    Ok(out)
+}
+
+async fn bind_control_socket(path: &Path) -> Result<UnixListener> {
+    if UnixStream::connect(path).await.is_ok() {
+        return Err(ControlError::AlreadyRunning(path.to_owned()));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
+    // Left by a daemon that was killed: nobody answers on it (checked above).
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io(format!("restricting {}", path.display())))?;
+    Ok(listener)
+}
+
+/// What `run` does when told to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnExit {
+    /// Leave the data path forwarding (restarts and upgrades lose nothing).
+    KeepForwarding,
+    /// Remove the XDP program and the pinned maps.
+    Detach,
+}
+
+/// `lb-daemon run`: until SIGTERM or SIGINT.
+pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
+    let config = Config::load(config_path)?;
+    // Bound before the data path is touched: a second daemon must not adopt the maps.
+    let control = bind_control_socket(&config.director.control_socket).await?;
+    let metrics = tokio::net::TcpListener::bind(config.director.metrics_listen)
+        .await
+        .map_err(io(format!("binding the metrics address {}", config.director.metrics_listen)))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(io("installing the SIGHUP handler"))?;
+    let mut term = signal(SignalKind::terminate()).map_err(io("installing the SIGTERM handler"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io("installing the SIGINT handler"))?;
+
+    let daemon = Arc::new(Mutex::new(Daemon::start(config_path).await?));
+    let control_task = tokio::spawn(serve_control(Arc::clone(&daemon), control));
+    let metrics_task = tokio::spawn(serve_metrics(Arc::clone(&daemon), metrics));
+    let status = lock(&daemon).status_line();
+    tracing::info!(
+        file = %config_path.display(),
+        metrics = %config.director.metrics_listen,
+        control = %config.director.control_socket.display(),
+        "{status}; ready"
+    );
+    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
+
+    // Half the watchdog period, as sd_watchdog_enabled(3) advises.
+    let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    let mut neighbour_tick = tokio::time::interval(NEIGHBOUR_REFRESH);
+    neighbour_tick.reset();
+    loop {
+        tokio::select! {
+            _ = hup.recv() => reload(&daemon).await,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = neighbour_tick.tick() => refresh_neighbours(&daemon).await,
+            _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[sd_notify::NotifyState::Watchdog]),
+        }
+    }
+    notify(&[sd_notify::NotifyState::Stopping]);
+    control_task.abort();
+    metrics_task.abort();
+    let _ = std::fs::remove_file(&config.director.control_socket);
+    let bpf_dir = lock(&daemon).config.director.bpf_dir.clone();
+    drop(daemon);
+    match on_exit {
+        OnExit::KeepForwarding => tracing::info!("stopping; the data path keeps forwarding"),
+        OnExit::Detach => {
+            let detached = Dataplane::remove_pins(&bpf_dir)?;
+            tracing::info!(interfaces = ?detached, "stopping; data path removed");
+        }
+    }
+    Ok(())
+}
+
+/// `lb-daemon detach`: removes what a stopped daemon left forwarding.
+pub async fn detach(config_path: &Path) -> Result<Vec<String>> {
+    let config = Config::load(config_path)?;
+    if UnixStream::connect(&config.director.control_socket).await.is_ok() {
+        return Err(ControlError::AlreadyRunning(config.director.control_socket.clone()));
+    }
+    Ok(Dataplane::remove_pins(&config.director.bpf_dir)?)
+}

@@ -1,0 +1,196 @@
+//! Prometheus exposition of a [`Snapshot`].
+//!
+//! Every scrape renders a fresh registry from the snapshot: the counters live in BPF maps
+//! (per-CPU, summed here), so a series is exactly what the maps say, and a service or
+//! backend that left the config leaves the output with no bookkeeping to forget.
+
+use prometheus::{Encoder as _, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::plan::ServiceMatch;
+use crate::snapshot::{BackendStatus, Snapshot};
+
+#[derive(Debug, thiserror::Error)]
+#[error("rendering metrics")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, MetricsError> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    reg.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, MetricsError> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    reg.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+/// The text exposition format (version 0.0.4).
+pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
+    let reg = Registry::new();
+    let svc_packets =
+        counter(&reg, "lb_service_packets_total", "Packets balanced for the service.", &["service"])?;
+    let svc_bytes = counter(&reg, "lb_service_bytes_total", "Bytes balanced for the service.", &["service"])?;
+    let svc_conns = counter(
+        &reg,
+        "lb_service_connections_total",
+        "New connections scheduled for the service.",
+        &["service"],
+    )?;
+    let labels = ["service", "backend"];
+    let be_packets = counter(&reg, "lb_backend_packets_total", "Packets sent to the backend.", &labels)?;
+    let be_bytes = counter(&reg, "lb_backend_bytes_total", "Bytes sent to the backend.", &labels)?;
+    let be_conns =
+        counter(&reg, "lb_backend_connections_total", "New connections sent to the backend.", &labels)?;
+    let be_active = gauge(
+        &reg,
+        "lb_backend_active_connections",
+        "Established TCP connections in the connection table (ipvsadm ActiveConn).",
+        &labels,
+    )?;
+    let be_inactive = gauge(
+        &reg,
+        "lb_backend_inactive_connections",
+        "Other live connection-table entries: TCP not established, UDP (ipvsadm InActConn).",
+        &labels,
+    )?;
+    let be_weight = gauge(&reg, "lb_backend_weight", "Configured weight.", &labels)?;
+    let be_state = gauge(
+        &reg,
+        "lb_backend_state",
+        "1 for the backend's current state (active, drain, disabled, unresolved), 0 for the others.",
+        &["service", "backend", "state"],
+    )?;
+    for s in &snap.services {
+        let name = s.name.as_str();
+        svc_packets.with_label_values(&[name]).inc_by(s.counters.packets);
+        svc_bytes.with_label_values(&[name]).inc_by(s.counters.bytes);
+        svc_conns.with_label_values(&[name]).inc_by(s.counters.new_flows);
+        for b in &s.backends {
+            let addr = b.addr.to_string();
+            let l = [name, addr.as_str()];
+            be_packets.with_label_values(&l).inc_by(b.counters.packets);
+            be_bytes.with_label_values(&l).inc_by(b.counters.bytes);
+            be_conns.with_label_values(&l).inc_by(b.counters.new_flows);
+            be_active.with_label_values(&l).set(b.active as i64);
+            be_inactive.with_label_values(&l).set(b.inactive as i64);
+            be_weight.with_label_values(&l).set(b.weight as i64);
+            for st in BackendStatus::ALL {
+                be_state.with_label_values(&[name, addr.as_str(), st.name()]).set((st == b.status) as i64);
+            }
+        }
+    }
+    let svc_info = gauge(
+        &reg,
+        "lb_service_info",
+        "Always 1: what the service matches and how it schedules.",
+        &["service", "match", "scheduler"],
+    )?;
+    for s in &snap.services {
+        let m = match s.matcher {
+            ServiceMatch::Vip { addr, port, proto } => {
+                format!("{}:{}/{}", addr, port, crate::config::proto_name(proto))
+            }
+            ServiceMatch::Mark(m) => format!("fwmark {m}"),
+        };
+        let sched = match s.scheduler {
+            crate::plan::Scheduler::Sh => "sh",
+            crate::plan::Scheduler::Mh => "mh",
+        };
+        svc_info.with_label_values(&[s.name.as_str(), m.as_str(), sched]).set(1);
+    }
+    let actions =
+        counter(&reg, "lb_xdp_actions_total", "Verdicts of the XDP program, all packets.", &["action"])?;
+    for (name, v) in &snap.actions {
+        actions.with_label_values(&[name]).inc_by(*v);
+    }
+    let drops =
+        counter(&reg, "lb_xdp_drops_total", "Packets dropped by the XDP program, by reason.", &["reason"])?;
+    for (name, v) in &snap.drops {
+        drops.with_label_values(&[name]).inc_by(*v);
+    }
+    let entries = IntGauge::new("lb_connection_table_entries", "Entries in the connection table (any age).")?;
+    entries.set(snap.flow_entries as i64);
+    reg.register(Box::new(entries))?;
+    let capacity = IntGauge::new("lb_connection_table_capacity", "Size of the connection table.")?;
+    capacity.set(snap.flow_capacity as i64);
+    reg.register(Box::new(capacity))?;
+    let reloads =
+        counter(&reg, "lb_config_reloads_total", "Configuration loads and reloads, by result.", &["result"])?;
+    reloads.with_label_values(&["success"]).inc_by(snap.reloads_ok);
+    reloads.with_label_values(&["failure"]).inc_by(snap.reloads_failed);
+    if let Some(t) = snap.last_reload_success {
+        let g = GaugeVec::new(
+            Opts::new(
+                "lb_config_last_reload_success_timestamp_seconds",
+                "Unix time of the last successful configuration load.",
+            ),
+            &[],
+        )?;
+        g.with_label_values::<&str>(&[]).set(t);
+        reg.register(Box::new(g))?;
+    }
+    let build = gauge(&reg, "lb_build_info", "Always 1: the running version.", &["version", "map_layout"])?;
+    build.with_label_values(&[env!("CARGO_PKG_VERSION"), &lb_common::MAP_LAYOUT_VERSION.to_string()]).set(1);
+
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&reg.gather(), &mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Forward;
+    use crate::plan::{Protocol, Scheduler};
+    use crate::snapshot::{BackendSnapshot, ServiceSnapshot};
+    use lb_common::Counters;
+
+    #[test]
+    fn series_carry_the_snapshot_values() {
+        let snap = Snapshot {
+            services: vec![ServiceSnapshot {
+                name: "web".into(),
+                matcher: ServiceMatch::Vip {
+                    addr: "192.0.2.10".parse().unwrap(),
+                    port: 80,
+                    proto: Protocol::Tcp,
+                },
+                scheduler: Scheduler::Sh,
+                ring_size: 4093,
+                forward: Forward::Dr,
+                counters: Counters { packets: 12, bytes: 3400, new_flows: 2 },
+                backends: vec![BackendSnapshot {
+                    addr: "10.0.2.11".parse().unwrap(),
+                    weight: 5,
+                    status: crate::snapshot::BackendStatus::Active,
+                    counters: Counters { packets: 7, bytes: 700, new_flows: 1 },
+                    active: 1,
+                    inactive: 0,
+                }],
+            }],
+            actions: vec![("tx", 9)],
+            drops: vec![("malformed", 2)],
+            reloads_ok: 3,
+            reloads_failed: 1,
+            last_reload_success: Some(1_700_000_000.5),
+            ..Default::default()
+        };
+        let text = render(&snap).unwrap();
+        for line in [
+            "lb_service_packets_total{service=\"web\"} 12",
+            "lb_service_bytes_total{service=\"web\"} 3400",
+            "lb_backend_packets_total{backend=\"10.0.2.11\",service=\"web\"} 7",
+            "lb_backend_active_connections{backend=\"10.0.2.11\",service=\"web\"} 1",
+            "lb_backend_state{backend=\"10.0.2.11\",service=\"web\",state=\"active\"} 1",
+            "lb_backend_state{backend=\"10.0.2.11\",service=\"web\",state=\"drain\"} 0",
+            "lb_xdp_actions_total{action=\"tx\"} 9",
+            "lb_xdp_drops_total{reason=\"malformed\"} 2",
+            "lb_config_reloads_total{result=\"failure\"} 1",
+            "lb_config_last_reload_success_timestamp_seconds 1700000000.5",
+            "# TYPE lb_backend_bytes_total counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! A point-in-time view of the balancer (config, plan, counters, connection table), and
+//! its rendering as the `ipvsadm -L -n`-style status table. Pure: the daemon gathers the
+//! numbers, this module only shapes them.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use lb_common::{Counters, FLOW_ESTABLISHED, FLOW_UDP, Flow};
+
+use crate::config::{Forward, proto_name};
+use crate::dataplane::XdpMode;
+use crate::plan::{Scheduler, ServiceMatch};
+
+/// How long an entry still counts as a connection, per state: IPVS's default timeouts
+/// (`ipvsadm --timeout`: tcp 900 s, tcpfin 120 s, udp 300 s). The table is an LRU, so
+/// entries past these are only waiting to be evicted.
+pub const TCP_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(900);
+pub const TCP_OTHER_TIMEOUT: Duration = Duration::from_secs(120);
+pub const UDP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What a connection-table entry counts as, as `ipvsadm` counts them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnKind {
+    /// TCP in ESTABLISHED.
+    Active,
+    /// Any other TCP state, and UDP.
+    Inactive,
+}
+
+/// `now_ns` is on the clock the data path stamps entries with (CLOCK_MONOTONIC_COARSE).
+pub fn classify(flow: &Flow, now_ns: u64) -> Option<ConnKind> {
+    let age = Duration::from_nanos(now_ns.saturating_sub(flow.last_seen_ns));
+    let (kind, timeout) = match flow.state {
+        FLOW_ESTABLISHED => (ConnKind::Active, TCP_ESTABLISHED_TIMEOUT),
+        FLOW_UDP => (ConnKind::Inactive, UDP_TIMEOUT),
+        _ => (ConnKind::Inactive, TCP_OTHER_TIMEOUT),
+    };
+    (age <= timeout).then_some(kind)
+}
+
+/// Operator-facing state of a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendStatus {
+    Active,
+    Drain,
+    Disabled,
+    /// Its link-layer address is unknown: it receives nothing until resolved.
+    Unresolved,
+}
+
+impl BackendStatus {
+    pub const ALL: [BackendStatus; 4] =
+        [BackendStatus::Active, BackendStatus::Drain, BackendStatus::Disabled, BackendStatus::Unresolved];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendStatus::Active => "active",
+            BackendStatus::Drain => "drain",
+            BackendStatus::Disabled => "disabled",
+            BackendStatus::Unresolved => "unresolved",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSnapshot {
+    pub addr: IpAddr,
+    pub weight: u32,
+    pub status: BackendStatus,
+    pub counters: Counters,
+    pub active: u64,
+    pub inactive: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSnapshot {
+    pub name: String,
+    pub matcher: ServiceMatch,
+    pub scheduler: Scheduler,
+    pub ring_size: u32,
+    pub forward: Forward,
+    pub counters: Counters,
+    pub backends: Vec<BackendSnapshot>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub services: Vec<ServiceSnapshot>,
+    /// XDP action totals by name.
+    pub actions: Vec<(&'static str, u64)>,
+    /// Drops by reason.
+    pub drops: Vec<(&'static str, u64)>,
+    pub flow_entries: u64,
+    pub flow_capacity: u32,
+    pub interfaces: Vec<(String, XdpMode)>,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    /// Unix time of the last successful load or reload.
+    pub last_reload_success: Option<f64>,
+    /// Why the last reload failed, if the last one did.
+    pub last_reload_error: Option<String>,
+}
+
+fn scheduler_name(s: Scheduler) -> &'static str {
+    match s {
+        Scheduler::Sh => "sh",
+        Scheduler::Mh => "mh",
+    }
+}
+
+fn endpoint(addr: IpAddr, port: Option<u16>) -> String {
+    match (addr, port) {
+        (IpAddr::V4(a), Some(p)) => format!("{a}:{p}"),
+        (IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
+        (a, None) => a.to_string(),
+    }
+}
+
+impl Snapshot {
+    /// The status table: `ipvsadm -L -n` columns, plus each backend's state.
+    pub fn status_table(&self) -> String {
+        let mut out = String::new();
+        let ifaces: Vec<String> = self
+            .interfaces
+            .iter()
+            .map(|(name, mode)| {
+                format!("{name} ({})", if *mode == XdpMode::Native { "native" } else { "generic" })
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "lb-daemon {} on {}; connection table {}/{} entries",
+            env!("CARGO_PKG_VERSION"),
+            if ifaces.is_empty() { "no interface".to_owned() } else { ifaces.join(", ") },
+            self.flow_entries,
+            self.flow_capacity
+        );
+        if let Some(e) = &self.last_reload_error {
+            let _ = writeln!(out, "last reload FAILED (old config still serving): {e}");
+        }
+        let _ = writeln!(out, "Prot LocalAddress:Port Scheduler Flags");
+        let _ = writeln!(
+            out,
+            "  -> {:<28} {:<7} {:>6} {:>10} {:>10} State",
+            "RemoteAddress:Port", "Forward", "Weight", "ActiveConn", "InActConn"
+        );
+        for s in &self.services {
+            let (prot, local, port) = match s.matcher {
+                ServiceMatch::Vip { addr, port, proto } => {
+                    (proto_name(proto).to_uppercase(), endpoint(addr, Some(port)), Some(port))
+                }
+                ServiceMatch::Mark(m) => ("FWM".to_owned(), m.to_string(), None),
+            };
+            let _ = writeln!(
+                out,
+                "{prot:<4} {local} {} ring {} ({})",
+                scheduler_name(s.scheduler),
+                s.ring_size,
+                s.name
+            );
+            for b in &s.backends {
+                let _ = writeln!(
+                    out,
+                    "  -> {:<28} {:<7} {:>6} {:>10} {:>10} {}",
+                    endpoint(b.addr, port),
+                    s.forward.ipvs_name(),
+                    b.weight,
+                    b.active,
+                    b.inactive,
+                    b.status.name()
+                );
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Protocol;
+    use lb_common::{FLOW_FIN, FLOW_SYN_SENT};
+
+    fn flow(state: u32, last_seen_ns: u64) -> Flow {
+        Flow { state, last_seen_ns, ..Default::default() }
+    }
+
+    #[test]
+    fn connections_count_by_state_and_age() {
+        let now = 10_000 * 1_000_000_000u64;
+        let s = |secs: u64| now - secs * 1_000_000_000;
+        assert_eq!(classify(&flow(FLOW_ESTABLISHED, s(899)), now), Some(ConnKind::Active));
+        assert_eq!(classify(&flow(FLOW_ESTABLISHED, s(901)), now), None);
+        assert_eq!(classify(&flow(FLOW_SYN_SENT, s(5)), now), Some(ConnKind::Inactive));
+        assert_eq!(classify(&flow(FLOW_FIN, s(121)), now), None);
+        assert_eq!(classify(&flow(FLOW_UDP, s(299)), now), Some(ConnKind::Inactive));
+        // A stamp from the future (another CPU's clock read) is fresh, not ancient.
+        assert_eq!(classify(&flow(FLOW_ESTABLISHED, now + 5), now), Some(ConnKind::Active));
+    }
+
+    #[test]
+    fn the_table_reads_like_ipvsadm() {
+        let snap = Snapshot {
+            services: vec![ServiceSnapshot {
+                name: "web".into(),
+                matcher: ServiceMatch::Vip {
+                    addr: "192.0.2.10".parse().unwrap(),
+                    port: 80,
+                    proto: Protocol::Tcp,
+                },
+                scheduler: Scheduler::Sh,
+                ring_size: 4093,
+                forward: Forward::Dr,
+                counters: Counters::default(),
+                backends: vec![BackendSnapshot {
+                    addr: "10.0.2.11".parse().unwrap(),
+                    weight: 100,
+                    status: BackendStatus::Drain,
+                    counters: Counters::default(),
+                    active: 3,
+                    inactive: 1,
+                }],
+            }],
+            flow_capacity: 65536,
+            flow_entries: 4,
+            interfaces: vec![("ext0".into(), XdpMode::Native)],
+            ..Default::default()
+        };
+        let table = snap.status_table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].ends_with("on ext0 (native); connection table 4/65536 entries"), "{table}");
+        assert_eq!(lines[3], "TCP  192.0.2.10:80 sh ring 4093 (web)");
+        let cols: Vec<&str> = lines[4].split_whitespace().collect();
+        assert_eq!(cols, ["->", "10.0.2.11:80", "Route", "100", "3", "1", "drain"]);
+    }
+}

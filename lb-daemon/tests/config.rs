@@ -1,0 +1,162 @@
+//! The configuration loader: a valid file, and malformed ones each refused with the
+//! message, key path and location an operator needs to fix it.
+
+use std::net::IpAddr;
+
+use lb_daemon::config::{Config, ConfigError};
+use lb_daemon::dataplane::XdpMode;
+use lb_daemon::plan::{BackendState, Protocol, Scheduler, ServiceMatch};
+
+const DIRECTOR: &str = "director:\n  interfaces: [eth0]\n";
+
+fn refused(yaml: &str) -> (u64, u64, String, String) {
+    match Config::parse(yaml, "lb.yaml") {
+        Ok(c) => panic!("accepted:\n{yaml}\n{c:?}"),
+        Err(ConfigError::Invalid { file, line, column, path, message }) => {
+            assert_eq!(file, "lb.yaml");
+            (line, column, path, message)
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn the_example_files_are_valid() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs");
+    for name in ["lb.example.yaml", "lab.yaml"] {
+        let path = std::path::Path::new(root).join(name);
+        if let Err(e) = Config::load(&path) {
+            panic!("{e}");
+        }
+    }
+}
+
+#[test]
+fn a_full_config_parses_with_defaults() {
+    let yaml = r#"
+director:
+  interfaces: [eth0, eth1]
+  xdp_mode: generic
+  metrics_listen: "[::1]:9100"
+marks:
+  - { mark: 1, dst: 192.0.2.0/24, proto: tcp, ports: "80,443" }
+  - { mark: 2, dst: 2001:db8::/64, src: 2001:db8:1::/48, ports: [53, "5000-5099"] }
+services:
+  - name: web
+    match: { fwmark: 1 }
+    scheduler: mh
+    ring_size: 65537
+    backends:
+      - { address: 10.1.0.11, weight: 100 }
+      - { address: 10.1.0.12, weight: 50, state: drain }
+  - name: dns
+    match: { vip: 192.0.2.53, port: 53, proto: udp }
+    backends:
+      - address: 10.1.0.21
+        port: 53
+        state: disabled
+"#;
+    let c = Config::parse(yaml, "lb.yaml").unwrap();
+    assert_eq!(c.director.interfaces, ["eth0", "eth1"]);
+    assert_eq!(c.director.xdp_mode, XdpMode::Generic);
+    assert_eq!(c.director.metrics_listen.to_string(), "[::1]:9100");
+    let ports: Vec<(u32, (u16, u16))> = c.marks.iter().map(|m| (m.mark, m.ports)).collect();
+    assert_eq!(ports, [(1, (80, 80)), (1, (443, 443)), (2, (53, 53)), (2, (5000, 5099))]);
+    assert_eq!(c.marks[0].proto, Some(Protocol::Tcp));
+    assert_eq!(c.marks[2].proto, None);
+    let web = &c.services[0];
+    assert_eq!((web.matcher, web.scheduler, web.ring_size), (ServiceMatch::Mark(1), Scheduler::Mh, 65537));
+    assert_eq!(web.backends[1].weight, 50);
+    assert_eq!(web.backends[1].state, BackendState::Drain);
+    let dns = &c.services[1];
+    let vip: IpAddr = "192.0.2.53".parse().unwrap();
+    assert_eq!(dns.matcher, ServiceMatch::Vip { addr: vip, port: 53, proto: Protocol::Udp });
+    assert_eq!((dns.scheduler, dns.ring_size), (Scheduler::Sh, 4093));
+    assert_eq!((dns.backends[0].weight, dns.backends[0].state), (1, BackendState::Disabled));
+}
+
+/// One malformed file per row: (what it shows, yaml, line, column, key path, message part).
+#[rustfmt::skip]
+const MALFORMED: &[(&str, &str, u64, u64, &str, &str)] = &[
+    ("empty file", "", 1, 1, "(document)", "unexpected end of file"),
+    ("not YAML", "director:\n  interfaces: [eth0\n", 2, 15, "director.interfaces", "unclosed bracket"),
+    ("missing director", "services: []\n", 1, 1, "(document)", "missing field `director`"),
+    ("unknown top-level key", "director:\n  interfaces: [eth0]\nservice: []\n", 3, 1, "service", "unknown field `service`"),
+    ("unknown director key", "director:\n  interfaces: [eth0]\n  xdp: native\n", 3, 3, "director.xdp", "unknown field `xdp`"),
+    ("no interfaces", "director:\n  interfaces: []\n", 2, 15, "director.interfaces", "at least one interface"),
+    ("interface name too long", "director:\n  interfaces: [abcdefghijklmnop]\n", 2, 16, "director.interfaces[0]", "1 to 15 bytes"),
+    ("interface with a slash", "director:\n  interfaces: [eth0, a/b]\n", 2, 22, "director.interfaces[1]", "not a valid interface name"),
+    ("interface twice", "director:\n  interfaces: [eth0, eth0]\n", 2, 22, "director.interfaces[1]", "listed twice"),
+    ("unknown xdp mode", "director:\n  interfaces: [eth0]\n  xdp_mode: offload\n", 3, 13, "director.xdp_mode", "offload"),
+    ("bad metrics address", "director:\n  interfaces: [eth0]\n  metrics_listen: localhost\n", 3, 19, "director.metrics_listen", "socket address"),
+    ("relative bpf dir", "director:\n  interfaces: [eth0]\n  bpf_dir: lb\n", 3, 12, "director.bpf_dir", "absolute path"),
+    ("zero connection table", "director:\n  interfaces: [eth0]\n  connection_table_size: 0\n", 3, 26, "director.connection_table_size", "out of range"),
+    ("mark zero", "DIRECTORmarks:\n  - { mark: 0, dst: 192.0.2.0/24 }\n", 4, 13, "marks[0].mark", "mark 0"),
+    ("bad prefix", "DIRECTORmarks:\n  - { mark: 1, dst: 192.0.2.0/33 }\n", 4, 21, "marks[0].dst", "invalid IP address"),
+    ("prefix with host bits", "DIRECTORmarks:\n  - { mark: 1, dst: 192.0.2.1/24 }\n", 4, 21, "marks[0].dst", "did you mean 192.0.2.0/24"),
+    ("mixed families in a rule", "DIRECTORmarks:\n  - { mark: 1, dst: 192.0.2.0/24, src: 2001:db8::/32 }\n", 4, 40, "marks[0].src", "different address families"),
+    ("inverted port range", "DIRECTORmarks:\n  - { mark: 1, dst: 192.0.2.0/24, ports: \"90-80\" }\n", 4, 42, "marks[0].ports", "inverted"),
+    ("empty port range", "DIRECTORmarks:\n  - { mark: 1, dst: 192.0.2.0/24, ports: \"80,\" }\n", 4, 42, "marks[0].ports", "empty port range"),
+    ("empty port list", "DIRECTORmarks:\n  - { mark: 1, dst: 192.0.2.0/24, ports: [] }\n", 4, 42, "marks[0].ports", "port list is empty"),
+    ("port out of range", "DIRECTORmarks:\n  - { mark: 1, dst: 192.0.2.0/24, ports: 70000 }\n", 4, 42, "marks[0].ports", "out of range 1-65535"),
+    ("unknown protocol", "DIRECTORmarks:\n  - { mark: 1, dst: 192.0.2.0/24, proto: sctp }\n", 4, 42, "marks[0].proto", "sctp"),
+    ("service without name", "DIRECTORservices:\n  - match: { vip: 192.0.2.1, port: 80 }\n", 4, 5, "services[0]", "missing field `name`"),
+    ("bad service name", "DIRECTORservices:\n  - name: \"web farm\"\n    match: { vip: 192.0.2.1, port: 80 }\n", 4, 11, "services[0].name", "service name"),
+    ("duplicate service name", "DIRECTORservices:\n  - { name: a, match: { vip: 192.0.2.1, port: 80 } }\n  - { name: a, match: { vip: 192.0.2.2, port: 80 } }\n", 5, 13, "services[1].name", "duplicate service name `a`"),
+    ("duplicate vip", "DIRECTORservices:\n  - { name: a, match: { vip: 192.0.2.1, port: 80 } }\n  - { name: b, match: { vip: 192.0.2.1, port: 80 } }\n", 5, 23, "services[1].match", "192.0.2.1:80/tcp is already the match of services[0]"),
+    ("bad vip address", "DIRECTORservices:\n  - { name: a, match: { vip: 192.0.2.300, port: 80 } }\n", 4, 30, "services[0].match.vip", "invalid IP address"),
+    ("loopback vip", "DIRECTORservices:\n  - { name: a, match: { vip: 127.0.0.1, port: 80 } }\n", 4, 30, "services[0].match.vip", "cannot be a virtual address"),
+    ("vip without port", "DIRECTORservices:\n  - { name: a, match: { vip: 192.0.2.1 } }\n", 4, 30, "services[0].match.port", "needs a `port`"),
+    ("vip and fwmark", "DIRECTORmarks: [{ mark: 1, dst: 192.0.2.0/24 }]\nservices:\n  - { name: a, match: { vip: 192.0.2.1, port: 80, fwmark: 1 } }\n", 5, 59, "services[0].match.fwmark", "not both"),
+    ("empty match", "DIRECTORservices:\n  - { name: a, match: {} }\n", 4, 23, "services[0].match", "needs `vip`"),
+    ("undefined mark", "DIRECTORservices:\n  - { name: a, match: { fwmark: 7 } }\n", 4, 33, "services[0].match.fwmark", "fwmark 7 is not defined"),
+    ("duplicate fwmark service", "DIRECTORmarks: [{ mark: 1, dst: 192.0.2.0/24 }]\nservices:\n  - { name: a, match: { fwmark: 1 } }\n  - { name: b, match: { fwmark: 1 } }\n", 6, 23, "services[1].match", "fwmark 1 is already the match"),
+    ("unknown scheduler", "DIRECTORservices:\n  - { name: a, match: { vip: 192.0.2.1, port: 80 }, scheduler: rr }\n", 4, 64, "services[0].scheduler", "rr"),
+    ("nat forwarding", "DIRECTORservices:\n  - { name: a, match: { vip: 192.0.2.1, port: 80 }, forward: nat }\n", 4, 62, "services[0].forward", "only `dr`"),
+    ("ring size not prime", "DIRECTORservices:\n  - { name: a, match: { vip: 192.0.2.1, port: 80 }, ring_size: 4096 }\n", 4, 64, "services[0].ring_size", "not a prime"),
+    ("ring size too large", "DIRECTORservices:\n  - { name: a, match: { vip: 192.0.2.1, port: 80 }, ring_size: 2000003 }\n", 4, 64, "services[0].ring_size", "out of range"),
+    ("rings beyond ring_slots", "director:\n  interfaces: [eth0]\n  ring_slots: 10000\nservices:\n  - { name: a, match: { vip: 192.0.2.1, port: 80 }, ring_size: 4093 }\n  - { name: b, match: { vip: 192.0.2.2, port: 80 }, ring_size: 4093 }\n", 6, 64, "services[1].ring_size", "more than director.ring_slots (10000)"),
+    ("more backends than ring slots", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    ring_size: 3\n    backends: [{address: 10.0.0.1}, {address: 10.0.0.2}, {address: 10.0.0.3}, {address: 10.0.0.4}]\n", 6, 16, "services[0].ring_size", "4 backends do not fit"),
+    ("unknown backend key", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends:\n      - { address: 10.0.0.1, wieght: 5 }\n", 7, 30, "services[0].backends[0].wieght", "unknown field `wieght`"),
+    ("bad backend address", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends:\n      - { address: 10.0.0 }\n", 7, 20, "services[0].backends[0].address", "invalid IP address"),
+    ("backend of the other family", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends:\n      - { address: \"2001:db8::1\" }\n", 7, 20, "services[0].backends[0].address", "different address families"),
+    ("duplicate backend", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends:\n      - { address: 10.0.0.1 }\n      - { address: 10.0.0.1 }\n", 8, 20, "services[0].backends[1].address", "already services[0].backends[0]"),
+    ("weight out of range", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends:\n      - { address: 10.0.0.1, weight: 70000 }\n", 7, 38, "services[0].backends[0].weight", "out of range 0-65535"),
+    ("negative weight", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends:\n      - { address: 10.0.0.1, weight: -1 }\n", 7, 38, "services[0].backends[0].weight", "u32"),
+    ("unknown backend state", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends:\n      - { address: 10.0.0.1, state: down }\n", 7, 37, "services[0].backends[0].state", "down"),
+    ("backend port differs under dr", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends:\n      - { address: 10.0.0.1, port: 8080 }\n", 7, 36, "services[0].backends[0].port", "must listen on 80"),
+    ("duplicate key", "director:\n  interfaces: [eth0]\n  interfaces: [eth1]\n", 3, 3, "director", "duplicate mapping key `interfaces`"),
+];
+
+#[test]
+fn malformed_configs_are_refused_with_location_and_path() {
+    assert!(MALFORMED.len() >= 30);
+    let mut failures = Vec::new();
+    for (what, yaml, line, column, path, message) in MALFORMED {
+        let yaml = yaml.replace("DIRECTOR", DIRECTOR);
+        let got = refused(&yaml);
+        if (got.0, got.1, got.2.as_str()) != (*line, *column, *path) || !got.3.contains(message) {
+            failures.push(format!(
+                "{what}: got {}:{} {} \"{}\"; want {line}:{column} {path} \"{message}\"",
+                got.0, got.1, got.2, got.3
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} rows:\n{}", failures.len(), MALFORMED.len(), failures.join("\n"));
+}
+
+#[test]
+fn the_error_names_file_line_column_and_path() {
+    let e = Config::parse("director:\n  interfaces: [eth0]\n  xdp: native\n", "/etc/lb/lb.yaml").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "/etc/lb/lb.yaml:3:3: director.xdp: unknown field `xdp`, expected one of interfaces, xdp_mode, metrics_listen, control_socket, bpf_dir, connection_table_size, ring_slots"
+    );
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let e = Config::load(std::path::Path::new("/nonexistent/lb.yaml")).unwrap_err();
+    let text = lb_daemon::error_chain(&e);
+    assert!(text.starts_with("/nonexistent/lb.yaml: No such file"), "{text}");
+}
