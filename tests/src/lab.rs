@@ -1,94 +1,64 @@
 //! A running direct-routing farm: the topology of [`crate::topology`], a name server on
-//! every real server, and a director thread that owns the XDP data path. Used by the
-//! end-to-end tests and by `cargo xtask lab`.
+//! every real server, and the real `lb-daemon` on the director, configured by YAML. Used
+//! by the end-to-end tests and by `cargo xtask lab`.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, anyhow, ensure};
-use lb_common::{Counters, stat};
+use anyhow::{Result, anyhow, bail};
+use lb_daemon::config::Config;
 use lb_daemon::dataplane::{Dataplane, LoadOptions, XdpMode};
-use lb_daemon::plan::Planner;
-use lb_daemon::routing::neighbour;
+use nix::sys::signal::Signal;
 
-use crate::fixture::tcp_service;
+use crate::daemon::{Daemon, Metrics};
 use crate::tcp::{NameServer, fetch_from};
-use crate::topology::{DIRECTOR_CLIENT_SIDE, DrTopology, VIP};
+use crate::topology::{DIRECTOR_CLIENT_SIDE, DIRECTOR_IN, DrTopology, VIP};
 
 /// Port of the service on the VIP; the director's own service listens on 8080.
 pub const VIP_PORT: u16 = 80;
 pub const DIRECTOR_PORT: u16 = 8080;
 
-/// What the director reports when asked.
-#[derive(Clone, Debug, Default)]
-pub struct DirectorReport {
-    pub service: Counters,
-    /// Counters per backend address.
-    pub backends: BTreeMap<IpAddr, Counters>,
-    /// XDP action totals and drops, by name, non-zero only.
-    pub global: Vec<(&'static str, u64)>,
-}
-
-enum Command {
-    Report(mpsc::Sender<Result<DirectorReport>>),
-    Stop,
+/// Where the daemon's config comes from.
+pub enum LabConfig {
+    /// This file, as it is (`cargo xtask lab` runs `configs/lab.yaml`).
+    File(PathBuf),
+    /// A file the lab writes: a `director:` section with paths unique to this lab, then
+    /// these `services:` (and `marks:`) lines.
+    Services(String),
 }
 
 pub struct DrLab {
     pub topo: DrTopology,
     servers: Vec<NameServer>,
     own_service: Option<NameServer>,
-    commands: mpsc::Sender<Command>,
-    director: Option<JoinHandle<Result<()>>>,
+    pub daemon: Daemon,
+    /// Holds the pass-through program on the LAN bridge port (see `start`).
+    _pass_through: Dataplane,
+    bpf_dir: PathBuf,
+    /// Config, log and socket of a generated config; removed on drop.
+    workdir: Option<PathBuf>,
 }
 
-/// Everything the director thread does before it is ready to forward.
-fn start_director(
-    backends: &[IpAddr],
-    dir_in: &str,
-    lan_ns: &str,
-    lan_port: &str,
-) -> Result<(Dataplane, lb_daemon::plan::Plan)> {
-    let mut dp = Dataplane::load(&LoadOptions { ring_slots: 4 * 4093, flow_entries: 65536, pin_dir: None })?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let neighbours = rt.block_on(neighbour::resolve(backends, Duration::from_secs(5)))?;
-    ensure!(neighbours.len() == backends.len(), "resolved only {neighbours:?}");
-    let web = tcp_service("web", IpAddr::V4(VIP), VIP_PORT, 4093, backends);
-    let plan = Planner::default().plan(&[web], &[], &neighbours)?;
-    dp.apply(&plan.state)?;
-    dp.attach(dir_in, XdpMode::Native)?;
-    // Redirected frames reach the LAN bridge only if its veth port runs XDP too.
-    std::thread::scope(|s| {
-        s.spawn(|| -> Result<()> {
-            crate::enter(lan_ns)?;
-            Ok(dp.attach_pass_through(lan_port, XdpMode::Native)?)
-        })
-        .join()
-        .map_err(|_| anyhow!("attach thread panicked"))?
-    })?;
-    Ok((dp, plan))
-}
-
-fn report(dp: &Dataplane, plan: &lb_daemon::plan::Plan) -> Result<DirectorReport> {
-    let mut r =
-        DirectorReport { service: dp.service_counters(plan.service_ids["web"])?, ..Default::default() };
-    for ((_, addr), id) in &plan.backend_ids {
-        r.backends.insert(*addr, dp.backend_counters(*id)?);
+/// The `services:` section of the default lab: one VIP, sh, every server at weight 1.
+pub fn web_service(servers: &[IpAddr]) -> String {
+    let mut y = format!(
+        "services:\n  - name: web\n    match: {{ vip: {VIP}, port: {VIP_PORT}, proto: tcp }}\n    scheduler: sh\n    backends:\n"
+    );
+    for s in servers {
+        y.push_str(&format!("      - {{ address: {s} }}\n"));
     }
-    let g = dp.global_counters()?;
-    for (index, name) in stat::ACTIONS.iter().chain(stat::DROP_REASONS.iter()) {
-        if g[*index as usize] != 0 {
-            r.global.push((name, g[*index as usize]));
-        }
-    }
-    Ok(r)
+    y
 }
 
 impl DrLab {
+    /// The default lab: service `web` on the VIP over every server.
     pub fn start(servers: usize, client_addrs: usize) -> Result<Self> {
+        let addrs: Vec<IpAddr> = (0..servers).map(|i| IpAddr::from([10, 0, 2, 11 + i as u8])).collect();
+        Self::start_with(servers, client_addrs, LabConfig::Services(web_service(&addrs)))
+    }
+
+    pub fn start_with(servers: usize, client_addrs: usize, config: LabConfig) -> Result<Self> {
         let topo = DrTopology::build(servers, client_addrs)?;
         let name_servers = topo
             .servers
@@ -101,39 +71,115 @@ impl DrLab {
         let own_service =
             NameServer::start(&topo.director, (DIRECTOR_CLIENT_SIDE, DIRECTOR_PORT).into(), "director")?;
 
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
-        let (commands, command_rx) = mpsc::channel::<Command>();
-        let backends: Vec<IpAddr> = topo.server_addrs.iter().map(|a| IpAddr::V4(*a)).collect();
-        let (dir_in, lan_port, lan_ns) =
-            (topo.director_in.clone(), topo.lan_port.clone(), topo.lan.name().to_owned());
-        let director = topo.director.spawn(move || {
-            let (dp, plan) = match start_director(&backends, &dir_in, &lan_ns, &lan_port) {
-                Ok(v) => v,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(anyhow!("{e:#}")));
-                    return Err(e);
-                }
-            };
-            let _ = ready_tx.send(Ok(()));
-            // Runs until told to stop, or until the lab is dropped (the sender goes away).
-            while let Ok(cmd) = command_rx.recv() {
-                match cmd {
-                    Command::Report(reply) => {
-                        let _ = reply.send(report(&dp, &plan));
-                    }
-                    Command::Stop => break,
-                }
+        let (path, workdir) = match config {
+            LabConfig::File(p) => (p, None),
+            LabConfig::Services(services) => {
+                let dir = std::env::temp_dir().join(crate::unique_name("lbt"));
+                std::fs::create_dir_all(&dir)?;
+                let bpf = PathBuf::from("/sys/fs/bpf").join(dir.file_name().unwrap_or_default());
+                let path = dir.join("lb.yaml");
+                std::fs::write(&path, format!("{}{services}", director_yaml(&dir, &bpf)))?;
+                (path, Some(dir))
             }
-            Ok(())
-        });
-        ready_rx.recv_timeout(Duration::from_secs(30)).context("the director did not start")??;
-        Ok(DrLab {
+        };
+        let parsed = Config::load(&path).map_err(|e| anyhow!(lb_daemon::error_chain(&e)))?;
+        let d = &parsed.director;
+        // The lab owns its pin directory: whatever an earlier, interrupted run left there
+        // points at interfaces that no longer exist.
+        Dataplane::remove_pins(&d.bpf_dir).map_err(|e| anyhow!(lb_daemon::error_chain(&e)))?;
+        let log = match &workdir {
+            Some(dir) => dir.join("lb-daemon.log"),
+            None => std::env::temp_dir().join(format!("{}.log", crate::unique_name("lb-lab"))),
+        };
+
+        // Frames the director redirects into its LAN veth reach the bridge only if the
+        // peer runs an XDP program: the lab loads a pass-through one there.
+        let mut pass = Dataplane::load(&LoadOptions { ring_slots: 7, flow_entries: 16, pin_dir: None })?;
+        let lan_port = topo.lan_port.clone();
+        let lan_ns = topo.lan.name().to_owned();
+        std::thread::scope(|s| {
+            s.spawn(|| -> Result<()> {
+                crate::enter(&lan_ns)?;
+                Ok(pass.attach_pass_through(&lan_port, XdpMode::Native)?)
+            })
+            .join()
+            .map_err(|_| anyhow!("attach thread panicked"))?
+        })?;
+
+        let daemon = Daemon::start(&topo.director, &path, &d.control_socket, d.metrics_listen, &log)?;
+        let lab = DrLab {
             topo,
             servers: name_servers,
             own_service: Some(own_service),
-            commands,
-            director: Some(director),
-        })
+            daemon,
+            _pass_through: pass,
+            bpf_dir: d.bpf_dir.clone(),
+            workdir,
+        };
+        lab.wait_resolved()?;
+        Ok(lab)
+    }
+
+    /// Backends count as down until their MAC is known; the daemon looks again every 10 s.
+    fn wait_resolved(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(25);
+        loop {
+            let status = self.daemon.status()?;
+            if !status.contains("unresolved") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("backends stayed unresolved:\n{status}\n{}", self.daemon.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The config file the daemon reads (only for labs with a generated config).
+    pub fn config_path(&self) -> Result<PathBuf> {
+        Ok(self.workdir.as_ref().ok_or_else(|| anyhow!("the lab runs a fixed file"))?.join("lb.yaml"))
+    }
+
+    /// Replaces the services of a generated config (the director section stays).
+    pub fn write_services(&self, services: &str) -> Result<()> {
+        let dir = self.workdir.as_ref().ok_or_else(|| anyhow!("the lab runs a fixed file"))?;
+        std::fs::write(self.config_path()?, format!("{}{services}", director_yaml(dir, &self.bpf_dir)))?;
+        Ok(())
+    }
+
+    /// Writes raw text as the config file (for refused reloads).
+    pub fn write_raw_config(&self, text: &str) -> Result<()> {
+        std::fs::write(self.config_path()?, text)?;
+        Ok(())
+    }
+
+    pub fn metrics(&self) -> Result<Metrics> {
+        self.daemon.metrics(&self.topo.director)
+    }
+
+    /// SIGHUP, then waits until the daemon has counted the reload; returns whether it
+    /// succeeded.
+    pub fn reload(&self) -> Result<bool> {
+        let count = |m: &Metrics| -> Result<(f64, f64)> {
+            Ok((
+                m.value("lb_config_reloads_total{result=\"success\"}")?,
+                m.value("lb_config_reloads_total{result=\"failure\"}")?,
+            ))
+        };
+        let before = count(&self.metrics()?)?;
+        self.daemon.signal(Signal::SIGHUP)?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            let now = count(&self.metrics()?)?;
+            if now.0 > before.0 {
+                return Ok(true);
+            }
+            if now.1 > before.1 {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("the daemon did not finish a reload within 15 s:\n{}", self.daemon.log_text())
     }
 
     /// Makes `rounds` connections from every client address to the VIP, in the client
@@ -152,37 +198,50 @@ impl DrLab {
         })
     }
 
+    /// One connection from the first client address to `dst`.
+    pub fn connect(&self, dst: SocketAddr) -> Result<String> {
+        let src = IpAddr::V4(self.topo.client_addrs[0]);
+        self.topo.client.run(move || fetch_from(src, dst))
+    }
+
     /// One connection from the first client address to the director's own address.
     pub fn connect_director(&self) -> Result<String> {
-        let src = IpAddr::V4(self.topo.client_addrs[0]);
-        self.topo.client.run(move || fetch_from(src, (DIRECTOR_CLIENT_SIDE, DIRECTOR_PORT).into()))
+        self.connect((DIRECTOR_CLIENT_SIDE, DIRECTOR_PORT).into())
     }
 
-    pub fn report(&self) -> Result<DirectorReport> {
-        let (tx, rx) = mpsc::channel();
-        self.commands.send(Command::Report(tx)).map_err(|_| anyhow!("the director has stopped"))?;
-        rx.recv_timeout(Duration::from_secs(10)).context("no report from the director")?
-    }
-
-    /// Stops everything; returns how many connections each real server answered and how
-    /// many the director's own service answered.
-    pub fn stop(mut self) -> Result<(Vec<u64>, u64)> {
-        let _ = self.commands.send(Command::Stop);
-        if let Some(d) = self.director.take() {
-            d.join().map_err(|_| anyhow!("director thread panicked"))??;
-        }
+    /// Stops the name servers; returns how many connections each real server answered
+    /// and how many the director's own service answered. The daemon stops on drop.
+    pub fn stop_servers(&mut self) -> Result<(Vec<u64>, u64)> {
         let served =
             std::mem::take(&mut self.servers).into_iter().map(NameServer::stop).collect::<Result<_>>()?;
         let own = self.own_service.take().map(NameServer::stop).transpose()?.unwrap_or(0);
         Ok((served, own))
     }
+
+    pub fn director_interface(&self) -> &str {
+        DIRECTOR_IN
+    }
+}
+
+fn director_yaml(workdir: &Path, bpf_dir: &Path) -> String {
+    format!(
+        "director:\n  interfaces: [{DIRECTOR_IN}]\n  xdp_mode: native\n  metrics_listen: 127.0.0.1:9740\n  \
+         control_socket: {}\n  bpf_dir: {}\n  connection_table_size: 65536\n  ring_slots: 131072\n",
+        workdir.join("control.sock").display(),
+        bpf_dir.display()
+    )
 }
 
 impl Drop for DrLab {
     fn drop(&mut self) {
-        let _ = self.commands.send(Command::Stop);
-        if let Some(d) = self.director.take() {
-            let _ = d.join();
+        // The daemon first (it holds the links), then what it pinned, then its files; the
+        // namespaces go when the topology drops.
+        let _ = self.daemon.kill9();
+        if let Err(e) = Dataplane::remove_pins(&self.bpf_dir) {
+            eprintln!("lab cleanup: {}", lb_daemon::error_chain(&e));
+        }
+        if let Some(dir) = &self.workdir {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

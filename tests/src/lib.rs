@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{Context as _, Result, bail};
 use nix::sched::{CloneFlags, setns};
 
+pub mod daemon;
 pub mod fixture;
 pub mod lab;
 pub mod tcp;
@@ -106,8 +107,13 @@ impl Drop for NetNs {
 
 /// Connects two namespaces with a veth pair and returns the two interface names.
 pub fn veth(a: &NetNs, b: &NetNs, prefix: &str) -> Result<(String, String)> {
-    let name_a = unique_name(&format!("{prefix}a"));
-    let name_b = unique_name(&format!("{prefix}b"));
+    veth_named(a, b, &unique_name(&format!("{prefix}a")), &unique_name(&format!("{prefix}b")))
+}
+
+/// A veth pair with chosen names: names are per namespace, so a fixed name (the one a
+/// config file refers to) is fine inside a test's own namespace.
+pub fn veth_named(a: &NetNs, b: &NetNs, name_a: &str, name_b: &str) -> Result<(String, String)> {
+    let (name_a, name_b) = (name_a.to_owned(), name_b.to_owned());
     run(
         "ip",
         &[

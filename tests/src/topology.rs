@@ -14,11 +14,17 @@ use std::net::Ipv4Addr;
 
 use anyhow::Result;
 
-use crate::{NetNs, veth};
+use crate::{NetNs, veth, veth_named};
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 pub const DIRECTOR_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
 pub const DIRECTOR_LAN_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
+/// The director's interface names, fixed so that `configs/lab.yaml` can name them.
+pub const DIRECTOR_IN: &str = "ext0";
+pub const DIRECTOR_OUT: &str = "lan0";
+/// Every address of this prefix is a possible VIP: servers hold all of it on loopback
+/// and the client routes it via the director.
+pub const VIP_PREFIX_LEN: u8 = 24;
 
 pub struct DrTopology {
     pub client: NetNs,
@@ -45,8 +51,8 @@ impl DrTopology {
         let client = NetNs::new("cl")?;
         let director = NetNs::new("dr")?;
         let lan = NetNs::new("ln")?;
-        let (cl_if, dir_in) = veth(&client, &director, "c")?;
-        let (dir_out, lan_port) = veth(&director, &lan, "d")?;
+        let (cl_if, dir_in) = veth_named(&client, &director, &crate::unique_name("ca"), DIRECTOR_IN)?;
+        let (dir_out, lan_port) = veth_named(&director, &lan, DIRECTOR_OUT, &crate::unique_name("db"))?;
         for (ns, i) in [(&client, &cl_if), (&director, &dir_in), (&director, &dir_out), (&lan, &lan_port)] {
             no_offloads(ns, i)?;
         }
@@ -56,7 +62,8 @@ impl DrTopology {
         for a in &client_addrs {
             client.ip(&["addr", "add", &format!("{a}/24"), "dev", &cl_if])?;
         }
-        client.ip(&["route", "add", &format!("{VIP}/32"), "via", &DIRECTOR_CLIENT_SIDE.to_string()])?;
+        let vip_net = ipnet::Ipv4Net::new(VIP, VIP_PREFIX_LEN)?.trunc();
+        client.ip(&["route", "add", &vip_net.to_string(), "via", &DIRECTOR_CLIENT_SIDE.to_string()])?;
 
         director.ip(&["addr", "add", &format!("{DIRECTOR_CLIENT_SIDE}/24"), "dev", &dir_in])?;
         director.ip(&["addr", "add", &format!("{DIRECTOR_LAN_SIDE}/24"), "dev", &dir_out])?;
@@ -81,7 +88,8 @@ impl DrTopology {
             lan.ip(&["link", "set", &port, "master", bridge])?;
             let addr = Ipv4Addr::new(10, 0, 2, 11 + i as u8);
             s.ip(&["addr", "add", &format!("{addr}/24"), "dev", &sif])?;
-            s.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+            // On lo a prefix makes every address in it local.
+            s.ip(&["addr", "add", &format!("{VIP}/{VIP_PREFIX_LEN}"), "dev", "lo"])?;
             s.ip(&["route", "add", "default", "via", &DIRECTOR_LAN_SIDE.to_string()])?;
             // LVS-DR: never answer or announce ARP for the VIP held on loopback.
             s.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;

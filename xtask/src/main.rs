@@ -49,6 +49,7 @@ fn main() -> Result<()> {
         }
         Cmd::Lab { keep } => {
             require_root("the lab creates network namespaces and loads XDP programs")?;
+            cargo(&["build", "--release", "--quiet", "-p", "lb-daemon"])?;
             let mut args = vec!["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "lb-lab"];
             if keep {
                 args.extend(["--", "--keep"]);
@@ -164,5 +165,7 @@ fn test() -> Result<()> {
     require_root("the packet fixtures load BPF programs and the end-to-end tests create namespaces")?;
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    // The end-to-end tests run the daemon binary itself.
+    cargo(&["build", "-p", "lb-daemon"])?;
     cargo(&["test", "--workspace"])
 }

@@ -1,12 +1,14 @@
-//! `cargo xtask lab`: a client, a director and three real servers in network namespaces;
-//! real TCP connections through the XDP data path (direct routing); what happened is
-//! printed, and everything is removed at the end (or on Enter, with `--keep`).
+//! `cargo xtask lab`: a client, a director running `lb-daemon` with `configs/lab.yaml`,
+//! and three real servers in network namespaces; real TCP connections through the XDP
+//! data path (direct routing); the status table and a metrics excerpt are printed, and
+//! everything is removed at the end (or on Enter, with `--keep`).
 
 use std::collections::BTreeMap;
 use std::io::BufRead as _;
+use std::path::PathBuf;
 
 use anyhow::Result;
-use lb_tests::lab::{DIRECTOR_PORT, DrLab, VIP_PORT};
+use lb_tests::lab::{DIRECTOR_PORT, DrLab, LabConfig, VIP_PORT};
 use lb_tests::topology::{DIRECTOR_CLIENT_SIDE, VIP};
 
 const CLIENTS: usize = 30;
@@ -14,8 +16,10 @@ const ROUNDS: usize = 4;
 
 fn main() -> Result<()> {
     let keep = std::env::args().any(|a| a == "--keep");
+    let config = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/lab.yaml"));
+    let config = std::fs::canonicalize(&config)?;
     println!("building the lab: 1 client ({CLIENTS} addresses), 1 director, 3 real servers");
-    let lab = DrLab::start(3, CLIENTS)?;
+    let mut lab = DrLab::start_with(3, CLIENTS, LabConfig::File(config.clone()))?;
     let t = &lab.topo;
     println!(
         "  client    netns {:<14} {}..{}",
@@ -24,8 +28,9 @@ fn main() -> Result<()> {
         t.client_addrs[CLIENTS - 1]
     );
     println!(
-        "  director  netns {:<14} XDP (native) on {}, LAN side {}",
+        "  director  netns {:<14} lb-daemon -c {} (XDP on {}), LAN side {}",
         t.director.name(),
+        config.display(),
         t.director_in,
         t.director_out
     );
@@ -54,33 +59,35 @@ fn main() -> Result<()> {
         lab.connect_director()?
     );
 
-    let r = lab.report()?;
-    println!("\ndata-path counters (summed over CPUs)");
-    println!(
-        "  service web: {} packets, {} bytes, {} new flows",
-        r.service.packets, r.service.bytes, r.service.new_flows
-    );
-    for (addr, c) in &r.backends {
-        println!("  backend {addr}: {} packets, {} bytes, {} new flows", c.packets, c.bytes, c.new_flows);
+    println!("\nlb-daemon status -c {}", config.display());
+    print!("{}", lab.daemon.status()?);
+    println!("\nGET http://127.0.0.1:9740/metrics (in the director namespace), excerpt:");
+    let metrics = lab.metrics()?;
+    for line in metrics.0.lines() {
+        let interesting =
+            ["lb_service_", "lb_backend_connections_total", "lb_xdp_actions_total", "lb_config_reloads"];
+        if !line.starts_with('#') && interesting.iter().any(|p| line.starts_with(p)) && !line.ends_with(" 0")
+        {
+            println!("  {line}");
+        }
     }
-    let global: Vec<String> = r.global.iter().map(|(n, v)| format!("{n}={v}")).collect();
-    println!("  XDP actions and drops: {}", global.join(" "));
 
     if keep {
+        let dir = t.director.name();
         println!("\nthe lab stays up until you press Enter. To look around:");
         println!(
-            "  ip netns exec {} ip -s link show {}     # XDP program and counters",
-            t.director.name(),
-            t.director_in
+            "  lb-daemon status -c {}                       # (target/release/lb-daemon)",
+            config.display()
         );
-        println!(
-            "  ip netns exec {} bpftool net show            # attachments (needs bpftool)",
-            t.director.name()
-        );
-        println!("  ip netns exec {} ip addr; ip netns exec {} ip route", t.client.name(), t.client.name());
+        println!("  nsenter --net=/run/netns/{dir} curl -s 127.0.0.1:9740/metrics");
+        println!("  ip -n {dir} link show {}                     # the XDP program", t.director_in);
+        println!("  ls -R /sys/fs/bpf/lb-lab                     # pinned maps and link");
+        println!("  ip netns exec {} ip route", t.client.name());
+        println!("  (edit {} and reload: kill -HUP {})", config.display(), lab.daemon.pid()?);
         let _ = std::io::stdin().lock().lines().next();
     }
-    let (served, _) = lab.stop()?;
-    println!("\nservers answered {served:?}; namespaces removed");
+    let (served, _) = lab.stop_servers()?;
+    drop(lab);
+    println!("\nservers answered {served:?}; daemon stopped, data path detached, namespaces removed");
     Ok(())
 }
