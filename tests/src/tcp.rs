@@ -96,3 +96,228 @@ pub fn fetch_from(src: IpAddr, dst: SocketAddr) -> Result<String> {
     stream.read_to_string(&mut answer).with_context(|| format!("reading {src} -> {dst}"))?;
     Ok(answer)
 }
+
+/// Echoes whatever each connection sends, for long-lived connections. One thread serves
+/// every connection (non-blocking sockets). Stops when dropped.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<Result<u64>>>,
+}
+
+impl EchoServer {
+    pub fn start(ns: &NetNs, bind: SocketAddr) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = ns.spawn(move || {
+            let listener = match TcpListener::bind(bind) {
+                Ok(l) => {
+                    let _ = ready_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("binding {bind}: {e}")));
+                    return Err(e.into());
+                }
+            };
+            listener.set_nonblocking(true)?;
+            let mut conns: Vec<TcpStream> = Vec::new();
+            let mut accepted = 0u64;
+            let mut buf = [0u8; 4096];
+            while !flag.load(Ordering::Relaxed) {
+                let mut idle = true;
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        s.set_nonblocking(true)?;
+                        conns.push(s);
+                        accepted += 1;
+                        idle = false;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e.into()),
+                }
+                let mut closed = Vec::new();
+                for (i, c) in conns.iter_mut().enumerate() {
+                    match c.read(&mut buf) {
+                        Ok(0) => closed.push(i),
+                        Ok(n) => {
+                            idle = false;
+                            // Small messages into an empty socket buffer: the write fits.
+                            c.set_nonblocking(false)?;
+                            c.set_write_timeout(Some(IO_TIMEOUT))?;
+                            let written = c.write_all(&buf[..n]);
+                            c.set_nonblocking(true)?;
+                            if written.is_err() {
+                                closed.push(i);
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => closed.push(i),
+                    }
+                }
+                for i in closed.into_iter().rev() {
+                    conns.swap_remove(i);
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            Ok(accepted)
+        });
+        match ready_rx.recv_timeout(IO_TIMEOUT) {
+            Ok(Ok(())) => Ok(EchoServer { stop, handle: Some(handle) }),
+            Ok(Err(e)) => anyhow::bail!("echo server: {e}"),
+            Err(_) => anyhow::bail!("echo server {bind} did not start"),
+        }
+    }
+
+    /// Stops the server; returns how many connections it accepted.
+    pub fn stop(mut self) -> Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.handle.take() {
+            Some(h) => h.join().map_err(|_| anyhow::anyhow!("echo thread panicked"))?,
+            None => Ok(0),
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Long-lived connections that each exchange one message per period with an echo
+/// server, until stopped or `max_rounds`; the first error (a reset, a timeout, a wrong
+/// echo) ends them and is reported.
+pub struct Conversations {
+    stop: Arc<AtomicBool>,
+    rounds: Arc<std::sync::atomic::AtomicU64>,
+    handle: Option<JoinHandle<Result<ConversationReport>>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConversationReport {
+    pub connections: usize,
+    pub rounds: u64,
+    /// Messages echoed correctly, over all connections.
+    pub exchanges: u64,
+}
+
+impl Conversations {
+    /// Opens `count` connections to `dst` from `sources` (round robin) inside `ns`.
+    pub fn start(
+        ns: &NetNs,
+        sources: Vec<IpAddr>,
+        dst: SocketAddr,
+        count: usize,
+        period: Duration,
+        max_rounds: u64,
+    ) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (flag, done) = (stop.clone(), rounds.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = ns.spawn(move || {
+            let mut conns = Vec::with_capacity(count);
+            for i in 0..count {
+                let src = sources[i % sources.len()];
+                let opened = (|| -> Result<TcpStream> {
+                    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+                    socket.bind(&SocketAddr::new(src, 0).into())?;
+                    socket.connect_timeout(&dst.into(), IO_TIMEOUT)?;
+                    let s: TcpStream = socket.into();
+                    s.set_read_timeout(Some(IO_TIMEOUT))?;
+                    s.set_write_timeout(Some(IO_TIMEOUT))?;
+                    s.set_nodelay(true)?;
+                    Ok(s)
+                })()
+                .with_context(|| format!("connection {i} from {src} to {dst}"));
+                match opened {
+                    Ok(s) => conns.push(s),
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("{e:#}")));
+                        return Err(e);
+                    }
+                }
+            }
+            let _ = ready_tx.send(Ok(()));
+            let mut exchanges = 0u64;
+            let mut round = 0u64;
+            let mut answer = Vec::new();
+            while !flag.load(Ordering::Relaxed) && round < max_rounds {
+                let started = std::time::Instant::now();
+                for (i, c) in conns.iter_mut().enumerate() {
+                    let msg = format!("connection {i} round {round}\n");
+                    let exchange = (|| -> std::io::Result<()> {
+                        c.write_all(msg.as_bytes())?;
+                        answer.resize(msg.len(), 0);
+                        c.read_exact(&mut answer)
+                    })();
+                    exchange.with_context(|| {
+                        format!("connection {i} (from {:?}), round {round}", c.local_addr())
+                    })?;
+                    anyhow::ensure!(answer == msg.as_bytes(), "connection {i} round {round}: wrong echo");
+                    exchanges += 1;
+                }
+                round += 1;
+                done.store(round, Ordering::Relaxed);
+                if let Some(rest) = period.checked_sub(started.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+            }
+            Ok(ConversationReport { connections: conns.len(), rounds: round, exchanges })
+        });
+        match ready_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(())) => Ok(Conversations { stop, rounds, handle: Some(handle) }),
+            Ok(Err(e)) => anyhow::bail!("opening the connections: {e}"),
+            Err(_) => anyhow::bail!("the connections did not open within 30 s"),
+        }
+    }
+
+    /// Rounds completed so far by every connection.
+    pub fn rounds(&self) -> u64 {
+        self.rounds.load(Ordering::Relaxed)
+    }
+
+    /// Whether the conversations ended early (an error, or `max_rounds`).
+    pub fn finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// Waits (bounded) until `n` more rounds have completed; false if they ended first.
+    pub fn wait_rounds(&self, n: u64, limit: Duration) -> bool {
+        let target = self.rounds() + n;
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if self.rounds() >= target {
+                return true;
+            }
+            if self.finished() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    pub fn stop(mut self) -> Result<ConversationReport> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.handle.take() {
+            Some(h) => h.join().map_err(|_| anyhow::anyhow!("conversation thread panicked"))?,
+            None => anyhow::bail!("already stopped"),
+        }
+    }
+}
+
+impl Drop for Conversations {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

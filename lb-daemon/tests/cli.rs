@@ -1,0 +1,51 @@
+//! `lb-daemon check`, as an operator or a deploy pipeline calls it: exit status and message.
+
+use std::process::Command;
+
+fn check(yaml: &str) -> (bool, String, String) {
+    let dir = std::env::temp_dir().join(format!("lb-cli-{}-{}", std::process::id(), yaml.len()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("lb.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_lb-daemon")).arg("check").arg("-c").arg(&file).output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).replace(&file.display().to_string(), "FILE"),
+    )
+}
+
+#[test]
+fn check_accepts_a_valid_file_and_says_what_it_holds() {
+    let (ok, stdout, _) = check(
+        "director:\n  interfaces: [eth0]\nservices:\n  - name: web\n    match: { vip: 192.0.2.10, port: 80 }\n    backends: [{ address: 10.1.0.1 }, { address: 10.1.0.2 }]\n",
+    );
+    assert!(ok);
+    assert!(stdout.ends_with("ok (1 services, 2 backends, 0 mark rules, interfaces eth0)\n"), "{stdout}");
+}
+
+#[test]
+fn check_refuses_with_location_and_a_failing_exit_status() {
+    let (ok, _, stderr) = check(
+        "director:\n  interfaces: [eth0]\nservices:\n  - name: web\n    match: { vip: 192.0.2.10, port: 80 }\n    ring_size: 4096\n",
+    );
+    assert!(!ok);
+    assert_eq!(
+        stderr.trim_end(),
+        "lb-daemon: FILE:6:16: services[0].ring_size: ring size 4096 is not a prime (Maglev needs one; e.g. 4093, 16381, 65537)"
+    );
+}
+
+#[test]
+fn check_refuses_what_only_planning_finds() {
+    // Nine rules under one destination prefix: more than the data path holds per prefix.
+    let mut yaml = String::from("director:\n  interfaces: [eth0]\nmarks:\n");
+    for m in 1..=9 {
+        yaml.push_str(&format!("  - {{ mark: {m}, dst: 192.0.2.0/24, ports: {} }}\n", 1000 + m));
+    }
+    let (ok, _, stderr) = check(&yaml);
+    assert!(!ok);
+    assert!(stderr.contains("192.0.2.0/24 falls under more than 8 mark rules"), "{stderr}");
+}

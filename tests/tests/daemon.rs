@@ -1,0 +1,209 @@
+//! End to end, the daemon as operators run it: long-lived connections through SIGHUP
+//! reloads, a refused file, `kill -9` and a restart; and metrics that count exactly the
+//! packets sent. Needs root.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use lb_tests::lab::{DrLab, LabConfig, VIP_PORT};
+use lb_tests::tcp::{Conversations, EchoServer};
+use lb_tests::topology::VIP;
+
+const ECHO_PORT: u16 = 7000;
+const CONNECTIONS: usize = 50;
+const RELOADS: usize = 50;
+const SERVERS: usize = 3;
+
+fn servers() -> Vec<IpAddr> {
+    (0..SERVERS).map(|i| IpAddr::from([10, 0, 2, 11 + i as u8])).collect()
+}
+
+/// The echo service with these weights, the name service, and when `extra` is given one
+/// more service on its own VIP (192.0.2.20 + extra). `web_first` lists the name service
+/// first: a fresh daemon would then number the services differently.
+fn services_in_order(weights: [u32; SERVERS], extra: Option<u8>, web_first: bool) -> String {
+    let mut echo = format!("  - name: echo\n    match: {{ vip: {VIP}, port: {ECHO_PORT} }}\n    backends:\n");
+    for (addr, w) in servers().iter().zip(weights) {
+        echo.push_str(&format!("      - {{ address: {addr}, weight: {w} }}\n"));
+    }
+    let mut web = format!("  - name: web\n    match: {{ vip: {VIP}, port: {VIP_PORT} }}\n    backends:\n");
+    for addr in servers().iter().rev() {
+        web.push_str(&format!("      - {{ address: {addr} }}\n"));
+    }
+    let mut y = String::from("services:\n");
+    if web_first {
+        y.push_str(&web);
+        y.push_str(&echo);
+    } else {
+        y.push_str(&echo);
+        y.push_str(&web);
+    }
+    if let Some(n) = extra {
+        y.push_str(&format!(
+            "  - name: extra{n}\n    match: {{ vip: 192.0.2.{}, port: {VIP_PORT} }}\n    scheduler: mh\n    backends:\n",
+            20 + n
+        ));
+        for addr in servers() {
+            y.push_str(&format!("      - {{ address: {addr} }}\n"));
+        }
+    }
+    y
+}
+
+fn services(weights: [u32; SERVERS], extra: Option<u8>) -> String {
+    services_in_order(weights, extra, false)
+}
+
+/// The services and backends of a status table without the connection counts, which
+/// move on their own.
+fn shape(status: &str) -> Vec<String> {
+    status
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            match cols.first() {
+                Some(&"->") if cols.len() == 7 && cols[1] != "RemoteAddress:Port" => {
+                    Some(format!("{} {} {} {}", cols[1], cols[2], cols[3], cols[6]))
+                }
+                Some(&("TCP" | "UDP" | "FWM")) => Some(l.to_owned()),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+fn sum_series(metrics: &lb_tests::daemon::Metrics, prefix: &str) -> f64 {
+    metrics
+        .0
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn long_lived_connections_survive_reloads_a_refused_file_and_kill_9() -> Result<()> {
+    let mut lab = DrLab::start_with(SERVERS, 10, LabConfig::Services(services([1, 1, 1], None)))?;
+    let echo: Vec<EchoServer> = lab
+        .topo
+        .servers
+        .iter()
+        .map(|ns| EchoServer::start(ns, SocketAddr::from(([0, 0, 0, 0], ECHO_PORT))))
+        .collect::<Result<_>>()?;
+    let sources: Vec<IpAddr> = lab.topo.client_addrs.iter().map(|a| IpAddr::V4(*a)).collect();
+    let conv = Conversations::start(
+        &lab.topo.client,
+        sources,
+        (VIP, ECHO_PORT).into(),
+        CONNECTIONS,
+        Duration::from_millis(100),
+        5_000,
+    )?;
+    ensure!(conv.wait_rounds(3, Duration::from_secs(10)), "the connections did not start exchanging");
+
+    // Weights change on every reload, and a service comes and goes on every other one.
+    for i in 0..RELOADS {
+        let weights = [1 + (i % 5) as u32, 1 + ((i + 2) % 7) as u32, 1 + ((i + 4) % 3) as u32];
+        let extra = (i % 2 == 0).then_some(i as u8);
+        lab.write_services(&services(weights, extra))?;
+        ensure!(lab.reload()?, "reload {i} failed:\n{}", lab.daemon.log_text());
+        if let Some(n) = extra
+            && i % 10 == 0
+        {
+            let vip: SocketAddr = (IpAddr::from([192, 0, 2, 20 + n]), VIP_PORT).into();
+            let answer = lab.connect(vip).with_context(|| format!("the service added by reload {i}"))?;
+            ensure!(answer.starts_with("server"), "{vip} answered {answer:?}");
+        }
+        ensure!(!conv.finished(), "the connections broke at reload {i}: {:?}", conv.stop());
+    }
+    ensure!(conv.wait_rounds(2, Duration::from_secs(10)), "no exchange after the reloads: {:?}", conv.stop());
+
+    // A refused file changes nothing and is counted.
+    let before = lab.metrics()?;
+    let status_before = lab.daemon.status()?;
+    lab.write_raw_config(
+        "director:\n  interfaces: [ext0]\nservices:\n  - name: echo\n    match: { vip: 192.0.2.300 }\n",
+    )?;
+    ensure!(!lab.reload()?, "an invalid file was accepted");
+    let after = lab.metrics()?;
+    let failures = after.value("lb_config_reloads_total{result=\"failure\"}")?;
+    ensure!(failures == before.value("lb_config_reloads_total{result=\"failure\"}")? + 1.0);
+    ensure!(failures == 1.0);
+    let status_after = lab.daemon.status()?;
+    ensure!(status_after.contains("last reload FAILED"), "{status_after}");
+    ensure!(
+        shape(&status_before) == shape(&status_after),
+        "a refused reload changed the services:\n{status_before}\n{status_after}"
+    );
+    ensure!(
+        conv.wait_rounds(2, Duration::from_secs(10)),
+        "no exchange after the refused reload: {:?}",
+        conv.stop()
+    );
+
+    // kill -9: the pinned data path keeps forwarding without any daemon.
+    lab.daemon.kill9()?;
+    ensure!(
+        conv.wait_rounds(5, Duration::from_secs(10)),
+        "connections stopped with the daemon: {:?}",
+        conv.stop()
+    );
+    // The restarted daemon reads a file in another order: only the ids it adopts from the
+    // maps keep the connection table's entries meaning the same service and server.
+    lab.write_services(&services_in_order([1, 1, 1], None, true))?;
+    lab.daemon.restart(&lab.topo.director)?;
+    ensure!(lab.daemon.log_text().contains("adopted the running data path"), "{}", lab.daemon.log_text());
+    ensure!(
+        conv.wait_rounds(5, Duration::from_secs(10)),
+        "connections broke over the restart: {:?}",
+        conv.stop()
+    );
+
+    let metrics = lab.metrics()?;
+    let active = sum_series(&metrics, "lb_backend_active_connections{backend=");
+    let report = conv.stop()?;
+    ensure!(report.connections == CONNECTIONS);
+    ensure!(report.exchanges == report.rounds * CONNECTIONS as u64, "{report:?}");
+    ensure!(report.rounds >= 20, "{report:?}");
+    // The echo connections, as the adopted connection table still knows them.
+    ensure!(active >= CONNECTIONS as f64, "active connections {active}:\n{}", metrics.0);
+    for e in echo {
+        let accepted = e.stop()?;
+        ensure!(accepted > 0);
+    }
+    let (served, _) = lab.stop_servers()?;
+    ensure!(served.iter().sum::<u64>() >= 5, "the added services answered {served:?}");
+    Ok(())
+}
+
+#[test]
+fn metrics_count_exactly_the_packets_sent() -> Result<()> {
+    const DATAGRAMS: u64 = 37;
+    const PAYLOAD: usize = 100;
+    let mut y = String::from(
+        "services:\n  - name: udp\n    match: { vip: 192.0.2.10, port: 9000, proto: udp }\n    backends:\n",
+    );
+    for addr in servers() {
+        y.push_str(&format!("      - {{ address: {addr} }}\n"));
+    }
+    let lab = DrLab::start_with(SERVERS, 1, LabConfig::Services(y))?;
+    let src = IpAddr::V4(lab.topo.client_addrs[0]);
+    lab.topo.client.run(move || {
+        let s = UdpSocket::bind(SocketAddr::new(src, 0))?;
+        for _ in 0..DATAGRAMS {
+            s.send_to(&[7u8; PAYLOAD], (VIP, 9000))?;
+        }
+        Ok(())
+    })?;
+    // Counted by the XDP program before send_to returned; the scrape reads them now.
+    let m = lab.metrics()?;
+    let frame = (14 + 20 + 8 + PAYLOAD) as f64;
+    ensure!(m.value("lb_service_packets_total{service=\"udp\"}")? == DATAGRAMS as f64, "{}", m.0);
+    ensure!(m.value("lb_service_bytes_total{service=\"udp\"}")? == DATAGRAMS as f64 * frame);
+    ensure!(m.value("lb_service_connections_total{service=\"udp\"}")? == 1.0, "one flow: {}", m.0);
+    ensure!(sum_series(&m, "lb_backend_packets_total{") == DATAGRAMS as f64);
+    ensure!(m.value("lb_xdp_actions_total{action=\"redirect\"}")? == DATAGRAMS as f64);
+    ensure!(m.value("lb_connection_table_entries")? == 1.0);
+    Ok(())
+}
