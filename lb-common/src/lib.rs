@@ -25,6 +25,7 @@ pub mod maps {
     pub const CONFIG: &str = "CONFIG";
     pub const SERVICE_GENERATIONS: &str = "SERVICE_GENERATIONS";
     pub const VIP_FILTER: &str = "VIP_FILTER";
+    pub const WRR_CURSORS: &str = "WRR_CURSORS";
     pub const BENCH_CFG: &str = "BENCH_CFG";
     pub const BENCH_TARGET: &str = "BENCH_TARGET";
 }
@@ -87,6 +88,9 @@ pub struct ServiceKey {
 
 /// Scheduler flag: hash the 5-tuple (`mh`) instead of the source address (`sh`).
 pub const SERVICE_F_HASH_TUPLE: u32 = 1;
+/// Scheduler flag: new flows take the ring's slots in turn (`wrr`), with a cursor per
+/// CPU in `WRR_CURSORS`; the ring holds the weighted round-robin sequence.
+pub const SERVICE_F_ROUND_ROBIN: u32 = 2;
 
 /// A service as the data path sees it. The ring is a window into the shared `RINGS`
 /// array; the daemon writes a new ring into an idle window and then replaces this value,

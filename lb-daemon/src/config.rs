@@ -192,6 +192,7 @@ struct RawMatch {
 enum RawScheduler {
     Sh,
     Mh,
+    Wrr,
 }
 
 #[derive(Deserialize)]
@@ -442,7 +443,7 @@ impl Checker<'_> {
                         format!("ring size {} is out of range 3-{MAX_RING_SIZE}", r.value),
                     ));
                 }
-                if !is_prime(r.value) {
+                if !is_prime(r.value) && !matches!(s.scheduler, Some(RawScheduler::Wrr)) {
                     return Err(self.err(
                         r,
                         at("ring_size"),
@@ -489,6 +490,7 @@ impl Checker<'_> {
             let scheduler = match s.scheduler.unwrap_or(RawScheduler::Sh) {
                 RawScheduler::Sh => Scheduler::Sh,
                 RawScheduler::Mh => Scheduler::Mh,
+                RawScheduler::Wrr => Scheduler::Wrr,
             };
             forward.insert(s.name.value.clone(), Forward::Dr);
             services.push(ServiceSpec { name: s.name.value, matcher, scheduler, ring_size, backends });

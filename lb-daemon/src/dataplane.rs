@@ -96,6 +96,7 @@ const PINNED_MAPS: &[&str] = &[
     maps::GLOBAL_STATS,
     maps::VIP_FILTER,
     maps::CONFIG,
+    maps::WRR_CURSORS,
 ];
 
 /// Where pinned maps and links live under a pin directory.

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod plan;
 pub mod routing;
 pub mod snapshot;
+pub mod wrr;
 
 /// An error and its causes on one line (`what: why: root cause`), for logs and for
 /// answers that go to operators.

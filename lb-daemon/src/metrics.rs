@@ -93,11 +93,7 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
             }
             ServiceMatch::Mark(m) => format!("fwmark {m}"),
         };
-        let sched = match s.scheduler {
-            crate::plan::Scheduler::Sh => "sh",
-            crate::plan::Scheduler::Mh => "mh",
-        };
-        svc_info.with_label_values(&[s.name.as_str(), m.as_str(), sched]).set(1);
+        svc_info.with_label_values(&[s.name.as_str(), m.as_str(), s.scheduler.name()]).set(1);
     }
     let actions =
         counter(&reg, "lb_xdp_actions_total", "Verdicts of the XDP program, all packets.", &["action"])?;

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use lb_common::{
     BACKEND_DOWN, BACKEND_UP, Backend, FAMILY_V4, FAMILY_V6, KIND_MARK, MAX_BACKENDS,
     MAX_MARK_RULES_PER_PREFIX, MAX_SERVICES, MarkRule, MarkRuleSet, PROTO_TCP, PROTO_UDP,
-    SERVICE_F_HASH_TUPLE, ServiceKey,
+    SERVICE_F_HASH_TUPLE, SERVICE_F_ROUND_ROBIN, ServiceKey,
 };
 
 use crate::dataplane::{DataplaneState, MarkPrefix, ServiceState};
@@ -39,6 +39,20 @@ pub enum Scheduler {
     Sh,
     /// Maglev over the 5-tuple: connections of one client spread out (IPVS `mh`).
     Mh,
+    /// Weighted round-robin over new flows, a cursor per CPU (IPVS `wrr`). Not
+    /// consistent: a flow the connection table lost may land elsewhere.
+    Wrr,
+}
+
+impl Scheduler {
+    /// The name in the config and in IPVS.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheduler::Sh => "sh",
+            Scheduler::Mh => "mh",
+            Scheduler::Wrr => "wrr",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -74,7 +88,7 @@ pub struct ServiceSpec {
     pub name: String,
     pub matcher: ServiceMatch,
     pub scheduler: Scheduler,
-    /// A prime: the Maglev table size.
+    /// A prime: the Maglev table size. For `wrr`, the longest sequence.
     pub ring_size: u32,
     pub backends: Vec<BackendSpec>,
 }
@@ -337,11 +351,15 @@ impl Planner {
                 let weight = if up && b.state == BackendState::Active { b.weight } else { 0 };
                 candidates.push(MaglevBackend { key: b.addr.to_string(), id: bid, weight });
             }
-            let ring = maglev::populate(&candidates, svc.ring_size)
-                .map_err(|source| PlanError::Maglev { service: svc.name.clone(), source })?;
+            let ring = match svc.scheduler {
+                Scheduler::Wrr => crate::wrr::sequence(&candidates, svc.ring_size),
+                Scheduler::Sh | Scheduler::Mh => maglev::populate(&candidates, svc.ring_size),
+            }
+            .map_err(|source| PlanError::Maglev { service: svc.name.clone(), source })?;
             let flags = match svc.scheduler {
                 Scheduler::Sh => 0,
                 Scheduler::Mh => SERVICE_F_HASH_TUPLE,
+                Scheduler::Wrr => SERVICE_F_ROUND_ROBIN,
             };
             plan.state.services.insert(service_key(&svc.matcher), ServiceState { id, flags, ring });
         }

@@ -102,13 +102,6 @@ pub struct Snapshot {
     pub last_reload_error: Option<String>,
 }
 
-fn scheduler_name(s: Scheduler) -> &'static str {
-    match s {
-        Scheduler::Sh => "sh",
-        Scheduler::Mh => "mh",
-    }
-}
-
 fn endpoint(addr: IpAddr, port: Option<u16>) -> String {
     match (addr, port) {
         (IpAddr::V4(a), Some(p)) => format!("{a}:{p}"),
@@ -152,13 +145,8 @@ impl Snapshot {
                 }
                 ServiceMatch::Mark(m) => ("FWM".to_owned(), m.to_string(), None),
             };
-            let _ = writeln!(
-                out,
-                "{prot:<4} {local} {} ring {} ({})",
-                scheduler_name(s.scheduler),
-                s.ring_size,
-                s.name
-            );
+            let _ =
+                writeln!(out, "{prot:<4} {local} {} ring {} ({})", s.scheduler.name(), s.ring_size, s.name);
             for b in &s.backends {
                 let _ = writeln!(
                     out,

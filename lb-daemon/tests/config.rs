@@ -55,6 +55,11 @@ services:
       - address: 10.1.0.21
         port: 53
         state: disabled
+  - name: api
+    match: { vip: 192.0.2.54, port: 443 }
+    scheduler: wrr
+    ring_size: 1000
+    backends: [{ address: 10.1.0.31, weight: 3 }, { address: 10.1.0.32 }]
 "#;
     let c = Config::parse(yaml, "lb.yaml").unwrap();
     assert_eq!(c.director.interfaces, ["eth0", "eth1"]);
@@ -73,6 +78,8 @@ services:
     assert_eq!(dns.matcher, ServiceMatch::Vip { addr: vip, port: 53, proto: Protocol::Udp });
     assert_eq!((dns.scheduler, dns.ring_size), (Scheduler::Sh, 4093));
     assert_eq!((dns.backends[0].weight, dns.backends[0].state), (1, BackendState::Disabled));
+    // wrr's ring is a sequence, not a Maglev table: its size need not be a prime.
+    assert_eq!((c.services[2].scheduler, c.services[2].ring_size), (Scheduler::Wrr, 1000));
 }
 
 /// One malformed file per row: (what it shows, yaml, line, column, key path, message part).

@@ -767,3 +767,42 @@ fn mutated_frames_never_forward_anything_but_service_traffic() -> Result<()> {
         Ok(())
     })
 }
+
+#[test]
+fn wrr_deals_new_flows_in_weighted_turns_and_keeps_established_ones() -> Result<()> {
+    with_env(|env| {
+        // One CPU, so one cursor: BPF_PROG_TEST_RUN runs on the caller's CPU.
+        let mut cpu = nix::sched::CpuSet::new();
+        cpu.set(0)?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu)?;
+        let wrr_vip = ServiceMatch::Vip { addr: ip("192.0.2.30"), port: 80, proto: Protocol::Tcp };
+        let mut rr = service("rr", wrr_vip, Scheduler::Wrr, &[("10.1.0.11", Active), ("10.1.0.12", Active)]);
+        rr.backends[0].weight = 300;
+        rr.backends[1].weight = 100;
+        let mut all = services();
+        all.push(rr);
+        env.replan(&all)?;
+        // Backends are told apart by address: the same server behind several services
+        // has one MAC.
+        let addr_of = |env: &Env, id: u32| env.plan.state.backends[&id].addr;
+        let (a, b) = (
+            addr_of(env, env.backend_id("rr", "10.1.0.11")),
+            addr_of(env, env.backend_id("rr", "10.1.0.12")),
+        );
+        // 3:1, smoothly interleaved (a a b a), from each new flow's first packet.
+        let syn = |i: u8| tcp4([10, 14, 0, i], [192, 0, 2, 30], 48000, 80, TCP_SYN);
+        let mut got = Vec::new();
+        for i in 0..8 {
+            got.push(addr_of(env, env.forward(&syn(i))?));
+        }
+        ensure!(got == [a, a, b, a, a, a, b, a], "turns {got:?} (a={a:?}, b={b:?})");
+        // Established flows stay where their first packet went, whatever the cursor says.
+        let mut ack = syn(2);
+        ack[14 + 20 + 13] = TCP_ACK;
+        for _ in 0..3 {
+            ensure!(addr_of(env, env.forward(&ack)?) == b, "the flow of the third SYN went to b");
+        }
+        ensure!(addr_of(env, env.forward(&syn(100))?) == a, "the cursor moved on by new flows only");
+        Ok(())
+    })
+}

@@ -3,13 +3,13 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     BACKEND_UP, Backend, FAMILY_V6, FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_FIN, FLOW_SYN_SENT, FLOW_UDP, Flow,
-    FlowKey, PROTO_TCP, SERVICE_F_HASH_TUPLE, Service,
+    FlowKey, PROTO_TCP, SERVICE_F_HASH_TUPLE, SERVICE_F_ROUND_ROBIN, Service,
     hash::{source_hash, tuple_hash},
     stat,
 };
 use lb_ebpf::parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
-use super::maps::{BACKENDS, FLOWS, RINGS, SERVICE_GENERATIONS};
+use super::maps::{BACKENDS, FLOWS, RINGS, SERVICE_GENERATIONS, WRR_CURSORS};
 
 pub struct Decision {
     pub service_id: u32,
@@ -93,14 +93,22 @@ pub fn established(p: &Parsed, key: &FlowKey) -> Option<Decision> {
     Some(Decision { service_id: f.service, backend_id: f.backend, backend: b, new_flow: false })
 }
 
-/// Picks a backend for a new flow on the service's Maglev ring and records the flow.
+/// Picks a backend for a new flow on the service's ring (a Maglev table, or for `wrr` the
+/// weighted round-robin sequence) and records the flow.
 #[inline(always)]
 pub fn schedule(p: &Parsed, key: &FlowKey, svc: &Service) -> Result<Decision, u32> {
     if svc.ring_size == 0 {
         return Err(stat::DROP_NO_BACKEND);
     }
     let ipv6 = p.family == FAMILY_V6;
-    let h = if svc.flags & SERVICE_F_HASH_TUPLE != 0 {
+    let h = if svc.flags & SERVICE_F_ROUND_ROBIN != 0 {
+        // SAFETY: this CPU's own slot; nothing else runs on this CPU during the program.
+        let cursor = unsafe { &mut *WRR_CURSORS.get_ptr_mut(svc.id).ok_or(stat::DROP_BACKEND_INVALID)? };
+        let turn = *cursor;
+        // Kept below the ring size; after a ring shrank, the modulo below covers it.
+        *cursor = turn.wrapping_add(1) % svc.ring_size;
+        turn
+    } else if svc.flags & SERVICE_F_HASH_TUPLE != 0 {
         tuple_hash(&p.src, &p.dst, p.sport, p.dport, p.proto, ipv6)
     } else {
         source_hash(&p.src, ipv6)
