@@ -118,7 +118,8 @@ impl Daemon {
                 "map sizes differ from the config; they change only after `lb-daemon detach` (which drops the connection table)"
             );
         }
-        let neighbours = neighbour::resolve(&backend_addrs(&config), RESOLVE_WAIT).await?;
+        let mut neighbours = dataplane.adopted_neighbours();
+        neighbours.extend(neighbour::resolve(&backend_addrs(&config), RESOLVE_WAIT).await?);
         let mut daemon = Daemon {
             config_path: config_path.to_owned(),
             plan: Plan::default(),
@@ -321,7 +322,9 @@ async fn reload(daemon: &Arc<Mutex<Daemon>>) {
             interfaces: config.director.interfaces.clone(),
             ..d.config.director.clone()
         };
-        d.neighbours = neighbours;
+        // As in the periodic refresh: an entry missing from the table now is no reason to
+        // take a backend down.
+        d.neighbours.extend(neighbours);
         let report = d.apply(&config)?;
         d.attach_interfaces(&config)?;
         Ok::<_, ControlError>(report)

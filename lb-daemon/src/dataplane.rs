@@ -497,6 +497,20 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Where adopted backends were being sent (MAC, interface), by address: until the
+    /// neighbour table confirms or changes it, a restart keeps forwarding there rather
+    /// than taking a backend down because its ARP entry happened to be absent.
+    pub fn adopted_neighbours(&self) -> std::collections::HashMap<std::net::IpAddr, crate::plan::Neighbour> {
+        self.backends
+            .values()
+            .filter(|b| b.dst_mac != [0; 6] && b.ifindex != 0)
+            .filter_map(|b| {
+                let addr = crate::plan::addr_of(b.family, &b.addr)?;
+                Some((addr, crate::plan::Neighbour { mac: b.dst_mac, ifindex: b.ifindex, if_mac: b.src_mac }))
+            })
+            .collect()
+    }
+
     /// Service and backend ids found in adopted maps (empty for fresh ones).
     pub fn adopted_ids(&self) -> AdoptedIds {
         let by_id: BTreeMap<u32, ServiceKey> = self.services.iter().map(|(k, s)| (s.state.id, *k)).collect();

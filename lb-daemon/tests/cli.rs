@@ -49,3 +49,29 @@ fn check_refuses_what_only_planning_finds() {
     assert!(!ok);
     assert!(stderr.contains("192.0.2.0/24 falls under more than 8 mark rules"), "{stderr}");
 }
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/lb-daemon.service"))
+        .unwrap();
+    for key in ["Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure", "WatchdogSec="] {
+        assert!(unit.lines().any(|l| l.starts_with(key)), "{key} missing from the unit");
+    }
+    // systemd-analyze checks that the binaries exist: point them at this build.
+    let dir = std::env::temp_dir().join(format!("lb-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("lb-daemon.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/lb-daemon", env!("CARGO_BIN_EXE_lb-daemon"))).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (apt: systemd)");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -32,8 +32,17 @@ pub fn binary() -> Result<PathBuf> {
     bail!("no lb-daemon binary next to {} (cargo build -p lb-daemon)", exe.display())
 }
 
+/// How the daemon process is started, beyond its config.
+#[derive(Clone, Debug, Default)]
+pub struct DaemonOptions {
+    /// A command to run it under (e.g. `setpriv --bounding-set=...`).
+    pub wrapper: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
 pub struct Daemon {
     child: Option<Child>,
+    options: DaemonOptions,
     ns: String,
     pub config: PathBuf,
     pub log: PathBuf,
@@ -45,8 +54,20 @@ impl Daemon {
     /// Starts `lb-daemon run -c config` inside `ns` and waits until it answers on its
     /// control socket.
     pub fn start(ns: &NetNs, config: &Path, socket: &Path, metrics: SocketAddr, log: &Path) -> Result<Self> {
+        Self::start_with(ns, config, socket, metrics, log, DaemonOptions::default())
+    }
+
+    pub fn start_with(
+        ns: &NetNs,
+        config: &Path,
+        socket: &Path,
+        metrics: SocketAddr,
+        log: &Path,
+        options: DaemonOptions,
+    ) -> Result<Self> {
         let mut d = Daemon {
             child: None,
+            options,
             ns: ns.name().to_owned(),
             config: config.to_owned(),
             log: log.to_owned(),
@@ -61,13 +82,22 @@ impl Daemon {
         let bin = binary()?;
         let log = File::options().create(true).append(true).open(&self.log)?;
         let config = self.config.clone();
+        let options = self.options.clone();
         // Spawned from a thread inside the namespace: the child inherits it (and nothing
         // else: unlike `ip netns exec`, the mount namespace stays, with /sys/fs/bpf).
         let child = ns.run(move || {
-            Command::new(bin)
-                .args(["run", "-c"])
+            let mut cmd = match options.wrapper.split_first() {
+                Some((first, rest)) => {
+                    let mut c = Command::new(first);
+                    c.args(rest).arg(bin);
+                    c
+                }
+                None => Command::new(bin),
+            };
+            cmd.args(["run", "-c"])
                 .arg(&config)
                 .env("RUST_LOG", "info")
+                .envs(options.env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)

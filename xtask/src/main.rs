@@ -32,9 +32,19 @@ enum Cmd {
 }
 
 /// Debian packages the build and the tests use: libLLVM 22 for bpf-linker, iproute2 and
-/// ethtool for the namespace tests.
-const APT_PACKAGES: &[&str] =
-    &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev", "iproute2", "ethtool", "procps"];
+/// ethtool for the namespace tests, util-linux's setpriv for running the daemon with only
+/// the systemd unit's capabilities, systemd's systemd-analyze for verifying that unit.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "ethtool",
+    "procps",
+    "util-linux",
+    "systemd",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY: &str = "nightly";
 
