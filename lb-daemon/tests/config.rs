@@ -167,3 +167,68 @@ fn a_missing_file_is_named() {
     let text = lb_daemon::error_chain(&e);
     assert!(text.starts_with("/nonexistent/lb.yaml: No such file"), "{text}");
 }
+
+#[derive(serde::Deserialize)]
+struct AlertFile {
+    groups: Vec<AlertGroup>,
+}
+
+#[derive(serde::Deserialize)]
+struct AlertGroup {
+    rules: Vec<AlertRule>,
+}
+
+#[derive(serde::Deserialize)]
+struct AlertRule {
+    alert: String,
+    expr: String,
+}
+
+#[test]
+fn the_alert_rules_name_only_metrics_the_daemon_exports() {
+    use lb_daemon::config::Forward;
+    use lb_daemon::snapshot::{BackendSnapshot, BackendStatus, ServiceSnapshot, Snapshot};
+    let snap = Snapshot {
+        services: vec![ServiceSnapshot {
+            name: "web".into(),
+            matcher: ServiceMatch::Mark(1),
+            scheduler: Scheduler::Sh,
+            ring_size: 7,
+            forward: Forward::Dr,
+            counters: Default::default(),
+            backends: vec![BackendSnapshot {
+                addr: "10.1.0.1".parse().unwrap(),
+                weight: 1,
+                status: BackendStatus::Active,
+                counters: Default::default(),
+                active: 0,
+                inactive: 0,
+            }],
+        }],
+        drops: vec![("truncated", 0)],
+        last_reload_success: Some(0.0),
+        ..Default::default()
+    };
+    let exported = lb_daemon::metrics::render(&snap).unwrap();
+    let families: std::collections::HashSet<&str> =
+        exported.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split_whitespace().next()).collect();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/lb-alerts.yml")).unwrap();
+    let file: AlertFile = serde_saphyr::from_str(&text).unwrap();
+    let mut checked = 0;
+    for rule in file.groups.iter().flat_map(|g| &g.rules) {
+        let mut rest = rule.expr.as_str();
+        while let Some(at) = rest.find("lb_") {
+            let name: String =
+                rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            assert!(
+                families.contains(name.as_str()),
+                "alert {} uses {name}, which is not exported",
+                rule.alert
+            );
+            checked += 1;
+            rest = &rest[at + name.len()..];
+        }
+    }
+    assert!(checked >= 5, "only {checked} metric references found");
+}

@@ -43,7 +43,6 @@ pub struct DaemonOptions {
 pub struct Daemon {
     child: Option<Child>,
     options: DaemonOptions,
-    ns: String,
     pub config: PathBuf,
     pub log: PathBuf,
     pub socket: PathBuf,
@@ -68,7 +67,6 @@ impl Daemon {
         let mut d = Daemon {
             child: None,
             options,
-            ns: ns.name().to_owned(),
             config: config.to_owned(),
             log: log.to_owned(),
             socket: socket.to_owned(),
@@ -202,10 +200,6 @@ impl Daemon {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn namespace(&self) -> &str {
-        &self.ns
     }
 }
 

@@ -217,10 +217,6 @@ impl DrLab {
         let own = self.own_service.take().map(NameServer::stop).transpose()?.unwrap_or(0);
         Ok((served, own))
     }
-
-    pub fn director_interface(&self) -> &str {
-        DIRECTOR_IN
-    }
 }
 
 fn director_yaml(workdir: &Path, bpf_dir: &Path) -> String {
@@ -237,6 +233,7 @@ impl Drop for DrLab {
         // The daemon first (it holds the links), then what it pinned, then its files; the
         // namespaces go when the topology drops.
         let _ = self.daemon.kill9();
+        let _ = std::fs::remove_file(&self.daemon.socket);
         if let Err(e) = Dataplane::remove_pins(&self.bpf_dir) {
             eprintln!("lab cleanup: {}", lb_daemon::error_chain(&e));
         }
