@@ -185,7 +185,7 @@ struct AlertRule {
 }
 
 #[test]
-fn the_alert_rules_name_only_metrics_the_daemon_exports() {
+fn alert_rules_and_dashboard_name_only_metrics_the_daemon_exports() {
     use lb_daemon::config::Forward;
     use lb_daemon::snapshot::{BackendSnapshot, BackendStatus, ServiceSnapshot, Snapshot};
     let snap = Snapshot {
@@ -205,6 +205,7 @@ fn the_alert_rules_name_only_metrics_the_daemon_exports() {
                 inactive: 0,
             }],
         }],
+        actions: vec![("tx", 0)],
         drops: vec![("truncated", 0)],
         last_reload_success: Some(0.0),
         ..Default::default()
@@ -215,20 +216,34 @@ fn the_alert_rules_name_only_metrics_the_daemon_exports() {
     let text =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/lb-alerts.yml")).unwrap();
     let file: AlertFile = serde_saphyr::from_str(&text).unwrap();
+    let mut exprs: Vec<(String, String)> = file
+        .groups
+        .iter()
+        .flat_map(|g| &g.rules)
+        .map(|r| (format!("alert {}", r.alert), r.expr.clone()))
+        .collect();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/grafana-dashboard.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    for p in dashboard["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            exprs.push((format!("panel {}", p["title"]), t["expr"].as_str().unwrap().to_owned()));
+        }
+    }
+    let query = dashboard["templating"]["list"][1]["query"].as_str().unwrap().to_owned();
+    exprs.push(("the instance variable".into(), query));
     let mut checked = 0;
-    for rule in file.groups.iter().flat_map(|g| &g.rules) {
-        let mut rest = rule.expr.as_str();
+    for (what, expr) in &exprs {
+        let mut rest = expr.as_str();
         while let Some(at) = rest.find("lb_") {
             let name: String =
                 rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
-            assert!(
-                families.contains(name.as_str()),
-                "alert {} uses {name}, which is not exported",
-                rule.alert
-            );
+            assert!(families.contains(name.as_str()), "{what} uses {name}, which is not exported");
             checked += 1;
             rest = &rest[at + name.len()..];
         }
     }
-    assert!(checked >= 5, "only {checked} metric references found");
+    assert!(checked >= 15, "only {checked} metric references found");
 }
