@@ -44,6 +44,8 @@ pub enum ControlError {
     AlreadyRunning(PathBuf),
     #[error("no lb-daemon answers on {path}")]
     NotRunning { path: PathBuf, source: std::io::Error },
+    #[error("interface {0} (director.interfaces) does not exist")]
+    NoInterface(String),
     #[error("rendering metrics")]
     Metrics(#[from] crate::metrics::MetricsError),
 }
@@ -310,6 +312,12 @@ async fn reload(daemon: &Arc<Mutex<Daemon>>) {
     let path = lock(daemon).config_path.clone();
     let result = async {
         let config = Config::load(&path)?;
+        // Checked before anything is written, so that a typo refuses the whole reload.
+        for iface in &config.director.interfaces {
+            if nix::net::if_::if_nametoindex(iface.as_str()).is_err() {
+                return Err(ControlError::NoInterface(iface.clone()));
+            }
+        }
         let neighbours = neighbour::resolve(&backend_addrs(&config), RESOLVE_WAIT).await?;
         let mut d = lock(daemon);
         let fixed = d.fixed_settings_changed(&config);

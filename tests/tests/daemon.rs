@@ -130,6 +130,13 @@ fn long_lived_connections_survive_reloads_a_refused_file_and_kill_9() -> Result<
     let failures = after.value("lb_config_reloads_total{result=\"failure\"}")?;
     ensure!(failures == before.value("lb_config_reloads_total{result=\"failure\"}")? + 1.0);
     ensure!(failures == 1.0);
+    // So is a valid file naming an interface this host lacks: refused before any write.
+    lab.write_services(&services([9, 9, 9], Some(99)))?;
+    let path = lab.config_path()?;
+    let text = std::fs::read_to_string(&path)?.replace("interfaces: [ext0]", "interfaces: [ext0, ext9]");
+    lab.write_raw_config(&text)?;
+    ensure!(!lab.reload()?, "a missing interface was accepted");
+    ensure!(lab.daemon.status()?.contains("interface ext9 (director.interfaces) does not exist"));
     let status_after = lab.daemon.status()?;
     ensure!(status_after.contains("last reload FAILED"), "{status_after}");
     ensure!(
