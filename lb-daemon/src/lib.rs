@@ -5,6 +5,7 @@
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod plan;

@@ -1,0 +1,102 @@
+//! `exec`: run a program (never through a shell unless the argv names one) with the
+//! service and server in its environment; its exit status is a Nagios plugin's (0 OK,
+//! 1 WARNING, 2 CRITICAL, 3 UNKNOWN), and a `weight=N` token in its first output line sets
+//! the server's weight (as HAProxy's agent-check and keepalived's misc_dynamic do).
+//!
+//! The program runs in a process group of its own, and the whole group is killed when the
+//! timeout expires: an `ssh` it started cannot outlive the check.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::AsyncReadExt as _;
+
+use super::state::Outcome;
+use super::{Report, Target};
+
+/// Output beyond this is not read (the first line is what counts).
+const MAX_OUTPUT: u64 = 4096;
+
+/// The `weight=N` token of a plugin's first output line, if any.
+pub fn weight_token(line: &str) -> Option<u32> {
+    line.split(|c: char| c.is_whitespace() || c == ';' || c == ',' || c == '|')
+        .find_map(|tok| tok.strip_prefix("weight=")?.parse().ok())
+}
+
+pub async fn check(argv: &[String], target: &Target, timeout: Duration) -> Report {
+    let Some((program, args)) = argv.split_first() else {
+        return Report { outcome: Outcome::Unknown, weight: None, message: "empty argv".into() };
+    };
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .env("LB_SERVICE", &target.service)
+        .env("LB_BACKEND", target.addr.to_string())
+        .env("LB_BACKEND_PORT", target.port.map(|p| p.to_string()).unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return Report {
+                outcome: Outcome::Unknown,
+                weight: None,
+                message: format!("running {program}: {e}"),
+            };
+        }
+    };
+    let pgid = child.id().map(|id| Pid::from_raw(id as i32));
+    let mut stdout = child.stdout.take();
+    let run = async {
+        let mut out = Vec::new();
+        if let Some(s) = stdout.as_mut() {
+            // A plugin that closes stdout early still gets waited for below.
+            let _ = s.take(MAX_OUTPUT).read_to_end(&mut out).await;
+        }
+        let status = child.wait().await;
+        (status, out)
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok((Ok(status), out)) => {
+            let text = String::from_utf8_lossy(&out);
+            let first = text.lines().next().unwrap_or("").trim().to_owned();
+            let outcome = match status.code() {
+                Some(code) => Outcome::from_exit_code(code),
+                // Killed by a signal: not a verdict.
+                None => Outcome::Unknown,
+            };
+            Report {
+                outcome,
+                weight: weight_token(&first),
+                message: if first.is_empty() { format!("{program}: {status}") } else { first },
+            }
+        }
+        Ok((Err(e), _)) => {
+            Report { outcome: Outcome::Unknown, weight: None, message: format!("waiting for {program}: {e}") }
+        }
+        Err(_) => {
+            if let Some(pgid) = pgid {
+                let _ = killpg(pgid, Signal::SIGKILL);
+            }
+            Report::critical(format!("{program}: no verdict within {timeout:?} (process group killed)"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weight_tokens() {
+        assert_eq!(weight_token("OK - load 0.3 weight=40"), Some(40));
+        assert_eq!(weight_token("WARNING: busy; weight=5 | load=3"), Some(5));
+        assert_eq!(weight_token("OK weight=abc"), None);
+        assert_eq!(weight_token("OK heavyweight=3"), None);
+        assert_eq!(weight_token(""), None);
+    }
+}
