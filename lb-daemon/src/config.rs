@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use lb_common::{DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, MAX_BACKENDS, MAX_SERVICES};
@@ -17,6 +18,9 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde_saphyr::{MessageFormatter as _, Spanned};
 
 use crate::dataplane::XdpMode;
+use crate::health::http::HttpCheck;
+use crate::health::state::{FlapPolicy, Policy};
+use crate::health::{CheckKind, CheckSpec, HealthCheck};
 use crate::maglev::is_prime;
 use crate::plan::{BackendSpec, BackendState, MarkRuleSpec, Protocol, Scheduler, ServiceMatch, ServiceSpec};
 
@@ -59,7 +63,12 @@ pub struct Config {
     pub services: Vec<ServiceSpec>,
     /// Per service name: how it forwards (for status; only direct routing exists).
     pub forward: BTreeMap<String, Forward>,
+    /// Per service name: how its backends are checked (services without are always up).
+    pub checks: BTreeMap<String, HealthCheck>,
 }
+
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Director {
@@ -172,6 +181,60 @@ struct RawService {
     ring_size: Option<Spanned<u32>>,
     #[serde(default)]
     backends: Vec<RawBackend>,
+    #[serde(default)]
+    check: Option<RawCheck>,
+}
+
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawCheckType {
+    Tcp,
+    Http,
+    Exec,
+    Icmp,
+    Https,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    #[serde(rename = "type")]
+    kind: Spanned<RawCheckType>,
+    #[serde(default)]
+    port: Option<Spanned<u16>>,
+    #[serde(default)]
+    path: Option<Spanned<String>>,
+    #[serde(default)]
+    host: Option<Spanned<String>>,
+    #[serde(default)]
+    expect_status: Option<Spanned<Vec<u16>>>,
+    #[serde(default)]
+    expect_body: Option<Spanned<String>>,
+    #[serde(default)]
+    argv: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    interval: Option<Spanned<String>>,
+    #[serde(default)]
+    timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    source: Option<Spanned<IpAddr>>,
+    #[serde(default)]
+    rise: Option<Spanned<u32>>,
+    #[serde(default)]
+    fall: Option<Spanned<u32>>,
+    #[serde(default)]
+    fall_within: Option<Spanned<u32>>,
+    #[serde(default)]
+    flap: Option<RawFlap>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlap {
+    changes: Spanned<u32>,
+    within: Spanned<u32>,
+    #[serde(default)]
+    hold: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -405,6 +468,7 @@ impl Checker<'_> {
         let mut forward = BTreeMap::new();
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut matchers: HashMap<ServiceMatch, usize> = HashMap::new();
+        let mut checks = BTreeMap::new();
         let mut ring_slots_used: u64 = 0;
         let mut backends_total = 0usize;
         for (i, s) in raw.services.into_iter().enumerate() {
@@ -493,9 +557,174 @@ impl Checker<'_> {
                 RawScheduler::Wrr => Scheduler::Wrr,
             };
             forward.insert(s.name.value.clone(), Forward::Dr);
+            if let Some(c) = &s.check {
+                checks.insert(s.name.value.clone(), self.check(c, i, &matcher)?);
+            }
             services.push(ServiceSpec { name: s.name.value, matcher, scheduler, ring_size, backends });
         }
-        Ok(Config { director, marks, services, forward })
+        Ok(Config { director, marks, services, forward, checks })
+    }
+
+    fn duration(&self, v: &Spanned<String>, path: String) -> Result<Duration, ConfigError> {
+        let d = humantime::parse_duration(v.value.trim()).map_err(|e| {
+            self.err(v, path.clone(), format!("`{}` is not a duration (e.g. 2s, 500ms): {e}", v.value))
+        })?;
+        if d.is_zero() {
+            return Err(self.err(v, path, "must be more than zero"));
+        }
+        Ok(d)
+    }
+
+    fn check(&self, c: &RawCheck, i: usize, matcher: &ServiceMatch) -> Result<HealthCheck, ConfigError> {
+        let at = |key: &str| format!("services[{i}].check.{key}");
+        let kind = c.kind.value;
+        let only = |at_key: Option<Spanned<()>>, key: &str, for_what: &str| -> Result<(), ConfigError> {
+            match at_key {
+                Some(span) => {
+                    Err(self.err(&span, at(key), format!("`{key}` applies only to {for_what} checks")))
+                }
+                None => Ok(()),
+            }
+        };
+        let present = |on: bool, span: Spanned<()>| on.then_some(span);
+        let is_http = matches!(kind, RawCheckType::Http);
+        only(c.path.as_ref().and_then(|v| present(!is_http, v.clone_span())), "path", "http")?;
+        only(c.host.as_ref().and_then(|v| present(!is_http, v.clone_span())), "host", "http")?;
+        only(
+            c.expect_status.as_ref().and_then(|v| present(!is_http, v.clone_span())),
+            "expect_status",
+            "http",
+        )?;
+        only(c.expect_body.as_ref().and_then(|v| present(!is_http, v.clone_span())), "expect_body", "http")?;
+        let is_exec = matches!(kind, RawCheckType::Exec);
+        only(c.argv.as_ref().and_then(|v| present(!is_exec, v.clone_span())), "argv", "exec")?;
+        only(c.port.as_ref().and_then(|v| present(is_exec, v.clone_span())), "port", "tcp and http")?;
+        let port = c.port.as_ref().map(|p| p.value);
+        if port == Some(0) {
+            return Err(self.err(&loc(&c.port, &c.kind), at("port"), "port 0 cannot be checked"));
+        }
+        let needs_port = matches!(kind, RawCheckType::Tcp | RawCheckType::Http);
+        if needs_port && port.is_none() && matches!(matcher, ServiceMatch::Mark(_)) {
+            return Err(self.err(
+                &c.kind,
+                at("port"),
+                "a fwmark service has no port of its own: name the port to check",
+            ));
+        }
+        let kind = match kind {
+            RawCheckType::Tcp => CheckKind::Tcp { port },
+            RawCheckType::Http => {
+                let path = c.path.as_ref().map_or_else(|| "/".to_owned(), |p| p.value.clone());
+                if !path.starts_with('/') || path.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+                    let p = loc(&c.path, &c.kind);
+                    return Err(self.err(
+                        &p,
+                        at("path"),
+                        format!("`{path}` is not an absolute request path"),
+                    ));
+                }
+                let expect_status = match &c.expect_status {
+                    None => vec![200],
+                    Some(s) if s.value.is_empty() => {
+                        return Err(self.err(s, at("expect_status"), "list at least one status"));
+                    }
+                    Some(s) => {
+                        if let Some(bad) = s.value.iter().find(|v| !(100..=599).contains(*v)) {
+                            return Err(self.err(
+                                s,
+                                at("expect_status"),
+                                format!("{bad} is not an HTTP status"),
+                            ));
+                        }
+                        s.value.clone()
+                    }
+                };
+                CheckKind::Http(HttpCheck {
+                    port,
+                    path,
+                    host: c.host.as_ref().map(|h| h.value.clone()),
+                    expect_status,
+                    expect_body: c.expect_body.as_ref().map(|b| b.value.clone()),
+                })
+            }
+            RawCheckType::Exec => match &c.argv {
+                Some(a) if !a.value.is_empty() && !a.value[0].is_empty() => {
+                    CheckKind::Exec { argv: a.value.clone() }
+                }
+                Some(a) => return Err(self.err(a, at("argv"), "name the program to run")),
+                None => return Err(self.err(&c.kind, at("argv"), "an exec check needs `argv`")),
+            },
+            RawCheckType::Icmp | RawCheckType::Https => {
+                return Err(self.err(
+                    &c.kind,
+                    at("type"),
+                    "icmp and https checks are not implemented yet (tcp, http, exec are)",
+                ));
+            }
+        };
+        let interval = match &c.interval {
+            Some(v) => self.duration(v, at("interval"))?,
+            None => DEFAULT_CHECK_INTERVAL,
+        };
+        let timeout = match &c.timeout {
+            Some(v) => self.duration(v, at("timeout"))?,
+            None => DEFAULT_CHECK_TIMEOUT.min(interval),
+        };
+        if timeout > interval {
+            let t = loc(&c.timeout, &c.kind);
+            return Err(self.err(
+                &t,
+                at("timeout"),
+                format!("timeout {timeout:?} is longer than the interval {interval:?}"),
+            ));
+        }
+        let count = |v: &Option<Spanned<u32>>, key: &str, default: u32| -> Result<u32, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(s) if (1..=1000).contains(&s.value) => Ok(s.value),
+                Some(s) => Err(self.err(s, at(key), format!("{} is out of range 1-1000", s.value))),
+            }
+        };
+        let rise = count(&c.rise, "rise", Policy::default().rise)?;
+        let fall = count(&c.fall, "fall", Policy::default().fall)?;
+        let fall_within = count(&c.fall_within, "fall_within", fall)?;
+        if fall_within < fall {
+            let f = loc(&c.fall_within, &c.kind);
+            return Err(self.err(
+                &f,
+                at("fall_within"),
+                format!("{fall} failures cannot fit in {fall_within} cycles"),
+            ));
+        }
+        let flap = match &c.flap {
+            None => None,
+            Some(f) => {
+                if f.changes.value < 2 || f.changes.value > 1000 {
+                    return Err(self.err(
+                        &f.changes,
+                        at("flap.changes"),
+                        "flap control needs 2 to 1000 changes",
+                    ));
+                }
+                if f.within.value < f.changes.value || f.within.value > 10000 {
+                    return Err(self.err(
+                        &f.within,
+                        at("flap.within"),
+                        format!("{} changes cannot fit in {} cycles", f.changes.value, f.within.value),
+                    ));
+                }
+                let hold = match &f.hold {
+                    Some(h) => Some(self.duration(h, at("flap.hold"))?),
+                    None => None,
+                };
+                Some(FlapPolicy { changes: f.changes.value, within: f.within.value, hold })
+            }
+        };
+        Ok(HealthCheck {
+            spec: CheckSpec { kind, timeout, source: c.source.as_ref().map(|s| s.value) },
+            interval,
+            policy: Policy { rise, fall, fall_within, flap },
+        })
     }
 
     fn director(&self, d: RawDirector) -> Result<Director, ConfigError> {
@@ -670,5 +899,21 @@ pub fn proto_name(p: Protocol) -> &'static str {
     match p {
         Protocol::Tcp => "tcp",
         Protocol::Udp => "udp",
+    }
+}
+
+/// Where `value` is, or, when it is absent, where `fallback` is.
+fn loc<T, U>(value: &Option<Spanned<T>>, fallback: &Spanned<U>) -> Spanned<()> {
+    value.as_ref().map_or_else(|| fallback.clone_span(), |v| v.clone_span())
+}
+
+/// A location-only copy of a spanned value, for errors about a key that is absent.
+trait CloneSpan {
+    fn clone_span(&self) -> Spanned<()>;
+}
+
+impl<T> CloneSpan for Spanned<T> {
+    fn clone_span(&self) -> Spanned<()> {
+        Spanned { value: (), referenced: self.referenced, defined: self.defined }
     }
 }

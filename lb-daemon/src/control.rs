@@ -18,6 +18,9 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{Config, ConfigError};
 use crate::dataplane::{ApplyReport, Attached, Dataplane, DataplaneError, LoadOptions};
+use crate::health::board::Board;
+use crate::health::state::Health;
+use crate::health::supervisor::{ProbeResult, Supervisor};
 use crate::plan::{BackendState, Neighbour, Plan, PlanError, Planner};
 use crate::routing::neighbour::{self, NeighbourError};
 use crate::snapshot::{BackendSnapshot, BackendStatus, ConnKind, ServiceSnapshot, Snapshot, classify};
@@ -89,6 +92,9 @@ pub struct Daemon {
     reloads_failed: u64,
     last_reload_success: Option<SystemTime>,
     last_reload_error: Option<String>,
+    /// Health of every checked (service, backend).
+    board: Board,
+    started: std::time::Instant,
 }
 
 impl Daemon {
@@ -133,10 +139,12 @@ impl Daemon {
             reloads_failed: 0,
             last_reload_success: None,
             last_reload_error: None,
+            board: Board::default(),
+            started: std::time::Instant::now(),
         };
         let config = daemon.config.clone();
         // Maps are full before any interface gets the program.
-        daemon.apply(&config)?;
+        daemon.apply(&config, true)?;
         daemon.attach_interfaces(&config)?;
         daemon.reloads_ok = 1;
         daemon.last_reload_success = Some(SystemTime::now());
@@ -145,8 +153,16 @@ impl Daemon {
 
     /// Plans `config` against the known neighbours and applies it; on success it is the
     /// config in force.
-    fn apply(&mut self, config: &Config) -> Result<ApplyReport> {
-        let plan = self.planner.plan(&config.services, &config.marks, &self.neighbours)?;
+    /// `new_config`: the config was (re)loaded, so the health board follows it (which
+    /// also ends flap timeouts); otherwise only health or neighbours changed.
+    fn apply(&mut self, config: &Config, new_config: bool) -> Result<ApplyReport> {
+        // Health enters here, and only here: a down backend is planned as disabled.
+        let mut board = self.board.clone();
+        if new_config {
+            board.sync(&config.services, &config.checks);
+        }
+        let services = board.overlay(&config.services);
+        let plan = self.planner.plan(&services, &config.marks, &self.neighbours)?;
         for (service, addr) in &plan.unresolved {
             if !self.plan.unresolved.contains(&(service.clone(), *addr)) {
                 tracing::warn!(service, backend = %addr, "backend's link-layer address is unknown: it gets no traffic until it answers ARP/ND");
@@ -155,7 +171,28 @@ impl Daemon {
         let report = self.dataplane.apply(&plan.state)?;
         self.plan = plan;
         self.config = config.clone();
+        self.board = board;
         Ok(report)
+    }
+
+    /// Feeds a probe result in; re-plans when a state or a weight changed.
+    fn observe(&mut self, result: &ProbeResult) {
+        let (events, changed) = self.board.observe(result, self.started.elapsed());
+        for e in &events {
+            let (from, to) = (e.transition.from.name(), e.transition.to.name());
+            if e.transition.to.serving() {
+                tracing::info!(service = e.service, backend = %e.backend, from, to, check = e.message, "backend state changed");
+            } else {
+                tracing::warn!(service = e.service, backend = %e.backend, from, to, check = e.message, "backend state changed");
+            }
+        }
+        if changed {
+            let config = self.config.clone();
+            match self.apply(&config, false) {
+                Ok(report) => tracing::debug!(?report, "health applied"),
+                Err(e) => tracing::error!(error = %crate::error_chain(&e), "applying a health change"),
+            }
+        }
     }
 
     fn attach_interfaces(&mut self, config: &Config) -> Result<()> {
@@ -247,16 +284,24 @@ impl Daemon {
             for b in &spec.backends {
                 let Some(&bid) = self.plan.backend_ids.get(&(spec.name.clone(), b.addr)) else { continue };
                 let unresolved = self.plan.unresolved.contains(&(spec.name.clone(), b.addr));
-                let status = match b.state {
-                    BackendState::Disabled => BackendStatus::Disabled,
+                let health = self.board.get(&spec.name, b.addr);
+                let status = match (b.state, health.map(|h| h.tracker.state())) {
+                    (BackendState::Disabled, _) => BackendStatus::Disabled,
                     _ if unresolved => BackendStatus::Unresolved,
-                    BackendState::Drain => BackendStatus::Drain,
-                    BackendState::Active => BackendStatus::Active,
+                    (_, Some(Health::Down)) => BackendStatus::Down,
+                    (_, Some(Health::Timeout { .. })) => BackendStatus::Timeout,
+                    (BackendState::Drain, _) => BackendStatus::Drain,
+                    (BackendState::Active, _) => BackendStatus::Active,
                 };
                 let (active, inactive) = conns.get(&bid).copied().unwrap_or_default();
                 backends.push(BackendSnapshot {
                     addr: b.addr,
-                    weight: b.weight,
+                    weight: health.and_then(|h| h.weight).unwrap_or(b.weight),
+                    checks: health
+                        .map(|h| h.results.iter().map(|(k, v)| (*k, *v)).collect())
+                        .unwrap_or_default(),
+                    state_changes: health.map_or(0, |h| h.state_changes),
+                    last_check: health.and_then(|h| h.last.as_ref().map(|r| r.message.clone())),
                     status,
                     counters: self.dataplane.backend_counters(bid)?,
                     active,
@@ -333,7 +378,7 @@ async fn reload(daemon: &Arc<Mutex<Daemon>>) {
         // As in the periodic refresh: an entry missing from the table now is no reason to
         // take a backend down.
         d.neighbours.extend(neighbours);
-        let report = d.apply(&config)?;
+        let report = d.apply(&config, true)?;
         d.attach_interfaces(&config)?;
         Ok::<_, ControlError>(report)
     }
@@ -367,7 +412,7 @@ async fn refresh_neighbours(daemon: &Arc<Mutex<Daemon>>) {
             if merged != d.neighbours {
                 d.neighbours = merged;
                 let config = d.config.clone();
-                match d.apply(&config) {
+                match d.apply(&config, false) {
                     Ok(report) => {
                         tracing::info!(?report, "backend link-layer addresses changed; maps updated")
                     }
@@ -499,6 +544,9 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).map_err(io("installing the SIGINT handler"))?;
 
     let daemon = Arc::new(Mutex::new(Daemon::start(config_path).await?));
+    let (results_tx, mut results) = tokio::sync::mpsc::channel::<ProbeResult>(1024);
+    let mut supervisor = Supervisor::new(results_tx);
+    supervisor.reconcile(&lock(&daemon).board.probes());
     let control_task = tokio::spawn(serve_control(Arc::clone(&daemon), control));
     let metrics_task = tokio::spawn(serve_metrics(Arc::clone(&daemon), metrics));
     let status = lock(&daemon).status_line();
@@ -517,7 +565,11 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
     neighbour_tick.reset();
     loop {
         tokio::select! {
-            _ = hup.recv() => reload(&daemon).await,
+            _ = hup.recv() => {
+                reload(&daemon).await;
+                supervisor.reconcile(&lock(&daemon).board.probes());
+            }
+            Some(result) = results.recv() => lock(&daemon).observe(&result),
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = neighbour_tick.tick() => refresh_neighbours(&daemon).await,
@@ -525,6 +577,7 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
         }
     }
     notify(&[sd_notify::NotifyState::Stopping]);
+    drop(supervisor);
     control_task.abort();
     metrics_task.abort();
     let _ = std::fs::remove_file(&config.director.control_socket);

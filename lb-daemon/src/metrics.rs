@@ -61,6 +61,14 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
         "1 for the backend's current state (active, drain, disabled, unresolved), 0 for the others.",
         &["service", "backend", "state"],
     )?;
+    let checks = counter(
+        &reg,
+        "lb_health_checks_total",
+        "Health-check results, by Nagios outcome (ok, warning, critical, unknown).",
+        &["service", "backend", "result"],
+    )?;
+    let changes =
+        counter(&reg, "lb_health_state_changes_total", "Health state changes (up, down, timeout).", &labels)?;
     for s in &snap.services {
         let name = s.name.as_str();
         svc_packets.with_label_values(&[name]).inc_by(s.counters.packets);
@@ -75,6 +83,12 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
             be_active.with_label_values(&l).set(b.active as i64);
             be_inactive.with_label_values(&l).set(b.inactive as i64);
             be_weight.with_label_values(&l).set(b.weight as i64);
+            for (result, n) in &b.checks {
+                checks.with_label_values(&[name, addr.as_str(), result]).inc_by(*n);
+            }
+            if !b.checks.is_empty() {
+                changes.with_label_values(&l).inc_by(b.state_changes);
+            }
             for st in BackendStatus::ALL {
                 be_state.with_label_values(&[name, addr.as_str(), st.name()]).set((st == b.status) as i64);
             }
@@ -163,6 +177,9 @@ mod tests {
                     counters: Counters { packets: 7, bytes: 700, new_flows: 1 },
                     active: 1,
                     inactive: 0,
+                    checks: vec![("ok", 4), ("critical", 1)],
+                    state_changes: 2,
+                    last_check: None,
                 }],
             }],
             actions: vec![("tx", 9)],
@@ -185,6 +202,8 @@ mod tests {
             "lb_config_reloads_total{result=\"failure\"} 1",
             "lb_config_last_reload_success_timestamp_seconds 1700000000.5",
             "# TYPE lb_backend_bytes_total counter",
+            "lb_health_checks_total{backend=\"10.0.2.11\",result=\"critical\",service=\"web\"} 1",
+            "lb_health_state_changes_total{backend=\"10.0.2.11\",service=\"web\"} 2",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

@@ -47,11 +47,21 @@ pub enum BackendStatus {
     Disabled,
     /// Its link-layer address is unknown: it receives nothing until resolved.
     Unresolved,
+    /// Its health check holds it down.
+    Down,
+    /// Flap control holds it down (monit's "timeout").
+    Timeout,
 }
 
 impl BackendStatus {
-    pub const ALL: [BackendStatus; 4] =
-        [BackendStatus::Active, BackendStatus::Drain, BackendStatus::Disabled, BackendStatus::Unresolved];
+    pub const ALL: [BackendStatus; 6] = [
+        BackendStatus::Active,
+        BackendStatus::Drain,
+        BackendStatus::Disabled,
+        BackendStatus::Unresolved,
+        BackendStatus::Down,
+        BackendStatus::Timeout,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -59,6 +69,8 @@ impl BackendStatus {
             BackendStatus::Drain => "drain",
             BackendStatus::Disabled => "disabled",
             BackendStatus::Unresolved => "unresolved",
+            BackendStatus::Down => "down",
+            BackendStatus::Timeout => "timeout",
         }
     }
 }
@@ -71,6 +83,11 @@ pub struct BackendSnapshot {
     pub counters: Counters,
     pub active: u64,
     pub inactive: u64,
+    /// Health-check results by outcome (empty without a check).
+    pub checks: Vec<(&'static str, u64)>,
+    pub state_changes: u64,
+    /// What the last check said.
+    pub last_check: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,6 +175,11 @@ impl Snapshot {
                     b.inactive,
                     b.status.name()
                 );
+                if matches!(b.status, BackendStatus::Down | BackendStatus::Timeout)
+                    && let Some(why) = &b.last_check
+                {
+                    let _ = writeln!(out, "     last check: {why}");
+                }
             }
         }
         out
@@ -208,6 +230,9 @@ mod tests {
                     counters: Counters::default(),
                     active: 3,
                     inactive: 1,
+                    checks: Vec::new(),
+                    state_changes: 0,
+                    last_check: None,
                 }],
             }],
             flow_capacity: 65536,

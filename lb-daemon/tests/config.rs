@@ -4,7 +4,12 @@
 use std::net::IpAddr;
 
 use lb_daemon::config::{Config, ConfigError};
+use std::time::Duration;
+
 use lb_daemon::dataplane::XdpMode;
+use lb_daemon::health::CheckKind;
+use lb_daemon::health::http::HttpCheck;
+use lb_daemon::health::state::{FlapPolicy, Policy};
 use lb_daemon::plan::{BackendState, Protocol, Scheduler, ServiceMatch};
 
 const DIRECTOR: &str = "director:\n  interfaces: [eth0]\n";
@@ -60,6 +65,18 @@ services:
     scheduler: wrr
     ring_size: 1000
     backends: [{ address: 10.1.0.31, weight: 3 }, { address: 10.1.0.32 }]
+    check:
+      type: http
+      path: /health
+      host: api.example
+      expect_status: [200, 204]
+      expect_body: ok
+      interval: 500ms
+      timeout: 200ms
+      rise: 1
+      fall: 2
+      fall_within: 4
+      flap: { changes: 4, within: 20, hold: 1m }
 "#;
     let c = Config::parse(yaml, "lb.yaml").unwrap();
     assert_eq!(c.director.interfaces, ["eth0", "eth1"]);
@@ -80,6 +97,31 @@ services:
     assert_eq!((dns.backends[0].weight, dns.backends[0].state), (1, BackendState::Disabled));
     // wrr's ring is a sequence, not a Maglev table: its size need not be a prime.
     assert_eq!((c.services[2].scheduler, c.services[2].ring_size), (Scheduler::Wrr, 1000));
+    let check = &c.checks["api"];
+    assert_eq!(
+        check.spec.kind,
+        CheckKind::Http(HttpCheck {
+            port: None,
+            path: "/health".into(),
+            host: Some("api.example".into()),
+            expect_status: vec![200, 204],
+            expect_body: Some("ok".into()),
+        })
+    );
+    assert_eq!(
+        (check.interval, check.spec.timeout),
+        (Duration::from_millis(500), Duration::from_millis(200))
+    );
+    assert_eq!(
+        check.policy,
+        Policy {
+            rise: 1,
+            fall: 2,
+            fall_within: 4,
+            flap: Some(FlapPolicy { changes: 4, within: 20, hold: Some(Duration::from_secs(60)) })
+        }
+    );
+    assert!(!c.checks.contains_key("web"), "no check: always up");
 }
 
 /// One malformed file per row: (what it shows, yaml, line, column, key path, message part).
@@ -133,6 +175,21 @@ const MALFORMED: &[(&str, &str, u64, u64, &str, &str)] = &[
     ("unknown backend state", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends:\n      - { address: 10.0.0.1, state: down }\n", 7, 37, "services[0].backends[0].state", "down"),
     ("backend port differs under dr", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends:\n      - { address: 10.0.0.1, port: 8080 }\n", 7, 36, "services[0].backends[0].port", "must listen on 80"),
     ("duplicate key", "director:\n  interfaces: [eth0]\n  interfaces: [eth1]\n", 3, 3, "director", "duplicate mapping key `interfaces`"),
+    ("unknown check type", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: ping }\n", 6, 20, "services[0].check.type", "unknown variant `ping`"),
+    ("icmp not implemented", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: icmp }\n", 6, 20, "services[0].check.type", "not implemented yet"),
+    ("path on a tcp check", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: tcp, path: /health }\n", 6, 31, "services[0].check.path", "applies only to http checks"),
+    ("argv on an http check", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: http, argv: [x] }\n", 6, 32, "services[0].check.argv", "applies only to exec checks"),
+    ("port on an exec check", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: exec, argv: [/bin/true], port: 80 }\n", 6, 51, "services[0].check.port", "applies only to tcp and http checks"),
+    ("exec without argv", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: exec }\n", 6, 20, "services[0].check.argv", "needs `argv`"),
+    ("bad duration", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: tcp, interval: 2x }\n", 6, 35, "services[0].check.interval", "`2x` is not a duration"),
+    ("timeout longer than interval", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: tcp, interval: 1s, timeout: 2s }\n", 6, 48, "services[0].check.timeout", "longer than the interval 1s"),
+    ("relative http path", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: http, path: health }\n", 6, 32, "services[0].check.path", "not an absolute request path"),
+    ("not an http status", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: http, expect_status: [200, 700] }\n", 6, 41, "services[0].check.expect_status", "700 is not an HTTP status"),
+    ("fall_within below fall", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: tcp, fall: 3, fall_within: 2 }\n", 6, 47, "services[0].check.fall_within", "3 failures cannot fit in 2 cycles"),
+    ("rise zero", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: tcp, rise: 0 }\n", 6, 31, "services[0].check.rise", "out of range 1-1000"),
+    ("flap window too small", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: tcp, flap: { changes: 4, within: 3 } }\n", 6, 53, "services[0].check.flap.within", "4 changes cannot fit in 3 cycles"),
+    ("unknown check key", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: tcp, intervall: 2s }\n", 6, 25, "services[0].check.intervall", "unknown field `intervall`"),
+    ("fwmark tcp check without port", "DIRECTORmarks: [{ mark: 1, dst: 192.0.2.0/24 }]\nservices:\n  - name: a\n    match: { fwmark: 1 }\n    check: { type: tcp }\n", 7, 20, "services[0].check.port", "no port of its own"),
 ];
 
 #[test]
@@ -203,6 +260,9 @@ fn alert_rules_and_dashboard_name_only_metrics_the_daemon_exports() {
                 counters: Default::default(),
                 active: 0,
                 inactive: 0,
+                checks: vec![("ok", 1)],
+                state_changes: 0,
+                last_check: None,
             }],
         }],
         actions: vec![("tx", 0)],

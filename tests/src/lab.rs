@@ -30,7 +30,8 @@ pub enum LabConfig {
 
 pub struct DrLab {
     pub topo: DrTopology,
-    servers: Vec<NameServer>,
+    /// Name servers on port 80 of each real server; `None` while stopped.
+    servers: Vec<Option<NameServer>>,
     own_service: Option<NameServer>,
     pub daemon: Daemon,
     /// Holds the pass-through program on the LAN bridge port (see `start`).
@@ -109,7 +110,7 @@ impl DrLab {
         let daemon = Daemon::start(&topo.director, &path, &d.control_socket, d.metrics_listen, &log)?;
         let lab = DrLab {
             topo,
-            servers: name_servers,
+            servers: name_servers.into_iter().map(Some).collect(),
             own_service: Some(own_service),
             daemon,
             _pass_through: pass,
@@ -209,11 +210,33 @@ impl DrLab {
         self.connect((DIRECTOR_CLIENT_SIDE, DIRECTOR_PORT).into())
     }
 
+    /// Stops real server `i`'s service on port 80 (the server itself stays up); returns
+    /// how many connections it answered.
+    pub fn stop_server(&mut self, i: usize) -> Result<u64> {
+        let s = self
+            .servers
+            .get_mut(i)
+            .and_then(Option::take)
+            .ok_or_else(|| anyhow!("server {i} is not running"))?;
+        s.stop()
+    }
+
+    /// Starts real server `i`'s service on port 80 again.
+    pub fn start_server(&mut self, i: usize) -> Result<()> {
+        let ns = self.topo.servers.get(i).ok_or_else(|| anyhow!("no server {i}"))?;
+        let s =
+            NameServer::start(ns, SocketAddr::from(([0, 0, 0, 0], VIP_PORT)), &format!("server{}", i + 1))?;
+        self.servers[i] = Some(s);
+        Ok(())
+    }
+
     /// Stops the name servers; returns how many connections each real server answered
     /// and how many the director's own service answered. The daemon stops on drop.
     pub fn stop_servers(&mut self) -> Result<(Vec<u64>, u64)> {
-        let served =
-            std::mem::take(&mut self.servers).into_iter().map(NameServer::stop).collect::<Result<_>>()?;
+        let served = std::mem::take(&mut self.servers)
+            .into_iter()
+            .map(|s| s.map_or(Ok(0), NameServer::stop))
+            .collect::<Result<_>>()?;
         let own = self.own_service.take().map(NameServer::stop).transpose()?.unwrap_or(0);
         Ok((served, own))
     }

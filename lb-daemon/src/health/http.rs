@@ -13,7 +13,7 @@ use super::Report;
 /// Bodies are read up to this size when a substring is expected.
 pub const MAX_BODY: usize = 64 * 1024;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct HttpCheck {
     pub port: Option<u16>,
     pub path: String,

@@ -4,9 +4,11 @@
 //! Every checker is a future bounded by the check's timeout; thousands run on tokio
 //! without a thread each.
 
+pub mod board;
 pub mod exec;
 pub mod http;
 pub mod state;
+pub mod supervisor;
 pub mod tcp;
 
 use std::net::{IpAddr, SocketAddr};
@@ -35,7 +37,7 @@ impl Report {
 }
 
 /// What a check is run against.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Target {
     pub service: String,
     pub addr: IpAddr,
@@ -43,19 +45,27 @@ pub struct Target {
     pub port: Option<u16>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum CheckKind {
     Tcp { port: Option<u16> },
     Http(http::HttpCheck),
     Exec { argv: Vec<String> },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CheckSpec {
     pub kind: CheckKind,
     pub timeout: Duration,
     /// Local address to connect from (a director with several addresses on the LAN).
     pub source: Option<IpAddr>,
+}
+
+/// A service's health check: what to run, how often, and how results become states.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub spec: CheckSpec,
+    pub interval: Duration,
+    pub policy: state::Policy,
 }
 
 #[derive(Debug, thiserror::Error)]

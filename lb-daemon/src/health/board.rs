@@ -1,0 +1,258 @@
+//! The health of every (service, backend) pair: which probe feeds it, its state machine,
+//! the weight its check asked for, and counts for metrics. Pure: probe results and the
+//! time come in; state changes come out, and [`Board::overlay`] turns the config's
+//! backends into what the planner should see.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use super::state::{Health, Outcome, Tracker, Transition};
+use super::supervisor::{ProbeKey, ProbeResult};
+use super::{HealthCheck, Report, Target};
+use crate::config::MAX_WEIGHT;
+use crate::plan::{BackendState, ServiceMatch, ServiceSpec};
+
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub probe: ProbeKey,
+    check: HealthCheck,
+    pub tracker: Tracker,
+    /// Weight from the last result that named one (`weight=N`).
+    pub weight: Option<u32>,
+    pub last: Option<Report>,
+    /// Check results by outcome name.
+    pub results: BTreeMap<&'static str, u64>,
+    pub state_changes: u64,
+    /// Time spent in checks, for the mean (seconds).
+    pub check_seconds: f64,
+}
+
+/// A state change, for logs and hooks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub service: String,
+    pub backend: IpAddr,
+    pub transition: Transition,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Board {
+    entries: HashMap<(String, IpAddr), Entry>,
+}
+
+fn port_of(m: &ServiceMatch) -> Option<u16> {
+    match m {
+        ServiceMatch::Vip { port, .. } => Some(*port),
+        ServiceMatch::Mark(_) => None,
+    }
+}
+
+impl Board {
+    /// Makes the board follow a (new) config: pairs whose check is unchanged keep their
+    /// state, except a flap timeout, which lasts until a reload (they start over as
+    /// down); new pairs start up (see [`Tracker::new`]); others are forgotten.
+    pub fn sync(&mut self, services: &[ServiceSpec], checks: &BTreeMap<String, HealthCheck>) {
+        let mut next = HashMap::new();
+        for svc in services {
+            let Some(check) = checks.get(&svc.name) else { continue };
+            for b in &svc.backends {
+                let target = Target { service: svc.name.clone(), addr: b.addr, port: port_of(&svc.matcher) };
+                let probe = ProbeKey::new(&check.spec, check.interval, target);
+                let key = (svc.name.clone(), b.addr);
+                let entry = match self.entries.remove(&key) {
+                    Some(mut e) if e.probe == probe && e.check == *check => {
+                        if matches!(e.tracker.state(), Health::Timeout { .. }) {
+                            e.tracker = Tracker::starting(check.policy, Health::Down);
+                        }
+                        e
+                    }
+                    _ => Entry {
+                        probe,
+                        check: check.clone(),
+                        tracker: Tracker::new(check.policy),
+                        weight: None,
+                        last: None,
+                        results: BTreeMap::new(),
+                        state_changes: 0,
+                        check_seconds: 0.0,
+                    },
+                };
+                next.insert(key, entry);
+            }
+        }
+        self.entries = next;
+    }
+
+    /// The probes the board needs running.
+    pub fn probes(&self) -> Vec<ProbeKey> {
+        let mut v: Vec<ProbeKey> = self.entries.values().map(|e| e.probe.clone()).collect();
+        v.sort_by_key(|k| format!("{k:?}"));
+        v.dedup();
+        v
+    }
+
+    /// Feeds a result to every pair its probe serves. Returns the state changes, and
+    /// whether what the planner sees changed (a state or a weight).
+    pub fn observe(&mut self, result: &ProbeResult, now: Duration) -> (Vec<Event>, bool) {
+        let mut events = Vec::new();
+        let mut changed = false;
+        for ((service, backend), e) in self.entries.iter_mut().filter(|(_, e)| e.probe == result.key) {
+            let r = &result.report;
+            *e.results.entry(r.outcome.name()).or_default() += 1;
+            e.check_seconds += result.took.as_secs_f64();
+            if r.outcome.passed() && r.weight != e.weight {
+                e.weight = r.weight;
+                changed = true;
+            }
+            if let Some(t) = e.tracker.observe(r.outcome, now) {
+                e.state_changes += 1;
+                changed = true;
+                events.push(Event {
+                    service: service.clone(),
+                    backend: *backend,
+                    transition: t,
+                    message: r.message.clone(),
+                });
+            }
+            e.last = Some(r.clone());
+        }
+        (events, changed)
+    }
+
+    pub fn get(&self, service: &str, backend: IpAddr) -> Option<&Entry> {
+        self.entries.get(&(service.to_owned(), backend))
+    }
+
+    /// The services as the planner should see them: a backend its check holds down is
+    /// `disabled` (its flows move, as IPVS's expire_nodest_conn), and a weight the check
+    /// asked for replaces the configured one. WARNING keeps a backend up.
+    pub fn overlay(&self, services: &[ServiceSpec]) -> Vec<ServiceSpec> {
+        services
+            .iter()
+            .map(|svc| {
+                let mut svc = svc.clone();
+                for b in &mut svc.backends {
+                    let Some(e) = self.entries.get(&(svc.name.clone(), b.addr)) else { continue };
+                    if !e.tracker.state().serving() {
+                        b.state = BackendState::Disabled;
+                    } else if let Some(w) = e.weight {
+                        b.weight = w.min(MAX_WEIGHT);
+                    }
+                }
+                svc
+            })
+            .collect()
+    }
+}
+
+/// The name of a result, for metrics (all four, in order).
+pub const OUTCOMES: [Outcome; 4] = [Outcome::Ok, Outcome::Warning, Outcome::Critical, Outcome::Unknown];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::state::Policy;
+    use crate::health::{CheckKind, CheckSpec};
+    use crate::plan::{BackendSpec, Protocol, Scheduler};
+
+    fn svc(name: &str, port: u16) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            matcher: ServiceMatch::Vip { addr: "192.0.2.1".parse().unwrap(), port, proto: Protocol::Tcp },
+            scheduler: Scheduler::Sh,
+            ring_size: 7,
+            backends: ["10.0.0.1", "10.0.0.2"]
+                .iter()
+                .map(|a| BackendSpec { addr: a.parse().unwrap(), weight: 10, state: BackendState::Active })
+                .collect(),
+        }
+    }
+
+    fn tcp(policy: Policy) -> HealthCheck {
+        HealthCheck {
+            spec: CheckSpec {
+                kind: CheckKind::Tcp { port: None },
+                timeout: Duration::from_secs(1),
+                source: None,
+            },
+            interval: Duration::from_secs(2),
+            policy,
+        }
+    }
+
+    fn result(board: &Board, backend: &str, outcome: Outcome, weight: Option<u32>) -> ProbeResult {
+        let addr: IpAddr = backend.parse().unwrap();
+        let key = board.probes().into_iter().find(|k| k.target.addr == addr).unwrap();
+        ProbeResult {
+            key,
+            report: Report { outcome, weight, message: "m".into() },
+            took: Duration::from_millis(5),
+        }
+    }
+
+    #[test]
+    fn identical_checks_of_two_services_share_one_probe() {
+        let mut b = Board::default();
+        let mut other = svc("b", 80);
+        other.matcher =
+            ServiceMatch::Vip { addr: "192.0.2.2".parse().unwrap(), port: 80, proto: Protocol::Tcp };
+        let checks = BTreeMap::from([
+            ("a".to_string(), tcp(Policy::default())),
+            ("b".to_string(), tcp(Policy::default())),
+        ]);
+        b.sync(&[svc("a", 80), other], &checks);
+        assert_eq!(b.probes().len(), 2, "one probe per server, not per service");
+        // One result moves both services' view of the server.
+        let p = Policy { rise: 1, fall: 1, fall_within: 1, flap: None };
+        let checks = BTreeMap::from([("a".to_string(), tcp(p)), ("b".to_string(), tcp(p))]);
+        let mut other = svc("b", 80);
+        other.matcher =
+            ServiceMatch::Vip { addr: "192.0.2.2".parse().unwrap(), port: 80, proto: Protocol::Tcp };
+        b.sync(&[svc("a", 80), other], &checks);
+        let (events, changed) = b.observe(&result(&b, "10.0.0.1", Outcome::Critical, None), Duration::ZERO);
+        assert!(changed);
+        assert_eq!(events.len(), 2);
+    }
+
+    #[test]
+    fn down_backends_are_disabled_and_weights_follow_the_check() {
+        let mut b = Board::default();
+        let p = Policy { rise: 1, fall: 1, fall_within: 1, flap: None };
+        b.sync(&[svc("a", 80)], &BTreeMap::from([("a".to_string(), tcp(p))]));
+        b.observe(&result(&b, "10.0.0.1", Outcome::Critical, None), Duration::ZERO);
+        let (_, changed) = b.observe(&result(&b, "10.0.0.2", Outcome::Warning, Some(3)), Duration::ZERO);
+        assert!(changed, "a new weight changes the plan");
+        let view = b.overlay(&[svc("a", 80)]);
+        assert_eq!(view[0].backends[0].state, BackendState::Disabled);
+        assert_eq!((view[0].backends[1].state, view[0].backends[1].weight), (BackendState::Active, 3));
+        let (_, changed) = b.observe(&result(&b, "10.0.0.2", Outcome::Ok, Some(3)), Duration::ZERO);
+        assert!(!changed, "same state, same weight: nothing to re-plan");
+    }
+
+    #[test]
+    fn a_reload_keeps_states_but_ends_timeouts() {
+        let flappy = Policy {
+            rise: 1,
+            fall: 1,
+            fall_within: 1,
+            flap: Some(crate::health::state::FlapPolicy { changes: 2, within: 10, hold: None }),
+        };
+        let checks = BTreeMap::from([("a".to_string(), tcp(flappy))]);
+        let mut b = Board::default();
+        b.sync(&[svc("a", 80)], &checks);
+        b.observe(&result(&b, "10.0.0.1", Outcome::Critical, None), Duration::ZERO);
+        b.observe(&result(&b, "10.0.0.1", Outcome::Ok, None), Duration::ZERO);
+        b.observe(&result(&b, "10.0.0.2", Outcome::Critical, None), Duration::ZERO);
+        let addr1: IpAddr = "10.0.0.1".parse().unwrap();
+        let addr2: IpAddr = "10.0.0.2".parse().unwrap();
+        assert!(matches!(b.get("a", addr1).unwrap().tracker.state(), Health::Timeout { until: None }));
+        b.sync(&[svc("a", 80)], &checks);
+        assert_eq!(b.get("a", addr1).unwrap().tracker.state(), Health::Down, "timeout ends with the reload");
+        assert_eq!(b.get("a", addr2).unwrap().tracker.state(), Health::Down, "other states stay");
+        // A changed check starts over.
+        b.sync(&[svc("a", 80)], &BTreeMap::from([("a".to_string(), tcp(Policy::default()))]));
+        assert_eq!(b.get("a", addr2).unwrap().tracker.state(), Health::Up);
+    }
+}

@@ -1,0 +1,112 @@
+//! Health checks end to end: a real server whose service stops leaves the ring (new
+//! connections go to the others) while connections to the other servers carry on, and it
+//! comes back after `rise` passes. Needs root.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail, ensure};
+use lb_tests::lab::{DrLab, LabConfig, VIP_PORT};
+use lb_tests::tcp::{Conversations, EchoServer};
+use lb_tests::topology::VIP;
+
+const ECHO_PORT: u16 = 7000;
+const CHECK: &str = "{ type: tcp, port: 80, interval: 200ms, timeout: 150ms, rise: 2, fall: 2 }";
+
+fn services() -> String {
+    let backends: String =
+        (11..=13).map(|i| format!("      - {{ address: 10.0.2.{i} }}\n")).collect::<Vec<_>>().concat();
+    // The same check on both services: one probe per server serves them both.
+    format!(
+        "services:\n  - name: web\n    match: {{ vip: {VIP}, port: {VIP_PORT} }}\n    check: {CHECK}\n    backends:\n{backends}\
+         \x20 - name: echo\n    match: {{ vip: {VIP}, port: {ECHO_PORT} }}\n    check: {CHECK}\n    backends:\n{backends}"
+    )
+}
+
+/// Waits (bounded) until `lb-daemon status` shows `backend` of `service` in `state`.
+fn wait_state(lab: &DrLab, service: &str, backend: &str, state: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut status = String::new();
+    while Instant::now() < deadline {
+        status = lab.daemon.status()?;
+        let mut in_service = false;
+        for line in status.lines() {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if matches!(cols.first(), Some(&"TCP")) {
+                in_service = line.ends_with(&format!("({service})"));
+            } else if in_service
+                && cols.first() == Some(&"->")
+                && cols.get(1).is_some_and(|a| a.starts_with(backend))
+                && cols.last() == Some(&state)
+            {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{service} {backend} never became {state}:\n{status}\n{}", lab.daemon.log_text())
+}
+
+#[test]
+fn a_server_whose_service_stops_leaves_and_returns_while_others_keep_their_connections() -> Result<()> {
+    let mut lab = DrLab::start_with(3, 30, LabConfig::Services(services()))?;
+    let echo: Vec<EchoServer> = lab
+        .topo
+        .servers
+        .iter()
+        .map(|ns| EchoServer::start(ns, SocketAddr::from(([0, 0, 0, 0], ECHO_PORT))))
+        .collect::<Result<_>>()?;
+
+    // Where each source goes. Both services have the same backends, so the same Maglev
+    // table: a source reaches the same server on either port.
+    let before: BTreeMap<IpAddr, String> = lab.connect_all(1)?.into_iter().collect();
+    let on_server1: BTreeSet<IpAddr> =
+        before.iter().filter(|(_, s)| *s == "server1").map(|(a, _)| *a).collect();
+    let elsewhere: Vec<IpAddr> = before.keys().filter(|a| !on_server1.contains(a)).copied().collect();
+    ensure!(!on_server1.is_empty() && elsewhere.len() >= 5, "sources by server: {before:?}");
+    let conv = Conversations::start(
+        &lab.topo.client,
+        elsewhere,
+        (VIP, ECHO_PORT).into(),
+        20,
+        Duration::from_millis(100),
+        5000,
+    )?;
+    ensure!(conv.wait_rounds(2, Duration::from_secs(10)), "no exchange: {:?}", conv.stop());
+
+    lab.stop_server(0)?;
+    wait_state(&lab, "web", "10.0.2.11", "down")?;
+    wait_state(&lab, "echo", "10.0.2.11", "down")?;
+    let during: BTreeMap<IpAddr, String> = lab.connect_all(1)?.into_iter().collect();
+    ensure!(during.values().all(|s| s != "server1"), "server1 still chosen: {during:?}");
+    for (src, server) in &during {
+        if !on_server1.contains(src) {
+            ensure!(
+                before[src] == *server,
+                "{src} moved from {} to {server} though its server stayed up",
+                before[src]
+            );
+        }
+    }
+    ensure!(!conv.finished(), "connections to the other servers broke: {:?}", conv.stop());
+    let status = lab.daemon.status()?;
+    ensure!(status.contains("last check: connecting to 10.0.2.11:80"), "{status}");
+
+    lab.start_server(0)?;
+    wait_state(&lab, "web", "10.0.2.11", "active")?;
+    let after: BTreeMap<IpAddr, String> = lab.connect_all(1)?.into_iter().collect();
+    ensure!(after == before, "after it came back, sources go where they went at first");
+
+    let m = lab.metrics()?;
+    let changes = m.value("lb_health_state_changes_total{backend=\"10.0.2.11\",service=\"web\"}")?;
+    ensure!(changes == 2.0, "down and up again: {changes}");
+    ensure!(
+        m.value("lb_health_checks_total{backend=\"10.0.2.11\",result=\"critical\",service=\"web\"}")? >= 2.0
+    );
+    ensure!(m.value("lb_health_state_changes_total{backend=\"10.0.2.12\",service=\"web\"}")? == 0.0);
+    let report = conv.stop()?;
+    ensure!(report.exchanges == report.rounds * 20 && report.rounds >= 5, "{report:?}");
+    drop(echo);
+    Ok(())
+}
