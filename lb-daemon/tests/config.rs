@@ -28,7 +28,7 @@ fn refused(yaml: &str) -> (u64, u64, String, String) {
 #[test]
 fn the_example_files_are_valid() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs");
-    for name in ["lb.example.yaml", "lab.yaml"] {
+    for name in ["lb.example.yaml", "lab.yaml", "agentless-ssh.yaml"] {
         let path = std::path::Path::new(root).join(name);
         if let Err(e) = Config::load(&path) {
             panic!("{e}");

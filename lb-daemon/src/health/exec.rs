@@ -3,6 +3,10 @@
 //! 1 WARNING, 2 CRITICAL, 3 UNKNOWN), and a `weight=N` token in its first output line sets
 //! the server's weight (as HAProxy's agent-check and keepalived's misc_dynamic do).
 //!
+//! `{service}`, `{backend}` and `{port}` in an argument are replaced by the service's name,
+//! the server's address and the port (no shell is involved: the replaced argument stays
+//! one argument).
+//!
 //! The program runs in a process group of its own, and the whole group is killed when the
 //! timeout expires: an `ssh` it started cannot outlive the check.
 
@@ -25,7 +29,20 @@ pub fn weight_token(line: &str) -> Option<u32> {
         .find_map(|tok| tok.strip_prefix("weight=")?.parse().ok())
 }
 
+/// `argv` with the placeholders of one target filled in.
+pub fn expand(argv: &[String], target: &Target) -> Vec<String> {
+    let port = target.port.map(|p| p.to_string()).unwrap_or_default();
+    argv.iter()
+        .map(|a| {
+            a.replace("{service}", &target.service)
+                .replace("{backend}", &target.addr.to_string())
+                .replace("{port}", &port)
+        })
+        .collect()
+}
+
 pub async fn check(argv: &[String], target: &Target, timeout: Duration) -> Report {
+    let argv = expand(argv, target);
     let Some((program, args)) = argv.split_first() else {
         return Report { outcome: Outcome::Unknown, weight: None, message: "empty argv".into() };
     };
@@ -90,6 +107,14 @@ pub async fn check(argv: &[String], target: &Target, timeout: Duration) -> Repor
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placeholders_fill_single_arguments() {
+        let t = Target { service: "web".into(), addr: "10.1.0.7".parse().unwrap(), port: Some(80) };
+        let argv: Vec<String> =
+            ["ssh", "check@{backend}", "--svc={service} {port}", "$LB_BACKEND"].map(String::from).to_vec();
+        assert_eq!(expand(&argv, &t), ["ssh", "check@10.1.0.7", "--svc=web 80", "$LB_BACKEND"]);
+    }
 
     #[test]
     fn weight_tokens() {
