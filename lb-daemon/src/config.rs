@@ -483,14 +483,10 @@ impl Checker<'_> {
             }
             let matcher = self.service_match(&s.matcher, i, &defined_marks)?;
             if let Some(first) = matchers.insert(matcher, i) {
-                let what = match matcher {
-                    ServiceMatch::Vip { addr, port, proto } => format!("{addr}:{port}/{}", proto_name(proto)),
-                    ServiceMatch::Mark(m) => format!("fwmark {m}"),
-                };
                 return Err(self.err(
                     &s.matcher,
                     at("match"),
-                    format!("{what} is already the match of services[{first}]"),
+                    format!("{matcher} is already the match of services[{first}]"),
                 ));
             }
             if let Some(f) = &s.forward
@@ -563,6 +559,25 @@ impl Checker<'_> {
             services.push(ServiceSpec { name: s.name.value, matcher, scheduler, ring_size, backends });
         }
         Ok(Config { director, marks, services, forward, checks })
+    }
+
+    /// An optional count within `range`, or `default` when absent.
+    fn ranged(
+        &self,
+        v: &Option<Spanned<u32>>,
+        path: impl Into<String>,
+        default: u32,
+        range: std::ops::RangeInclusive<u32>,
+    ) -> Result<u32, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) if range.contains(&s.value) => Ok(s.value),
+            Some(s) => Err(self.err(
+                s,
+                path,
+                format!("{} is out of range {}-{}", s.value, range.start(), range.end()),
+            )),
+        }
     }
 
     fn duration(&self, v: &Spanned<String>, path: String) -> Result<Duration, ConfigError> {
@@ -678,16 +693,9 @@ impl Checker<'_> {
                 format!("timeout {timeout:?} is longer than the interval {interval:?}"),
             ));
         }
-        let count = |v: &Option<Spanned<u32>>, key: &str, default: u32| -> Result<u32, ConfigError> {
-            match v {
-                None => Ok(default),
-                Some(s) if (1..=1000).contains(&s.value) => Ok(s.value),
-                Some(s) => Err(self.err(s, at(key), format!("{} is out of range 1-1000", s.value))),
-            }
-        };
-        let rise = count(&c.rise, "rise", Policy::default().rise)?;
-        let fall = count(&c.fall, "fall", Policy::default().fall)?;
-        let fall_within = count(&c.fall_within, "fall_within", fall)?;
+        let rise = self.ranged(&c.rise, at("rise"), Policy::default().rise, 1..=1000)?;
+        let fall = self.ranged(&c.fall, at("fall"), Policy::default().fall, 1..=1000)?;
+        let fall_within = self.ranged(&c.fall_within, at("fall_within"), fall, 1..=1000)?;
         if fall_within < fall {
             let f = loc(&c.fall_within, &c.kind);
             return Err(self.err(
@@ -745,21 +753,14 @@ impl Checker<'_> {
             }
             interfaces.push(name.value.clone());
         }
-        let sized =
-            |v: &Option<Spanned<u32>>, key: &str, default: u32, max: u32| -> Result<u32, ConfigError> {
-                match v {
-                    None => Ok(default),
-                    Some(s) if (1..=max).contains(&s.value) => Ok(s.value),
-                    Some(s) => Err(self.err(
-                        s,
-                        format!("director.{key}"),
-                        format!("{} is out of range 1-{max}", s.value),
-                    )),
-                }
-            };
-        let connection_table_size =
-            sized(&d.connection_table_size, "connection_table_size", DEFAULT_FLOW_ENTRIES, MAX_FLOW_ENTRIES)?;
-        let ring_slots = sized(&d.ring_slots, "ring_slots", DEFAULT_RING_SLOTS, MAX_RING_SLOTS)?;
+        let connection_table_size = self.ranged(
+            &d.connection_table_size,
+            "director.connection_table_size",
+            DEFAULT_FLOW_ENTRIES,
+            1..=MAX_FLOW_ENTRIES,
+        )?;
+        let ring_slots =
+            self.ranged(&d.ring_slots, "director.ring_slots", DEFAULT_RING_SLOTS, 1..=MAX_RING_SLOTS)?;
         let bpf_dir = match d.bpf_dir {
             None => PathBuf::from(DEFAULT_BPF_DIR),
             Some(p) if p.value.is_absolute() => p.value,
@@ -892,13 +893,6 @@ impl Checker<'_> {
             out.push(BackendSpec { addr, weight, state });
         }
         Ok(out)
-    }
-}
-
-pub fn proto_name(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
     }
 }
 

@@ -6,7 +6,6 @@
 
 use prometheus::{Encoder as _, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use crate::plan::ServiceMatch;
 use crate::snapshot::{BackendStatus, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
@@ -101,13 +100,7 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
         &["service", "match", "scheduler"],
     )?;
     for s in &snap.services {
-        let m = match s.matcher {
-            ServiceMatch::Vip { addr, port, proto } => {
-                format!("{}:{}/{}", addr, port, crate::config::proto_name(proto))
-            }
-            ServiceMatch::Mark(m) => format!("fwmark {m}"),
-        };
-        svc_info.with_label_values(&[s.name.as_str(), m.as_str(), s.scheduler.name()]).set(1);
+        svc_info.with_label_values(&[s.name.as_str(), &s.matcher.to_string(), s.scheduler.name()]).set(1);
     }
     let actions =
         counter(&reg, "lb_xdp_actions_total", "Verdicts of the XDP program, all packets.", &["action"])?;
@@ -152,7 +145,7 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
 mod tests {
     use super::*;
     use crate::config::Forward;
-    use crate::plan::{Protocol, Scheduler};
+    use crate::plan::{Protocol, Scheduler, ServiceMatch};
     use crate::snapshot::{BackendSnapshot, ServiceSnapshot};
     use lb_common::Counters;
 

@@ -24,6 +24,13 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
     pub fn number(self) -> u8 {
         match self {
             Protocol::Tcp => PROTO_TCP,
@@ -64,6 +71,18 @@ pub enum ServiceMatch {
     },
     /// Traffic classified by a fwmark-style rule with this mark.
     Mark(u32),
+}
+
+/// `192.0.2.10:80/tcp`, `[2001:db8::10]:443/tcp`, `fwmark 7`: for errors and labels.
+impl std::fmt::Display for ServiceMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            ServiceMatch::Vip { addr, port, proto } => {
+                write!(f, "{}/{}", std::net::SocketAddr::new(addr, port), proto.name())
+            }
+            ServiceMatch::Mark(m) => write!(f, "fwmark {m}"),
+        }
+    }
 }
 
 /// What an operator asked of a backend.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use lb_common::{Counters, FLOW_ESTABLISHED, FLOW_UDP, Flow};
 
-use crate::config::{Forward, proto_name};
+use crate::config::Forward;
 use crate::dataplane::XdpMode;
 use crate::plan::{Scheduler, ServiceMatch};
 
@@ -158,7 +158,7 @@ impl Snapshot {
         for s in &self.services {
             let (prot, local, port) = match s.matcher {
                 ServiceMatch::Vip { addr, port, proto } => {
-                    (proto_name(proto).to_uppercase(), endpoint(addr, Some(port)), Some(port))
+                    (proto.name().to_uppercase(), endpoint(addr, Some(port)), Some(port))
                 }
                 ServiceMatch::Mark(m) => ("FWM".to_owned(), m.to_string(), None),
             };
