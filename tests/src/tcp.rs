@@ -1,5 +1,6 @@
 //! Tiny TCP peers for end-to-end tests: a server that answers every connection with its
-//! name, and a client that connects from a chosen source address. Every wait is bounded.
+//! name, an echo server, long-lived client conversations, and a client that connects from
+//! a chosen source address. Each runs on a [`Worker`] thread. Every wait is bounded.
 
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -15,34 +16,87 @@ use crate::NetNs;
 
 pub const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Answers each connection with `name` and closes it. Stops when dropped.
-pub struct NameServer {
+/// A thread inside a namespace that says when it is set up, runs until told to stop (its
+/// body polls the flag it is given), and is stopped and joined on drop.
+pub struct Worker<T> {
     stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<Result<u64>>>,
+    handle: Option<JoinHandle<Result<T>>>,
 }
+
+/// Handed to a worker's body: call `ready` once set up.
+pub struct Ready(std::sync::mpsc::Sender<std::result::Result<(), String>>);
+
+impl Ready {
+    pub fn ready(&self) {
+        let _ = self.0.send(Ok(()));
+    }
+}
+
+impl<T: Send + 'static> Worker<T> {
+    /// Starts `body` in `ns`; returns once it called `ready`, or its error if it failed
+    /// before (or nothing came within `limit`).
+    pub fn start(
+        ns: &NetNs,
+        what: &str,
+        limit: Duration,
+        body: impl FnOnce(&Ready, &AtomicBool) -> Result<T> + Send + 'static,
+    ) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let handle = ns.spawn(move || {
+            let ready = Ready(tx);
+            let result = body(&ready, &flag);
+            if let Err(e) = &result {
+                // Ignored once the starter has stopped listening (it was ready then).
+                let _ = ready.0.send(Err(format!("{e:#}")));
+            }
+            result
+        });
+        match rx.recv_timeout(limit) {
+            Ok(Ok(())) => Ok(Worker { stop, handle: Some(handle) }),
+            Ok(Err(e)) => anyhow::bail!("{what}: {e}"),
+            Err(_) => anyhow::bail!("{what} did not start within {limit:?}"),
+        }
+    }
+
+    /// Whether the body has returned (an error, or its own end).
+    pub fn finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// Tells the body to stop and returns what it returned.
+    pub fn stop(mut self) -> Result<T> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.handle.take() {
+            Some(h) => h.join().map_err(|_| anyhow::anyhow!("worker thread panicked"))?,
+            None => anyhow::bail!("already stopped"),
+        }
+    }
+}
+
+impl<T> Drop for Worker<T> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Answers each connection with `name` and closes it. Stops when dropped.
+pub struct NameServer(Worker<u64>);
 
 impl NameServer {
     /// Listens on `bind` inside `ns`; returns once the socket is listening.
     pub fn start(ns: &NetNs, bind: SocketAddr, name: &str) -> Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let flag = stop.clone();
         let name = name.to_owned();
-        let handle = ns.spawn(move || {
-            let listener = TcpListener::bind(bind).with_context(|| format!("binding {bind}"));
-            let listener = match listener {
-                Ok(l) => {
-                    let _ = ready_tx.send(Ok(()));
-                    l
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(format!("{e:#}")));
-                    return Err(e);
-                }
-            };
+        let worker = Worker::start(ns, &format!("server {bind}"), IO_TIMEOUT, move |ready, stop| {
+            let listener = TcpListener::bind(bind).with_context(|| format!("binding {bind}"))?;
+            ready.ready();
             listener.set_nonblocking(true)?;
             let mut served = 0u64;
-            while !flag.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((mut s, _)) => {
                         s.set_nonblocking(false)?;
@@ -58,30 +112,13 @@ impl NameServer {
                 }
             }
             Ok(served)
-        });
-        match ready_rx.recv_timeout(IO_TIMEOUT) {
-            Ok(Ok(())) => Ok(NameServer { stop, handle: Some(handle) }),
-            Ok(Err(e)) => anyhow::bail!("server {bind}: {e}"),
-            Err(_) => anyhow::bail!("server {bind} did not start"),
-        }
+        })?;
+        Ok(NameServer(worker))
     }
 
     /// Stops the server and returns how many connections it answered.
-    pub fn stop(mut self) -> Result<u64> {
-        self.stop.store(true, Ordering::Relaxed);
-        match self.handle.take() {
-            Some(h) => h.join().map_err(|_| anyhow::anyhow!("server thread panicked"))?,
-            None => Ok(0),
-        }
-    }
-}
-
-impl Drop for NameServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+    pub fn stop(self) -> Result<u64> {
+        self.0.stop()
     }
 }
 
@@ -99,32 +136,18 @@ pub fn fetch_from(src: IpAddr, dst: SocketAddr) -> Result<String> {
 
 /// Echoes whatever each connection sends, for long-lived connections. One thread serves
 /// every connection (non-blocking sockets). Stops when dropped.
-pub struct EchoServer {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<Result<u64>>>,
-}
+pub struct EchoServer(Worker<u64>);
 
 impl EchoServer {
     pub fn start(ns: &NetNs, bind: SocketAddr) -> Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let handle = ns.spawn(move || {
-            let listener = match TcpListener::bind(bind) {
-                Ok(l) => {
-                    let _ = ready_tx.send(Ok(()));
-                    l
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(format!("binding {bind}: {e}")));
-                    return Err(e.into());
-                }
-            };
+        let worker = Worker::start(ns, &format!("echo server {bind}"), IO_TIMEOUT, move |ready, stop| {
+            let listener = TcpListener::bind(bind).with_context(|| format!("binding {bind}"))?;
+            ready.ready();
             listener.set_nonblocking(true)?;
             let mut conns: Vec<TcpStream> = Vec::new();
             let mut accepted = 0u64;
             let mut buf = [0u8; 4096];
-            while !flag.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 let mut idle = true;
                 match listener.accept() {
                     Ok((s, _)) => {
@@ -163,30 +186,13 @@ impl EchoServer {
                 }
             }
             Ok(accepted)
-        });
-        match ready_rx.recv_timeout(IO_TIMEOUT) {
-            Ok(Ok(())) => Ok(EchoServer { stop, handle: Some(handle) }),
-            Ok(Err(e)) => anyhow::bail!("echo server: {e}"),
-            Err(_) => anyhow::bail!("echo server {bind} did not start"),
-        }
+        })?;
+        Ok(EchoServer(worker))
     }
 
     /// Stops the server; returns how many connections it accepted.
-    pub fn stop(mut self) -> Result<u64> {
-        self.stop.store(true, Ordering::Relaxed);
-        match self.handle.take() {
-            Some(h) => h.join().map_err(|_| anyhow::anyhow!("echo thread panicked"))?,
-            None => Ok(0),
-        }
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+    pub fn stop(self) -> Result<u64> {
+        self.0.stop()
     }
 }
 
@@ -194,9 +200,8 @@ impl Drop for EchoServer {
 /// server, until stopped or `max_rounds`; the first error (a reset, a timeout, a wrong
 /// echo) ends them and is reported.
 pub struct Conversations {
-    stop: Arc<AtomicBool>,
+    worker: Worker<ConversationReport>,
     rounds: Arc<std::sync::atomic::AtomicU64>,
-    handle: Option<JoinHandle<Result<ConversationReport>>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -217,65 +222,54 @@ impl Conversations {
         period: Duration,
         max_rounds: u64,
     ) -> Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
         let rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (flag, done) = (stop.clone(), rounds.clone());
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let handle = ns.spawn(move || {
-            let mut conns = Vec::with_capacity(count);
-            for i in 0..count {
-                let src = sources[i % sources.len()];
-                let opened = (|| -> Result<TcpStream> {
-                    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
-                    socket.bind(&SocketAddr::new(src, 0).into())?;
-                    socket.connect_timeout(&dst.into(), IO_TIMEOUT)?;
-                    let s: TcpStream = socket.into();
-                    s.set_read_timeout(Some(IO_TIMEOUT))?;
-                    s.set_write_timeout(Some(IO_TIMEOUT))?;
-                    s.set_nodelay(true)?;
-                    Ok(s)
-                })()
-                .with_context(|| format!("connection {i} from {src} to {dst}"));
-                match opened {
-                    Ok(s) => conns.push(s),
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(format!("{e:#}")));
-                        return Err(e);
+        let done = rounds.clone();
+        let worker =
+            Worker::start(ns, "opening the connections", Duration::from_secs(30), move |ready, stop| {
+                let mut conns = Vec::with_capacity(count);
+                for i in 0..count {
+                    let src = sources[i % sources.len()];
+                    let opened = (|| -> Result<TcpStream> {
+                        let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+                        socket.bind(&SocketAddr::new(src, 0).into())?;
+                        socket.connect_timeout(&dst.into(), IO_TIMEOUT)?;
+                        let s: TcpStream = socket.into();
+                        s.set_read_timeout(Some(IO_TIMEOUT))?;
+                        s.set_write_timeout(Some(IO_TIMEOUT))?;
+                        s.set_nodelay(true)?;
+                        Ok(s)
+                    })()
+                    .with_context(|| format!("connection {i} from {src} to {dst}"));
+                    conns.push(opened?);
+                }
+                ready.ready();
+                let mut exchanges = 0u64;
+                let mut round = 0u64;
+                let mut answer = Vec::new();
+                while !stop.load(Ordering::Relaxed) && round < max_rounds {
+                    let started = std::time::Instant::now();
+                    for (i, c) in conns.iter_mut().enumerate() {
+                        let msg = format!("connection {i} round {round}\n");
+                        let exchange = (|| -> std::io::Result<()> {
+                            c.write_all(msg.as_bytes())?;
+                            answer.resize(msg.len(), 0);
+                            c.read_exact(&mut answer)
+                        })();
+                        exchange.with_context(|| {
+                            format!("connection {i} (from {:?}), round {round}", c.local_addr())
+                        })?;
+                        anyhow::ensure!(answer == msg.as_bytes(), "connection {i} round {round}: wrong echo");
+                        exchanges += 1;
+                    }
+                    round += 1;
+                    done.store(round, Ordering::Relaxed);
+                    if let Some(rest) = period.checked_sub(started.elapsed()) {
+                        std::thread::sleep(rest);
                     }
                 }
-            }
-            let _ = ready_tx.send(Ok(()));
-            let mut exchanges = 0u64;
-            let mut round = 0u64;
-            let mut answer = Vec::new();
-            while !flag.load(Ordering::Relaxed) && round < max_rounds {
-                let started = std::time::Instant::now();
-                for (i, c) in conns.iter_mut().enumerate() {
-                    let msg = format!("connection {i} round {round}\n");
-                    let exchange = (|| -> std::io::Result<()> {
-                        c.write_all(msg.as_bytes())?;
-                        answer.resize(msg.len(), 0);
-                        c.read_exact(&mut answer)
-                    })();
-                    exchange.with_context(|| {
-                        format!("connection {i} (from {:?}), round {round}", c.local_addr())
-                    })?;
-                    anyhow::ensure!(answer == msg.as_bytes(), "connection {i} round {round}: wrong echo");
-                    exchanges += 1;
-                }
-                round += 1;
-                done.store(round, Ordering::Relaxed);
-                if let Some(rest) = period.checked_sub(started.elapsed()) {
-                    std::thread::sleep(rest);
-                }
-            }
-            Ok(ConversationReport { connections: conns.len(), rounds: round, exchanges })
-        });
-        match ready_rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Ok(())) => Ok(Conversations { stop, rounds, handle: Some(handle) }),
-            Ok(Err(e)) => anyhow::bail!("opening the connections: {e}"),
-            Err(_) => anyhow::bail!("the connections did not open within 30 s"),
-        }
+                Ok(ConversationReport { connections: conns.len(), rounds: round, exchanges })
+            })?;
+        Ok(Conversations { worker, rounds })
     }
 
     /// Rounds completed so far by every connection.
@@ -285,7 +279,7 @@ impl Conversations {
 
     /// Whether the conversations ended early (an error, or `max_rounds`).
     pub fn finished(&self) -> bool {
-        self.handle.as_ref().is_none_or(|h| h.is_finished())
+        self.worker.finished()
     }
 
     /// Waits (bounded) until `n` more rounds have completed; false if they ended first.
@@ -304,20 +298,7 @@ impl Conversations {
         false
     }
 
-    pub fn stop(mut self) -> Result<ConversationReport> {
-        self.stop.store(true, Ordering::Relaxed);
-        match self.handle.take() {
-            Some(h) => h.join().map_err(|_| anyhow::anyhow!("conversation thread panicked"))?,
-            None => anyhow::bail!("already stopped"),
-        }
-    }
-}
-
-impl Drop for Conversations {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+    pub fn stop(self) -> Result<ConversationReport> {
+        self.worker.stop()
     }
 }
