@@ -301,6 +301,7 @@ impl Daemon {
                         .map(|h| h.results.iter().map(|(k, v)| (*k, *v)).collect())
                         .unwrap_or_default(),
                     state_changes: health.map_or(0, |h| h.state_changes),
+                    check_seconds: health.map_or(0.0, |h| h.check_seconds),
                     last_check: health.and_then(|h| h.last.as_ref().map(|r| r.message.clone())),
                     status,
                     counters: self.dataplane.backend_counters(bid)?,

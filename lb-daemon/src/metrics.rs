@@ -68,6 +68,12 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
     )?;
     let changes =
         counter(&reg, "lb_health_state_changes_total", "Health state changes (up, down, timeout).", &labels)?;
+    // With lb_health_checks_total: rate(seconds) / rate(checks) is the mean check duration.
+    let check_seconds = prometheus::CounterVec::new(
+        Opts::new("lb_health_check_seconds_total", "Time spent in health checks of the backend."),
+        &labels,
+    )?;
+    reg.register(Box::new(check_seconds.clone()))?;
     for s in &snap.services {
         let name = s.name.as_str();
         svc_packets.with_label_values(&[name]).inc_by(s.counters.packets);
@@ -87,6 +93,7 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
             }
             if !b.checks.is_empty() {
                 changes.with_label_values(&l).inc_by(b.state_changes);
+                check_seconds.with_label_values(&l).inc_by(b.check_seconds);
             }
             for st in BackendStatus::ALL {
                 be_state.with_label_values(&[name, addr.as_str(), st.name()]).set((st == b.status) as i64);
@@ -172,6 +179,7 @@ mod tests {
                     inactive: 0,
                     checks: vec![("ok", 4), ("critical", 1)],
                     state_changes: 2,
+                    check_seconds: 0.25,
                     last_check: None,
                 }],
             }],
@@ -197,6 +205,7 @@ mod tests {
             "# TYPE lb_backend_bytes_total counter",
             "lb_health_checks_total{backend=\"10.0.2.11\",result=\"critical\",service=\"web\"} 1",
             "lb_health_state_changes_total{backend=\"10.0.2.11\",service=\"web\"} 2",
+            "lb_health_check_seconds_total{backend=\"10.0.2.11\",service=\"web\"} 0.25",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

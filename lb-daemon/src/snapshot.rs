@@ -75,7 +75,7 @@ impl BackendStatus {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct BackendSnapshot {
     pub addr: IpAddr,
     pub weight: u32,
@@ -86,11 +86,13 @@ pub struct BackendSnapshot {
     /// Health-check results by outcome (empty without a check).
     pub checks: Vec<(&'static str, u64)>,
     pub state_changes: u64,
+    /// Time spent in this backend's checks, in seconds.
+    pub check_seconds: f64,
     /// What the last check said.
     pub last_check: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ServiceSnapshot {
     pub name: String,
     pub matcher: ServiceMatch,
@@ -232,6 +234,7 @@ mod tests {
                     inactive: 1,
                     checks: Vec::new(),
                     state_changes: 0,
+                    check_seconds: 0.0,
                     last_check: None,
                 }],
             }],

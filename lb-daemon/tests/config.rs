@@ -262,6 +262,7 @@ fn alert_rules_and_dashboard_name_only_metrics_the_daemon_exports() {
                 inactive: 0,
                 checks: vec![("ok", 1)],
                 state_changes: 0,
+                check_seconds: 0.0,
                 last_check: None,
             }],
         }],
