@@ -18,6 +18,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde_saphyr::{MessageFormatter as _, Spanned};
 
 use crate::dataplane::XdpMode;
+use crate::health::hooks::Hook;
 use crate::health::http::HttpCheck;
 use crate::health::state::{FlapPolicy, Policy};
 use crate::health::{CheckKind, CheckSpec, HealthCheck};
@@ -69,6 +70,7 @@ pub struct Config {
 
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Director {
@@ -226,6 +228,19 @@ struct RawCheck {
     fall_within: Option<Spanned<u32>>,
     #[serde(default)]
     flap: Option<RawFlap>,
+    #[serde(default)]
+    on_down: Option<RawOnDown>,
+    #[serde(default)]
+    on_change: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    on_change_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawOnDown {
+    Reschedule,
+    Keep,
 }
 
 #[derive(Deserialize)]
@@ -728,10 +743,30 @@ impl Checker<'_> {
                 Some(FlapPolicy { changes: f.changes.value, within: f.within.value, hold })
             }
         };
+        let on_change = match &c.on_change {
+            None => None,
+            Some(a) if a.value.is_empty() || a.value[0].is_empty() => {
+                return Err(self.err(a, at("on_change"), "name the program to run"));
+            }
+            Some(a) => Some(Hook {
+                argv: a.value.clone(),
+                timeout: match &c.on_change_timeout {
+                    Some(t) => self.duration(t, at("on_change_timeout"))?,
+                    None => DEFAULT_HOOK_TIMEOUT,
+                },
+            }),
+        };
+        if on_change.is_none()
+            && let Some(t) = &c.on_change_timeout
+        {
+            return Err(self.err(t, at("on_change_timeout"), "there is no `on_change` hook to time"));
+        }
         Ok(HealthCheck {
             spec: CheckSpec { kind, timeout, source: c.source.as_ref().map(|s| s.value) },
             interval,
             policy: Policy { rise, fall, fall_within, flap },
+            keep_flows: matches!(c.on_down, Some(RawOnDown::Keep)),
+            on_change,
         })
     }
 

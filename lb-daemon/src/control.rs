@@ -179,6 +179,9 @@ impl Daemon {
     fn observe(&mut self, result: &ProbeResult) {
         let (events, changed) = self.board.observe(result, self.started.elapsed());
         for e in &events {
+            if let Some(hook) = self.board.hook(&e.service, e.backend) {
+                crate::health::hooks::fire(hook, e);
+            }
             let (from, to) = (e.transition.from.name(), e.transition.to.name());
             if e.transition.to.serving() {
                 tracing::info!(service = e.service, backend = %e.backend, from, to, check = e.message, "backend state changed");

@@ -184,3 +184,39 @@ fn exec_timeout_kills_the_whole_process_group() {
     std::thread::sleep(Duration::from_millis(1500));
     assert!(!marker.exists(), "the plugin's child outlived the timeout");
 }
+
+#[test]
+fn hooks_get_the_change_in_env_and_arguments_and_are_bounded() {
+    use lb_daemon::health::board::Event;
+    use lb_daemon::health::exec::Run;
+    use lb_daemon::health::hooks::{Hook, run as run_hook};
+    use lb_daemon::health::state::{Health, Transition};
+    let event = Event {
+        service: "web".into(),
+        backend: "10.0.2.11".parse().unwrap(),
+        transition: Transition { from: Health::Up, to: Health::Down },
+        message: "connection refused".into(),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let hook = Hook {
+        argv: [
+            "/bin/sh",
+            "-c",
+            "echo \"$LB_SERVICE $LB_BACKEND $LB_OLD_STATE $LB_NEW_STATE $LB_CHECK_MESSAGE | $1\"",
+            "hook",
+            "{service}:{backend}:{from}>{to}",
+        ]
+        .map(String::from)
+        .to_vec(),
+        timeout: Duration::from_secs(5),
+    };
+    match rt.block_on(run_hook(&hook, &event)) {
+        Run::Exited { code: Some(0), first_line } => {
+            assert_eq!(first_line, "web 10.0.2.11 up down connection refused | web:10.0.2.11:up>down")
+        }
+        other => panic!("{other:?}"),
+    }
+    let slow =
+        Hook { argv: ["/bin/sleep", "5"].map(String::from).to_vec(), timeout: Duration::from_millis(100) };
+    assert!(matches!(rt.block_on(run_hook(&slow, &event)), Run::TimedOut));
+}

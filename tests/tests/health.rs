@@ -14,12 +14,18 @@ use lb_tests::topology::VIP;
 const ECHO_PORT: u16 = 7000;
 const CHECK: &str = "{ type: tcp, port: 80, interval: 200ms, timeout: 150ms, rise: 2, fall: 2 }";
 
-fn services() -> String {
+/// The web service's check also runs a hook that appends each change to `log`.
+fn services(log: &std::path::Path) -> String {
+    let hook = format!(
+        "{{ type: tcp, port: 80, interval: 200ms, timeout: 150ms, rise: 2, fall: 2, on_change: \
+         [/bin/sh, -c, 'echo \"$LB_SERVICE $LB_BACKEND $LB_OLD_STATE $LB_NEW_STATE\" >> {}'] }}",
+        log.display()
+    );
     let backends: String =
         (11..=13).map(|i| format!("      - {{ address: 10.0.2.{i} }}\n")).collect::<Vec<_>>().concat();
     // The same check on both services: one probe per server serves them both.
     format!(
-        "services:\n  - name: web\n    match: {{ vip: {VIP}, port: {VIP_PORT} }}\n    check: {CHECK}\n    backends:\n{backends}\
+        "services:\n  - name: web\n    match: {{ vip: {VIP}, port: {VIP_PORT} }}\n    check: {hook}\n    backends:\n{backends}\
          \x20 - name: echo\n    match: {{ vip: {VIP}, port: {ECHO_PORT} }}\n    check: {CHECK}\n    backends:\n{backends}"
     )
 }
@@ -50,7 +56,8 @@ fn wait_state(lab: &DrLab, service: &str, backend: &str, state: &str) -> Result<
 
 #[test]
 fn a_server_whose_service_stops_leaves_and_returns_while_others_keep_their_connections() -> Result<()> {
-    let mut lab = DrLab::start_with(3, 30, LabConfig::Services(services()))?;
+    let hook_log = std::env::temp_dir().join(lb_tests::unique_name("lbhook"));
+    let mut lab = DrLab::start_with(3, 30, LabConfig::Services(services(&hook_log)))?;
     let echo: Vec<EchoServer> = lab
         .topo
         .servers
@@ -105,6 +112,16 @@ fn a_server_whose_service_stops_leaves_and_returns_while_others_keep_their_conne
         m.value("lb_health_checks_total{backend=\"10.0.2.11\",result=\"critical\",service=\"web\"}")? >= 2.0
     );
     ensure!(m.value("lb_health_state_changes_total{backend=\"10.0.2.12\",service=\"web\"}")? == 0.0);
+    // The hook ran for both changes (in the background: wait, bounded).
+    let want = "web 10.0.2.11 up down\nweb 10.0.2.11 down up\n";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut hooked = String::new();
+    while Instant::now() < deadline && hooked != want {
+        hooked = std::fs::read_to_string(&hook_log).unwrap_or_default();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_file(&hook_log);
+    ensure!(hooked == want, "hook log: {hooked:?}");
     let report = conv.stop()?;
     ensure!(report.exchanges == report.rounds * 20 && report.rounds >= 5, "{report:?}");
     drop(echo);

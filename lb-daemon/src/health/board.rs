@@ -62,10 +62,12 @@ impl Board {
                 let probe = ProbeKey::new(&check.spec, check.interval, target);
                 let key = (svc.name.clone(), b.addr);
                 let entry = match self.entries.remove(&key) {
-                    Some(mut e) if e.probe == probe && e.check == *check => {
+                    // Hooks and the flow option may change freely; a new check starts over.
+                    Some(mut e) if e.probe == probe && e.check.policy == check.policy => {
                         if matches!(e.tracker.state(), Health::Timeout { .. }) {
                             e.tracker = Tracker::starting(check.policy, Health::Down);
                         }
+                        e.check = check.clone();
                         e
                     }
                     _ => Entry {
@@ -83,6 +85,11 @@ impl Board {
             }
         }
         self.entries = next;
+    }
+
+    /// The hook to run for a service's state changes.
+    pub fn hook(&self, service: &str, backend: IpAddr) -> Option<&super::hooks::Hook> {
+        self.entries.get(&(service.to_owned(), backend))?.check.on_change.as_ref()
     }
 
     /// The probes the board needs running.
@@ -126,8 +133,9 @@ impl Board {
     }
 
     /// The services as the planner should see them: a backend its check holds down is
-    /// `disabled` (its flows move, as IPVS's expire_nodest_conn), and a weight the check
-    /// asked for replaces the configured one. WARNING keeps a backend up.
+    /// `disabled` (its flows move, as IPVS's expire_nodest_conn), or with `keep_flows`
+    /// drained (no new flows, established ones stay); a weight the check asked for
+    /// replaces the configured one. WARNING keeps a backend up.
     pub fn overlay(&self, services: &[ServiceSpec]) -> Vec<ServiceSpec> {
         services
             .iter()
@@ -136,7 +144,10 @@ impl Board {
                 for b in &mut svc.backends {
                     let Some(e) = self.entries.get(&(svc.name.clone(), b.addr)) else { continue };
                     if !e.tracker.state().serving() {
-                        b.state = BackendState::Disabled;
+                        b.state = match (e.check.keep_flows, b.state) {
+                            (true, BackendState::Active | BackendState::Drain) => BackendState::Drain,
+                            _ => BackendState::Disabled,
+                        };
                     } else if let Some(w) = e.weight {
                         b.weight = w.min(MAX_WEIGHT);
                     }
@@ -179,6 +190,8 @@ mod tests {
             },
             interval: Duration::from_secs(2),
             policy,
+            keep_flows: false,
+            on_change: None,
         }
     }
 
@@ -229,6 +242,13 @@ mod tests {
         assert_eq!((view[0].backends[1].state, view[0].backends[1].weight), (BackendState::Active, 3));
         let (_, changed) = b.observe(&result(&b, "10.0.0.2", Outcome::Ok, Some(3)), Duration::ZERO);
         assert!(!changed, "same state, same weight: nothing to re-plan");
+        // With keep_flows the down backend is drained instead: its flows stay. Changing
+        // only that option keeps the state the checks established.
+        let mut keep = tcp(p);
+        keep.keep_flows = true;
+        b.sync(&[svc("a", 80)], &BTreeMap::from([("a".to_string(), keep)]));
+        let view = b.overlay(&[svc("a", 80)]);
+        assert_eq!(view[0].backends[0].state, BackendState::Drain);
     }
 
     #[test]

@@ -41,16 +41,26 @@ pub fn expand(argv: &[String], target: &Target) -> Vec<String> {
         .collect()
 }
 
-pub async fn check(argv: &[String], target: &Target, timeout: Duration) -> Report {
-    let argv = expand(argv, target);
+/// How a bounded run ended.
+#[derive(Debug)]
+pub enum Run {
+    /// Exited (`None`: killed by a signal), with its first output line.
+    Exited { code: Option<i32>, first_line: String },
+    /// Could not be started or waited for.
+    Failed(String),
+    /// Still running at the timeout: its process group was killed.
+    TimedOut,
+}
+
+/// Runs `argv` (no shell) with `env`, in a process group of its own that is killed if it
+/// outlives `timeout`. Reads at most the first few KiB of its output.
+pub async fn run_bounded(argv: &[String], env: &[(&str, String)], timeout: Duration) -> Run {
     let Some((program, args)) = argv.split_first() else {
-        return Report { outcome: Outcome::Unknown, weight: None, message: "empty argv".into() };
+        return Run::Failed("empty argv".into());
     };
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
-        .env("LB_SERVICE", &target.service)
-        .env("LB_BACKEND", target.addr.to_string())
-        .env("LB_BACKEND_PORT", target.port.map(|p| p.to_string()).unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -58,20 +68,14 @@ pub async fn check(argv: &[String], target: &Target, timeout: Duration) -> Repor
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => {
-            return Report {
-                outcome: Outcome::Unknown,
-                weight: None,
-                message: format!("running {program}: {e}"),
-            };
-        }
+        Err(e) => return Run::Failed(format!("running {program}: {e}")),
     };
     let pgid = child.id().map(|id| Pid::from_raw(id as i32));
     let mut stdout = child.stdout.take();
     let run = async {
         let mut out = Vec::new();
         if let Some(s) = stdout.as_mut() {
-            // A plugin that closes stdout early still gets waited for below.
+            // A program that closes stdout early still gets waited for below.
             let _ = s.take(MAX_OUTPUT).read_to_end(&mut out).await;
         }
         let status = child.wait().await;
@@ -80,25 +84,43 @@ pub async fn check(argv: &[String], target: &Target, timeout: Duration) -> Repor
     match tokio::time::timeout(timeout, run).await {
         Ok((Ok(status), out)) => {
             let text = String::from_utf8_lossy(&out);
-            let first = text.lines().next().unwrap_or("").trim().to_owned();
-            let outcome = match status.code() {
-                Some(code) => Outcome::from_exit_code(code),
-                // Killed by a signal: not a verdict.
-                None => Outcome::Unknown,
-            };
-            Report {
-                outcome,
-                weight: weight_token(&first),
-                message: if first.is_empty() { format!("{program}: {status}") } else { first },
-            }
+            let first_line = text.lines().next().unwrap_or("").trim().to_owned();
+            Run::Exited { code: status.code(), first_line }
         }
-        Ok((Err(e), _)) => {
-            Report { outcome: Outcome::Unknown, weight: None, message: format!("waiting for {program}: {e}") }
-        }
+        Ok((Err(e), _)) => Run::Failed(format!("waiting for {program}: {e}")),
         Err(_) => {
             if let Some(pgid) = pgid {
                 let _ = killpg(pgid, Signal::SIGKILL);
             }
+            Run::TimedOut
+        }
+    }
+}
+
+pub async fn check(argv: &[String], target: &Target, timeout: Duration) -> Report {
+    let argv = expand(argv, target);
+    let env = [
+        ("LB_SERVICE", target.service.clone()),
+        ("LB_BACKEND", target.addr.to_string()),
+        ("LB_BACKEND_PORT", target.port.map(|p| p.to_string()).unwrap_or_default()),
+    ];
+    let program = argv.first().cloned().unwrap_or_default();
+    match run_bounded(&argv, &env, timeout).await {
+        Run::Exited { code, first_line } => Report {
+            // Killed by a signal: not a verdict.
+            outcome: code.map_or(Outcome::Unknown, Outcome::from_exit_code),
+            weight: weight_token(&first_line),
+            message: if first_line.is_empty() {
+                format!(
+                    "{program}: exit status {}",
+                    code.map_or("none (signal)".to_owned(), |c| c.to_string())
+                )
+            } else {
+                first_line
+            },
+        },
+        Run::Failed(message) => Report { outcome: Outcome::Unknown, weight: None, message },
+        Run::TimedOut => {
             Report::critical(format!("{program}: no verdict within {timeout:?} (process group killed)"))
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod board;
 pub mod exec;
+pub mod hooks;
 pub mod http;
 pub mod state;
 pub mod supervisor;
@@ -66,6 +67,11 @@ pub struct HealthCheck {
     pub spec: CheckSpec,
     pub interval: Duration,
     pub policy: state::Policy,
+    /// Keep a down backend's established flows (it only stops getting new ones), instead
+    /// of moving them (the default, as IPVS's expire_nodest_conn).
+    pub keep_flows: bool,
+    /// Run on every state change.
+    pub on_change: Option<hooks::Hook>,
 }
 
 #[derive(Debug, thiserror::Error)]
