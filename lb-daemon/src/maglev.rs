@@ -90,17 +90,20 @@ pub fn populate(backends: &[MaglevBackend], size: u32) -> Result<Vec<u32>, Magle
     }
 }
 
+/// Candidates 10.1.0.10, 10.1.0.11, ... with ids 0, 1, ... and these weights, for tests.
+#[cfg(test)]
+pub(crate) fn test_backends(weights: &[u32]) -> Vec<MaglevBackend> {
+    weights
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| MaglevBackend { key: format!("10.1.0.{}", 10 + i), id: i as u32, weight: w })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_backends as backends;
     use super::*;
-
-    fn backends(weights: &[u32]) -> Vec<MaglevBackend> {
-        weights
-            .iter()
-            .enumerate()
-            .map(|(i, &w)| MaglevBackend { key: format!("10.1.0.{}", 10 + i), id: i as u32, weight: w })
-            .collect()
-    }
 
     fn shares(table: &[u32], n: usize) -> Vec<usize> {
         let mut c = vec![0; n];

@@ -58,14 +58,7 @@ pub fn sequence(backends: &[MaglevBackend], max_len: u32) -> Result<Vec<u32>, Ma
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn backends(weights: &[u32]) -> Vec<MaglevBackend> {
-        weights
-            .iter()
-            .enumerate()
-            .map(|(i, &w)| MaglevBackend { key: format!("10.1.0.{}", 10 + i), id: i as u32, weight: w })
-            .collect()
-    }
+    use crate::maglev::test_backends as backends;
 
     fn count(seq: &[u32], id: u32) -> usize {
         seq.iter().filter(|&&x| x == id).count()

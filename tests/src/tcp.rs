@@ -190,6 +190,11 @@ impl EchoServer {
         Ok(EchoServer(worker))
     }
 
+    /// One on `port` of every namespace in `hosts` (the real servers of a lab).
+    pub fn on_each(hosts: &[NetNs], port: u16) -> Result<Vec<EchoServer>> {
+        hosts.iter().map(|ns| EchoServer::start(ns, SocketAddr::from(([0, 0, 0, 0], port)))).collect()
+    }
+
     /// Stops the server; returns how many connections it accepted.
     pub fn stop(self) -> Result<u64> {
         self.0.stop()

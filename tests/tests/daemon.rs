@@ -85,12 +85,7 @@ fn sum_series(metrics: &lb_tests::daemon::Metrics, prefix: &str) -> f64 {
 #[test]
 fn long_lived_connections_survive_reloads_a_refused_file_and_kill_9() -> Result<()> {
     let mut lab = DrLab::start_with(SERVERS, 10, LabConfig::Services(services([1, 1, 1], None)))?;
-    let echo: Vec<EchoServer> = lab
-        .topo
-        .servers
-        .iter()
-        .map(|ns| EchoServer::start(ns, SocketAddr::from(([0, 0, 0, 0], ECHO_PORT))))
-        .collect::<Result<_>>()?;
+    let echo = EchoServer::on_each(&lab.topo.servers, ECHO_PORT)?;
     let sources: Vec<IpAddr> = lab.topo.client_addrs.iter().map(|a| IpAddr::V4(*a)).collect();
     let conv = Conversations::start(
         &lab.topo.client,

@@ -3,7 +3,7 @@
 //! comes back after `rise` passes. Needs root.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
@@ -58,12 +58,7 @@ fn wait_state(lab: &DrLab, service: &str, backend: &str, state: &str) -> Result<
 fn a_server_whose_service_stops_leaves_and_returns_while_others_keep_their_connections() -> Result<()> {
     let hook_log = std::env::temp_dir().join(lb_tests::unique_name("lbhook"));
     let mut lab = DrLab::start_with(3, 30, LabConfig::Services(services(&hook_log)))?;
-    let echo: Vec<EchoServer> = lab
-        .topo
-        .servers
-        .iter()
-        .map(|ns| EchoServer::start(ns, SocketAddr::from(([0, 0, 0, 0], ECHO_PORT))))
-        .collect::<Result<_>>()?;
+    let echo = EchoServer::on_each(&lab.topo.servers, ECHO_PORT)?;
 
     // Where each source goes. Both services have the same backends, so the same Maglev
     // table: a source reaches the same server on either port.
