@@ -91,6 +91,10 @@ pub const SERVICE_F_HASH_TUPLE: u32 = 1;
 /// Scheduler flag: new flows take the ring's slots in turn (`wrr`), with a cursor per
 /// CPU in `WRR_CURSORS`; the ring holds the weighted round-robin sequence.
 pub const SERVICE_F_ROUND_ROBIN: u32 = 2;
+/// While the ring is empty (no backend can take new flows), new flows go to the kernel's
+/// stack (`XDP_PASS`) instead of being dropped: the director itself, or a stack-level
+/// balancer, answers them.
+pub const SERVICE_F_PASS_WHEN_EMPTY: u32 = 4;
 
 /// A service as the data path sees it. The ring is a window into the shared `RINGS`
 /// array; the daemon writes a new ring into an idle window and then replaces this value,
@@ -245,6 +249,10 @@ pub mod stat {
     pub const DROP_NO_EGRESS: u32 = 15;
     pub const DROP_IPV6_EXT_CHAIN: u32 = 16;
 
+    /// New flows of a service with no backend up, passed to the stack (its
+    /// `fallback_action` is `pass`).
+    pub const PASS_NO_BACKEND: u32 = 24;
+
     pub const COUNT: u32 = 32;
 
     /// Drop reasons with the names the daemon exports them under.
@@ -259,6 +267,9 @@ pub mod stat {
         (DROP_NO_EGRESS, "no_egress"),
         (DROP_IPV6_EXT_CHAIN, "ipv6_ext_chain"),
     ];
+
+    /// Packets passed to the stack on purpose (not merely "not ours"), by reason.
+    pub const PASS_REASONS: [(u32, &str); 1] = [(PASS_NO_BACKEND, "no_backend")];
 
     pub const ACTIONS: [(u32, &str); 5] = [
         (ACTION_ABORTED, "aborted"),

@@ -23,7 +23,9 @@ use crate::health::http::HttpCheck;
 use crate::health::state::{FlapPolicy, Policy};
 use crate::health::{CheckKind, CheckSpec, HealthCheck};
 use crate::maglev::is_prime;
-use crate::plan::{BackendSpec, BackendState, MarkRuleSpec, Protocol, Scheduler, ServiceMatch, ServiceSpec};
+use crate::plan::{
+    BackendSpec, BackendState, FallbackAction, MarkRuleSpec, Protocol, Scheduler, ServiceMatch, ServiceSpec,
+};
 
 /// Defaults an operator can rely on (and that the example file states).
 pub const DEFAULT_METRICS_LISTEN: SocketAddr =
@@ -185,6 +187,17 @@ struct RawService {
     backends: Vec<RawBackend>,
     #[serde(default)]
     check: Option<RawCheck>,
+    #[serde(default)]
+    fallback: Option<Spanned<IpAddr>>,
+    #[serde(default)]
+    fallback_action: Option<RawFallbackAction>,
+}
+
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawFallbackAction {
+    Drop,
+    Pass,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -530,8 +543,24 @@ impl Checker<'_> {
                 }
             }
             let backends = self.backends(&s, i, &matcher)?;
-            if backends.len() > ring_size as usize {
-                let msg = format!("{} backends do not fit a ring of {ring_size} slots", backends.len());
+            let fallback = match &s.fallback {
+                None => None,
+                Some(f) => {
+                    let addr = self.real_server(f, at("fallback"), &matcher)?;
+                    if let Some(j) = backends.iter().position(|b| b.addr == addr) {
+                        return Err(self.err(
+                            f,
+                            at("fallback"),
+                            format!("{addr} is services[{i}].backends[{j}]: a fallback stands in for the backends, it cannot be one"),
+                        ));
+                    }
+                    Some(addr)
+                }
+            };
+            let servers = backends.len() + fallback.is_some() as usize;
+            if servers > ring_size as usize {
+                let plus = if fallback.is_some() { " and the fallback" } else { "" };
+                let msg = format!("{} backends{plus} do not fit a ring of {ring_size} slots", backends.len());
                 return Err(match &s.ring_size {
                     Some(r) => self.err(r, at("ring_size"), msg),
                     None => {
@@ -551,7 +580,7 @@ impl Checker<'_> {
                     None => self.err(&s.name, at("ring_size"), msg),
                 });
             }
-            backends_total += backends.len();
+            backends_total += servers;
             if backends_total > MAX_BACKENDS as usize {
                 return Err(self.err(
                     &s.name,
@@ -571,7 +600,19 @@ impl Checker<'_> {
             if let Some(c) = &s.check {
                 checks.insert(s.name.value.clone(), self.check(c, i, &matcher)?);
             }
-            services.push(ServiceSpec { name: s.name.value, matcher, scheduler, ring_size, backends });
+            let fallback_action = match s.fallback_action {
+                None | Some(RawFallbackAction::Drop) => FallbackAction::Drop,
+                Some(RawFallbackAction::Pass) => FallbackAction::Pass,
+            };
+            services.push(ServiceSpec {
+                name: s.name.value,
+                matcher,
+                scheduler,
+                ring_size,
+                backends,
+                fallback,
+                fallback_action,
+            });
         }
         Ok(Config { director, marks, services, forward, checks })
     }
@@ -872,6 +913,31 @@ impl Checker<'_> {
         }
     }
 
+    /// An address that can be a real server of the service (a backend or its fallback).
+    fn real_server(
+        &self,
+        addr: &Spanned<IpAddr>,
+        path: String,
+        matcher: &ServiceMatch,
+    ) -> Result<IpAddr, ConfigError> {
+        let a = addr.value;
+        if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
+            return Err(self.err(addr, path, format!("{a} cannot be a real server")));
+        }
+        if let ServiceMatch::Vip { addr: vip, .. } = matcher
+            && vip.is_ipv4() != a.is_ipv4()
+        {
+            return Err(self.err(
+                addr,
+                path,
+                format!(
+                    "{a} and the vip {vip} are of different address families (direct routing cannot translate)"
+                ),
+            ));
+        }
+        Ok(a)
+    }
+
     fn backends(
         &self,
         s: &RawService,
@@ -882,14 +948,8 @@ impl Checker<'_> {
         let mut seen: HashMap<IpAddr, usize> = HashMap::new();
         for (j, b) in s.backends.iter().enumerate() {
             let at = |key: &str| format!("services[{i}].backends[{j}].{key}");
-            let addr = b.address.value;
-            if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() {
-                return Err(self.err(&b.address, at("address"), format!("{addr} cannot be a real server")));
-            }
-            if let ServiceMatch::Vip { addr: vip, port, .. } = matcher {
-                if vip.is_ipv4() != addr.is_ipv4() {
-                    return Err(self.err(&b.address, at("address"), format!("{addr} and the vip {vip} are of different address families (direct routing cannot translate)")));
-                }
+            let addr = self.real_server(&b.address, at("address"), matcher)?;
+            if let ServiceMatch::Vip { port, .. } = matcher {
                 if let Some(p) = &b.port
                     && p.value != *port
                 {

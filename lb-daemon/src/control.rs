@@ -21,7 +21,7 @@ use crate::dataplane::{ApplyReport, Attached, Dataplane, DataplaneError, LoadOpt
 use crate::health::board::Board;
 use crate::health::state::Health;
 use crate::health::supervisor::{ProbeResult, Supervisor};
-use crate::plan::{BackendState, Neighbour, Plan, PlanError, Planner};
+use crate::plan::{BackendSpec, BackendState, Neighbour, Plan, PlanError, Planner};
 use crate::routing::neighbour::{self, NeighbourError};
 use crate::snapshot::{BackendSnapshot, BackendStatus, ConnKind, ServiceSnapshot, Snapshot, classify};
 
@@ -64,19 +64,18 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ControlError {
 pub fn check(path: &Path) -> Result<Config> {
     let config = Config::load(path)?;
     // Assume every backend resolvable: what is left are the limits planning enforces.
-    let resolved: HashMap<IpAddr, Neighbour> = config
-        .services
-        .iter()
-        .flat_map(|s| s.backends.iter())
-        .map(|b| (b.addr, Neighbour { mac: [0; 6], ifindex: 1, if_mac: [0; 6] }))
+    let resolved: HashMap<IpAddr, Neighbour> = backend_addrs(&config)
+        .into_iter()
+        .map(|addr| (addr, Neighbour { mac: [0; 6], ifindex: 1, if_mac: [0; 6] }))
         .collect();
     Planner::default().plan(&config.services, &config.marks, &resolved)?;
     Ok(config)
 }
 
+/// Every real server's address (backends and fallbacks), once.
 fn backend_addrs(config: &Config) -> Vec<IpAddr> {
     let set: BTreeSet<IpAddr> =
-        config.services.iter().flat_map(|s| s.backends.iter().map(|b| b.addr)).collect();
+        config.services.iter().flat_map(|s| s.backends.iter().map(|b| b.addr).chain(s.fallback)).collect();
     set.into_iter().collect()
 }
 
@@ -284,13 +283,22 @@ impl Daemon {
         for spec in &self.config.services {
             let Some(&id) = self.plan.service_ids.get(&spec.name) else { continue };
             let mut backends = Vec::new();
-            for b in &spec.backends {
+            let serving = self.plan.fallback_serving.contains(&spec.name);
+            let fallback = spec.fallback.map(|addr| BackendSpec {
+                addr,
+                weight: serving as u32,
+                state: BackendState::Active,
+            });
+            for b in spec.backends.iter().chain(fallback.as_ref()) {
                 let Some(&bid) = self.plan.backend_ids.get(&(spec.name.clone(), b.addr)) else { continue };
                 let unresolved = self.plan.unresolved.contains(&(spec.name.clone(), b.addr));
                 let health = self.board.get(&spec.name, b.addr);
+                let is_fallback = spec.fallback == Some(b.addr);
                 let status = match (b.state, health.map(|h| h.tracker.state())) {
                     (BackendState::Disabled, _) => BackendStatus::Disabled,
                     _ if unresolved => BackendStatus::Unresolved,
+                    _ if is_fallback && serving => BackendStatus::Fallback,
+                    _ if is_fallback => BackendStatus::Standby,
                     (_, Some(Health::Down)) => BackendStatus::Down,
                     (_, Some(Health::Timeout { .. })) => BackendStatus::Timeout,
                     (BackendState::Drain, _) => BackendStatus::Drain,
@@ -330,6 +338,7 @@ impl Daemon {
             services,
             actions: pick(&stat::ACTIONS),
             drops: pick(&stat::DROP_REASONS),
+            passes: pick(&stat::PASS_REASONS),
             flow_entries: entries,
             flow_capacity: self.dataplane.load_report().flow_entries,
             interfaces: self

@@ -119,6 +119,15 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
     for (name, v) in &snap.drops {
         drops.with_label_values(&[name]).inc_by(*v);
     }
+    let passes = counter(
+        &reg,
+        "lb_xdp_passes_total",
+        "Service packets handed to the director's stack on purpose, by reason (no_backend: fallback_action pass).",
+        &["reason"],
+    )?;
+    for (name, v) in &snap.passes {
+        passes.with_label_values(&[name]).inc_by(*v);
+    }
     let entries = IntGauge::new("lb_connection_table_entries", "Entries in the connection table (any age).")?;
     entries.set(snap.flow_entries as i64);
     reg.register(Box::new(entries))?;
@@ -185,6 +194,7 @@ mod tests {
             }],
             actions: vec![("tx", 9)],
             drops: vec![("malformed", 2)],
+            passes: vec![("no_backend", 4)],
             reloads_ok: 3,
             reloads_failed: 1,
             last_reload_success: Some(1_700_000_000.5),
@@ -200,6 +210,7 @@ mod tests {
             "lb_backend_state{backend=\"10.0.2.11\",service=\"web\",state=\"drain\"} 0",
             "lb_xdp_actions_total{action=\"tx\"} 9",
             "lb_xdp_drops_total{reason=\"malformed\"} 2",
+            "lb_xdp_passes_total{reason=\"no_backend\"} 4",
             "lb_config_reloads_total{result=\"failure\"} 1",
             "lb_config_last_reload_success_timestamp_seconds 1700000000.5",
             "# TYPE lb_backend_bytes_total counter",

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use lb_common::{
     BACKEND_DOWN, BACKEND_UP, Backend, FAMILY_V4, FAMILY_V6, KIND_MARK, MAX_BACKENDS,
     MAX_MARK_RULES_PER_PREFIX, MAX_SERVICES, MarkRule, MarkRuleSet, PROTO_TCP, PROTO_UDP,
-    SERVICE_F_HASH_TUPLE, SERVICE_F_ROUND_ROBIN, ServiceKey,
+    SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_ROUND_ROBIN, ServiceKey,
 };
 
 use crate::dataplane::{DataplaneState, MarkPrefix, ServiceState};
@@ -110,6 +110,21 @@ pub struct ServiceSpec {
     /// A prime: the Maglev table size. For `wrr`, the longest sequence.
     pub ring_size: u32,
     pub backends: Vec<BackendSpec>,
+    /// The sorry server: takes the new flows while no backend can (all down, disabled,
+    /// drained or at weight 0). Not health-checked, as keepalived's `sorry_server`.
+    pub fallback: Option<IpAddr>,
+    /// What happens to new flows while neither a backend nor the fallback can take them.
+    pub fallback_action: FallbackAction,
+}
+
+/// New flows of a service with nowhere to go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FallbackAction {
+    /// Dropped (counted as `no_backend` drops): clients retry or fail fast.
+    #[default]
+    Drop,
+    /// Handed to the director's own stack (counted as `no_backend` passes).
+    Pass,
 }
 
 /// `iptables -t mangle -A PREROUTING -d DST [-s SRC] -p PROTO --dport LO:HI -j MARK --set-mark N`
@@ -156,6 +171,8 @@ pub struct Plan {
     /// Backend id of each (service name, backend address), for status and metrics.
     pub backend_ids: BTreeMap<(String, IpAddr), u32>,
     pub service_ids: BTreeMap<String, u32>,
+    /// Services whose new flows go to their fallback now.
+    pub fallback_serving: BTreeSet<String>,
 }
 
 /// Hands out small integer ids and reuses those whose owner is gone.
@@ -331,8 +348,10 @@ impl Planner {
         let matchers: Vec<ServiceMatch> = services.iter().map(|s| s.matcher).collect();
         let service_ids =
             next_service_ids.assign(&matchers).ok_or(PlanError::TooManyServices { max: MAX_SERVICES })?;
-        let backend_keys: Vec<(ServiceMatch, IpAddr)> =
-            services.iter().flat_map(|s| s.backends.iter().map(|b| (s.matcher, b.addr))).collect();
+        let backend_keys: Vec<(ServiceMatch, IpAddr)> = services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.addr).chain(s.fallback).map(|a| (s.matcher, a)))
+            .collect();
         let backend_ids =
             next_backend_ids.assign(&backend_keys).ok_or(PlanError::TooManyBackends { max: MAX_BACKENDS })?;
 
@@ -340,8 +359,12 @@ impl Planner {
         for svc in services {
             let id = service_ids[&svc.matcher];
             plan.service_ids.insert(svc.name.clone(), id);
+            // The fallback comes last and counts only while the others have no weight; it
+            // stays up otherwise, so that flows it took finish there (as if drained).
+            let fallback =
+                svc.fallback.map(|addr| BackendSpec { addr, weight: 1, state: BackendState::Active });
             let mut candidates = Vec::new();
-            for b in &svc.backends {
+            for b in svc.backends.iter().chain(fallback.as_ref()) {
                 let bid = backend_ids[&(svc.matcher, b.addr)];
                 plan.backend_ids.insert((svc.name.clone(), b.addr), bid);
                 let (family, addr) = addr_words(b.addr);
@@ -370,16 +393,28 @@ impl Planner {
                 let weight = if up && b.state == BackendState::Active { b.weight } else { 0 };
                 candidates.push(MaglevBackend { key: b.addr.to_string(), id: bid, weight });
             }
+            if fallback.is_some()
+                && let Some((sorry, real)) = candidates.split_last_mut()
+            {
+                if real.iter().any(|c| c.weight > 0) {
+                    sorry.weight = 0;
+                } else if sorry.weight > 0 {
+                    plan.fallback_serving.insert(svc.name.clone());
+                }
+            }
             let ring = match svc.scheduler {
                 Scheduler::Wrr => crate::wrr::sequence(&candidates, svc.ring_size),
                 Scheduler::Sh | Scheduler::Mh => maglev::populate(&candidates, svc.ring_size),
             }
             .map_err(|source| PlanError::Maglev { service: svc.name.clone(), source })?;
-            let flags = match svc.scheduler {
+            let mut flags = match svc.scheduler {
                 Scheduler::Sh => 0,
                 Scheduler::Mh => SERVICE_F_HASH_TUPLE,
                 Scheduler::Wrr => SERVICE_F_ROUND_ROBIN,
             };
+            if svc.fallback_action == FallbackAction::Pass {
+                flags |= SERVICE_F_PASS_WHEN_EMPTY;
+            }
             plan.state.services.insert(service_key(&svc.matcher), ServiceState { id, flags, ring });
         }
         plan.state.mark_prefixes = mark_prefixes(mark_rules)?;
@@ -418,6 +453,8 @@ mod tests {
                 .iter()
                 .map(|(a, w, s)| BackendSpec { addr: v4(a), weight: *w, state: *s })
                 .collect(),
+            fallback: None,
+            fallback_action: FallbackAction::Drop,
         }
     }
 
@@ -493,6 +530,37 @@ mod tests {
         for (key, id) in &first.backend_ids {
             assert_eq!(next.backend_ids[key], *id, "backend {key:?}");
         }
+    }
+
+    #[test]
+    fn the_fallback_fills_the_ring_only_while_no_backend_has_weight() {
+        use BackendState::{Active, Drain};
+        let all = [v4("10.1.0.1"), v4("10.1.0.2"), v4("10.1.0.9")];
+        let n = neighbours(&all);
+        let mut p = Planner::default();
+        let with = |state, weight| {
+            let mut s = web(&[("10.1.0.1", weight, state), ("10.1.0.2", 0, Active)]);
+            s.fallback = Some(v4("10.1.0.9"));
+            s
+        };
+        let ring = |plan: &Plan| plan.state.services[&service_key(&web(&[]).matcher)].ring.clone();
+        let serving = p.plan(&[with(Drain, 5)], &[], &n).unwrap();
+        let sorry = serving.backend_ids[&("web".to_string(), v4("10.1.0.9"))];
+        assert!(ring(&serving).iter().all(|&b| b == sorry), "drained and weight 0: the fallback takes all");
+        assert!(serving.fallback_serving.contains("web"));
+        let standby = p.plan(&[with(Active, 5)], &[], &n).unwrap();
+        let real = standby.backend_ids[&("web".to_string(), v4("10.1.0.1"))];
+        assert!(ring(&standby).iter().all(|&b| b == real));
+        assert!(standby.fallback_serving.is_empty());
+        assert_eq!(standby.state.backends[&sorry].state, BACKEND_UP, "its flows finish there");
+        // An unresolved fallback cannot serve: the ring stays empty and the action applies.
+        let lost = p.plan(&[with(Drain, 5)], &[], &neighbours(&all[..2])).unwrap();
+        assert!(ring(&lost).is_empty() && lost.fallback_serving.is_empty());
+        let mut pass = with(Drain, 5);
+        pass.fallback_action = FallbackAction::Pass;
+        let plan = p.plan(&[pass], &[], &n).unwrap();
+        let flags = plan.state.services[&service_key(&web(&[]).matcher)].flags;
+        assert_eq!(flags & SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_PASS_WHEN_EMPTY);
     }
 
     #[test]

@@ -51,16 +51,22 @@ pub enum BackendStatus {
     Down,
     /// Flap control holds it down (monit's "timeout").
     Timeout,
+    /// The service's fallback, taking its new flows: no backend can.
+    Fallback,
+    /// The service's fallback while backends serve (it only finishes flows it took).
+    Standby,
 }
 
 impl BackendStatus {
-    pub const ALL: [BackendStatus; 6] = [
+    pub const ALL: [BackendStatus; 8] = [
         BackendStatus::Active,
         BackendStatus::Drain,
         BackendStatus::Disabled,
         BackendStatus::Unresolved,
         BackendStatus::Down,
         BackendStatus::Timeout,
+        BackendStatus::Fallback,
+        BackendStatus::Standby,
     ];
 
     pub fn name(self) -> &'static str {
@@ -71,6 +77,8 @@ impl BackendStatus {
             BackendStatus::Unresolved => "unresolved",
             BackendStatus::Down => "down",
             BackendStatus::Timeout => "timeout",
+            BackendStatus::Fallback => "fallback",
+            BackendStatus::Standby => "standby",
         }
     }
 }
@@ -110,6 +118,8 @@ pub struct Snapshot {
     pub actions: Vec<(&'static str, u64)>,
     /// Drops by reason.
     pub drops: Vec<(&'static str, u64)>,
+    /// Packets handed to the stack on purpose, by reason.
+    pub passes: Vec<(&'static str, u64)>,
     pub flow_entries: u64,
     pub flow_capacity: u32,
     pub interfaces: Vec<(String, XdpMode)>,

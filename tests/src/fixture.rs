@@ -8,7 +8,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{FAMILY_V6, SERVICE_F_HASH_TUPLE, hash};
 use lb_daemon::dataplane::{Dataplane, DataplaneState};
 use lb_daemon::plan::{
-    BackendSpec, BackendState, Protocol, Scheduler, ServiceMatch, ServiceSpec, service_key,
+    BackendSpec, BackendState, FallbackAction, Protocol, Scheduler, ServiceMatch, ServiceSpec, service_key,
 };
 use lb_ebpf::parse;
 
@@ -59,6 +59,8 @@ pub fn tcp_service(name: &str, vip: IpAddr, port: u16, ring_size: u32, backends:
             .iter()
             .map(|a| BackendSpec { addr: *a, weight: 100, state: BackendState::Active })
             .collect(),
+        fallback: None,
+        fallback_action: FallbackAction::Drop,
     }
 }
 

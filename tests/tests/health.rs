@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
 use lb_tests::lab::{DrLab, LabConfig, VIP_PORT};
-use lb_tests::tcp::{Conversations, EchoServer};
+use lb_tests::tcp::{Conversations, EchoServer, NameServer};
 use lb_tests::topology::VIP;
 
 const ECHO_PORT: u16 = 7000;
@@ -120,5 +120,58 @@ fn a_server_whose_service_stops_leaves_and_returns_while_others_keep_their_conne
     let report = conv.stop()?;
     ensure!(report.exchanges == report.rounds * 20 && report.rounds >= 5, "{report:?}");
     drop(echo);
+    Ok(())
+}
+
+/// While every backend is down the fallback takes the new connections, and a service
+/// without one hands them to the director's stack (`fallback_action: pass`); when a
+/// backend returns it takes them again.
+#[test]
+fn with_every_server_down_the_fallback_answers_and_pass_reaches_the_director() -> Result<()> {
+    const CLOSED_PORT: u16 = 8080;
+    // Not the servers' VIP: the director owning that one would make the servers' direct
+    // answers, which come back through it here, martians.
+    const CLOSED_VIP: &str = "192.0.2.20";
+    let check = "{ type: tcp, port: 80, interval: 200ms, timeout: 150ms, rise: 1, fall: 1 }";
+    let services = format!(
+        "services:\n  - name: web\n    match: {{ vip: {VIP}, port: {VIP_PORT} }}\n    check: {check}\n    \
+         fallback: 10.0.2.13\n    backends:\n      - {{ address: 10.0.2.11 }}\n      - {{ address: 10.0.2.12 }}\n\
+         \x20 - name: closed\n    match: {{ vip: {CLOSED_VIP}, port: {CLOSED_PORT} }}\n    check: {check}\n    \
+         fallback_action: pass\n    backends:\n      - {{ address: 10.0.2.11 }}\n"
+    );
+    let mut lab = DrLab::start_with(3, 10, LabConfig::Services(services))?;
+    // The director's own answer for the VIP: what `pass` hands new connections to.
+    let closed_vip: std::net::Ipv4Addr = CLOSED_VIP.parse()?;
+    lab.topo.director.ip(&["addr", "add", &format!("{CLOSED_VIP}/32"), "dev", "lo"])?;
+    let local = NameServer::start(&lab.topo.director, (closed_vip, CLOSED_PORT).into(), "director")?;
+
+    let before: BTreeSet<String> = lab.connect_all(1)?.into_iter().map(|(_, s)| s).collect();
+    ensure!(!before.contains("server3"), "the fallback took a connection while backends were up: {before:?}");
+    wait_state(&lab, "web", "10.0.2.13", "standby")?;
+
+    lab.stop_server(0)?;
+    lab.stop_server(1)?;
+    wait_state(&lab, "web", "10.0.2.11", "down")?;
+    wait_state(&lab, "web", "10.0.2.12", "down")?;
+    wait_state(&lab, "web", "10.0.2.13", "fallback")?;
+    let during: BTreeSet<String> = lab.connect_all(1)?.into_iter().map(|(_, s)| s).collect();
+    ensure!(during == BTreeSet::from(["server3".to_string()]), "with all down: {during:?}");
+    wait_state(&lab, "closed", "10.0.2.11", "down")?;
+    let m = lab.metrics()?;
+    let passed_before = m.value("lb_xdp_passes_total{reason=\"no_backend\"}")?;
+    ensure!(
+        lab.connect((closed_vip, CLOSED_PORT).into())? == "director",
+        "pass goes to the director's stack"
+    );
+    let m = lab.metrics()?;
+    ensure!(m.value("lb_xdp_passes_total{reason=\"no_backend\"}")? > passed_before);
+    ensure!(m.value("lb_backend_state{backend=\"10.0.2.13\",service=\"web\",state=\"fallback\"}")? == 1.0);
+
+    lab.start_server(1)?;
+    wait_state(&lab, "web", "10.0.2.12", "active")?;
+    wait_state(&lab, "web", "10.0.2.13", "standby")?;
+    let after: BTreeSet<String> = lab.connect_all(1)?.into_iter().map(|(_, s)| s).collect();
+    ensure!(after == BTreeSet::from(["server2".to_string()]), "the returning server takes them: {after:?}");
+    ensure!(local.stop()? == 1, "the director answered exactly the one passed connection");
     Ok(())
 }

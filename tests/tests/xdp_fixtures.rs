@@ -12,8 +12,8 @@ use anyhow::{Result, ensure};
 use lb_common::{FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_FIN, FLOW_SYN_SENT, stat};
 use lb_daemon::dataplane::{Dataplane, LoadOptions};
 use lb_daemon::plan::{
-    BackendSpec, BackendState, MarkRuleSpec, Neighbour, Plan, Planner, Protocol, Scheduler, ServiceMatch,
-    ServiceSpec,
+    BackendSpec, BackendState, FallbackAction, MarkRuleSpec, Neighbour, Plan, Planner, Protocol, Scheduler,
+    ServiceMatch, ServiceSpec,
 };
 use lb_ebpf::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use lb_ebpf::testpkt::{self, Ipv4Opts, Ipv6Opts, L4};
@@ -57,6 +57,8 @@ fn service(
         scheduler,
         ring_size: 4093,
         backends: backends.iter().map(|(a, s)| BackendSpec { addr: ip(a), weight: 100, state: *s }).collect(),
+        fallback: None,
+        fallback_action: FallbackAction::Drop,
     }
 }
 
@@ -109,6 +111,8 @@ fn neighbours(dummy_ifindex: u32) -> HashMap<IpAddr, Neighbour> {
         (ip("10.1.0.11"), on(0x11, 1)),
         (ip("10.1.0.12"), on(0x12, 1)),
         (ip("10.1.0.13"), on(0x13, 1)),
+        (ip("10.1.0.14"), on(0x14, 1)),
+        (ip("10.1.0.15"), on(0x15, 1)),
         (ip("2001:db8:1::11"), on(0x61, 1)),
         (ip("2001:db8:1::12"), on(0x62, 1)),
         (ip("10.2.0.21"), on(0x21, dummy_ifindex)),
@@ -531,6 +535,50 @@ fn drained_backend_keeps_its_flows_and_disabled_one_loses_them() -> Result<()> {
         ensure!(env.forward(&ack(&flows[&drained]))? == drained, "draining keeps established flows");
         let moved = env.forward(&ack(&flows[&disabled]))?;
         ensure!(moved != disabled && moved != drained, "a disabled backend's flow goes to a live one");
+        Ok(())
+    })
+}
+
+#[test]
+fn fallback_takes_new_flows_while_no_backend_can_and_pass_hands_them_to_the_stack() -> Result<()> {
+    with_env(|env| {
+        let sorry = ServiceMatch::Vip { addr: ip("192.0.2.22"), port: 80, proto: Protocol::Tcp };
+        let closed = ServiceMatch::Vip { addr: ip("192.0.2.21"), port: 80, proto: Protocol::Tcp };
+        let with = |real: BackendState| {
+            let mut all = services();
+            // Servers of this service only: `forward` tells backends apart by MAC.
+            let mut s = service("sorry", sorry, Scheduler::Sh, &[("10.1.0.15", real)]);
+            s.fallback = Some(ip("10.1.0.14"));
+            all.push(s);
+            let mut c = service("closed", closed, Scheduler::Sh, &[("10.1.0.12", Disabled)]);
+            c.fallback_action = FallbackAction::Pass;
+            all.push(c);
+            all
+        };
+        env.replan(&with(Disabled))?;
+        let fallback = env.backend_id("sorry", "10.1.0.14");
+        ensure!(env.plan.fallback_serving.contains("sorry"));
+        let first = tcp4([10, 12, 0, 1], [192, 0, 2, 22], 45000, 80, TCP_SYN);
+        ensure!(env.forward(&first)? == fallback, "the only way in is the fallback");
+
+        let passed_before = env.dp.global_counters()?[stat::PASS_NO_BACKEND as usize];
+        let knock = tcp4([10, 12, 0, 1], [192, 0, 2, 21], 45000, 80, TCP_SYN);
+        let (action, out) = test_run(&env.dp, &knock)?;
+        ensure!(action == XDP_PASS && out == knock, "no backend and `pass`: the stack gets it untouched");
+        let passed = env.dp.global_counters()?[stat::PASS_NO_BACKEND as usize];
+        ensure!(passed == passed_before + 1, "counted as a no_backend pass ({passed_before} -> {passed})");
+
+        // A real server returns: it takes the new flows; the fallback's flow ends there.
+        env.replan(&with(Active))?;
+        ensure!(!env.plan.fallback_serving.contains("sorry"));
+        let real = env.backend_id("sorry", "10.1.0.15");
+        for i in 2..20u8 {
+            let syn = tcp4([10, 12, 0, i], [192, 0, 2, 22], 45000, 80, TCP_SYN);
+            ensure!(env.forward(&syn)? == real, "new flows go to the real server again");
+        }
+        let mut ack = first.clone();
+        ack[14 + 20 + 13] = TCP_ACK;
+        ensure!(env.forward(&ack)? == fallback, "a flow the fallback took finishes there");
         Ok(())
     })
 }

@@ -178,6 +178,8 @@ mod tests {
                 .iter()
                 .map(|a| BackendSpec { addr: a.parse().unwrap(), weight: 10, state: BackendState::Active })
                 .collect(),
+            fallback: None,
+            fallback_action: crate::plan::FallbackAction::Drop,
         }
     }
 

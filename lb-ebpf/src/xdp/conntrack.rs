@@ -3,7 +3,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     BACKEND_UP, Backend, FAMILY_V6, FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_FIN, FLOW_SYN_SENT, FLOW_UDP, Flow,
-    FlowKey, PROTO_TCP, SERVICE_F_HASH_TUPLE, SERVICE_F_ROUND_ROBIN, Service,
+    FlowKey, PROTO_TCP, SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_ROUND_ROBIN, Service,
     hash::{source_hash, tuple_hash},
     stat,
 };
@@ -94,11 +94,16 @@ pub fn established(p: &Parsed, key: &FlowKey) -> Option<Decision> {
 }
 
 /// Picks a backend for a new flow on the service's ring (a Maglev table, or for `wrr` the
-/// weighted round-robin sequence) and records the flow.
+/// weighted round-robin sequence) and records the flow. The error is the counter to bump:
+/// `stat::PASS_NO_BACKEND` means the packet goes to the stack, any other a drop.
 #[inline(always)]
 pub fn schedule(p: &Parsed, key: &FlowKey, svc: &Service) -> Result<Decision, u32> {
     if svc.ring_size == 0 {
-        return Err(stat::DROP_NO_BACKEND);
+        return Err(if svc.flags & SERVICE_F_PASS_WHEN_EMPTY != 0 {
+            stat::PASS_NO_BACKEND
+        } else {
+            stat::DROP_NO_BACKEND
+        });
     }
     let ipv6 = p.family == FAMILY_V6;
     let h = if svc.flags & SERVICE_F_ROUND_ROBIN != 0 {

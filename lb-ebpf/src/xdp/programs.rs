@@ -64,7 +64,11 @@ fn balance(ctx: &XdpContext) -> u32 {
                 Ok(d) => d,
                 Err(reason) => {
                     stats::global(reason);
-                    return xdp_action::XDP_DROP;
+                    return if reason == stat::PASS_NO_BACKEND {
+                        xdp_action::XDP_PASS
+                    } else {
+                        xdp_action::XDP_DROP
+                    };
                 }
             }
         }
