@@ -669,7 +669,12 @@ impl Checker<'_> {
         only(c.expect_body.as_ref().and_then(|v| present(!is_http, v.clone_span())), "expect_body", "http")?;
         let is_exec = matches!(kind, RawCheckType::Exec);
         only(c.argv.as_ref().and_then(|v| present(!is_exec, v.clone_span())), "argv", "exec")?;
-        only(c.port.as_ref().and_then(|v| present(is_exec, v.clone_span())), "port", "tcp and http")?;
+        let has_port = matches!(kind, RawCheckType::Tcp | RawCheckType::Http | RawCheckType::Https);
+        only(
+            c.port.as_ref().and_then(|v| present(!has_port, v.clone_span())),
+            "port",
+            "tcp, http and https",
+        )?;
         let port = c.port.as_ref().map(|p| p.value);
         if port == Some(0) {
             return Err(self.err(&loc(&c.port, &c.kind), at("port"), "port 0 cannot be checked"));
@@ -725,12 +730,9 @@ impl Checker<'_> {
                 Some(a) => return Err(self.err(a, at("argv"), "name the program to run")),
                 None => return Err(self.err(&c.kind, at("argv"), "an exec check needs `argv`")),
             },
-            RawCheckType::Icmp | RawCheckType::Https => {
-                return Err(self.err(
-                    &c.kind,
-                    at("type"),
-                    "icmp and https checks are not implemented yet (tcp, http, exec are)",
-                ));
+            RawCheckType::Icmp => CheckKind::Icmp,
+            RawCheckType::Https => {
+                return Err(self.err(&c.kind, at("type"), "https checks are not implemented yet"));
             }
         };
         let interval = match &c.interval {

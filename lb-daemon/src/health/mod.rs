@@ -8,6 +8,7 @@ pub mod board;
 pub mod exec;
 pub mod hooks;
 pub mod http;
+pub mod icmp;
 pub mod state;
 pub mod supervisor;
 pub mod tcp;
@@ -51,6 +52,7 @@ pub enum CheckKind {
     Tcp { port: Option<u16> },
     Http(http::HttpCheck),
     Exec { argv: Vec<String> },
+    Icmp,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -99,6 +101,7 @@ pub async fn run(spec: &CheckSpec, target: &Target) -> (Report, Duration) {
             Err(e) => Report { outcome: Outcome::Unknown, weight: None, message: e.to_string() },
         },
         CheckKind::Exec { argv } => exec::check(argv, target, spec.timeout).await,
+        CheckKind::Icmp => icmp::check(target.addr, spec.source, spec.timeout).await,
     };
     (report, started.elapsed())
 }
