@@ -21,6 +21,7 @@ use crate::dataplane::XdpMode;
 use crate::health::hooks::Hook;
 use crate::health::http::HttpCheck;
 use crate::health::state::{FlapPolicy, Policy};
+use crate::health::tls::Tls;
 use crate::health::{CheckKind, CheckSpec, HealthCheck};
 use crate::maglev::is_prime;
 use crate::plan::{
@@ -227,6 +228,10 @@ struct RawCheck {
     expect_body: Option<Spanned<String>>,
     #[serde(default)]
     argv: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    tls_verify: Option<Spanned<bool>>,
+    #[serde(default)]
+    ca_file: Option<Spanned<PathBuf>>,
     #[serde(default)]
     interval: Option<Spanned<String>>,
     #[serde(default)]
@@ -658,15 +663,20 @@ impl Checker<'_> {
             }
         };
         let present = |on: bool, span: Spanned<()>| on.then_some(span);
-        let is_http = matches!(kind, RawCheckType::Http);
-        only(c.path.as_ref().and_then(|v| present(!is_http, v.clone_span())), "path", "http")?;
-        only(c.host.as_ref().and_then(|v| present(!is_http, v.clone_span())), "host", "http")?;
-        only(
-            c.expect_status.as_ref().and_then(|v| present(!is_http, v.clone_span())),
-            "expect_status",
-            "http",
-        )?;
-        only(c.expect_body.as_ref().and_then(|v| present(!is_http, v.clone_span())), "expect_body", "http")?;
+        let is_http = matches!(kind, RawCheckType::Http | RawCheckType::Https);
+        let web = "http and https";
+        only(c.path.as_ref().and_then(|v| present(!is_http, v.clone_span())), "path", web)?;
+        only(c.host.as_ref().and_then(|v| present(!is_http, v.clone_span())), "host", web)?;
+        only(c.expect_status.as_ref().and_then(|v| present(!is_http, v.clone_span())), "expect_status", web)?;
+        only(c.expect_body.as_ref().and_then(|v| present(!is_http, v.clone_span())), "expect_body", web)?;
+        let is_https = matches!(kind, RawCheckType::Https);
+        only(c.tls_verify.as_ref().and_then(|v| present(!is_https, v.clone_span())), "tls_verify", "https")?;
+        only(c.ca_file.as_ref().and_then(|v| present(!is_https, v.clone_span())), "ca_file", "https")?;
+        if let (Some(v), Some(f)) = (&c.tls_verify, &c.ca_file)
+            && !v.value
+        {
+            return Err(self.err(f, at("ca_file"), "a CA file is for verifying, and tls_verify is false"));
+        }
         let is_exec = matches!(kind, RawCheckType::Exec);
         only(c.argv.as_ref().and_then(|v| present(!is_exec, v.clone_span())), "argv", "exec")?;
         let has_port = matches!(kind, RawCheckType::Tcp | RawCheckType::Http | RawCheckType::Https);
@@ -679,7 +689,7 @@ impl Checker<'_> {
         if port == Some(0) {
             return Err(self.err(&loc(&c.port, &c.kind), at("port"), "port 0 cannot be checked"));
         }
-        let needs_port = matches!(kind, RawCheckType::Tcp | RawCheckType::Http);
+        let needs_port = has_port;
         if needs_port && port.is_none() && matches!(matcher, ServiceMatch::Mark(_)) {
             return Err(self.err(
                 &c.kind,
@@ -689,7 +699,7 @@ impl Checker<'_> {
         }
         let kind = match kind {
             RawCheckType::Tcp => CheckKind::Tcp { port },
-            RawCheckType::Http => {
+            RawCheckType::Http | RawCheckType::Https => {
                 let path = c.path.as_ref().map_or_else(|| "/".to_owned(), |p| p.value.clone());
                 if !path.starts_with('/') || path.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
                     let p = loc(&c.path, &c.kind);
@@ -721,6 +731,23 @@ impl Checker<'_> {
                     host: c.host.as_ref().map(|h| h.value.clone()),
                     expect_status,
                     expect_body: c.expect_body.as_ref().map(|b| b.value.clone()),
+                    tls: if is_https {
+                        let verify = c.tls_verify.as_ref().is_none_or(|v| v.value);
+                        if let Some(f) = &c.ca_file
+                            && !f.value.is_absolute()
+                        {
+                            return Err(self.err(f, at("ca_file"), "give an absolute path"));
+                        }
+                        let ca_file = c.ca_file.as_ref().map(|f| f.value.clone());
+                        let tls = Tls::new(verify, ca_file).map_err(|e| {
+                            let span = loc(&c.ca_file, &c.kind);
+                            let key = if c.ca_file.is_some() { "ca_file" } else { "type" };
+                            self.err(&span, at(key), e.to_string())
+                        })?;
+                        Some(tls)
+                    } else {
+                        None
+                    },
                 })
             }
             RawCheckType::Exec => match &c.argv {
@@ -731,9 +758,6 @@ impl Checker<'_> {
                 None => return Err(self.err(&c.kind, at("argv"), "an exec check needs `argv`")),
             },
             RawCheckType::Icmp => CheckKind::Icmp,
-            RawCheckType::Https => {
-                return Err(self.err(&c.kind, at("type"), "https checks are not implemented yet"));
-            }
         };
         let interval = match &c.interval {
             Some(v) => self.duration(v, at("interval"))?,

@@ -106,6 +106,7 @@ services:
             host: Some("api.example".into()),
             expect_status: vec![200, 204],
             expect_body: Some("ok".into()),
+            tls: None,
         })
     );
     assert_eq!(
@@ -183,8 +184,13 @@ const MALFORMED: &[(&str, &str, u64, u64, &str, &str)] = &[
     ("unknown fallback_action", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    fallback_action: reject\n", 6, 22, "services[0].fallback_action", "unknown variant `reject`"),
     ("unknown on_down", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: tcp, on_down: drop }\n", 6, 34, "services[0].check.on_down", "unknown variant `drop`"),
     ("unknown check type", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: ping }\n", 6, 20, "services[0].check.type", "unknown variant `ping`"),
+    ("tls_verify on an http check", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: http, tls_verify: false }\n", 6, 38, "services[0].check.tls_verify", "applies only to https checks"),
+    ("relative ca_file", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 443 }\n    check: { type: https, ca_file: ca.pem }\n", 6, 36, "services[0].check.ca_file", "absolute path"),
+    ("missing ca_file", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 443 }\n    check: { type: https, ca_file: /nonexistent/ca.pem }\n", 6, 36, "services[0].check.ca_file", "reading CA certificates from /nonexistent/ca.pem"),
+    ("ca_file without verification", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 443 }\n    check: { type: https, tls_verify: false, ca_file: /etc/ssl/ca.pem }\n", 6, 55, "services[0].check.ca_file", "tls_verify is false"),
+    ("path on an icmp check", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: icmp, path: / }\n", 6, 32, "services[0].check.path", "applies only to http and https checks"),
     ("port on an icmp check", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: icmp, port: 80 }\n", 6, 32, "services[0].check.port", "applies only to tcp, http and https checks"),
-    ("path on a tcp check", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: tcp, path: /health }\n", 6, 31, "services[0].check.path", "applies only to http checks"),
+    ("path on a tcp check", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: tcp, path: /health }\n", 6, 31, "services[0].check.path", "applies only to http and https checks"),
     ("argv on an http check", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: http, argv: [x] }\n", 6, 32, "services[0].check.argv", "applies only to exec checks"),
     ("port on an exec check", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: exec, argv: [/bin/true], port: 80 }\n", 6, 51, "services[0].check.port", "applies only to tcp, http and https checks"),
     ("exec without argv", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: exec }\n", 6, 20, "services[0].check.argv", "needs `argv`"),

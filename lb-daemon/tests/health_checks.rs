@@ -91,7 +91,87 @@ fn http(path: &str, host: Option<&str>, expect_body: Option<&str>) -> CheckKind 
         host: host.map(str::to_owned),
         expect_status: vec![200, 204],
         expect_body: expect_body.map(str::to_owned),
+        tls: None,
     })
+}
+
+/// A CA and a certificate it signed for `localhost` and 127.0.0.1: (CA PEM, leaf, key).
+fn test_pki() -> (String, rustls_pki_types::CertificateDer<'static>, rustls_pki_types::PrivateKeyDer<'static>)
+{
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    (ca.pem(), leaf.der().clone(), key)
+}
+
+/// Answers every TLS connection with 200 "healthy" (handshakes that fail are dropped).
+fn https_server(
+    cert: rustls_pki_types::CertificateDer<'static>,
+    key: rustls_pki_types::PrivateKeyDer<'static>,
+    connections: usize,
+) -> u16 {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+    let config = std::sync::Arc::new(config);
+    let l = TcpListener::bind((LOCAL, 0)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for _ in 0..connections {
+            let Ok((tcp, _)) = l.accept() else { return };
+            tcp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let mut req = [0u8; 2048];
+            if tls.read(&mut req).is_err() {
+                continue;
+            }
+            let _ = write!(tls, "HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nhealthy");
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+        }
+    });
+    port
+}
+
+fn https(host: Option<&str>, verify: bool, ca_file: Option<&std::path::Path>) -> CheckKind {
+    let CheckKind::Http(mut h) = http("/", host, Some("healthy")) else { unreachable!() };
+    h.tls = Some(lb_daemon::health::tls::Tls::new(verify, ca_file.map(Into::into)).unwrap());
+    CheckKind::Http(h)
+}
+
+#[test]
+fn https_verifies_against_a_ca_file_and_can_opt_out() {
+    let (ca_pem, cert, key) = test_pki();
+    let ca_file = std::env::temp_dir().join(format!("lb-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let port = https_server(cert, key, 5);
+    let (r, _) = check(https(Some("localhost"), true, Some(&ca_file)), Some(port), 2000);
+    assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
+    assert!(r.message.starts_with("GET https://127.0.0.1:"), "{r:?}");
+    // No host: the certificate must name the address.
+    let (r, _) = check(https(None, true, Some(&ca_file)), Some(port), 2000);
+    assert_eq!(r.outcome, Outcome::Ok, "{r:?}");
+    let (r, _) = check(https(Some("www.example:443"), true, Some(&ca_file)), Some(port), 2000);
+    assert_eq!(r.outcome, Outcome::Critical);
+    assert!(r.message.contains("TLS handshake") && r.message.contains("www.example"), "{r:?}");
+    // The system's roots do not know this CA.
+    let (r, _) = check(https(Some("localhost"), true, None), Some(port), 2000);
+    assert_eq!(r.outcome, Outcome::Critical);
+    assert!(r.message.contains("UnknownIssuer"), "{r:?}");
+    let (r, _) = check(https(Some("www.example"), false, None), Some(port), 2000);
+    assert_eq!(r.outcome, Outcome::Ok, "verification off: {r:?}");
+    let _ = std::fs::remove_file(&ca_file);
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! `http`: GET a path with a Host header; expect a status (one of a list) and optionally
-//! a substring of the body.
+//! `http` and `https`: GET a path with a Host header; expect a status (one of a list) and
+//! optionally a substring of the body. `https` is the same over TLS, with the Host (when
+//! it is a name) as the server name to verify and send in SNI.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -22,14 +23,51 @@ pub struct HttpCheck {
     /// Statuses that pass.
     pub expect_status: Vec<u16>,
     pub expect_body: Option<String>,
+    /// `https`: how to trust the server.
+    pub tls: Option<super::tls::Tls>,
+}
+
+/// A connection hyper can speak HTTP/1 over: plain TCP or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// The name to verify the certificate against: the Host if it is a name (a port after
+/// it left off), else the server's address.
+fn server_name(h: &HttpCheck, addr: SocketAddr) -> rustls_pki_types::ServerName<'static> {
+    let host = h.host.as_deref().map(|host| match host.rsplit_once(':') {
+        Some((name, port)) if port.parse::<u16>().is_ok() && !name.contains(':') => name,
+        _ => host,
+    });
+    host.and_then(|name| rustls_pki_types::ServerName::try_from(name.to_owned()).ok())
+        .unwrap_or_else(|| addr.ip().into())
+}
+
+async fn connect(
+    h: &HttpCheck,
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> Result<Box<dyn Io>, String> {
+    let stream = super::tcp::connect(addr, source, timeout).await?;
+    let Some(tls) = &h.tls else { return Ok(Box::new(stream)) };
+    let name = server_name(h, addr);
+    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    match connector.connect(name.clone(), stream).await {
+        Ok(s) => Ok(Box::new(s)),
+        Err(e) => Err(format!("TLS handshake with {addr} as {}: {e}", name.to_str())),
+    }
 }
 
 pub async fn check(h: &HttpCheck, addr: SocketAddr, source: Option<IpAddr>, timeout: Duration) -> Report {
     match tokio::time::timeout(timeout, get(h, addr, source, timeout)).await {
         Ok(Ok(report)) => report,
         Ok(Err(e)) => Report::critical(e),
-        Err(_) => Report::critical(format!("GET http://{addr}{}: no answer within {timeout:?}", h.path)),
+        Err(_) => Report::critical(format!("GET {}: no answer within {timeout:?}", url(h, addr))),
     }
+}
+
+fn url(h: &HttpCheck, addr: SocketAddr) -> String {
+    format!("{}://{addr}{}", if h.tls.is_some() { "https" } else { "http" }, h.path)
 }
 
 async fn get(
@@ -38,8 +76,8 @@ async fn get(
     source: Option<IpAddr>,
     timeout: Duration,
 ) -> Result<Report, String> {
-    let url = format!("http://{addr}{}", h.path);
-    let stream = super::tcp::connect(addr, source, timeout).await?;
+    let url = url(h, addr);
+    let stream = connect(h, addr, source, timeout).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
         .await
         .map_err(|e| format!("GET {url}: {e}"))?;

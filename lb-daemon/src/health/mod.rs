@@ -12,6 +12,7 @@ pub mod icmp;
 pub mod state;
 pub mod supervisor;
 pub mod tcp;
+pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
