@@ -312,7 +312,8 @@ impl Daemon {
                         .map(|h| h.results.iter().map(|(k, v)| (*k, *v)).collect())
                         .unwrap_or_default(),
                     state_changes: health.map_or(0, |h| h.state_changes),
-                    check_seconds: health.map_or(0.0, |h| h.check_seconds),
+                    flaps: health.map_or(0, |h| h.flaps),
+                    check_durations: health.map(|h| h.durations.clone()).unwrap_or_default(),
                     last_check: health.and_then(|h| h.last.as_ref().map(|r| r.message.clone())),
                     status,
                     counters: self.dataplane.backend_counters(bid)?,

@@ -24,6 +24,51 @@ fn gauge(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntG
     Ok(g)
 }
 
+/// `lb_health_check_duration_seconds`, built from the board's bucket counts: the crate's
+/// own histograms can only observe, and a scrape renders what the daemon already counted.
+#[derive(Default)]
+struct DurationFamily(Vec<prometheus::proto::Metric>);
+
+impl DurationFamily {
+    fn add(&mut self, service: &str, backend: &str, d: &crate::health::board::Durations) {
+        use prometheus::proto::{Bucket, Histogram, LabelPair, Metric};
+        let label = |name: &str, value: &str| {
+            let mut l = LabelPair::default();
+            l.set_name(name.into());
+            l.set_value(value.into());
+            l
+        };
+        let mut h = Histogram::default();
+        h.set_sample_count(d.count);
+        h.set_sample_sum(d.sum);
+        h.set_bucket(
+            d.cumulative()
+                .map(|(le, n)| {
+                    let mut b = Bucket::default();
+                    b.set_upper_bound(le);
+                    b.set_cumulative_count(n);
+                    b
+                })
+                .collect(),
+        );
+        let mut m = Metric::from_label(vec![label("backend", backend), label("service", service)]);
+        m.set_histogram(h);
+        self.0.push(m);
+    }
+
+    fn family(self) -> Option<prometheus::proto::MetricFamily> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let mut f = prometheus::proto::MetricFamily::default();
+        f.set_name("lb_health_check_duration_seconds".into());
+        f.set_help("How long health checks of the backend took.".into());
+        f.set_field_type(prometheus::proto::MetricType::HISTOGRAM);
+        f.set_metric(self.0);
+        Some(f)
+    }
+}
+
 /// The text exposition format (version 0.0.4).
 pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
     let reg = Registry::new();
@@ -68,12 +113,13 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
     )?;
     let changes =
         counter(&reg, "lb_health_state_changes_total", "Health state changes (up, down, timeout).", &labels)?;
-    // With lb_health_checks_total: rate(seconds) / rate(checks) is the mean check duration.
-    let check_seconds = prometheus::CounterVec::new(
-        Opts::new("lb_health_check_seconds_total", "Time spent in health checks of the backend."),
+    let flaps = counter(
+        &reg,
+        "lb_health_flaps_total",
+        "Times flap control held the backend down (changes into timeout).",
         &labels,
     )?;
-    reg.register(Box::new(check_seconds.clone()))?;
+    let mut durations = DurationFamily::default();
     for s in &snap.services {
         let name = s.name.as_str();
         svc_packets.with_label_values(&[name]).inc_by(s.counters.packets);
@@ -93,7 +139,8 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
             }
             if !b.checks.is_empty() {
                 changes.with_label_values(&l).inc_by(b.state_changes);
-                check_seconds.with_label_values(&l).inc_by(b.check_seconds);
+                flaps.with_label_values(&l).inc_by(b.flaps);
+                durations.add(name, &addr, &b.check_durations);
             }
             for st in BackendStatus::ALL {
                 be_state.with_label_values(&[name, addr.as_str(), st.name()]).set((st == b.status) as i64);
@@ -152,8 +199,10 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
     let build = gauge(&reg, "lb_build_info", "Always 1: the running version.", &["version", "map_layout"])?;
     build.with_label_values(&[env!("CARGO_PKG_VERSION"), &lb_common::MAP_LAYOUT_VERSION.to_string()]).set(1);
 
+    let mut families = reg.gather();
+    families.extend(durations.family());
     let mut out = Vec::new();
-    TextEncoder::new().encode(&reg.gather(), &mut out)?;
+    TextEncoder::new().encode(&families, &mut out)?;
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
@@ -188,7 +237,13 @@ mod tests {
                     inactive: 0,
                     checks: vec![("ok", 4), ("critical", 1)],
                     state_changes: 2,
-                    check_seconds: 0.25,
+                    flaps: 1,
+                    check_durations: {
+                        let mut d = crate::health::board::Durations::default();
+                        d.observe(std::time::Duration::from_millis(3));
+                        d.observe(std::time::Duration::from_millis(250));
+                        d
+                    },
                     last_check: None,
                 }],
             }],
@@ -216,7 +271,14 @@ mod tests {
             "# TYPE lb_backend_bytes_total counter",
             "lb_health_checks_total{backend=\"10.0.2.11\",result=\"critical\",service=\"web\"} 1",
             "lb_health_state_changes_total{backend=\"10.0.2.11\",service=\"web\"} 2",
-            "lb_health_check_seconds_total{backend=\"10.0.2.11\",service=\"web\"} 0.25",
+            "lb_health_flaps_total{backend=\"10.0.2.11\",service=\"web\"} 1",
+            "# TYPE lb_health_check_duration_seconds histogram",
+            "lb_health_check_duration_seconds_bucket{backend=\"10.0.2.11\",service=\"web\",le=\"0.0025\"} 0",
+            "lb_health_check_duration_seconds_bucket{backend=\"10.0.2.11\",service=\"web\",le=\"0.005\"} 1",
+            "lb_health_check_duration_seconds_bucket{backend=\"10.0.2.11\",service=\"web\",le=\"0.25\"} 2",
+            "lb_health_check_duration_seconds_bucket{backend=\"10.0.2.11\",service=\"web\",le=\"+Inf\"} 2",
+            "lb_health_check_duration_seconds_sum{backend=\"10.0.2.11\",service=\"web\"} 0.253",
+            "lb_health_check_duration_seconds_count{backend=\"10.0.2.11\",service=\"web\"} 2",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

@@ -94,8 +94,10 @@ pub struct BackendSnapshot {
     /// Health-check results by outcome (empty without a check).
     pub checks: Vec<(&'static str, u64)>,
     pub state_changes: u64,
-    /// Time spent in this backend's checks, in seconds.
-    pub check_seconds: f64,
+    /// Changes into `timeout`.
+    pub flaps: u64,
+    /// How long this backend's checks took.
+    pub check_durations: crate::health::board::Durations,
     /// What the last check said.
     pub last_check: Option<String>,
 }
@@ -244,7 +246,8 @@ mod tests {
                     inactive: 1,
                     checks: Vec::new(),
                     state_changes: 0,
-                    check_seconds: 0.0,
+                    flaps: 0,
+                    check_durations: Default::default(),
                     last_check: None,
                 }],
             }],

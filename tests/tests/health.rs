@@ -107,6 +107,21 @@ fn a_server_whose_service_stops_leaves_and_returns_while_others_keep_their_conne
         m.value("lb_health_checks_total{backend=\"10.0.2.11\",result=\"critical\",service=\"web\"}")? >= 2.0
     );
     ensure!(m.value("lb_health_state_changes_total{backend=\"10.0.2.12\",service=\"web\"}")? == 0.0);
+    // Every check result is in the duration histogram once, in the last bucket at least.
+    let series = |name: &str, extra: &str| format!("{name}{{backend=\"10.0.2.11\",{extra}service=\"web\"}}");
+    let results: f64 = ["ok", "warning", "critical", "unknown"]
+        .iter()
+        .map(|r| m.value(&series("lb_health_checks_total", &format!("result=\"{r}\","))).unwrap_or(0.0))
+        .sum();
+    let timed = m.value(&series("lb_health_check_duration_seconds_count", ""))?;
+    let inf = m.value(
+        "lb_health_check_duration_seconds_bucket{backend=\"10.0.2.11\",service=\"web\",le=\"+Inf\"}",
+    )?;
+    ensure!(
+        results > 0.0 && timed == results && inf == results,
+        "{results} results, {timed} timed, {inf} in +Inf"
+    );
+    ensure!(m.value(&series("lb_health_flaps_total", ""))? == 0.0);
     // The hook ran for both changes (in the background: wait, bounded).
     let want = "web 10.0.2.11 up down\nweb 10.0.2.11 down up\n";
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -24,8 +24,42 @@ pub struct Entry {
     /// Check results by outcome name.
     pub results: BTreeMap<&'static str, u64>,
     pub state_changes: u64,
-    /// Time spent in checks, for the mean (seconds).
-    pub check_seconds: f64,
+    /// Changes into `timeout` (flap control holding the backend down).
+    pub flaps: u64,
+    pub durations: Durations,
+}
+
+/// Upper bounds (seconds) of the check-duration histogram: from a local TCP connect to a
+/// slow plugin.
+pub const DURATION_BUCKETS: [f64; 13] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// How long checks took: counts per bucket of [`DURATION_BUCKETS`] (not cumulative), and
+/// the count and sum of all.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Durations {
+    pub buckets: [u64; DURATION_BUCKETS.len()],
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Durations {
+    pub fn observe(&mut self, took: Duration) {
+        let secs = took.as_secs_f64();
+        if let Some(i) = DURATION_BUCKETS.iter().position(|le| secs <= *le) {
+            self.buckets[i] += 1;
+        }
+        self.count += 1;
+        self.sum += secs;
+    }
+
+    /// (upper bound, checks at most that long), as Prometheus buckets are.
+    pub fn cumulative(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
+        DURATION_BUCKETS.iter().zip(self.buckets.iter()).scan(0u64, |total, (le, n)| {
+            *total += n;
+            Some((*le, *total))
+        })
+    }
 }
 
 /// A state change, for logs and hooks.
@@ -78,7 +112,8 @@ impl Board {
                         last: None,
                         results: BTreeMap::new(),
                         state_changes: 0,
-                        check_seconds: 0.0,
+                        flaps: 0,
+                        durations: Durations::default(),
                     },
                 };
                 next.insert(key, entry);
@@ -108,13 +143,16 @@ impl Board {
         for ((service, backend), e) in self.entries.iter_mut().filter(|(_, e)| e.probe == result.key) {
             let r = &result.report;
             *e.results.entry(r.outcome.name()).or_default() += 1;
-            e.check_seconds += result.took.as_secs_f64();
+            e.durations.observe(result.took);
             if r.outcome.passed() && r.weight != e.weight {
                 e.weight = r.weight;
                 changed = true;
             }
             if let Some(t) = e.tracker.observe(r.outcome, now) {
                 e.state_changes += 1;
+                if matches!(t.to, Health::Timeout { .. }) {
+                    e.flaps += 1;
+                }
                 changed = true;
                 events.push(Event {
                     service: service.clone(),
@@ -164,6 +202,20 @@ pub const OUTCOMES: [Outcome; 4] = [Outcome::Ok, Outcome::Warning, Outcome::Crit
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_fall_into_cumulative_buckets() {
+        let mut d = Durations::default();
+        for ms in [0, 3, 3, 40, 20_000] {
+            d.observe(Duration::from_millis(ms));
+        }
+        let c: Vec<(f64, u64)> = d.cumulative().collect();
+        assert_eq!(c[0], (0.001, 1));
+        assert_eq!(c[2], (0.005, 3));
+        assert_eq!(c[5], (0.05, 4));
+        assert_eq!(c.last(), Some(&(10.0, 4)), "20 s is above every bound: only in the count");
+        assert_eq!((d.count, d.sum), (5, 20.046));
+    }
     use crate::health::state::Policy;
     use crate::health::{CheckKind, CheckSpec};
     use crate::plan::{BackendSpec, Protocol, Scheduler};
@@ -270,6 +322,7 @@ mod tests {
         let addr1: IpAddr = "10.0.0.1".parse().unwrap();
         let addr2: IpAddr = "10.0.0.2".parse().unwrap();
         assert!(matches!(b.get("a", addr1).unwrap().tracker.state(), Health::Timeout { until: None }));
+        assert_eq!(b.get("a", addr1).unwrap().flaps, 1);
         b.sync(&[svc("a", 80)], &checks);
         assert_eq!(b.get("a", addr1).unwrap().tracker.state(), Health::Down, "timeout ends with the reload");
         assert_eq!(b.get("a", addr2).unwrap().tracker.state(), Health::Down, "other states stay");
