@@ -237,7 +237,11 @@ struct RawCheck {
     #[serde(default)]
     timeout: Option<Spanned<String>>,
     #[serde(default)]
+    jitter: Option<Spanned<String>>,
+    #[serde(default)]
     source: Option<Spanned<IpAddr>>,
+    #[serde(default)]
+    warning_weight_percent: Option<Spanned<u32>>,
     #[serde(default)]
     rise: Option<Spanned<u32>>,
     #[serde(default)]
@@ -828,10 +832,37 @@ impl Checker<'_> {
         {
             return Err(self.err(t, at("on_change_timeout"), "there is no `on_change` hook to time"));
         }
+        let jitter = match &c.jitter {
+            None => Duration::ZERO,
+            Some(j) => {
+                let d = self.duration(j, at("jitter"))?;
+                if d >= interval {
+                    return Err(self.err(
+                        j,
+                        at("jitter"),
+                        format!("jitter {d:?} must be shorter than the interval {interval:?}"),
+                    ));
+                }
+                d
+            }
+        };
+        let warning_weight_percent = match &c.warning_weight_percent {
+            None => None,
+            Some(p) if p.value <= 100 => Some(p.value),
+            Some(p) => {
+                return Err(self.err(
+                    p,
+                    at("warning_weight_percent"),
+                    format!("{} is not a percentage (0-100)", p.value),
+                ));
+            }
+        };
         Ok(HealthCheck {
             spec: CheckSpec { kind, timeout, source: c.source.as_ref().map(|s| s.value) },
             interval,
+            jitter,
             policy: Policy { rise, fall, fall_within, flap },
+            warning_weight_percent,
             keep_flows: matches!(c.on_down, Some(RawOnDown::Keep)),
             on_change,
         })

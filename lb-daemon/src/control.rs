@@ -307,7 +307,7 @@ impl Daemon {
                 let (active, inactive) = conns.get(&bid).copied().unwrap_or_default();
                 backends.push(BackendSnapshot {
                     addr: b.addr,
-                    weight: health.and_then(|h| h.weight).unwrap_or(b.weight),
+                    weight: self.board.weight(&spec.name, b.addr, b.weight),
                     checks: health
                         .map(|h| h.results.iter().map(|(k, v)| (*k, *v)).collect())
                         .unwrap_or_default(),

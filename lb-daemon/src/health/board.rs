@@ -20,6 +20,8 @@ pub struct Entry {
     pub tracker: Tracker,
     /// Weight from the last result that named one (`weight=N`).
     pub weight: Option<u32>,
+    /// The last passing result was WARNING.
+    pub warning: bool,
     pub last: Option<Report>,
     /// Check results by outcome name.
     pub results: BTreeMap<&'static str, u64>,
@@ -93,7 +95,7 @@ impl Board {
             let Some(check) = checks.get(&svc.name) else { continue };
             for b in &svc.backends {
                 let target = Target { service: svc.name.clone(), addr: b.addr, port: port_of(&svc.matcher) };
-                let probe = ProbeKey::new(&check.spec, check.interval, target);
+                let probe = ProbeKey::new(check, target);
                 let key = (svc.name.clone(), b.addr);
                 let entry = match self.entries.remove(&key) {
                     // Hooks and the flow option may change freely; a new check starts over.
@@ -109,6 +111,7 @@ impl Board {
                         check: check.clone(),
                         tracker: Tracker::new(check.policy),
                         weight: None,
+                        warning: false,
                         last: None,
                         results: BTreeMap::new(),
                         state_changes: 0,
@@ -148,6 +151,11 @@ impl Board {
                 e.weight = r.weight;
                 changed = true;
             }
+            let warning = r.outcome == Outcome::Warning;
+            if r.outcome.passed() && warning != e.warning {
+                e.warning = warning;
+                changed |= e.check.warning_weight_percent.is_some();
+            }
             if let Some(t) = e.tracker.observe(r.outcome, now) {
                 e.state_changes += 1;
                 if matches!(t.to, Health::Timeout { .. }) {
@@ -170,6 +178,18 @@ impl Board {
         self.entries.get(&(service.to_owned(), backend))
     }
 
+    /// The weight a backend has after its checks: `weight=N` replaces the configured one,
+    /// and WARNING keeps `warning_weight_percent` of it (rounded up: a warning alone
+    /// never takes the last new flow away; 0% does).
+    pub fn weight(&self, service: &str, backend: IpAddr, configured: u32) -> u32 {
+        let Some(e) = self.get(service, backend) else { return configured };
+        let w = e.weight.unwrap_or(configured).min(MAX_WEIGHT);
+        match e.check.warning_weight_percent {
+            Some(pct) if e.warning => (w * pct).div_ceil(100),
+            _ => w,
+        }
+    }
+
     /// The services as the planner should see them: a backend its check holds down is
     /// `disabled` (its flows move, as IPVS's expire_nodest_conn), or with `keep_flows`
     /// drained (no new flows, established ones stay); a weight the check asked for
@@ -186,8 +206,8 @@ impl Board {
                             (true, BackendState::Active | BackendState::Drain) => BackendState::Drain,
                             _ => BackendState::Disabled,
                         };
-                    } else if let Some(w) = e.weight {
-                        b.weight = w.min(MAX_WEIGHT);
+                    } else {
+                        b.weight = self.weight(&svc.name, b.addr, b.weight);
                     }
                 }
                 svc
@@ -243,7 +263,9 @@ mod tests {
                 source: None,
             },
             interval: Duration::from_secs(2),
+            jitter: Duration::ZERO,
             policy,
+            warning_weight_percent: None,
             keep_flows: false,
             on_change: None,
         }
@@ -303,6 +325,30 @@ mod tests {
         b.sync(&[svc("a", 80)], &BTreeMap::from([("a".to_string(), keep)]));
         let view = b.overlay(&[svc("a", 80)]);
         assert_eq!(view[0].backends[0].state, BackendState::Drain);
+    }
+
+    #[test]
+    fn warning_keeps_a_share_of_the_weight_when_asked_to() {
+        let p = Policy { rise: 1, fall: 1, fall_within: 1, flap: None };
+        let mut check = tcp(p);
+        check.warning_weight_percent = Some(25);
+        let mut b = Board::default();
+        b.sync(&[svc("a", 80)], &BTreeMap::from([("a".to_string(), check)]));
+        let (_, changed) = b.observe(&result(&b, "10.0.0.1", Outcome::Warning, None), Duration::ZERO);
+        assert!(changed, "a warning changes the weight");
+        let view = b.overlay(&[svc("a", 80)]);
+        assert_eq!((view[0].backends[0].weight, view[0].backends[1].weight), (3, 10), "25% of 10, up");
+        let (_, changed) = b.observe(&result(&b, "10.0.0.1", Outcome::Warning, Some(40)), Duration::ZERO);
+        assert!(changed);
+        assert_eq!(b.overlay(&[svc("a", 80)])[0].backends[0].weight, 10, "25% of the check's weight=40");
+        let (_, changed) = b.observe(&result(&b, "10.0.0.1", Outcome::Ok, Some(40)), Duration::ZERO);
+        assert!(changed, "back to OK: full weight");
+        assert_eq!(b.overlay(&[svc("a", 80)])[0].backends[0].weight, 40);
+        // Without the option a warning changes nothing.
+        b.sync(&[svc("a", 80)], &BTreeMap::from([("a".to_string(), tcp(p))]));
+        let (_, changed) = b.observe(&result(&b, "10.0.0.1", Outcome::Warning, Some(40)), Duration::ZERO);
+        assert!(!changed);
+        assert_eq!(b.overlay(&[svc("a", 80)])[0].backends[0].weight, 40);
     }
 
     #[test]

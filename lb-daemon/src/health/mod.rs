@@ -69,7 +69,12 @@ pub struct CheckSpec {
 pub struct HealthCheck {
     pub spec: CheckSpec,
     pub interval: Duration,
+    /// Each run starts up to this much after its tick, at random: checks of many
+    /// directors (or of one server by many services) do not arrive in step.
+    pub jitter: Duration,
     pub policy: state::Policy,
+    /// While the check says WARNING, the backend keeps this percentage of its weight.
+    pub warning_weight_percent: Option<u32>,
     /// Keep a down backend's established flows (it only stops getting new ones), instead
     /// of moving them (the default, as IPVS's expire_nodest_conn).
     pub keep_flows: bool,

@@ -8,24 +8,37 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::{CheckKind, CheckSpec, Report, Target, run};
+use super::{CheckKind, CheckSpec, HealthCheck, Report, Target, run};
 
 /// What makes two checks the same probe.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ProbeKey {
     pub spec: CheckSpec,
     pub interval: Duration,
+    pub jitter: Duration,
     pub target: Target,
 }
 
 impl ProbeKey {
     /// `service` matters only to exec checks (it is in their environment).
-    pub fn new(spec: &CheckSpec, interval: Duration, mut target: Target) -> Self {
-        if !matches!(spec.kind, CheckKind::Exec { .. }) {
+    pub fn new(check: &HealthCheck, mut target: Target) -> Self {
+        if !matches!(check.spec.kind, CheckKind::Exec { .. }) {
             target.service.clear();
         }
-        ProbeKey { spec: spec.clone(), interval, target }
+        ProbeKey { spec: check.spec.clone(), interval: check.interval, jitter: check.jitter, target }
     }
+}
+
+/// A random delay below `jitter` (zero for none).
+fn jitter_delay(jitter: Duration) -> Duration {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let nanos = jitter.as_nanos() as u64;
+    if nanos == 0 {
+        return Duration::ZERO;
+    }
+    // Every RandomState has fresh keys: its empty hash is a random number.
+    let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    Duration::from_nanos(r % nanos)
 }
 
 #[derive(Clone, Debug)]
@@ -90,9 +103,26 @@ async fn probe(key: ProbeKey, results: mpsc::Sender<ProbeResult>) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
+        tokio::time::sleep(jitter_delay(key.jitter)).await;
         let (report, took) = run(&key.spec, &key.target).await;
         if results.send(ProbeResult { key: key.clone(), report, took }).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_below_its_bound_and_varies() {
+        assert_eq!(jitter_delay(Duration::ZERO), Duration::ZERO);
+        let bound = Duration::from_millis(500);
+        let draws: Vec<Duration> = (0..200).map(|_| jitter_delay(bound)).collect();
+        assert!(draws.iter().all(|d| *d < bound));
+        let halves = draws.iter().filter(|d| **d < bound / 2).count();
+        // Far from either end for any fair draw (p < 1e-12 of failing).
+        assert!((40..=160).contains(&halves), "{halves} of 200 below half");
     }
 }
