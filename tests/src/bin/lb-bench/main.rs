@@ -11,7 +11,9 @@
 //!   driver's own cost is shown as "floor via driver".
 //!
 //! The output of every round is checked. Ratios, not absolute numbers, are what compare
-//! across machines.
+//! across machines. Then the health checkers' throughput (see `health`).
+
+mod health;
 
 use anyhow::{Result, ensure};
 use lb_common::programs::{BALANCER, BENCH_DRIVER, FLOOR, PASS};
@@ -200,7 +202,7 @@ fn main() -> Result<()> {
             median(&ratios)
         );
     }
-    Ok(())
+    health::run_all()
 }
 
 fn median(v: &[f64]) -> f64 {
