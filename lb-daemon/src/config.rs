@@ -243,6 +243,8 @@ struct RawCheck {
     #[serde(default)]
     warning_weight_percent: Option<Spanned<u32>>,
     #[serde(default)]
+    initial_state: Option<RawInitialState>,
+    #[serde(default)]
     rise: Option<Spanned<u32>>,
     #[serde(default)]
     fall: Option<Spanned<u32>>,
@@ -256,6 +258,13 @@ struct RawCheck {
     on_change: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     on_change_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawInitialState {
+    Up,
+    Down,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -863,6 +872,7 @@ impl Checker<'_> {
             jitter,
             policy: Policy { rise, fall, fall_within, flap },
             warning_weight_percent,
+            start_down: matches!(c.initial_state, Some(RawInitialState::Down)),
             keep_flows: matches!(c.on_down, Some(RawOnDown::Keep)),
             on_change,
         })

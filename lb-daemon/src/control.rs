@@ -108,8 +108,13 @@ impl Daemon {
         })?;
         let loaded = dataplane.load_report().clone();
         let mut planner = Planner::default();
+        let mut board = Board::default();
         if loaded.adopted {
-            planner.seed(&dataplane.adopted_ids());
+            let ids = dataplane.adopted_ids();
+            planner.seed(&ids);
+            board.adopt_running(ids.serving.iter().filter_map(|(key, family, words)| {
+                Some((crate::plan::service_match_of(key)?, crate::plan::addr_of(*family, words)?))
+            }));
             tracing::info!(
                 bpf_dir = %d.bpf_dir.display(),
                 flow_entries = loaded.flow_entries,
@@ -138,7 +143,7 @@ impl Daemon {
             reloads_failed: 0,
             last_reload_success: None,
             last_reload_error: None,
-            board: Board::default(),
+            board,
             started: std::time::Instant::now(),
         };
         let config = daemon.config.clone();

@@ -150,6 +150,9 @@ pub struct AdoptedIds {
     pub services: Vec<(ServiceKey, u32)>,
     /// (key of the owning service, backend address words and family, backend id).
     pub backends: Vec<(ServiceKey, u8, [u32; 4], u32)>,
+    /// Backends the adopted maps were sending new and established flows to (up), by the
+    /// same key and address.
+    pub serving: Vec<(ServiceKey, u8, [u32; 4])>,
 }
 
 /// XDP attach mode, as an operator names it.
@@ -520,6 +523,12 @@ impl Dataplane {
                 .backends
                 .iter()
                 .filter_map(|(id, b)| Some((*by_id.get(&(b.service as u32))?, b.family, b.addr, *id)))
+                .collect(),
+            serving: self
+                .backends
+                .values()
+                .filter(|b| b.state == lb_common::BACKEND_UP)
+                .filter_map(|b| Some((*by_id.get(&(b.service as u32))?, b.family, b.addr)))
                 .collect(),
         }
     }

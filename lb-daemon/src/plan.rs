@@ -479,7 +479,11 @@ mod tests {
         let (f, w1) = addr_words(v4("10.1.0.1"));
         let (_, w2) = addr_words(v4("10.1.0.2"));
         // Ids a fresh planner would not choose: a previous daemon's history.
-        let ids = AdoptedIds { services: vec![(key, 9)], backends: vec![(key, f, w1, 40), (key, f, w2, 3)] };
+        let ids = AdoptedIds {
+            services: vec![(key, 9)],
+            backends: vec![(key, f, w1, 40), (key, f, w2, 3)],
+            serving: vec![],
+        };
         let mut p = Planner::default();
         p.seed(&ids);
         let plan = p.plan(&[svc], &[], &n).unwrap();

@@ -190,3 +190,40 @@ fn with_every_server_down_the_fallback_answers_and_pass_reaches_the_director() -
     ensure!(local.stop()? == 1, "the director answered exactly the one passed connection");
     Ok(())
 }
+
+/// `initial_state: down` holds a backend new to the daemon out until its check passes;
+/// a restarted daemon still serves the backends the running data path was serving.
+#[test]
+fn initial_state_down_holds_new_backends_but_spares_what_a_restart_finds_serving() -> Result<()> {
+    // Checks run once an hour (the first at a random point of it), and two passes bring a
+    // backend up: within this test no check changes a state, so what status shows is what
+    // the daemon started each backend at.
+    let web = |initial: &str, servers: &[u8]| {
+        let backends: String =
+            servers.iter().map(|i| format!("      - {{ address: 10.0.2.{i} }}\n")).collect();
+        format!(
+            "services:\n  - name: web\n    match: {{ vip: {VIP}, port: {VIP_PORT} }}\n    \
+             check: {{ type: tcp, port: 80, interval: 1h, rise: 2{initial} }}\n    backends:\n{backends}"
+        )
+    };
+    let mut lab = DrLab::start_with(3, 10, LabConfig::Services(web("", &[11, 12])))?;
+    wait_state(&lab, "web", "10.0.2.11", "active")?;
+    wait_state(&lab, "web", "10.0.2.12", "active")?;
+
+    lab.write_services(&web(", initial_state: down", &[11, 12, 13]))?;
+    lab.daemon.kill9()?;
+    lab.daemon.restart(&lab.topo.director)?;
+    ensure!(lab.daemon.log_text().contains("adopted the running data path"), "{}", lab.daemon.log_text());
+    wait_state(&lab, "web", "10.0.2.13", "down")?;
+    let status = lab.daemon.status()?;
+    for spared in ["10.0.2.11", "10.0.2.12"] {
+        ensure!(
+            status.lines().any(|l| l.contains(spared) && l.trim_end().ends_with("active")),
+            "{spared} was serving before the restart and must stay up:\n{status}"
+        );
+    }
+    let answers: BTreeSet<String> = lab.connect_all(1)?.into_iter().map(|(_, s)| s).collect();
+    ensure!(!answers.contains("server3"), "a backend waiting for its first pass got traffic: {answers:?}");
+    ensure!(answers.len() == 2, "both spared servers answer: {answers:?}");
+    Ok(())
+}

@@ -3,7 +3,7 @@
 //! time come in; state changes come out, and [`Board::overlay`] turns the config's
 //! backends into what the planner should see.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -76,6 +76,9 @@ pub struct Event {
 #[derive(Clone, Debug, Default)]
 pub struct Board {
     entries: HashMap<(String, IpAddr), Entry>,
+    /// Backends an adopted data path was sending traffic to: they start up even where
+    /// the check says `initial_state: down`, so that a restart takes none out.
+    running_up: HashSet<(ServiceMatch, IpAddr)>,
 }
 
 fn port_of(m: &ServiceMatch) -> Option<u16> {
@@ -89,6 +92,12 @@ impl Board {
     /// Makes the board follow a (new) config: pairs whose check is unchanged keep their
     /// state, except a flap timeout, which lasts until a reload (they start over as
     /// down); new pairs start up (see [`Tracker::new`]); others are forgotten.
+    /// Records what a running data path the daemon adopted was serving (before the first
+    /// [`Board::sync`]).
+    pub fn adopt_running(&mut self, up: impl IntoIterator<Item = (ServiceMatch, IpAddr)>) {
+        self.running_up = up.into_iter().collect();
+    }
+
     pub fn sync(&mut self, services: &[ServiceSpec], checks: &BTreeMap<String, HealthCheck>) {
         let mut next = HashMap::new();
         for svc in services {
@@ -109,7 +118,11 @@ impl Board {
                     _ => Entry {
                         probe,
                         check: check.clone(),
-                        tracker: Tracker::new(check.policy),
+                        tracker: if check.start_down && !self.running_up.contains(&(svc.matcher, b.addr)) {
+                            Tracker::starting(check.policy, Health::Down)
+                        } else {
+                            Tracker::new(check.policy)
+                        },
                         weight: None,
                         warning: false,
                         last: None,
@@ -123,6 +136,8 @@ impl Board {
             }
         }
         self.entries = next;
+        // Only the first config after adopting meets the old daemon's backends.
+        self.running_up.clear();
     }
 
     /// The hook to run for a service's state changes.
@@ -266,6 +281,7 @@ mod tests {
             jitter: Duration::ZERO,
             policy,
             warning_weight_percent: None,
+            start_down: false,
             keep_flows: false,
             on_change: None,
         }
@@ -349,6 +365,26 @@ mod tests {
         let (_, changed) = b.observe(&result(&b, "10.0.0.1", Outcome::Warning, Some(40)), Duration::ZERO);
         assert!(!changed);
         assert_eq!(b.overlay(&[svc("a", 80)])[0].backends[0].weight, 40);
+    }
+
+    #[test]
+    fn initial_state_down_spares_what_an_adopted_data_path_was_serving() {
+        let mut check = tcp(Policy { rise: 1, fall: 1, fall_within: 1, flap: None });
+        check.start_down = true;
+        let checks = BTreeMap::from([("a".to_string(), check)]);
+        let (one, two): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let mut b = Board::default();
+        b.adopt_running([(svc("a", 80).matcher, one)]);
+        b.sync(&[svc("a", 80)], &checks);
+        assert_eq!(b.get("a", one).unwrap().tracker.state(), Health::Up, "was being served: stays");
+        assert_eq!(b.get("a", two).unwrap().tracker.state(), Health::Down, "new: waits for its check");
+        assert_eq!(b.overlay(&[svc("a", 80)])[0].backends[1].state, BackendState::Disabled);
+        // Removed, then added again by later reloads: new again, so down.
+        let mut without = svc("a", 80);
+        without.backends.remove(0);
+        b.sync(&[without], &checks);
+        b.sync(&[svc("a", 80)], &checks);
+        assert_eq!(b.get("a", one).unwrap().tracker.state(), Health::Down);
     }
 
     #[test]

@@ -75,6 +75,9 @@ pub struct HealthCheck {
     pub policy: state::Policy,
     /// While the check says WARNING, the backend keeps this percentage of its weight.
     pub warning_weight_percent: Option<u32>,
+    /// Backends new to the daemon start down until `rise` checks pass (keepalived's
+    /// `alpha`), except those a running data path it adopted was already serving.
+    pub start_down: bool,
     /// Keep a down backend's established flows (it only stops getting new ones), instead
     /// of moving them (the default, as IPVS's expire_nodest_conn).
     pub keep_flows: bool,
