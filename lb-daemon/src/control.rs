@@ -382,7 +382,12 @@ async fn reload(daemon: &Arc<Mutex<Daemon>>) {
                 return Err(ControlError::NoInterface(iface.clone()));
             }
         }
-        let neighbours = neighbour::resolve(&backend_addrs(&config), RESOLVE_WAIT).await?;
+        // Wait for link-layer addresses only when the file adds servers: a server that
+        // stays unresolved must not make every later reload wait.
+        let addrs = backend_addrs(&config);
+        let known: BTreeSet<IpAddr> = backend_addrs(&lock(daemon).config).into_iter().collect();
+        let wait = if addrs.iter().all(|a| known.contains(a)) { Duration::ZERO } else { RESOLVE_WAIT };
+        let neighbours = neighbour::resolve(&addrs, wait).await?;
         let mut d = lock(daemon);
         let fixed = d.fixed_settings_changed(&config);
         if !fixed.is_empty() {

@@ -77,9 +77,13 @@ fn a_server_whose_service_stops_leaves_and_returns_while_others_keep_their_conne
     )?;
     ensure!(conv.wait_rounds(2, Duration::from_secs(10)), "no exchange: {:?}", conv.stop());
 
+    let stopped = Instant::now();
     lab.stop_server(0)?;
     wait_state(&lab, "web", "10.0.2.11", "down")?;
     wait_state(&lab, "echo", "10.0.2.11", "down")?;
+    // Reported, not asserted (no timing in tests): fall x interval is 400 ms here, and the
+    // state machine's tests pin the change to the fall-th failure.
+    eprintln!("server1 seen down {:?} after its service stopped", stopped.elapsed());
     let during: BTreeMap<IpAddr, String> = lab.connect_all(1)?.into_iter().collect();
     ensure!(during.values().all(|s| s != "server1"), "server1 still chosen: {during:?}");
     for (src, server) in &during {
