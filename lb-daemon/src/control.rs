@@ -23,6 +23,7 @@ use crate::health::state::Health;
 use crate::health::supervisor::{ProbeResult, Supervisor};
 use crate::plan::{BackendSpec, BackendState, Neighbour, Plan, PlanError, Planner};
 use crate::routing::neighbour::{self, NeighbourError};
+use crate::routing::policy::{Intent, Report as RoutingReport, reconcile_once as reconcile_routing};
 use crate::snapshot::{BackendSnapshot, BackendStatus, ConnKind, ServiceSnapshot, Snapshot, classify};
 
 /// How long a start or reload waits for backends' link-layer addresses.
@@ -94,6 +95,21 @@ pub struct Daemon {
     /// Health of every checked (service, backend).
     board: Board,
     started: std::time::Instant,
+    /// What the kernel's routes and rules should be; the routing task follows it.
+    routing_intent: tokio::sync::watch::Sender<Intent>,
+    routing_state: Arc<Mutex<RoutingState>>,
+}
+
+/// What the routing task last did, for status and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct RoutingState {
+    pub protocol: Option<u8>,
+    pub last: Option<RoutingReport>,
+    /// Why the last reconciliation could not even read the kernel's tables.
+    pub failure: Option<String>,
+    pub added: u64,
+    pub replaced: u64,
+    pub removed: u64,
 }
 
 impl Daemon {
@@ -145,6 +161,8 @@ impl Daemon {
             last_reload_error: None,
             board,
             started: std::time::Instant::now(),
+            routing_intent: tokio::sync::watch::Sender::new(Intent::default()),
+            routing_state: Arc::default(),
         };
         let config = daemon.config.clone();
         // Maps are full before any interface gets the program.
@@ -176,7 +194,37 @@ impl Daemon {
         self.plan = plan;
         self.config = config.clone();
         self.board = board;
+        let intent = self.routing_intent();
+        self.routing_intent.send_if_modified(|current| {
+            let changed = *current != intent;
+            *current = intent;
+            changed
+        });
         Ok(report)
+    }
+
+    /// The routes and rules the config declares, and a host route for each VIP with a
+    /// real server taking new flows (a fallback does not count: a director whose servers
+    /// are all down should stop attracting the VIP's traffic).
+    fn routing_intent(&self) -> Intent {
+        let vips_up = self
+            .config
+            .services
+            .iter()
+            .filter(|s| !self.plan.fallback_serving.contains(&s.name))
+            .filter(|s| {
+                self.plan
+                    .state
+                    .services
+                    .get(&crate::plan::service_key(&s.matcher))
+                    .is_some_and(|st| !st.ring.is_empty())
+            })
+            .filter_map(|s| match s.matcher {
+                crate::plan::ServiceMatch::Vip { addr, .. } => Some(addr),
+                crate::plan::ServiceMatch::Mark(_) => None,
+            })
+            .collect();
+        Intent { config: self.config.routing.clone(), vips_up }
     }
 
     /// Feeds a probe result in; re-plans when a state or a weight changed.
@@ -361,6 +409,19 @@ impl Daemon {
                 .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
                 .map(|d| d.as_secs_f64()),
             last_reload_error: self.last_reload_error.clone(),
+            routing: {
+                let r = self.routing_state.lock().unwrap_or_else(|p| p.into_inner());
+                r.protocol.map(|protocol| crate::snapshot::RoutingSnapshot {
+                    protocol,
+                    routes: r.last.as_ref().map_or(0, |l| l.routes as u64),
+                    rules: r.last.as_ref().map_or(0, |l| l.rules as u64),
+                    errors: r.last.iter().flat_map(|l| l.errors.iter().map(ToString::to_string)).collect(),
+                    failure: r.failure.clone(),
+                    added: r.added,
+                    replaced: r.replaced,
+                    removed: r.removed,
+                })
+            },
         })
     }
 }
@@ -571,6 +632,12 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
     let (results_tx, mut results) = tokio::sync::mpsc::channel::<ProbeResult>(1024);
     let mut supervisor = Supervisor::new(results_tx);
     supervisor.reconcile(&lock(&daemon).board.probes());
+    let (intent, routing_state) = {
+        let d = lock(&daemon);
+        (d.routing_intent.subscribe(), Arc::clone(&d.routing_state))
+    };
+    let (routing_stop, routing_stopped) = tokio::sync::oneshot::channel::<bool>();
+    let routing_task = tokio::spawn(follow_routing(intent, routing_state, routing_stopped));
     let control_task = tokio::spawn(serve_control(Arc::clone(&daemon), control));
     let metrics_task = tokio::spawn(serve_metrics(Arc::clone(&daemon), metrics));
     let status = lock(&daemon).status_line();
@@ -602,6 +669,11 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
     }
     notify(&[sd_notify::NotifyState::Stopping]);
     drop(supervisor);
+    // Routes stay by default: the data path goes on forwarding for their VIPs.
+    let remove_routes = lock(&daemon).config.routing.as_ref().is_some_and(|r| r.remove_on_stop);
+    if routing_stop.send(remove_routes).is_ok() {
+        let _ = routing_task.await;
+    }
     control_task.abort();
     metrics_task.abort();
     let _ = std::fs::remove_file(&config.director.control_socket);
@@ -615,6 +687,86 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How often a reconciliation that left errors (a device not there yet, a gateway not
+/// reachable yet) is tried again.
+const ROUTING_RETRY: Duration = Duration::from_secs(10);
+
+/// Keeps the kernel's routes and rules equal to the intent, on a netlink connection of
+/// its own. On stop, removes them all if told to.
+async fn follow_routing(
+    mut intent: tokio::sync::watch::Receiver<Intent>,
+    state: Arc<Mutex<RoutingState>>,
+    mut stop: tokio::sync::oneshot::Receiver<bool>,
+) {
+    let mut retry = tokio::time::interval(ROUTING_RETRY);
+    retry.reset();
+    let mut needs_retry = false;
+    // The first round applies the intent in force when the task starts.
+    let mut changed = true;
+    loop {
+        if changed || needs_retry {
+            let want = intent.borrow_and_update().clone();
+            needs_retry = apply_routing(&want, &state).await;
+        }
+        changed = false;
+        tokio::select! {
+            r = intent.changed() => match r {
+                Ok(()) => changed = true,
+                Err(_) => return,
+            },
+            _ = retry.tick(), if needs_retry => {}
+            remove = &mut stop => {
+                if remove.unwrap_or(false) {
+                    let protocol = state.lock().unwrap_or_else(|p| p.into_inner()).protocol;
+                    if protocol.is_some() {
+                        tracing::info!("stopping: removing the daemon's routes and rules (routing.on_stop: remove)");
+                        apply_routing(&Intent::default(), &state).await;
+                    }
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// One reconciliation; returns whether it should be tried again.
+async fn apply_routing(want: &Intent, state: &Mutex<RoutingState>) -> bool {
+    let previous = state.lock().unwrap_or_else(|p| p.into_inner()).protocol;
+    let result = reconcile_routing(want, previous).await;
+    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+    match result {
+        Ok(report) => {
+            if report.changes() > 0 {
+                tracing::info!(
+                    added = report.added,
+                    replaced = report.replaced,
+                    removed = report.removed,
+                    routes = report.routes,
+                    rules = report.rules,
+                    "routing updated"
+                );
+            }
+            for e in &report.errors {
+                tracing::error!(object = e.what, why = e.why, "route or rule not applied; the others are");
+            }
+            st.added += report.added as u64;
+            st.replaced += report.replaced as u64;
+            st.removed += report.removed as u64;
+            st.protocol = want.config.as_ref().map(|c| c.protocol);
+            st.failure = None;
+            let retry = !report.errors.is_empty();
+            st.last = Some(report);
+            retry
+        }
+        Err(e) => {
+            let why = crate::error_chain(&e);
+            tracing::error!(error = why, "routing not reconciled");
+            st.failure = Some(why);
+            true
+        }
+    }
 }
 
 /// `lb-daemon detach`: removes what a stopped daemon left forwarding.

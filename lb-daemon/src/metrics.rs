@@ -196,6 +196,33 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
         g.with_label_values::<&str>(&[]).set(t);
         reg.register(Box::new(g))?;
     }
+    if let Some(r) = &snap.routing {
+        let objects =
+            gauge(&reg, "lb_routing_objects", "The daemon's routes and rules in the kernel.", &["kind"])?;
+        objects.with_label_values(&["route"]).set(r.routes as i64);
+        objects.with_label_values(&["rule"]).set(r.rules as i64);
+        let failed = IntGauge::new(
+            "lb_routing_objects_failed",
+            "Declared routes and rules the kernel refused (or whose device is missing) at the last reconciliation.",
+        )?;
+        failed.set(r.errors.len() as i64);
+        reg.register(Box::new(failed))?;
+        let broken = IntGauge::new(
+            "lb_routing_reconcile_failed",
+            "1 when the last reconciliation could not read or change the kernel's tables.",
+        )?;
+        broken.set(i64::from(r.failure.is_some()));
+        reg.register(Box::new(broken))?;
+        let changes = counter(
+            &reg,
+            "lb_routing_changes_total",
+            "Routes and rules the daemon added, replaced, removed.",
+            &["op"],
+        )?;
+        changes.with_label_values(&["add"]).inc_by(r.added);
+        changes.with_label_values(&["replace"]).inc_by(r.replaced);
+        changes.with_label_values(&["remove"]).inc_by(r.removed);
+    }
     let build = gauge(&reg, "lb_build_info", "Always 1: the running version.", &["version", "map_layout"])?;
     build.with_label_values(&[env!("CARGO_PKG_VERSION"), &lb_common::MAP_LAYOUT_VERSION.to_string()]).set(1);
 
@@ -253,6 +280,16 @@ mod tests {
             reloads_ok: 3,
             reloads_failed: 1,
             last_reload_success: Some(1_700_000_000.5),
+            routing: Some(crate::snapshot::RoutingSnapshot {
+                protocol: 250,
+                routes: 3,
+                rules: 2,
+                errors: vec!["routing.routes[1] (...): Network is unreachable".into()],
+                failure: None,
+                added: 5,
+                replaced: 1,
+                removed: 0,
+            }),
             ..Default::default()
         };
         let text = render(&snap).unwrap();
@@ -272,6 +309,12 @@ mod tests {
             "lb_health_checks_total{backend=\"10.0.2.11\",result=\"critical\",service=\"web\"} 1",
             "lb_health_state_changes_total{backend=\"10.0.2.11\",service=\"web\"} 2",
             "lb_health_flaps_total{backend=\"10.0.2.11\",service=\"web\"} 1",
+            "lb_routing_objects{kind=\"route\"} 3",
+            "lb_routing_objects{kind=\"rule\"} 2",
+            "lb_routing_objects_failed 1",
+            "lb_routing_reconcile_failed 0",
+            "lb_routing_changes_total{op=\"add\"} 5",
+            "lb_routing_changes_total{op=\"remove\"} 0",
             "# TYPE lb_health_check_duration_seconds histogram",
             "lb_health_check_duration_seconds_bucket{backend=\"10.0.2.11\",service=\"web\",le=\"0.0025\"} 0",
             "lb_health_check_duration_seconds_bucket{backend=\"10.0.2.11\",service=\"web\",le=\"0.005\"} 1",

@@ -131,6 +131,23 @@ pub struct Snapshot {
     pub last_reload_success: Option<f64>,
     /// Why the last reload failed, if the last one did.
     pub last_reload_error: Option<String>,
+    /// `None` while the daemon manages no route or rule.
+    pub routing: Option<RoutingSnapshot>,
+}
+
+/// The daemon's routes and rules after its last reconciliation.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RoutingSnapshot {
+    pub protocol: u8,
+    pub routes: u64,
+    pub rules: u64,
+    /// Objects the kernel refused (or that name a missing device): what and why.
+    pub errors: Vec<String>,
+    /// Why the kernel's tables could not be read or changed at all.
+    pub failure: Option<String>,
+    pub added: u64,
+    pub replaced: u64,
+    pub removed: u64,
 }
 
 fn endpoint(addr: IpAddr, port: Option<u16>) -> String {
@@ -162,6 +179,26 @@ impl Snapshot {
         );
         if let Some(e) = &self.last_reload_error {
             let _ = writeln!(out, "last reload FAILED (old config still serving): {e}");
+        }
+        if let Some(r) = &self.routing {
+            let _ = writeln!(
+                out,
+                "routing (protocol {}): {} routes, {} rules{}",
+                r.protocol,
+                r.routes,
+                r.rules,
+                if r.errors.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {} NOT applied:", r.errors.len())
+                }
+            );
+            for e in &r.errors {
+                let _ = writeln!(out, "  ! {e}");
+            }
+            if let Some(f) = &r.failure {
+                let _ = writeln!(out, "  ! routing not reconciled: {f}");
+            }
         }
         let _ = writeln!(out, "Prot LocalAddress:Port Scheduler Flags");
         let _ = writeln!(
@@ -221,6 +258,30 @@ mod tests {
         assert_eq!(classify(&flow(FLOW_UDP, s(299)), now), Some(ConnKind::Inactive));
         // A stamp from the future (another CPU's clock read) is fresh, not ancient.
         assert_eq!(classify(&flow(FLOW_ESTABLISHED, now + 5), now), Some(ConnKind::Active));
+    }
+
+    #[test]
+    fn status_names_each_route_or_rule_not_applied() {
+        let snap = Snapshot {
+            routing: Some(RoutingSnapshot {
+                protocol: 250,
+                routes: 2,
+                rules: 1,
+                errors: vec![
+                    "routing.routes[0] (10.0.0.0/8 via 10.99.0.1 table 100): Network is unreachable".into(),
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let table = snap.status_table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[1], "routing (protocol 250): 2 routes, 1 rules; 1 NOT applied:");
+        assert_eq!(
+            lines[2],
+            "  ! routing.routes[0] (10.0.0.0/8 via 10.99.0.1 table 100): Network is unreachable"
+        );
+        assert!(lines[3].starts_with("Prot "), "{table}");
     }
 
     #[test]

@@ -34,7 +34,8 @@ enum Cmd {
 /// Debian packages the build and the tests use: libLLVM 22 for bpf-linker, iproute2 and
 /// ethtool for the namespace tests, util-linux's setpriv for running the daemon with only
 /// the systemd unit's capabilities, systemd's systemd-analyze for verifying that unit,
-/// ca-certificates for `https` checks that trust the system's roots.
+/// ca-certificates for `https` checks that trust the system's roots, bird2 for the test
+/// that runs `configs/bird-vip-routes.conf` against the daemon's VIP routes.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -46,6 +47,7 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     "systemd",
     "ca-certificates",
+    "bird2",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY: &str = "nightly";

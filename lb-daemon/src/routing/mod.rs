@@ -1,2 +1,3 @@
 //! Everything that talks rtnetlink lives here.
 pub mod neighbour;
+pub mod policy;

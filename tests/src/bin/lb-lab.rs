@@ -61,11 +61,18 @@ fn main() -> Result<()> {
 
     println!("\nlb-daemon status -c {}", config.display());
     print!("{}", lab.daemon.status()?);
+    println!("\nip route show table 200 (VIP routes, for BIRD/FRR to announce):");
+    print!("{}", t.director.ip(&["route", "show", "table", "200"])?);
     println!("\nGET http://127.0.0.1:9740/metrics (in the director namespace), excerpt:");
     let metrics = lab.metrics()?;
     for line in metrics.0.lines() {
-        let interesting =
-            ["lb_service_", "lb_backend_connections_total", "lb_xdp_actions_total", "lb_config_reloads"];
+        let interesting = [
+            "lb_service_",
+            "lb_backend_connections_total",
+            "lb_xdp_actions_total",
+            "lb_config_reloads",
+            "lb_routing_objects",
+        ];
         if !line.starts_with('#') && interesting.iter().any(|p| line.starts_with(p)) && !line.ends_with(" 0")
         {
             println!("  {line}");

@@ -22,11 +22,15 @@ use crate::health::hooks::Hook;
 use crate::health::http::HttpCheck;
 use crate::health::state::{FlapPolicy, Policy};
 use crate::health::tls::Tls;
+use crate::routing::policy::RoutingConfig;
+
+mod routing;
 use crate::health::{CheckKind, CheckSpec, HealthCheck};
 use crate::maglev::is_prime;
 use crate::plan::{
     BackendSpec, BackendState, FallbackAction, MarkRuleSpec, Protocol, Scheduler, ServiceMatch, ServiceSpec,
 };
+pub use routing::DEFAULT_ROUTING_PROTOCOL;
 
 /// Defaults an operator can rely on (and that the example file states).
 pub const DEFAULT_METRICS_LISTEN: SocketAddr =
@@ -69,6 +73,8 @@ pub struct Config {
     pub forward: BTreeMap<String, Forward>,
     /// Per service name: how its backends are checked (services without are always up).
     pub checks: BTreeMap<String, HealthCheck>,
+    /// Policy routing and VIP routes; `None`: the daemon manages no route or rule.
+    pub routing: Option<RoutingConfig>,
 }
 
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -116,6 +122,8 @@ struct RawConfig {
     marks: Vec<RawMark>,
     #[serde(default)]
     services: Vec<RawService>,
+    #[serde(default)]
+    routing: Option<routing::RawRouting>,
 }
 
 #[derive(Deserialize)]
@@ -632,7 +640,11 @@ impl Checker<'_> {
                 fallback_action,
             });
         }
-        Ok(Config { director, marks, services, forward, checks })
+        let routing = match &raw.routing {
+            Some(r) => Some(self.routing(r)?),
+            None => None,
+        };
+        Ok(Config { director, marks, services, forward, checks, routing })
     }
 
     /// An optional count within `range`, or `default` when absent.
