@@ -223,7 +223,7 @@ fn a_vip_route_follows_whether_any_server_is_up() -> Result<()> {
          \x20     - {{ address: 10.0.2.11 }}\n      - {{ address: 10.0.2.12 }}\n\
          routing:\n  vip_routes: {{ table: 200 }}\n"
     );
-    let mut lab = DrLab::start_with(2, 4, LabConfig::Services(services))?;
+    let mut lab = DrLab::start_with(2, 4, LabConfig::Services(services.clone()))?;
     wait_vip_route(&lab, true)?;
     let m = lab.metrics()?;
     ensure!(m.value("lb_routing_objects{kind=\"route\"}")? == 1.0);
@@ -261,6 +261,20 @@ fn a_vip_route_follows_whether_any_server_is_up() -> Result<()> {
         ensure!(n == 0.0, "the restart made {n} {op} changes:\n{}", lab.daemon.log_text());
     }
     wait_vip_route(&lab, true)?;
+
+    // A clean stop leaves the route by default (forwarding goes on) ...
+    ensure!(lab.daemon.terminate()?.success());
+    wait_vip_route(&lab, true)?;
+    // ... and removes it with on_stop: remove.
+    lab.write_services(&format!("{services}  on_stop: remove\n"))?;
+    lab.daemon.restart(&lab.topo.director)?;
+    ensure!(lab.daemon.terminate()?.success());
+    let table = lab.topo.director.ip(&["route", "show", "table", "all", "proto", "250"])?;
+    ensure!(table.trim().is_empty(), "left after on_stop: remove:\n{table}\n{}", lab.daemon.log_text());
+    ensure!(
+        lab.topo.director.ip(&["route", "show", "table", "200"])?.contains("192.0.2.99"),
+        "foreign route gone"
+    );
     Ok(())
 }
 
