@@ -416,6 +416,11 @@ impl Daemon {
                     routes: r.last.as_ref().map_or(0, |l| l.routes as u64),
                     rules: r.last.as_ref().map_or(0, |l| l.rules as u64),
                     errors: r.last.iter().flat_map(|l| l.errors.iter().map(ToString::to_string)).collect(),
+                    warnings: r
+                        .last
+                        .iter()
+                        .flat_map(|l| l.warnings.iter().map(ToString::to_string))
+                        .collect(),
                     failure: r.failure.clone(),
                     added: r.added,
                     replaced: r.replaced,
@@ -750,6 +755,9 @@ async fn apply_routing(want: &Intent, state: &Mutex<RoutingState>) -> bool {
             }
             for e in &report.errors {
                 tracing::error!(object = e.what, why = e.why, "route or rule not applied; the others are");
+            }
+            for w in &report.warnings {
+                tracing::warn!(object = w.what, why = w.why, "routing");
             }
             st.added += report.added as u64;
             st.replaced += report.replaced as u64;

@@ -207,6 +207,12 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
         )?;
         failed.set(r.errors.len() as i64);
         reg.register(Box::new(failed))?;
+        let clashes = IntGauge::new(
+            "lb_routing_table_clashes",
+            "Declared tables that also hold routes of other programs.",
+        )?;
+        clashes.set(r.warnings.len() as i64);
+        reg.register(Box::new(clashes))?;
         let broken = IntGauge::new(
             "lb_routing_reconcile_failed",
             "1 when the last reconciliation could not read or change the kernel's tables.",
@@ -285,6 +291,7 @@ mod tests {
                 routes: 3,
                 rules: 2,
                 errors: vec!["routing.routes[1] (...): Network is unreachable".into()],
+                warnings: vec![],
                 failure: None,
                 added: 5,
                 replaced: 1,
@@ -312,6 +319,7 @@ mod tests {
             "lb_routing_objects{kind=\"route\"} 3",
             "lb_routing_objects{kind=\"rule\"} 2",
             "lb_routing_objects_failed 1",
+            "lb_routing_table_clashes 0",
             "lb_routing_reconcile_failed 0",
             "lb_routing_changes_total{op=\"add\"} 5",
             "lb_routing_changes_total{op=\"remove\"} 0",

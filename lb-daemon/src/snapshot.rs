@@ -143,6 +143,8 @@ pub struct RoutingSnapshot {
     pub rules: u64,
     /// Objects the kernel refused (or that name a missing device): what and why.
     pub errors: Vec<String>,
+    /// Applied, but worth a look (a declared table other programs use too).
+    pub warnings: Vec<String>,
     /// Why the kernel's tables could not be read or changed at all.
     pub failure: Option<String>,
     pub added: u64,
@@ -195,6 +197,9 @@ impl Snapshot {
             );
             for e in &r.errors {
                 let _ = writeln!(out, "  ! {e}");
+            }
+            for w in &r.warnings {
+                let _ = writeln!(out, "  ? {w}");
             }
             if let Some(f) = &r.failure {
                 let _ = writeln!(out, "  ! routing not reconciled: {f}");

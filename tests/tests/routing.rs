@@ -122,6 +122,11 @@ fn reconciling_touches_only_its_own_objects_and_nothing_twice() -> Result<()> {
     let seeds = routing(SEEDS)?;
     let first = net.reconcile(&seeds)?;
     ensure!(first.added == 4 && first.changes() == 4, "{first:?}");
+    let clash: Vec<String> = first.warnings.iter().map(ToString::to_string).collect();
+    ensure!(
+        clash == ["table isp_a (100): also holds 1 route(s) of other programs (a table id clash?)"],
+        "the operator's route in table 100 is worth a warning: {clash:?}"
+    );
     let again = net.reconcile(&seeds)?;
     ensure!(
         again.changes() == 0 && (again.routes, again.rules) == (2, 2),

@@ -150,6 +150,8 @@ pub struct Report {
     pub routes: usize,
     pub rules: usize,
     pub errors: Vec<ObjectError>,
+    /// Applied, but worth a look (a declared table other programs use too).
+    pub warnings: Vec<ObjectError>,
 }
 
 impl Report {
@@ -377,22 +379,28 @@ fn rule_message(r: &Rule, protocol: u8) -> RuleMessage {
     m
 }
 
-/// The daemon's own routes (both families, every table) and rules now in the kernel.
-async fn current(
-    handle: &rtnetlink::Handle,
-    protocol: u8,
-) -> Result<(Vec<(RouteMessage, Route)>, Vec<(RuleMessage, Rule)>), RoutingError> {
+/// The daemon's own routes (both families, every table) and rules now in the kernel,
+/// and how many routes of other programs each table holds.
+struct Kernel {
+    routes: Vec<(RouteMessage, Route)>,
+    rules: Vec<(RuleMessage, Rule)>,
+    foreign: BTreeMap<u32, usize>,
+}
+
+async fn current(handle: &rtnetlink::Handle, protocol: u8) -> Result<Kernel, RoutingError> {
     let ours = RouteProtocol::from(protocol);
     let mut routes = Vec::new();
+    let mut foreign: BTreeMap<u32, usize> = BTreeMap::new();
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {
         let mut query = RouteMessage::default();
         query.header.address_family = family;
         let mut dump = handle.route().get(query).execute();
         while let Some(m) = dump.try_next().await? {
-            if m.header.protocol == ours
-                && let Some(r) = parse_route(&m)
-            {
+            let Some(r) = parse_route(&m) else { continue };
+            if m.header.protocol == ours {
                 routes.push((m, r));
+            } else {
+                *foreign.entry(r.table).or_default() += 1;
             }
         }
     }
@@ -406,7 +414,25 @@ async fn current(
             }
         }
     }
-    Ok((routes, rules))
+    Ok(Kernel { routes, rules, foreign })
+}
+
+/// Declared tables that other programs put routes in too: not an error (an operator may
+/// do so on purpose), but worth saying, since their routes meet the daemon's there.
+fn table_clashes(cfg: &RoutingConfig, foreign: &BTreeMap<u32, usize>) -> Vec<ObjectError> {
+    let vip_table = cfg.vip_routes.as_ref().map(|v| v.table);
+    cfg.tables
+        .keys()
+        .copied()
+        .chain(vip_table.filter(|t| !cfg.tables.contains_key(t) && *t != 254))
+        .filter_map(|id| {
+            let n = *foreign.get(&id)?;
+            Some(ObjectError {
+                what: format!("table {}", cfg.table_name(id)),
+                why: format!("also holds {n} route(s) of other programs (a table id clash?)"),
+            })
+        })
+        .collect()
 }
 
 fn netlink_why(e: &rtnetlink::Error) -> String {
@@ -433,19 +459,22 @@ pub async fn reconcile(
         (None, None) => return Ok(report),
     };
     if let Some(old) = previous_protocol.filter(|p| *p != protocol) {
-        let (routes, rules) = current(handle, old).await?;
-        for (m, _) in routes {
+        let old = current(handle, old).await?;
+        for (m, _) in old.routes {
             handle.route().del(m).execute().await?;
             report.removed += 1;
         }
-        for (m, _) in rules {
+        for (m, _) in old.rules {
             handle.rule().del(m).execute().await?;
             report.removed += 1;
         }
     }
     let Desired { routes: want_routes, rules: want_rules, errors } = desired(intent);
     report.errors = errors;
-    let (have_routes, have_rules) = current(handle, protocol).await?;
+    let Kernel { routes: have_routes, rules: have_rules, foreign } = current(handle, protocol).await?;
+    if let Some(cfg) = &intent.config {
+        report.warnings = table_clashes(cfg, &foreign);
+    }
 
     let mut have: BTreeMap<(u32, IpNet, u32), (RouteMessage, Route)> =
         have_routes.into_iter().map(|(m, r)| (r.key(), (m, r))).collect();
