@@ -207,6 +207,11 @@ impl Daemon {
     /// real server taking new flows (a fallback does not count: a director whose servers
     /// are all down should stop attracting the VIP's traffic).
     fn routing_intent(&self) -> Intent {
+        let Some(routing) = &self.config.routing else { return Intent::default() };
+        if routing.vip_routes.is_none() {
+            // Health changes then change nothing the routing task has to look at.
+            return Intent { config: Some(routing.clone()), vips_up: Default::default() };
+        }
         let vips_up = self
             .config
             .services
@@ -224,7 +229,7 @@ impl Daemon {
                 crate::plan::ServiceMatch::Mark(_) => None,
             })
             .collect();
-        Intent { config: self.config.routing.clone(), vips_up }
+        Intent { config: Some(routing.clone()), vips_up }
     }
 
     /// Feeds a probe result in; re-plans when a state or a weight changed.

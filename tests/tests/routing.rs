@@ -119,9 +119,12 @@ fn reconciling_touches_only_its_own_objects_and_nothing_twice() -> Result<()> {
             && net.director.ip(&["rule", "show"])?.contains("500:\tfrom 198.51.100.7 lookup 100"))
     };
 
-    let seeds = routing(SEEDS)?;
+    // The seeds' objects and an IPv6 route (the kernel gives those a metric of its own).
+    let seeds = routing(
+        &SEEDS.replace("  rules:\n", "    - { table: isp_a, to: 2001:db8:99::/48, dev: upa }\n  rules:\n"),
+    )?;
     let first = net.reconcile(&seeds)?;
-    ensure!(first.added == 4 && first.changes() == 4, "{first:?}");
+    ensure!(first.added == 5 && first.changes() == 5, "{first:?}");
     let clash: Vec<String> = first.warnings.iter().map(ToString::to_string).collect();
     ensure!(
         clash == ["table isp_a (100): also holds 1 route(s) of other programs (a table id clash?)"],
@@ -129,7 +132,7 @@ fn reconciling_touches_only_its_own_objects_and_nothing_twice() -> Result<()> {
     );
     let again = net.reconcile(&seeds)?;
     ensure!(
-        again.changes() == 0 && (again.routes, again.rules) == (2, 2),
+        again.changes() == 0 && (again.routes, again.rules) == (3, 2),
         "a second apply changed {again:?}"
     );
 
@@ -146,7 +149,8 @@ fn reconciling_touches_only_its_own_objects_and_nothing_twice() -> Result<()> {
 ",
     )?;
     let report = net.reconcile(&changed)?;
-    ensure!((report.added, report.replaced, report.removed) == (0, 1, 1), "{report:?}");
+    ensure!((report.added, report.replaced, report.removed) == (0, 1, 2), "{report:?}");
+    ensure!(net.director.ip(&["-6", "route", "show", "table", "100"])?.trim().is_empty(), "IPv6 route left");
     let rules = net.director.ip(&["rule", "show"])?;
     ensure!(!rules.contains("1000:"), "the dropped rule is still there:\n{rules}");
     ensure!(rules.contains("1001:\tfrom all lookup 101 proto 250"), "{rules}");
