@@ -244,7 +244,7 @@ impl Checker<'_> {
                 None => {
                     let v6 = rt.via.as_ref().is_some_and(|v| v.value.is_ipv6())
                         || rt.src.as_ref().is_some_and(|s| s.value.is_ipv6());
-                    if v6 { "::/0".parse().unwrap_or_default() } else { IpNet::default() }
+                    if v6 { IpNet::V6(ipnet::Ipv6Net::default()) } else { IpNet::default() }
                 }
             };
             for (key, addr) in [("via", &rt.via), ("src", &rt.src)] {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
@@ -51,10 +51,6 @@ impl std::hash::Hash for Tls {
     }
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// The system's roots, read once per process (hundreds of certificates).
 fn system_roots() -> Result<Arc<RootCertStore>, TlsError> {
     static ROOTS: OnceLock<Result<Arc<RootCertStore>, String>> = OnceLock::new();
@@ -91,8 +87,9 @@ fn file_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
 
 impl Tls {
     pub fn new(verify: bool, ca_file: Option<PathBuf>) -> Result<Self, TlsError> {
-        let builder =
-            ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let algorithms = provider.signature_verification_algorithms;
+        let builder = ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?;
         let config = if verify {
             let roots = match &ca_file {
                 Some(path) => file_roots(path)?,
@@ -100,7 +97,6 @@ impl Tls {
             };
             builder.with_root_certificates(roots).with_no_client_auth()
         } else {
-            let algorithms = provider().signature_verification_algorithms;
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(AnyCertificate(algorithms)))

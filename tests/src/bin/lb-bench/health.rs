@@ -24,7 +24,7 @@ fn thread_cpu() -> Result<Duration> {
     Ok(d(u.user_time()) + d(u.system_time()))
 }
 
-/// Wall time and this thread's CPU time of one batch; `ok` is how many succeeded.
+/// Wall time and this thread's CPU time of one batch (every check in it passed).
 struct Batch {
     wall: Duration,
     cpu: Duration,
