@@ -26,6 +26,8 @@ pub mod maps {
     pub const SERVICE_GENERATIONS: &str = "SERVICE_GENERATIONS";
     pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const WRR_CURSORS: &str = "WRR_CURSORS";
+    pub const LOCAL_MACS: &str = "LOCAL_MACS";
+    pub const FLOOD_GUARD: &str = "FLOOD_GUARD";
     pub const BENCH_CFG: &str = "BENCH_CFG";
     pub const BENCH_TARGET: &str = "BENCH_TARGET";
 }
@@ -51,6 +53,11 @@ pub const MAX_BACKENDS: u32 = 16384;
 pub const MAX_MARK_RULES_PER_PREFIX: usize = 8;
 pub const MAX_MARK_PREFIXES: u32 = 4096;
 pub const MAX_EGRESS_INTERFACES: u32 = 64;
+/// Interfaces the balancer may be attached to (entries of `LOCAL_MACS`).
+pub const MAX_ATTACHED_INTERFACES: u32 = 256;
+/// Destination MACs accepted per receiving interface: its own and a few configured ones
+/// (a VRRP virtual MAC, say).
+pub const MAX_LOCAL_MACS: usize = 8;
 
 /// Default number of Maglev ring slots shared by all services: room for four services
 /// with the largest common ring (65537) double-buffered.
@@ -61,7 +68,7 @@ pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
 /// Version of the layout of every map's keys and values. Pinned maps are kept under a
 /// directory named after it, so a daemon only ever adopts maps it understands: bump it
 /// whenever a map's key or value type changes meaning or size.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -157,6 +164,14 @@ pub const FLOW_FIN: u32 = 3;
 pub const FLOW_CLOSED: u32 = 4;
 /// UDP has no handshake: a flow is established from its first packet.
 pub const FLOW_UDP: u32 = 5;
+/// A TCP flow first seen mid-stream (no SYN: a director restart, a failover from another
+/// director, or junk). It is forwarded and recorded, so that it keeps its server if the
+/// ring changes, but counted as a connection only once it has shown it is real: a packet
+/// at least [`MIDSTREAM_CONFIRM_NS`] after the first. Until then `last_seen_ns` holds the
+/// time of its first packet.
+pub const FLOW_MIDSTREAM: u32 = 6;
+/// How long a mid-stream flow must go on before it counts as established.
+pub const MIDSTREAM_CONFIRM_NS: u64 = 1_000_000_000;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -220,6 +235,31 @@ pub struct DataplaneConfig {
     /// Number of IPv4 / IPv6 mark-rule prefixes; zero skips the trie lookup.
     pub mark_prefixes_v4: u32,
     pub mark_prefixes_v6: u32,
+    /// New flows a CPU records per second before it stops recording them (they are
+    /// still forwarded by the ring), so that a SYN flood cannot evict established
+    /// flows from the connection table. Zero: no limit.
+    pub flood_guard_flows_per_sec: u32,
+    pub _pad: u32,
+}
+
+/// The destination MACs a receiving interface accepts (`LOCAL_MACS[ifindex]`): frames to
+/// any other address are someone else's (the kernel would mark them PACKET_OTHERHOST).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalMacs {
+    pub count: u32,
+    pub macs: [[u8; 6]; MAX_LOCAL_MACS],
+}
+
+/// One CPU's new-flow count in the current one-second window (`FLOOD_GUARD[0]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FloodWindow {
+    /// `bpf_ktime_get_coarse_ns` when the window opened.
+    pub start_ns: u64,
+    /// New flows seen in the window, recorded or not.
+    pub new_flows: u32,
+    pub _pad: u32,
 }
 
 /// Per service and per backend counters (one copy per CPU, summed by user space).
@@ -248,15 +288,31 @@ pub mod stat {
     pub const DROP_BACKEND_INVALID: u32 = 14;
     pub const DROP_NO_EGRESS: u32 = 15;
     pub const DROP_IPV6_EXT_CHAIN: u32 = 16;
+    /// The version nibble is not the EtherType's (4 under 0x0800, 6 under 0x86dd).
+    pub const DROP_BAD_VERSION: u32 = 17;
+    pub const DROP_BAD_IP_CHECKSUM: u32 = 18;
+    /// UDP length below 8 or beyond the IP payload (the kernel drops both).
+    pub const DROP_BAD_UDP_LENGTH: u32 = 19;
+    /// IPv4 options that do not parse (an option running past the header, length < 2).
+    pub const DROP_BAD_IP_OPTIONS: u32 = 20;
+    /// IPv6 routing header type 0 with segments left (deprecated by RFC 5095).
+    pub const DROP_IPV6_RH0: u32 = 21;
+    /// A source no host may send from: 0/8, 127/8, multicast, limited broadcast, a VIP,
+    /// ::, ::1, ff00::/8.
+    pub const DROP_MARTIAN_SOURCE: u32 = 22;
 
     /// New flows of a service with no backend up, passed to the stack (its
     /// `fallback_action` is `pass`).
-    pub const PASS_NO_BACKEND: u32 = 24;
+    pub const PASS_NO_BACKEND: u32 = 32;
 
-    pub const COUNT: u32 = 32;
+    /// New flows forwarded but not recorded because the CPU's new-flow rate was over
+    /// `DataplaneConfig::flood_guard_flows_per_sec`.
+    pub const FLOWS_UNRECORDED_FLOOD: u32 = 40;
+
+    pub const COUNT: u32 = 64;
 
     /// Drop reasons with the names the daemon exports them under.
-    pub const DROP_REASONS: [(u32, &str); 9] = [
+    pub const DROP_REASONS: [(u32, &str); 15] = [
         (DROP_TRUNCATED, "truncated"),
         (DROP_BAD_IHL, "bad_ihl"),
         (DROP_BAD_LENGTH, "bad_length"),
@@ -266,6 +322,12 @@ pub mod stat {
         (DROP_BACKEND_INVALID, "backend_invalid"),
         (DROP_NO_EGRESS, "no_egress"),
         (DROP_IPV6_EXT_CHAIN, "ipv6_ext_chain"),
+        (DROP_BAD_VERSION, "bad_version"),
+        (DROP_BAD_IP_CHECKSUM, "bad_ip_checksum"),
+        (DROP_BAD_UDP_LENGTH, "bad_udp_length"),
+        (DROP_BAD_IP_OPTIONS, "bad_ip_options"),
+        (DROP_IPV6_RH0, "ipv6_rh0"),
+        (DROP_MARTIAN_SOURCE, "martian_source"),
     ];
 
     /// Packets passed to the stack on purpose (not merely "not ours"), by reason.
@@ -306,6 +368,8 @@ mod pod {
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::BenchConfig {}
     unsafe impl aya::Pod for super::DataplaneConfig {}
+    unsafe impl aya::Pod for super::LocalMacs {}
+    unsafe impl aya::Pod for super::FloodWindow {}
 }
 
 #[cfg(test)]
@@ -326,5 +390,8 @@ mod tests {
         assert_eq!(size_of::<MarkRuleSet>(), 4 + 8 * 44);
         assert_eq!(size_of::<AddrKey>(), 20);
         assert_eq!(size_of::<Counters>(), 24);
+        assert_eq!(size_of::<DataplaneConfig>(), 16);
+        assert_eq!(size_of::<LocalMacs>(), 4 + 6 * MAX_LOCAL_MACS);
+        assert_eq!(size_of::<FloodWindow>(), 16);
     }
 }

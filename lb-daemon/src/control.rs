@@ -88,6 +88,9 @@ pub struct Daemon {
     plan: Plan,
     dataplane: Dataplane,
     neighbours: HashMap<IpAddr, Neighbour>,
+    /// Link-layer address of each attached interface, by ifindex: the destination MACs
+    /// (with `director.accept_macs`) whose frames are the director's.
+    interface_macs: std::collections::BTreeMap<u32, [u8; 6]>,
     reloads_ok: u64,
     reloads_failed: u64,
     last_reload_success: Option<SystemTime>,
@@ -148,6 +151,7 @@ impl Daemon {
         }
         let mut neighbours = dataplane.adopted_neighbours();
         neighbours.extend(neighbour::resolve(&backend_addrs(&config), RESOLVE_WAIT).await?);
+        let interface_macs = neighbour::interface_macs(&config.director.interfaces)?;
         let mut daemon = Daemon {
             config_path: config_path.to_owned(),
             plan: Plan::default(),
@@ -155,6 +159,7 @@ impl Daemon {
             planner,
             dataplane,
             neighbours,
+            interface_macs,
             reloads_ok: 0,
             reloads_failed: 0,
             last_reload_success: None,
@@ -184,7 +189,13 @@ impl Daemon {
             board.sync(&config.services, &config.checks);
         }
         let services = board.overlay(&config.services);
-        let plan = self.planner.plan(&services, &config.marks, &self.neighbours)?;
+        let mut plan = self.planner.plan(&services, &config.marks, &self.neighbours)?;
+        plan.state.local_macs = self
+            .interface_macs
+            .iter()
+            .map(|(&ifindex, own)| (ifindex, std::iter::once(*own).chain(config.director.accept_macs.iter().copied()).collect()))
+            .collect();
+        plan.state.flood_guard_flows_per_sec = config.director.flood_guard_flows_per_sec;
         for (service, addr) in &plan.unresolved {
             if !self.plan.unresolved.contains(&(service.clone(), *addr)) {
                 tracing::warn!(service, backend = %addr, "backend's link-layer address is unknown: it gets no traffic until it answers ARP/ND");
@@ -400,6 +411,8 @@ impl Daemon {
             passes: pick(&stat::PASS_REASONS),
             flow_entries: entries,
             flow_capacity: self.dataplane.load_report().flow_entries,
+            flood_guard_active_cpus: self.dataplane.flood_guard_active_cpus(now)?,
+            flows_unrecorded: global[stat::FLOWS_UNRECORDED_FLOOD as usize],
             interfaces: self
                 .config
                 .director
@@ -459,7 +472,9 @@ async fn reload(daemon: &Arc<Mutex<Daemon>>) {
         let known: BTreeSet<IpAddr> = backend_addrs(&lock(daemon).config).into_iter().collect();
         let wait = if addrs.iter().all(|a| known.contains(a)) { Duration::ZERO } else { RESOLVE_WAIT };
         let neighbours = neighbour::resolve(&addrs, wait).await?;
+        let interface_macs = neighbour::interface_macs(&config.director.interfaces)?;
         let mut d = lock(daemon);
+        d.interface_macs = interface_macs;
         let fixed = d.fixed_settings_changed(&config);
         if !fixed.is_empty() {
             tracing::warn!(settings = ?fixed, "these settings apply only after a restart; the rest of the reload goes ahead");
@@ -494,22 +509,29 @@ async fn reload(daemon: &Arc<Mutex<Daemon>>) {
     notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
 }
 
-/// Re-resolves backends' link-layer addresses; re-applies if any changed.
-async fn refresh_neighbours(daemon: &Arc<Mutex<Daemon>>) {
-    let addrs = backend_addrs(&lock(daemon).config);
-    match neighbour::resolve(&addrs, Duration::from_millis(500)).await {
-        Ok(found) => {
+/// Re-resolves backends' link-layer addresses (waiting up to `wait` for ones not in the
+/// kernel's table yet) and the attached interfaces' own; re-applies if any changed.
+async fn refresh_neighbours(daemon: &Arc<Mutex<Daemon>>, wait: Duration) {
+    let (addrs, interfaces) = {
+        let d = lock(daemon);
+        (backend_addrs(&d.config), d.config.director.interfaces.clone())
+    };
+    let found = neighbour::resolve(&addrs, wait).await;
+    let macs = neighbour::interface_macs(&interfaces);
+    match (found, macs) {
+        (Ok(found), Ok(macs)) => {
             let mut d = lock(daemon);
             // Keep entries that are briefly absent from the table (expired, being
             // re-probed): a server that really left is taken out by config or health.
             let mut merged = d.neighbours.clone();
             merged.extend(found);
-            if merged != d.neighbours {
+            if merged != d.neighbours || macs != d.interface_macs {
                 d.neighbours = merged;
+                d.interface_macs = macs;
                 let config = d.config.clone();
                 match d.apply(&config, false) {
                     Ok(report) => {
-                        tracing::info!(?report, "backend link-layer addresses changed; maps updated")
+                        tracing::info!(?report, "link-layer addresses changed; maps updated")
                     }
                     Err(e) => {
                         tracing::error!(error = %crate::error_chain(&e), "applying new link-layer addresses")
@@ -517,8 +539,8 @@ async fn refresh_neighbours(daemon: &Arc<Mutex<Daemon>>) {
                 }
             }
         }
-        Err(e) => {
-            tracing::warn!(error = %crate::error_chain(&e), "refreshing backends' link-layer addresses")
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %crate::error_chain(&e), "refreshing link-layer addresses")
         }
     }
 }
@@ -673,7 +695,7 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
             Some(result) = results.recv() => lock(&daemon).observe(&result),
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = neighbour_tick.tick() => refresh_neighbours(&daemon).await,
+            _ = neighbour_tick.tick() => refresh_neighbours(&daemon, Duration::from_millis(500)).await,
             _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[sd_notify::NotifyState::Watchdog]),
         }
     }

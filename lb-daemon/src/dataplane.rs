@@ -23,8 +23,9 @@ use aya::{
 };
 use lb_common::{
     AddrKey, Backend, BenchConfig, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig,
-    FAMILY_V4, FAMILY_V6, Flow, FlowKey, MAP_LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES, MarkRuleSet,
-    Service, ServiceKey, hash::vip_filter_slot, maps, programs, stat,
+    FAMILY_V4, FAMILY_V6, FloodWindow, Flow, FlowKey, LocalMacs, MAP_LAYOUT_VERSION, MAX_ATTACHED_INTERFACES,
+    MAX_BACKENDS, MAX_LOCAL_MACS, MAX_SERVICES, MarkRuleSet, Service, ServiceKey, hash::vip_filter_slot, maps,
+    programs, stat,
 };
 
 /// The XDP object built by `build.rs`.
@@ -52,6 +53,10 @@ pub enum DataplaneError {
     Egress { ifindex: u32, reason: String },
     #[error("{what} id {id} is out of range (max {max})")]
     IdRange { what: &'static str, id: u32, max: u32 },
+    #[error("interface {ifindex}: {count} accepted MACs, at most {MAX_LOCAL_MACS}")]
+    TooManyMacs { ifindex: u32, count: usize },
+    #[error("{count} interfaces with accepted MACs, at most {MAX_ATTACHED_INTERFACES}")]
+    TooManyInterfaces { count: usize },
     #[error("{path} is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)")]
     NotBpffs { path: PathBuf },
     #[error("{path}")]
@@ -97,6 +102,8 @@ const PINNED_MAPS: &[&str] = &[
     maps::VIP_FILTER,
     maps::CONFIG,
     maps::WRR_CURSORS,
+    maps::LOCAL_MACS,
+    maps::FLOOD_GUARD,
 ];
 
 /// Where pinned maps and links live under a pin directory.
@@ -200,6 +207,12 @@ pub struct DataplaneState {
     pub mark_prefixes: Vec<MarkPrefix>,
     /// Interfaces that packets may be redirected to.
     pub egress_ifindexes: BTreeSet<u32>,
+    /// Per receiving interface (ifindex), the destination MACs whose frames are the
+    /// director's: its own address and any configured beside it. An interface absent here
+    /// accepts every unicast frame.
+    pub local_macs: BTreeMap<u32, BTreeSet<[u8; 6]>>,
+    /// `DataplaneConfig::flood_guard_flows_per_sec`; zero: no guard.
+    pub flood_guard_flows_per_sec: u32,
 }
 
 /// How many map writes an apply made, for logs and tests of minimal updates.
@@ -343,6 +356,7 @@ pub struct Dataplane {
     vip_addrs: BTreeSet<AddrKey>,
     vip_slots: BTreeSet<u32>,
     egress: BTreeSet<u32>,
+    local_macs: BTreeMap<u32, LocalMacs>,
     config: DataplaneConfig,
     /// Last service generation handed out (never zero once used).
     last_generation: u32,
@@ -419,6 +433,7 @@ impl Dataplane {
             vip_addrs: BTreeSet::new(),
             vip_slots: BTreeSet::new(),
             egress: BTreeSet::new(),
+            local_macs: BTreeMap::new(),
             config: DataplaneConfig::default(),
             last_generation: 0,
             pin_dir: opts.pin_dir.clone(),
@@ -497,6 +512,8 @@ impl Dataplane {
         self.egress = egress.keys().collect::<std::result::Result<_, _>>().map_err(map_err(maps::EGRESS))?;
         let cfg: Array<&MapData, DataplaneConfig> = map_ref(&self.ebpf, maps::CONFIG)?;
         self.config = cfg.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+        let macs: HashMap<&MapData, u32, LocalMacs> = map_ref(&self.ebpf, maps::LOCAL_MACS)?;
+        self.local_macs = macs.iter().collect::<std::result::Result<_, _>>().map_err(map_err(maps::LOCAL_MACS))?;
         Ok(())
     }
 
@@ -674,6 +691,7 @@ impl Dataplane {
         self.apply_services(desired, &mut report)?;
         self.apply_vip_addrs(desired)?;
         self.apply_mark_prefixes(desired, &mut report)?;
+        self.apply_local_macs(desired)?;
         self.remove_backends(desired, &mut report)?;
         self.remove_egress(&desired.egress_ifindexes)?;
         Ok(report)
@@ -957,7 +975,12 @@ impl Dataplane {
         }
         // Enable the trie lookups only once the tries hold what they should.
         let count = |f| wanted.keys().filter(|(family, _, _)| *family == f).count() as u32;
-        let cfg = DataplaneConfig { mark_prefixes_v4: count(FAMILY_V4), mark_prefixes_v6: count(FAMILY_V6) };
+        let cfg = DataplaneConfig {
+            mark_prefixes_v4: count(FAMILY_V4),
+            mark_prefixes_v6: count(FAMILY_V6),
+            flood_guard_flows_per_sec: desired.flood_guard_flows_per_sec,
+            _pad: 0,
+        };
         if cfg != self.config {
             let mut map: Array<&mut MapData, DataplaneConfig> = map_mut(&mut self.ebpf, maps::CONFIG)?;
             map.set(0, cfg, 0).map_err(map_err(maps::CONFIG))?;
@@ -965,6 +988,52 @@ impl Dataplane {
         }
         self.mark_prefixes = wanted;
         Ok(())
+    }
+
+    /// Writes the accepted MACs of every interface that has some, and removes the others.
+    fn apply_local_macs(&mut self, desired: &DataplaneState) -> Result<()> {
+        if desired.local_macs.len() > MAX_ATTACHED_INTERFACES as usize {
+            return Err(DataplaneError::TooManyInterfaces { count: desired.local_macs.len() });
+        }
+        let mut wanted = BTreeMap::new();
+        for (&ifindex, macs) in &desired.local_macs {
+            if macs.len() > MAX_LOCAL_MACS {
+                return Err(DataplaneError::TooManyMacs { ifindex, count: macs.len() });
+            }
+            let mut value = LocalMacs { count: macs.len() as u32, ..Default::default() };
+            for (slot, mac) in value.macs.iter_mut().zip(macs) {
+                *slot = *mac;
+            }
+            wanted.insert(ifindex, value);
+        }
+        let mut map: HashMap<&mut MapData, u32, LocalMacs> = map_mut(&mut self.ebpf, maps::LOCAL_MACS)?;
+        for (ifindex, value) in &wanted {
+            if self.local_macs.get(ifindex) != Some(value) {
+                map.insert(ifindex, value, 0).map_err(map_err(maps::LOCAL_MACS))?;
+            }
+        }
+        for ifindex in self.local_macs.keys().filter(|i| !wanted.contains_key(i)) {
+            match map.remove(ifindex) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::LOCAL_MACS)(e)),
+            }
+        }
+        self.local_macs = wanted;
+        Ok(())
+    }
+
+    /// How many CPUs have recorded more new flows in their current one-second window than
+    /// the flood guard allows (`now_ns`: CLOCK_MONOTONIC_COARSE, as the data path reads).
+    pub fn flood_guard_active_cpus(&self, now_ns: u64) -> Result<u32> {
+        let limit = self.config.flood_guard_flows_per_sec;
+        if limit == 0 {
+            return Ok(0);
+        }
+        let map: PerCpuArray<&MapData, FloodWindow> = map_ref(&self.ebpf, maps::FLOOD_GUARD)?;
+        let windows = map.get(&0, 0).map_err(map_err(maps::FLOOD_GUARD))?;
+        // A window that ended more than a second ago says nothing about now.
+        let current = |w: &FloodWindow| now_ns.saturating_sub(w.start_ns) < 2_000_000_000;
+        Ok(windows.iter().filter(|w| current(w) && w.new_flows > limit).count() as u32)
     }
 
     fn zero_counters(&mut self, name: &'static str, id: u32) -> Result<()> {

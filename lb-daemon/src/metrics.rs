@@ -181,6 +181,19 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
     let capacity = IntGauge::new("lb_connection_table_capacity", "Size of the connection table.")?;
     capacity.set(snap.flow_capacity as i64);
     reg.register(Box::new(capacity))?;
+    let guard = IntGauge::new(
+        "lb_xdp_flood_guard_active",
+        "CPUs whose new-flow rate is over director.flood_guard_flows_per_sec now (their new flows go unrecorded).",
+    )?;
+    guard.set(snap.flood_guard_active_cpus as i64);
+    reg.register(Box::new(guard))?;
+    let unrecorded = counter(
+        &reg,
+        "lb_xdp_flows_unrecorded_total",
+        "New flows forwarded by the ring but not recorded in the connection table (flood guard).",
+        &[],
+    )?;
+    unrecorded.with_label_values::<&str>(&[]).inc_by(snap.flows_unrecorded);
     let reloads =
         counter(&reg, "lb_config_reloads_total", "Configuration loads and reloads, by result.", &["result"])?;
     reloads.with_label_values(&["success"]).inc_by(snap.reloads_ok);

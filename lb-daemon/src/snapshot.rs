@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use lb_common::{Counters, FLOW_ESTABLISHED, FLOW_UDP, Flow};
+use lb_common::{Counters, FLOW_ESTABLISHED, FLOW_MIDSTREAM, FLOW_UDP, Flow};
 
 use crate::config::Forward;
 use crate::dataplane::XdpMode;
@@ -29,9 +29,12 @@ pub enum ConnKind {
 }
 
 /// `now_ns` is on the clock the data path stamps entries with (CLOCK_MONOTONIC_COARSE).
+/// A flow first seen mid-stream counts as nothing until the data path confirms it: junk
+/// with the ACK flag must not inflate ActiveConn or InActConn.
 pub fn classify(flow: &Flow, now_ns: u64) -> Option<ConnKind> {
     let age = Duration::from_nanos(now_ns.saturating_sub(flow.last_seen_ns));
     let (kind, timeout) = match flow.state {
+        FLOW_MIDSTREAM => return None,
         FLOW_ESTABLISHED => (ConnKind::Active, TCP_ESTABLISHED_TIMEOUT),
         FLOW_UDP => (ConnKind::Inactive, UDP_TIMEOUT),
         _ => (ConnKind::Inactive, TCP_OTHER_TIMEOUT),
@@ -124,6 +127,10 @@ pub struct Snapshot {
     pub passes: Vec<(&'static str, u64)>,
     pub flow_entries: u64,
     pub flow_capacity: u32,
+    /// CPUs whose new-flow rate is over the flood guard's limit now.
+    pub flood_guard_active_cpus: u32,
+    /// New flows forwarded without being recorded while the guard was active.
+    pub flows_unrecorded: u64,
     pub interfaces: Vec<(String, XdpMode)>,
     pub reloads_ok: u64,
     pub reloads_failed: u64,

@@ -217,6 +217,17 @@ const MALFORMED: &[(&str, &str, u64, u64, &str, &str)] = &[
     ("rise zero", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: tcp, rise: 0 }\n", 6, 31, "services[0].check.rise", "out of range 1-1000"),
     ("flap window too small", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: tcp, flap: { changes: 4, within: 3 } }\n", 6, 53, "services[0].check.flap.within", "4 changes cannot fit in 3 cycles"),
     ("unknown check key", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: tcp, intervall: 2s }\n", 6, 25, "services[0].check.intervall", "unknown field `intervall`"),
+    ("control socket path too long", "director:\n  interfaces: [eth0]\n  control_socket: /run/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.sock\n", 3, 19, "director.control_socket", "at most 107 bytes"),
+    ("accepted MAC malformed", "director:\n  interfaces: [eth0]\n  accept_macs: [\"00:00:5e:00:01\"]\n", 3, 17, "director.accept_macs[0]", "not a MAC address"),
+    ("accepted MAC multicast", "director:\n  interfaces: [eth0]\n  accept_macs: [\"01:00:5e:00:00:01\"]\n", 3, 17, "director.accept_macs[0]", "not a unicast address"),
+    ("backend is the vip", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends:\n      - { address: 192.0.2.1 }\n", 7, 20, "services[0].backends[0].address", "the service's own vip"),
+    ("NUL in an exec argv", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: exec, argv: [\"/bin/ch\\0eck\"] }\n", 6, 32, "services[0].check.argv", "NUL byte"),
+    ("NUL in an on_change argv", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: tcp, on_change: [\"/bin/x\", \"a\\0\"] }\n", 6, 36, "services[0].check.on_change", "NUL byte"),
+    ("check source of the other family", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: tcp, source: \"2001:db8::5\" }\n", 6, 33, "services[0].check.source", "different address families"),
+    ("fwmark backend of the other family", "DIRECTORmarks: [{ mark: 1, dst: 192.0.2.0/24 }]\nservices:\n  - name: a\n    match: { fwmark: 1 }\n    backends: [{ address: \"2001:db8::1\" }]\n", 7, 27, "services[0].backends[0].address", "fwmark 1 matches only IPv4"),
+    ("fwmark fallback of the other family", "DIRECTORmarks: [{ mark: 1, dst: \"2001:db8::/64\" }]\nservices:\n  - name: a\n    match: { fwmark: 1 }\n    fallback: 10.0.0.1\n", 7, 15, "services[0].fallback", "fwmark 1 matches only IPv6"),
+    ("fwmark of both families", "DIRECTORmarks:\n  - { mark: 1, dst: 192.0.2.0/24 }\n  - { mark: 1, dst: \"2001:db8::/64\" }\nservices:\n  - name: a\n    match: { fwmark: 1 }\n    backends: [{ address: 10.0.0.1 }]\n", 9, 27, "services[0].backends[0].address", "both IPv4 and IPv6 rules"),
+    ("fwmark check source of the other family", "DIRECTORmarks: [{ mark: 1, dst: 192.0.2.0/24 }]\nservices:\n  - name: a\n    match: { fwmark: 1 }\n    check: { type: icmp, source: \"2001:db8::5\" }\n", 7, 34, "services[0].check.source", "fwmark 1 matches only IPv4"),
     ("fwmark tcp check without port", "DIRECTORmarks: [{ mark: 1, dst: 192.0.2.0/24 }]\nservices:\n  - name: a\n    match: { fwmark: 1 }\n    check: { type: tcp }\n", 7, 20, "services[0].check.port", "no port of its own"),
 ];
 
@@ -242,7 +253,7 @@ fn the_error_names_file_line_column_and_path() {
     let e = Config::parse("director:\n  interfaces: [eth0]\n  xdp: native\n", "/etc/lb/lb.yaml").unwrap_err();
     assert_eq!(
         e.to_string(),
-        "/etc/lb/lb.yaml:3:3: director.xdp: unknown field `xdp`, expected one of interfaces, xdp_mode, metrics_listen, control_socket, bpf_dir, connection_table_size, ring_slots"
+        "/etc/lb/lb.yaml:3:3: director.xdp: unknown field `xdp`, expected one of interfaces, xdp_mode, metrics_listen, control_socket, bpf_dir, connection_table_size, ring_slots, accept_macs, flood_guard_flows_per_sec"
     );
 }
 
@@ -343,4 +354,68 @@ fn alert_rules_and_dashboard_name_only_metrics_the_daemon_exports() {
         }
     }
     assert!(checked >= 15, "only {checked} metric references found");
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("lb-config-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+#[test]
+fn only_regular_files_of_bounded_size_are_read() {
+    let dir = scratch("kinds");
+    let fifo = dir.join("lb.yaml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    // A FIFO with no writer: refused at once, where reading it would block forever.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = fifo.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(Config::load(&path).map(|_| ()).map_err(|e| lb_daemon::error_chain(&e)));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(10)).expect("loading a FIFO must not block");
+    let text = got.expect_err("a FIFO is no config file");
+    assert!(text.contains("is a FIFO, not a regular file"), "{text}");
+
+    for (path, kind) in [("/dev/zero", "a device"), ("/tmp", "a directory")] {
+        let text = lb_daemon::error_chain(&Config::load(std::path::Path::new(path)).unwrap_err());
+        assert!(text.contains(&format!("{path} is {kind}")), "{text}");
+    }
+
+    // Larger than the limit: refused from its size, without reading it (sparse here).
+    let big = dir.join("big.yaml");
+    let f = std::fs::File::create(&big).expect("create");
+    f.set_len(lb_daemon::config::MAX_CONFIG_BYTES + 1).expect("set_len");
+    let text = lb_daemon::error_chain(&Config::load(&big).unwrap_err());
+    assert!(text.contains("is larger than 67108864 bytes"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn invalid_utf8_is_located() {
+    let dir = scratch("utf8");
+    let path = dir.join("lb.yaml");
+    std::fs::write(&path, b"director:\n  interfaces: [eth0]\n  bpf_dir: /sys/fs/bpf/l\xc3b\n").expect("write");
+    match Config::load(&path).unwrap_err() {
+        ConfigError::Invalid { line, column, message, .. } => {
+            assert_eq!((line, column), (3, 25), "{message}");
+            assert!(message.contains("invalid UTF-8 (byte 0xc3)"), "{message}");
+        }
+        e => panic!("{e}"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn long_values_are_cut_in_errors() {
+    let name = "x".repeat(1_000_000);
+    let yaml = format!("{DIRECTOR}services:\n  - name: \"{name}\"\n    match: {{ vip: 192.0.2.1, port: 80 }}\n");
+    let text = Config::parse(&yaml, "lb.yaml").unwrap_err().to_string();
+    assert!(text.len() < 400, "{} bytes: {}", text.len(), &text[..200]);
+    assert!(text.contains("(1000000 bytes)"), "{text}");
+    // Values the YAML parser quotes in its own messages are cut too.
+    let yaml = format!("director:\n  interfaces: [eth0]\n  xdp_mode: {}\n", "y".repeat(100_000));
+    let text = Config::parse(&yaml, "lb.yaml").unwrap_err().to_string();
+    assert!(text.len() < 1200, "{} bytes", text.len());
 }

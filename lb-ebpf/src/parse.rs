@@ -41,6 +41,11 @@ pub struct Parsed {
     pub dport: u16,
     /// TCP flags byte (zero for UDP).
     pub tcp_flags: u8,
+    /// Offset of the IP header in the frame, and for IPv4 its length in bytes (IHL x 4;
+    /// zero for IPv6): what [`check_ipv4_header`] needs, later, for packets that turn out
+    /// to be a service's.
+    pub l3: u16,
+    pub ihl: u8,
 }
 
 /// Why a packet was not turned into a [`Parsed`].
@@ -159,7 +164,10 @@ fn parse_ipv4(start: usize, end: usize, l3: usize) -> Result<Parsed, ParseError>
     let malformed = |reason| ParseError::Malformed { reason, family: FAMILY_V4, dst };
     let vhl = read_u8(start, end, l3).ok_or(ParseError::NotOurs)?;
     let ihl = (vhl & 0x0f) as usize * 4;
-    if vhl >> 4 != 4 || ihl < 20 {
+    if vhl >> 4 != 4 {
+        return Err(malformed(stat::DROP_BAD_VERSION));
+    }
+    if ihl < 20 {
         return Err(malformed(stat::DROP_BAD_IHL));
     }
     let tot_len = read_be16(start, end, l3 + 2).ok_or(ParseError::NotOurs)? as usize;
@@ -175,7 +183,92 @@ fn parse_ipv4(start: usize, end: usize, l3: usize) -> Result<Parsed, ParseError>
     }
     let proto = read_u8(start, end, l3 + 9).ok_or(ParseError::NotOurs)?;
     let src0 = read_raw32(start, end, l3 + 12).ok_or(ParseError::NotOurs)?;
-    parse_l4(start, end, l3 + ihl, l3 + tot_len, proto, FAMILY_V4, [src0, 0, 0, 0], dst)
+    let mut p = parse_l4(start, end, l3 + ihl, l3 + tot_len, proto, FAMILY_V4, [src0, 0, 0, 0], dst)?;
+    p.l3 = l3 as u16;
+    p.ihl = ihl as u8;
+    Ok(p)
+}
+
+/// IPv4 header words summed as the header checksum covers them, at most 15 (IHL 15).
+const MAX_IPV4_WORDS: usize = 15;
+const IPOPT_END: u8 = 0;
+const IPOPT_NOOP: u8 = 1;
+
+/// What the kernel checks of an IPv4 header before it accepts a packet, beyond what
+/// [`parse`] already did: the header checksum, and options that parse (each option's
+/// length at least 2 and within the header). Run only for packets that may be a
+/// service's, so that traffic for no service pays nothing for it. `Err` is a
+/// `stat::DROP_*` reason.
+#[inline(always)]
+pub fn check_ipv4_header(start: usize, end: usize, p: &Parsed) -> Result<(), u32> {
+    if p.family != FAMILY_V4 {
+        return Ok(());
+    }
+    let (l3, ihl) = (p.l3 as usize, p.ihl as usize);
+    let mut sum: u64 = 0;
+    // Options copied out as the checksum loop reads them: parsing them from the stack
+    // needs no further packet bounds checks.
+    let mut opts = [0u32; MAX_IPV4_WORDS - 5];
+    for i in 0..MAX_IPV4_WORDS {
+        if i * 4 >= ihl {
+            break;
+        }
+        let w = read_raw32(start, end, l3 + i * 4).ok_or(stat::DROP_TRUNCATED)?;
+        sum += (w & 0xffff) as u64 + (w >> 16) as u64;
+        if i >= 5 {
+            opts[i - 5] = w;
+        }
+    }
+    // Byte order does not matter to a one's-complement sum (RFC 1071 §2(B)).
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    if sum != 0xffff {
+        return Err(stat::DROP_BAD_IP_CHECKSUM);
+    }
+    if ihl > 20 && !ipv4_options_parse(&opts, ihl - 20) {
+        return Err(stat::DROP_BAD_IP_OPTIONS);
+    }
+    Ok(())
+}
+
+/// Walks the options TLVs as the kernel's `ip_options_compile` does: END stops, NOP is one
+/// byte, every other option has a length byte of at least 2 and must end within `len`.
+///
+/// The loop has one path that goes on (NOP is an option of length one) and no iteration
+/// counter, so that the verifier can prune its states instead of walking every sequence.
+#[inline(always)]
+fn ipv4_options_parse(words: &[u32; MAX_IPV4_WORDS - 5], len: usize) -> bool {
+    // Shifts rather than indexing the word's bytes, which LLVM turns into a pointer OR
+    // that the verifier refuses. The words hold network order as loaded (little endian).
+    let byte = |i: usize| -> u8 { words.get(i / 4).map_or(IPOPT_END, |w| (w >> ((i & 3) * 8)) as u8) };
+    let len = len.min(words.len() * 4);
+    let mut i = 0;
+    while i < len {
+        let kind = byte(i);
+        if kind == IPOPT_END {
+            return true;
+        }
+        let opt_len = if kind == IPOPT_NOOP { 1 } else { byte(i + 1) as usize };
+        if opt_len == 0 || (kind != IPOPT_NOOP && opt_len < 2) || i + opt_len > len {
+            return false;
+        }
+        i += opt_len;
+    }
+    true
+}
+
+/// A source address no host sends from, which the kernel drops as martian: 0.0.0.0/8,
+/// 127.0.0.0/8, multicast, 255.255.255.255; ::, ::1, ff00::/8. (A VIP as the source is
+/// martian too; that needs a map lookup, done by the caller.)
+#[inline(always)]
+pub fn is_martian_source(family: u8, src: &[u32; 4]) -> bool {
+    let first = src[0].to_ne_bytes();
+    if family == FAMILY_V4 {
+        return first[0] == 0 || first[0] == 127 || (first[0] & 0xf0) == 0xe0 || src[0] == u32::MAX;
+    }
+    let low = src[3].to_ne_bytes();
+    let upper_zero = src[0] == 0 && src[1] == 0 && src[2] == 0;
+    first[0] == 0xff || (upper_zero && (src[3] == 0 || low == [0, 0, 0, 1]))
 }
 
 #[inline(always)]
@@ -194,7 +287,7 @@ fn parse_ipv6(start: usize, end: usize, l3: usize) -> Result<Parsed, ParseError>
     let malformed = |reason| ParseError::Malformed { reason, family: FAMILY_V6, dst };
     let vtc = read_u8(start, end, l3).ok_or(ParseError::NotOurs)?;
     if vtc >> 4 != 6 {
-        return Err(malformed(stat::DROP_BAD_IHL));
+        return Err(malformed(stat::DROP_BAD_VERSION));
     }
     let payload_len = read_be16(start, end, l3 + 4).ok_or(ParseError::NotOurs)? as usize;
     // Zero is a jumbogram's marker; we do not forward those.
@@ -206,6 +299,16 @@ fn parse_ipv6(start: usize, end: usize, l3: usize) -> Result<Parsed, ParseError>
     let mut next = read_u8(start, end, l3 + 6).ok_or(ParseError::NotOurs)?;
     let mut off = l3 + IPV6_HDR_LEN;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
+        if next == NEXTHDR_ROUTING {
+            // Type 0 with segments left would make the real server forward the packet on
+            // (RFC 5095 deprecated it for that); the kernel refuses it.
+            match read_2u8(start, end, off + 2) {
+                Some(_) if off + 4 > ip_end => return Err(malformed(stat::DROP_TRUNCATED)),
+                Some([0, segments_left]) if segments_left != 0 => return Err(malformed(stat::DROP_IPV6_RH0)),
+                Some(_) => {}
+                None => return Err(malformed(stat::DROP_TRUNCATED)),
+            }
+        }
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => match read_2u8(start, end, off) {
                 Some([nh, len]) if off + 2 <= ip_end => {
@@ -215,15 +318,20 @@ fn parse_ipv6(start: usize, end: usize, l3: usize) -> Result<Parsed, ParseError>
                 _ => return Err(malformed(stat::DROP_TRUNCATED)),
             },
             NEXTHDR_FRAGMENT => return Err(malformed(stat::DROP_FRAGMENT)),
-            _ => return parse_l4(start, end, off, ip_end, next, FAMILY_V6, src, dst),
+            _ => return with_l3(parse_l4(start, end, off, ip_end, next, FAMILY_V6, src, dst), l3),
         }
     }
     match next {
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT => {
             Err(malformed(stat::DROP_IPV6_EXT_CHAIN))
         }
-        _ => parse_l4(start, end, off, ip_end, next, FAMILY_V6, src, dst),
+        _ => with_l3(parse_l4(start, end, off, ip_end, next, FAMILY_V6, src, dst), l3),
     }
+}
+
+#[inline(always)]
+fn with_l3(p: Result<Parsed, ParseError>, l3: usize) -> Result<Parsed, ParseError> {
+    p.map(|p| Parsed { l3: l3 as u16, ..p })
 }
 
 /// `ip_end` is the offset where the IP payload ends: Ethernet padding after it must never
@@ -259,10 +367,20 @@ fn parse_l4(
     };
     let sport = read_raw16(start, end, l4).ok_or(malformed(stat::DROP_TRUNCATED))?;
     let dport = read_raw16(start, end, l4 + 2).ok_or(malformed(stat::DROP_TRUNCATED))?;
+    let udp_len = if proto == PROTO_UDP {
+        read_be16(start, end, l4 + 4).ok_or(malformed(stat::DROP_TRUNCATED))? as usize
+    } else {
+        0
+    };
     if l4 + min_len > ip_end {
         return Err(malformed(stat::DROP_TRUNCATED));
     }
-    Ok(Parsed { family, proto, src, dst, sport, dport, tcp_flags })
+    // As the kernel's UDP receive: shorter than its header, or claiming more than the IP
+    // payload, is refused (a shorter length with trailing bytes is trimmed, not refused).
+    if proto == PROTO_UDP && (udp_len < 8 || l4 + udp_len > ip_end) {
+        return Err(malformed(stat::DROP_BAD_UDP_LENGTH));
+    }
+    Ok(Parsed { family, proto, src, dst, sport, dport, tcp_flags, l3: 0, ihl: 0 })
 }
 
 #[cfg(test)]
@@ -383,5 +501,127 @@ mod tests {
             run(&testpkt::ipv6(src, dst, L4::tcp(1000, 80, TCP_SYN), long)),
             Err(ParseError::Malformed { reason: stat::DROP_IPV6_EXT_CHAIN, .. })
         ));
+    }
+
+    fn header_check(frame: &[u8]) -> Result<(), u32> {
+        let start = frame.as_ptr() as usize;
+        let p = parse(start, start + frame.len()).expect("parses");
+        check_ipv4_header(start, start + frame.len(), &p)
+    }
+
+    fn syn4(opts: Ipv4Opts) -> Vec<u8> {
+        testpkt::ipv4([10, 0, 0, 1], [192, 0, 2, 1], L4::tcp(1, 80, TCP_SYN), opts)
+    }
+
+    /// Recomputes the IPv4 header checksum after a test changed header bytes.
+    fn fix_checksum(f: &mut [u8]) {
+        let ihl = (f[14] & 0xf) as usize * 4;
+        f[24..26].copy_from_slice(&[0, 0]);
+        let c = crate::csum::checksum(&f[14..14 + ihl], 0);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+    }
+
+    #[test]
+    fn wrong_ip_version_has_its_own_reason() {
+        let mut f = syn4(Ipv4Opts::default());
+        f[14] = 0x65;
+        assert!(matches!(run(&f), Err(ParseError::Malformed { reason: stat::DROP_BAD_VERSION, .. })));
+        let mut f6 = testpkt::ipv6([0x20; 16], [0x20; 16], L4::tcp(1, 80, TCP_SYN), Ipv6Opts::default());
+        f6[14] = 0x40;
+        assert!(matches!(run(&f6), Err(ParseError::Malformed { reason: stat::DROP_BAD_VERSION, .. })));
+    }
+
+    #[test]
+    fn ipv4_header_checksum_is_verified() {
+        let good = syn4(Ipv4Opts { options: 8, ..Default::default() });
+        assert_eq!(header_check(&good), Ok(()));
+        for at in [14 + 1, 14 + 8, 14 + 10, 14 + 12, 14 + 22] {
+            let mut bad = good.clone();
+            bad[at] ^= 0x01;
+            assert_eq!(header_check(&bad), Err(stat::DROP_BAD_IP_CHECKSUM), "byte {at}");
+        }
+        // The checksum does not cover the transport header.
+        let mut tcp_changed = good.clone();
+        tcp_changed[14 + 28 + 5] ^= 0xff;
+        assert_eq!(header_check(&tcp_changed), Ok(()));
+    }
+
+    #[test]
+    fn ipv4_options_must_parse() {
+        let with = |bytes: &[u8]| {
+            let mut f = syn4(Ipv4Opts { options: 8, ..Default::default() });
+            f[34..34 + bytes.len()].copy_from_slice(bytes);
+            fix_checksum(&mut f);
+            header_check(&f)
+        };
+        // NOPs; a record-route option of 7 bytes then END; END then garbage (ignored).
+        assert_eq!(with(&[1; 8]), Ok(()));
+        assert_eq!(with(&[7, 7, 4, 0, 0, 0, 0, 0]), Ok(()));
+        assert_eq!(with(&[0, 0xff, 0xff, 0xff]), Ok(()));
+        // Length 0 or 1, an option running past the header, a lone type byte at the end.
+        assert_eq!(with(&[7, 0, 1, 1]), Err(stat::DROP_BAD_IP_OPTIONS));
+        assert_eq!(with(&[7, 1, 1, 1]), Err(stat::DROP_BAD_IP_OPTIONS));
+        assert_eq!(with(&[1, 1, 1, 7, 9, 0, 0, 0]), Err(stat::DROP_BAD_IP_OPTIONS));
+        assert_eq!(with(&[1, 1, 1, 1, 1, 1, 1, 7]), Err(stat::DROP_BAD_IP_OPTIONS));
+    }
+
+    #[test]
+    fn udp_length_must_fit_the_ip_payload() {
+        let udp = |len: u16| {
+            let mut f = testpkt::ipv4([10, 0, 0, 1], [192, 0, 2, 1], L4::udp(53, 53), Ipv4Opts::default());
+            f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&len.to_be_bytes());
+            run(&f)
+        };
+        assert!(udp(12).is_ok());
+        // Shorter than the payload: the kernel trims, so do we accept it.
+        assert!(udp(8).is_ok());
+        for bad in [0, 7, 13, 0xffff] {
+            assert!(
+                matches!(udp(bad), Err(ParseError::Malformed { reason: stat::DROP_BAD_UDP_LENGTH, .. })),
+                "udp length {bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn routing_header_type_0_with_segments_left_is_refused() {
+        let src = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let rh = |kind: u8, left: u8| {
+            let opts = Ipv6Opts { ext: vec![NEXTHDR_ROUTING], ..Default::default() };
+            let mut f = testpkt::ipv6(src, src, L4::tcp(1, 80, TCP_SYN), opts);
+            f[14 + 40 + 2] = kind;
+            f[14 + 40 + 3] = left;
+            run(&f)
+        };
+        assert!(matches!(rh(0, 1), Err(ParseError::Malformed { reason: stat::DROP_IPV6_RH0, .. })));
+        assert!(rh(0, 0).is_ok(), "type 0 with nothing left to visit is harmless");
+        assert!(rh(2, 1).is_ok(), "type 2 (mobility) is not type 0");
+    }
+
+    #[test]
+    fn martian_sources() {
+        let v4 = |a: [u8; 4]| is_martian_source(FAMILY_V4, &[u32::from_ne_bytes(a), 0, 0, 0]);
+        for m in [[0, 1, 2, 3], [127, 0, 0, 1], [224, 0, 0, 5], [239, 255, 0, 1], [255, 255, 255, 255]] {
+            assert!(v4(m), "{m:?}");
+        }
+        for ok in [[10, 0, 0, 1], [192, 0, 2, 1], [223, 255, 255, 255], [240, 0, 0, 1], [1, 0, 0, 0]] {
+            assert!(!v4(ok), "{ok:?}");
+        }
+        let v6 = |a: [u8; 16]| {
+            let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+            is_martian_source(FAMILY_V6, &[w(0), w(4), w(8), w(12)])
+        };
+        let mut lo = [0u8; 16];
+        lo[15] = 1;
+        let mut mc = [0u8; 16];
+        mc[0] = 0xff;
+        mc[1] = 0x02;
+        assert!(v6([0; 16]) && v6(lo) && v6(mc));
+        let mut doc = [0u8; 16];
+        doc[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+        doc[15] = 1;
+        let mut mapped_one = [0u8; 16];
+        mapped_one[15] = 2;
+        assert!(!v6(doc) && !v6(mapped_one));
     }
 }

@@ -27,6 +27,10 @@ const CLIENT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0x99, 0, 0, 0, 0, 0, 0, 0,
 const MARKED_NET: [u8; 4] = [198, 51, 100, 5];
 const MARKED_NET6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x05];
 const DUMMY: &str = "lbfx0";
+/// A second MAC the director accepts on its receiving interface (a VRRP virtual MAC).
+const VRRP_MAC: [u8; 6] = [0x00, 0x00, 0x5e, 0x00, 0x01, 0x0a];
+/// How many new flows per second a CPU records in these fixtures (the flood guard).
+const FLOOD_GUARD: u32 = 5000;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("address literal")
@@ -126,9 +130,17 @@ struct Env {
     neighbours: HashMap<IpAddr, Neighbour>,
 }
 
+/// What the daemon adds to a plan from the host and the director settings: the MACs the
+/// receiving interface (loopback, BPF_PROG_TEST_RUN's ingress) accepts, and the flood guard.
+fn with_director_settings(mut plan: Plan) -> Plan {
+    plan.state.local_macs.insert(1, [testpkt::DIRECTOR_MAC, VRRP_MAC].into_iter().collect());
+    plan.state.flood_guard_flows_per_sec = FLOOD_GUARD;
+    plan
+}
+
 impl Env {
     fn replan(&mut self, services: &[ServiceSpec]) -> Result<()> {
-        self.plan = self.planner.plan(services, &mark_rules(), &self.neighbours)?;
+        self.plan = with_director_settings(self.planner.plan(services, &mark_rules(), &self.neighbours)?);
         self.dp.apply(&self.plan.state)?;
         Ok(())
     }
@@ -171,7 +183,7 @@ fn with_env(f: impl FnOnce(&mut Env) -> Result<()> + Send + 'static) -> Result<(
         let dp = Dataplane::load(&LoadOptions { ring_slots: 16 * 4093, flow_entries: 65536, pin_dir: None })?;
         let neighbours = neighbours(dummy);
         let mut planner = Planner::default();
-        let plan = planner.plan(&services(), &mark_rules(), &neighbours)?;
+        let plan = with_director_settings(planner.plan(&services(), &mark_rules(), &neighbours)?);
         let mut env = Env { dp, planner, plan, neighbours };
         env.dp.apply(&env.plan.state)?;
         f(&mut env)
@@ -184,6 +196,14 @@ fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8
 
 fn tcp4_with(src: [u8; 4], dst: [u8; 4], dport: u16, opts: Ipv4Opts) -> Vec<u8> {
     testpkt::ipv4(src, dst, L4::tcp(40000, dport, TCP_SYN), opts)
+}
+
+/// Recomputes the IPv4 header checksum after a fixture changed header bytes.
+fn fix_ipv4_checksum(f: &mut [u8]) {
+    let ihl = (f[14] & 0xf) as usize * 4;
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = lb_ebpf::csum::checksum(&f[14..14 + ihl], 0);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
 }
 
 /// What a fixture row expects.
@@ -229,6 +249,43 @@ fn cases() -> Vec<Case> {
     };
     let v6 = |opts: Ipv6Opts| testpkt::ipv6(CLIENT6, VIP6, L4::tcp(5000, 80, TCP_SYN), opts);
     let frag = |frag| Ipv4Opts { frag, ..Default::default() };
+    let to_mac = |mac: [u8; 6]| {
+        let mut f = tcp4([10, 0, 0, 7], VIP, 40007, 80, TCP_SYN);
+        f[0..6].copy_from_slice(&mac);
+        f
+    };
+    let bad_version = {
+        let mut f = tcp4(c, VIP, 40008, 80, TCP_SYN);
+        f[14] = 0x65;
+        f
+    };
+    let bad_checksum = |dport| {
+        let mut f = tcp4(c, VIP, 40009, dport, TCP_SYN);
+        f[14 + 10] ^= 0x40;
+        f
+    };
+    let bad_options = {
+        let mut f = tcp4_with(c, VIP, 80, Ipv4Opts { options: 4, ..Default::default() });
+        // A timestamp option claiming 12 bytes in a 4-byte options area.
+        f[34..38].copy_from_slice(&[68, 12, 5, 0]);
+        fix_ipv4_checksum(&mut f);
+        f
+    };
+    let udp_too_long = {
+        let mut f = testpkt::ipv4(c, VIP, L4::udp(5354, 53), Ipv4Opts::default());
+        f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&200u16.to_be_bytes());
+        f
+    };
+    let rh0 = {
+        let mut f = v6(Ipv6Opts { ext: vec![43], ..Default::default() });
+        f[14 + 40 + 2] = 0;
+        f[14 + 40 + 3] = 1;
+        f
+    };
+    let from6 = |src: &str| {
+        let src: std::net::Ipv6Addr = src.parse().expect("address literal");
+        testpkt::ipv6(src.octets(), VIP6, L4::tcp(5000, 80, TCP_SYN), Ipv6Opts::default())
+    };
     vec![
         Case {
             name: "IPv4 SYN to a VIP",
@@ -379,6 +436,87 @@ fn cases() -> Vec<Case> {
             frame: testpkt::ipv6(CLIENT6, MARKED_NET6, L4::tcp(5001, 444, TCP_SYN), Ipv6Opts::default()),
             expect: Expect::Pass,
         },
+        Case { name: "broadcast destination MAC", frame: to_mac([0xff; 6]), expect: Expect::Pass },
+        Case { name: "multicast destination MAC", frame: to_mac([0x01, 0, 0x5e, 0, 0, 0x12]), expect: Expect::Pass },
+        Case {
+            name: "another host's unicast MAC (flooded by a switch)",
+            frame: to_mac([0x02, 0, 0, 0, 0, 0x99]),
+            expect: Expect::Pass,
+        },
+        Case {
+            name: "a configured extra MAC (VRRP)",
+            frame: to_mac(VRRP_MAC),
+            expect: Expect::Forward(web(), XDP_TX),
+        },
+        Case {
+            name: "malformed, to a VIP on another host's MAC",
+            frame: {
+                let mut f = tcp4_with(c, VIP, 80, Ipv4Opts { ihl: Some(4), ..Default::default() });
+                f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+                f
+            },
+            expect: Expect::Pass,
+        },
+        Case { name: "IP version 6 under EtherType IPv4", frame: bad_version, expect: Expect::Drop(stat::DROP_BAD_VERSION) },
+        Case {
+            name: "IPv4 header checksum wrong",
+            frame: bad_checksum(80),
+            expect: Expect::Drop(stat::DROP_BAD_IP_CHECKSUM),
+        },
+        Case {
+            name: "IPv4 header checksum wrong, VIP port without a service",
+            frame: bad_checksum(8080),
+            expect: Expect::Pass,
+        },
+        Case { name: "IPv4 option running past the header", frame: bad_options, expect: Expect::Drop(stat::DROP_BAD_IP_OPTIONS) },
+        Case {
+            name: "UDP length beyond the IP payload",
+            frame: udp_too_long,
+            expect: Expect::Drop(stat::DROP_BAD_UDP_LENGTH),
+        },
+        Case { name: "IPv6 routing header type 0, segments left", frame: rh0, expect: Expect::Drop(stat::DROP_IPV6_RH0) },
+        Case {
+            name: "martian source 127.0.0.1",
+            frame: tcp4([127, 0, 0, 1], VIP, 40010, 80, TCP_SYN),
+            expect: Expect::Drop(stat::DROP_MARTIAN_SOURCE),
+        },
+        Case {
+            name: "martian source 0.0.0.0",
+            frame: tcp4([0, 0, 0, 0], VIP, 40010, 80, TCP_ACK),
+            expect: Expect::Drop(stat::DROP_MARTIAN_SOURCE),
+        },
+        Case {
+            name: "martian source: multicast",
+            frame: tcp4([224, 0, 0, 9], VIP, 40010, 80, TCP_SYN),
+            expect: Expect::Drop(stat::DROP_MARTIAN_SOURCE),
+        },
+        Case {
+            name: "martian source: limited broadcast",
+            frame: testpkt::ipv4([255; 4], VIP, L4::udp(68, 53), Ipv4Opts::default()),
+            expect: Expect::Drop(stat::DROP_MARTIAN_SOURCE),
+        },
+        Case {
+            name: "martian source: the VIP itself",
+            frame: tcp4(VIP, VIP, 40010, 80, TCP_SYN),
+            expect: Expect::Drop(stat::DROP_MARTIAN_SOURCE),
+        },
+        Case { name: "martian source ::1", frame: from6("::1"), expect: Expect::Drop(stat::DROP_MARTIAN_SOURCE) },
+        Case { name: "martian source ff02::1", frame: from6("ff02::1"), expect: Expect::Drop(stat::DROP_MARTIAN_SOURCE) },
+        Case {
+            name: "martian source, VIP port without a service",
+            frame: tcp4([127, 0, 0, 1], VIP, 40010, 8080, TCP_SYN),
+            expect: Expect::Pass,
+        },
+        Case {
+            name: "truncated TCP header, VIP port without a service (ports untrusted)",
+            frame: {
+                let mut f = tcp4(c, VIP, 40000, 8080, TCP_SYN);
+                f.truncate(f.len() - 8);
+                testpkt::fix_ipv4_total_len(&mut f, 14);
+                f
+            },
+            expect: Expect::Drop(stat::DROP_TRUNCATED),
+        },
         Case {
             name: "service whose only backend is disabled",
             frame: tcp4(c, [192, 0, 2, 20], 40000, 80, TCP_SYN),
@@ -418,7 +556,7 @@ fn fixtures() -> Result<()> {
             }
         }
         ensure!(failures.is_empty(), "failed fixtures:\n{}", failures.join("\n"));
-        ensure!(cases.len() >= 25);
+        ensure!(cases.len() >= 50);
         let got = env.dp.global_counters()?;
         ensure!(got == expected_global, "global counters\n got {got:?}\nwant {expected_global:?}");
         Ok(())
@@ -657,7 +795,8 @@ fn a_recreated_service_does_not_inherit_the_old_ones_flows() -> Result<()> {
         let before = new_flows(env)?;
         env.forward(&ack)?;
         ensure!(new_flows(env)? == before + 1, "the old flow entry must not carry over to the new service");
-        ensure!(flow_state(env, 46000)? == Some(FLOW_ESTABLISHED));
+        // Scheduled afresh without a handshake: mid-stream until it shows it is real.
+        ensure!(flow_state(env, 46000)? == Some(lb_common::FLOW_MIDSTREAM));
         Ok(())
     })
 }
@@ -777,6 +916,8 @@ fn mutated_frames_never_forward_anything_but_service_traffic() -> Result<()> {
             let start = f.as_ptr() as usize;
             let parsed = parse(start, start + f.len());
             let ctx = || format!("frame {i} (seed {SEED:#x}): {f:02x?}");
+            let to_us = f[0..6] == testpkt::DIRECTOR_MAC || f[0..6] == VRRP_MAC;
+            ensure!(action == XDP_PASS || to_us, "acted on a frame for another MAC: {}", ctx());
             match action {
                 XDP_PASS => {
                     ensure!(out == f, "PASS changed the frame: {}", ctx());
@@ -851,6 +992,104 @@ fn wrr_deals_new_flows_in_weighted_turns_and_keeps_established_ones() -> Result<
             ensure!(addr_of(env, env.forward(&ack)?) == b, "the flow of the third SYN went to b");
         }
         ensure!(addr_of(env, env.forward(&syn(100))?) == a, "the cursor moved on by new flows only");
+        Ok(())
+    })
+}
+
+#[test]
+fn a_segment_without_handshake_counts_as_a_connection_only_once_it_goes_on() -> Result<()> {
+    use lb_common::FLOW_MIDSTREAM;
+    use lb_daemon::snapshot::{ConnKind, classify};
+    with_env(|env| {
+        let ack = tcp4([10, 15, 0, 1], VIP, 49000, 80, TCP_ACK);
+        let first = env.forward(&ack)?;
+        ensure!(Some(first) == predicted_backend(&env.plan.state, &web(), &ack), "forwarded by the ring");
+        let entry = |env: &Env| -> Result<lb_common::Flow> {
+            env.dp
+                .flows()?
+                .into_iter()
+                .find(|(k, _)| u16::from_be(k.sport) == 49000)
+                .map(|(_, f)| f)
+                .ok_or_else(|| anyhow::anyhow!("no entry for the mid-stream flow"))
+        };
+        let now = || -> Result<u64> {
+            let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)?;
+            Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        };
+        let f = entry(env)?;
+        ensure!(f.state == FLOW_MIDSTREAM, "state {}", f.state);
+        ensure!(classify(&f, now()?).is_none(), "junk must not count as a connection");
+        // More segments at once: still unconfirmed, still on the same backend.
+        for _ in 0..3 {
+            ensure!(env.forward(&ack)? == first);
+        }
+        ensure!(entry(env)?.state == FLOW_MIDSTREAM);
+        // A segment after the confirmation time: a real connection (a restart, a failover).
+        std::thread::sleep(std::time::Duration::from_nanos(lb_common::MIDSTREAM_CONFIRM_NS + 100_000_000));
+        ensure!(env.forward(&ack)? == first);
+        let f = entry(env)?;
+        ensure!(f.state == FLOW_ESTABLISHED, "state {}", f.state);
+        ensure!(classify(&f, now()?) == Some(ConnKind::Active));
+        Ok(())
+    })
+}
+
+#[test]
+fn the_flood_guard_keeps_established_flows_through_a_syn_flood() -> Result<()> {
+    use lb_common::programs::{BALANCER, BENCH_DRIVER};
+    use lb_tests::fixture::run_program;
+    with_env(|env| {
+        // One CPU: BPF_PROG_TEST_RUN runs on the caller's, and the LRU lists are per CPU.
+        let mut cpu = nix::sched::CpuSet::new();
+        cpu.set(0)?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu)?;
+        // BPF_PROG_TEST_RUN hands the frame it forwarded (backend MAC) to the next run:
+        // let the receiving interface accept any unicast MAC, as without the daemon.
+        env.plan.state.local_macs.clear();
+        env.dp.apply(&env.plan.state)?;
+        let established: Vec<u16> = (0..50u16).map(|i| 50000 + i).collect();
+        let open_all = |env: &Env| -> Result<()> {
+            for &port in &established {
+                env.forward(&tcp4([10, 16, 0, 1], VIP, port, 80, TCP_SYN))?;
+                env.forward(&tcp4([10, 16, 0, 1], VIP, port, 80, TCP_ACK))?;
+            }
+            Ok(())
+        };
+        let surviving = |env: &Env| -> Result<usize> {
+            let flows = env.dp.flows()?;
+            Ok(established
+                .iter()
+                .filter(|&&p| {
+                    flows.iter().any(|(k, f)| {
+                        u16::from_be(k.sport) == p && k.src[0] == u32::from_ne_bytes([10, 16, 0, 1]) && f.state == FLOW_ESTABLISHED
+                    })
+                })
+                .count())
+        };
+        // 200,000 distinct SYNs from 10.17.x.y, several times the table (65,536 entries).
+        let flood = |env: &mut Env| -> Result<()> {
+            env.dp.configure_bench_driver(BALANCER, 200_000)?;
+            let syn = tcp4([10, 17, 0, 0], VIP, 1, 80, TCP_SYN);
+            let (action, _) = run_program(&env.dp, BENCH_DRIVER, &syn, 200_000)?;
+            ensure!(action == XDP_TX, "the flood is forwarded (action {action})");
+            Ok(())
+        };
+        open_all(env)?;
+        ensure!(surviving(env)? == established.len());
+        let unrecorded_before = env.dp.global_counters()?[stat::FLOWS_UNRECORDED_FLOOD as usize];
+        flood(env)?;
+        let unrecorded = env.dp.global_counters()?[stat::FLOWS_UNRECORDED_FLOOD as usize] - unrecorded_before;
+        ensure!(surviving(env)? == established.len(), "the guard let the flood evict established flows");
+        ensure!(unrecorded > 100_000, "only {unrecorded} of 200,000 new flows went unrecorded");
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)?;
+        let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        ensure!(env.dp.flood_guard_active_cpus(now)? >= 1, "the guard is reported active");
+        // The same flood without the guard evicts them: the guard is what kept them.
+        env.plan.state.flood_guard_flows_per_sec = 0;
+        env.dp.apply(&env.plan.state)?;
+        flood(env)?;
+        let left = surviving(env)?;
+        ensure!(left < established.len(), "without the guard the flood should evict ({left} survived)");
         Ok(())
     })
 }

@@ -44,11 +44,24 @@ pub const MAX_WEIGHT: u32 = 65535;
 /// Sizes above these make the kernel refuse the map with a bare EINVAL or ENOMEM.
 pub const MAX_RING_SLOTS: u32 = 1 << 26;
 pub const MAX_FLOW_ENTRIES: u32 = 1 << 28;
+/// Katran's default: new flows one CPU records per second before the flood guard stops
+/// recording them.
+pub const DEFAULT_FLOOD_GUARD_FLOWS_PER_SEC: u32 = 125_000;
+
+/// Largest configuration file read; anything larger is refused before it is parsed.
+pub const MAX_CONFIG_BYTES: u64 = 64 << 20;
+/// Quoted values in error messages are cut to this many characters: a 50 MB name must
+/// not become a 50 MB log line.
+pub const MAX_QUOTED_CHARS: usize = 80;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{file}")]
     Read { file: String, source: std::io::Error },
+    #[error("{file} is {kind}, not a regular file")]
+    NotAFile { file: String, kind: &'static str },
+    #[error("{file} is larger than {MAX_CONFIG_BYTES} bytes")]
+    TooLarge { file: String },
     #[error("{file}:{line}:{column}: {path}: {message}")]
     Invalid { file: String, line: u64, column: u64, path: String, message: String },
 }
@@ -58,7 +71,7 @@ impl ConfigError {
     pub fn path(&self) -> Option<&str> {
         match self {
             ConfigError::Invalid { path, .. } => Some(path),
-            ConfigError::Read { .. } => None,
+            ConfigError::Read { .. } | ConfigError::NotAFile { .. } | ConfigError::TooLarge { .. } => None,
         }
     }
 }
@@ -90,6 +103,11 @@ pub struct Director {
     pub bpf_dir: PathBuf,
     pub connection_table_size: u32,
     pub ring_slots: u32,
+    /// Destination MACs accepted on every attached interface beside its own (a VRRP
+    /// virtual MAC); frames to any other MAC are not the director's.
+    pub accept_macs: Vec<[u8; 6]>,
+    /// New flows per second and CPU recorded in the connection table; zero: no limit.
+    pub flood_guard_flows_per_sec: u32,
 }
 
 /// Forwarding method, named as in keepalived (`lb_kind DR|TUN|NAT`).
@@ -135,13 +153,17 @@ struct RawDirector {
     #[serde(default)]
     metrics_listen: Option<SocketAddr>,
     #[serde(default)]
-    control_socket: Option<PathBuf>,
+    control_socket: Option<Spanned<PathBuf>>,
     #[serde(default)]
     bpf_dir: Option<Spanned<PathBuf>>,
     #[serde(default)]
     connection_table_size: Option<Spanned<u32>>,
     #[serde(default)]
     ring_slots: Option<Spanned<u32>>,
+    #[serde(default)]
+    accept_macs: Vec<Spanned<String>>,
+    #[serde(default)]
+    flood_guard_flows_per_sec: Option<Spanned<u32>>,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -413,6 +435,8 @@ fn key_path(raw: &str) -> String {
 /// Collects the file name for errors raised while validating.
 struct Checker<'a> {
     file: &'a str,
+    /// Per mark: whether its rules match IPv4 and IPv6 destinations.
+    mark_families: HashMap<u32, (bool, bool)>,
 }
 
 impl Checker<'_> {
@@ -422,9 +446,100 @@ impl Checker<'_> {
             line: at.referenced.line(),
             column: at.referenced.column(),
             path: path.into(),
-            message: message.into(),
+            message: bound_message(&message.into()),
         }
     }
+}
+
+/// `s`, or its first [`MAX_QUOTED_CHARS`] characters and how long it really was.
+pub fn shorten(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(MAX_QUOTED_CHARS) {
+        None => s.into(),
+        Some((cut, _)) => format!("{}... ({} bytes)", &s[..cut], s.len()).into(),
+    }
+}
+
+/// A message with every quoted value (between backticks or double quotes) shortened,
+/// then cut as a whole if still long: values come from the file, which may be hostile.
+fn bound_message(message: &str) -> String {
+    const MAX_MESSAGE: usize = 1024;
+    let mut out = String::with_capacity(message.len().min(MAX_MESSAGE));
+    let mut rest = message;
+    while let Some(open) = rest.find(['`', '"']) {
+        let quote = rest.as_bytes()[open] as char;
+        out.push_str(&rest[..=open]);
+        rest = &rest[open + 1..];
+        let close = rest.find(quote).unwrap_or(rest.len());
+        out.push_str(&shorten(&rest[..close]));
+        rest = &rest[close..];
+        if let Some(q) = rest.strip_prefix(quote) {
+            out.push(quote);
+            rest = q;
+        }
+    }
+    out.push_str(rest);
+    if out.len() > MAX_MESSAGE {
+        let cut = (0..=MAX_MESSAGE).rev().find(|&i| out.is_char_boundary(i)).unwrap_or(0);
+        out.truncate(cut);
+        out.push_str("...");
+    }
+    out
+}
+
+/// Reads a configuration file: a regular file (a FIFO would block, a device never end) of
+/// at most [`MAX_CONFIG_BYTES`], in UTF-8 (a bad byte is reported by line and column).
+fn read_config(path: &Path, file: &str) -> Result<String, ConfigError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    let read_err = |source| ConfigError::Read { file: file.to_owned(), source };
+    // Non-blocking, so that opening a FIFO without a writer returns at once.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(read_err)?;
+    let meta = f.metadata().map_err(read_err)?;
+    let t = meta.file_type();
+    let kind = if t.is_file() {
+        None
+    } else if t.is_dir() {
+        Some("a directory")
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_char_device() || t.is_block_device() {
+        Some("a device")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else {
+        Some("not a regular file")
+    };
+    if let Some(kind) = kind {
+        return Err(ConfigError::NotAFile { file: file.to_owned(), kind });
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge { file: file.to_owned() });
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // The file may grow while it is read.
+    f.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes).map_err(read_err)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge { file: file.to_owned() });
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let bad = e.utf8_error().valid_up_to();
+        let before = &e.as_bytes()[..bad];
+        let line = before.iter().filter(|&&b| b == b'\n').count() as u64 + 1;
+        let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        // Columns count characters, as the YAML parser's do.
+        let column = String::from_utf8_lossy(&before[line_start..]).chars().count() as u64 + 1;
+        ConfigError::Invalid {
+            file: file.to_owned(),
+            line,
+            column,
+            path: "(document)".to_owned(),
+            message: format!("invalid UTF-8 (byte {:#04x}); the file must be UTF-8 text", e.as_bytes()[bad]),
+        }
+    })
 }
 
 fn valid_ifname(name: &str) -> Result<(), String> {
@@ -436,6 +551,23 @@ fn valid_ifname(name: &str) -> Result<(), String> {
         return Err(format!("`{name}` is not a valid interface name"));
     }
     Ok(())
+}
+
+/// `aa:bb:cc:dd:ee:ff` (or with `-`), as `ip link` prints it.
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    let bad = || format!("`{}` is not a MAC address (write aa:bb:cc:dd:ee:ff)", shorten(s));
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    Ok(mac)
 }
 
 fn valid_service_name(name: &str) -> Result<(), String> {
@@ -460,8 +592,7 @@ impl Config {
     /// Reads and validates `path`. Touches nothing else.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+        let text = read_config(path, &file)?;
         Config::parse(&text, &file)
     }
 
@@ -476,11 +607,20 @@ impl Config {
         })
         .map_err(|e| {
             let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-            let message = serde_saphyr::UserMessageFormatter.format_message(&e).into_owned();
-            let path = key_path(&path);
+            let message = bound_message(&serde_saphyr::UserMessageFormatter.format_message(&e));
+            let path = bound_message(&key_path(&path));
             ConfigError::Invalid { file: file.to_owned(), line, column, path, message }
         })?;
-        Checker { file }.validate(raw)
+        let mut mark_families: HashMap<u32, (bool, bool)> = HashMap::new();
+        for m in &raw.marks {
+            let f = mark_families.entry(m.mark.value).or_default();
+            if m.dst.value.addr().is_ipv4() {
+                f.0 = true;
+            } else {
+                f.1 = true;
+            }
+        }
+        Checker { file, mark_families }.validate(raw)
     }
 }
 
@@ -776,6 +916,9 @@ impl Checker<'_> {
                 })
             }
             RawCheckType::Exec => match &c.argv {
+                Some(a) if a.value.iter().any(|arg| arg.contains('\0')) => {
+                    return Err(self.err(a, at("argv"), "an argument holds a NUL byte, which no program can receive"));
+                }
                 Some(a) if !a.value.is_empty() && !a.value[0].is_empty() => {
                     CheckKind::Exec { argv: a.value.clone() }
                 }
@@ -840,6 +983,9 @@ impl Checker<'_> {
             Some(a) if a.value.is_empty() || a.value[0].is_empty() => {
                 return Err(self.err(a, at("on_change"), "name the program to run"));
             }
+            Some(a) if a.value.iter().any(|arg| arg.contains('\0')) => {
+                return Err(self.err(a, at("on_change"), "an argument holds a NUL byte, which no program can receive"));
+            }
             Some(a) => Some(Hook {
                 argv: a.value.clone(),
                 timeout: match &c.on_change_timeout {
@@ -878,6 +1024,20 @@ impl Checker<'_> {
                 ));
             }
         };
+        if let Some(src) = &c.source {
+            let ipv4 = src.value.is_ipv4();
+            match matcher {
+                ServiceMatch::Vip { addr, .. } if addr.is_ipv4() != ipv4 => {
+                    return Err(self.err(
+                        src,
+                        at("source"),
+                        format!("{} and the service's backends ({addr}) are of different address families", src.value),
+                    ));
+                }
+                ServiceMatch::Mark(mark) => self.family_of_mark(src, at("source"), *mark, ipv4)?,
+                ServiceMatch::Vip { .. } => {}
+            }
+        }
         Ok(HealthCheck {
             spec: CheckSpec { kind, timeout, source: c.source.as_ref().map(|s| s.value) },
             interval,
@@ -923,14 +1083,55 @@ impl Checker<'_> {
                 return Err(self.err(&p, "director.bpf_dir", "must be an absolute path on a bpf filesystem"));
             }
         };
+        // sun_path holds 108 bytes with the terminating NUL.
+        const MAX_SOCKET_PATH: usize = 107;
+        let control_socket = match d.control_socket {
+            None => PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            Some(p) if p.value.as_os_str().len() > MAX_SOCKET_PATH => {
+                return Err(self.err(
+                    &p,
+                    "director.control_socket",
+                    format!("a socket path may be at most {MAX_SOCKET_PATH} bytes, this one is {}", p.value.as_os_str().len()),
+                ));
+            }
+            Some(p) => p.value,
+        };
+        let mut accept_macs = Vec::new();
+        for (i, m) in d.accept_macs.iter().enumerate() {
+            let path = format!("director.accept_macs[{i}]");
+            let mac = parse_mac(&m.value).map_err(|msg| self.err(m, path.clone(), msg))?;
+            if mac[0] & 1 != 0 || mac == [0; 6] {
+                return Err(self.err(m, path, format!("{} is not a unicast address", m.value)));
+            }
+            if accept_macs.contains(&mac) {
+                return Err(self.err(m, path, format!("{} is listed twice", m.value)));
+            }
+            // One slot of each interface's set holds the interface's own address.
+            if accept_macs.len() + 1 >= lb_common::MAX_LOCAL_MACS {
+                return Err(self.err(
+                    m,
+                    path,
+                    format!("at most {} extra MACs", lb_common::MAX_LOCAL_MACS - 1),
+                ));
+            }
+            accept_macs.push(mac);
+        }
+        let flood_guard_flows_per_sec = self.ranged(
+            &d.flood_guard_flows_per_sec,
+            "director.flood_guard_flows_per_sec",
+            DEFAULT_FLOOD_GUARD_FLOWS_PER_SEC,
+            0..=u32::MAX,
+        )?;
         Ok(Director {
+            accept_macs,
+            flood_guard_flows_per_sec,
             interfaces,
             xdp_mode: match d.xdp_mode.unwrap_or(RawXdpMode::Native) {
                 RawXdpMode::Native => XdpMode::Native,
                 RawXdpMode::Generic => XdpMode::Generic,
             },
             metrics_listen: d.metrics_listen.unwrap_or(DEFAULT_METRICS_LISTEN),
-            control_socket: d.control_socket.unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+            control_socket,
             bpf_dir,
             connection_table_size,
             ring_slots,
@@ -1004,6 +1205,14 @@ impl Checker<'_> {
             return Err(self.err(addr, path, format!("{a} cannot be a real server")));
         }
         if let ServiceMatch::Vip { addr: vip, .. } = matcher
+            && *vip == a
+        {
+            return Err(self.err(addr, path, format!("{a} is the service's own vip: the director would send its traffic to itself")));
+        }
+        if let ServiceMatch::Mark(mark) = matcher {
+            self.family_of_mark(addr, path.clone(), *mark, a.is_ipv4())?;
+        }
+        if let ServiceMatch::Vip { addr: vip, .. } = matcher
             && vip.is_ipv4() != a.is_ipv4()
         {
             return Err(self.err(
@@ -1015,6 +1224,33 @@ impl Checker<'_> {
             ));
         }
         Ok(a)
+    }
+
+    /// Direct routing cannot translate between families: a fwmark service's real servers
+    /// (and check sources) must be of the family its mark's rules match, and those rules
+    /// of one family (as `ipvsadm -A -f N` services are, `-6` or not).
+    fn family_of_mark<T>(&self, at: &Spanned<T>, path: String, mark: u32, ipv4: bool) -> Result<(), ConfigError> {
+        let (v4, v6) = self.mark_families.get(&mark).copied().unwrap_or_default();
+        let family = |v4: bool| if v4 { "IPv4" } else { "IPv6" };
+        if v4 && v6 {
+            return Err(self.err(
+                at,
+                path,
+                format!("fwmark {mark} has both IPv4 and IPv6 rules; use one mark per address family"),
+            ));
+        }
+        if (ipv4 && !v4) || (!ipv4 && !v6) {
+            return Err(self.err(
+                at,
+                path,
+                format!(
+                    "an {} address, but fwmark {mark} matches only {} destinations (direct routing cannot translate)",
+                    family(ipv4),
+                    family(!ipv4)
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn backends(

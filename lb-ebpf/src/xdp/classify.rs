@@ -1,13 +1,13 @@
 //! Which service, if any, a packet belongs to: exact (VIP, port, protocol) first, then the
 //! fwmark-style rules (`iptables -t mangle ... -j MARK` + `ipvsadm -A -f`), done here.
-use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
 use lb_common::{
-    AddrKey, FAMILY_V4, KIND_MARK, MAX_MARK_RULES_PER_PREFIX, MarkRuleSet, Service, ServiceKey,
+    AddrKey, FAMILY_V4, KIND_MARK, MAX_LOCAL_MACS, MAX_MARK_RULES_PER_PREFIX, MarkRuleSet, Service, ServiceKey,
     hash::vip_filter_slot,
 };
-use lb_ebpf::parse::Parsed;
+use lb_ebpf::parse::{Parsed, ptr_at};
 
-use super::maps::{CONFIG, MARK_RULES_V4, MARK_RULES_V6, SERVICES, VIP_ADDRS, VIP_FILTER};
+use super::maps::{CONFIG, LOCAL_MACS, MARK_RULES_V4, MARK_RULES_V6, SERVICES, VIP_ADDRS, VIP_FILTER};
 
 /// False when the destination is certainly no exact-match VIP. Most traffic through a
 /// director is for no VIP, and one inlined array load tells.
@@ -79,7 +79,50 @@ fn match_mark(p: &Parsed) -> Option<u32> {
 /// to drop; anything else belongs to the kernel.
 #[inline(always)]
 pub fn is_service_address(family: u8, dst: &[u32; 4]) -> bool {
-    let key = AddrKey { addr: *dst, family, _pad8: 0, _pad16: 0 };
+    is_vip(family, dst) || rules_for(family, dst).is_some()
+}
+
+/// Is `addr` the address of an exact-match service?
+#[inline(always)]
+pub fn is_vip(family: u8, addr: &[u32; 4]) -> bool {
+    let key = AddrKey { addr: *addr, family, _pad8: 0, _pad16: 0 };
     // SAFETY: presence test only.
-    unsafe { VIP_ADDRS.get(&key) }.is_some() || rules_for(family, dst).is_some()
+    unsafe { VIP_ADDRS.get(&key) }.is_some()
+}
+
+/// Is the frame addressed to this director at the link layer: to the receiving
+/// interface's own MAC or one configured beside it? Broadcast, multicast and other hosts'
+/// unicast (flooded by a switch that has not learnt them) are not, and the kernel drops
+/// them as PACKET_OTHERHOST; balancing them would make a standby director forward too.
+/// An interface the daemon registered no MACs for accepts every unicast frame.
+#[inline(always)]
+pub fn addressed_to_us(ctx: &XdpContext) -> bool {
+    let start = ctx.data();
+    let Some(p) = ptr_at::<[u8; 6]>(start, ctx.data_end(), 0) else { return false };
+    // SAFETY: the six bytes were bounds-checked by ptr_at; byte arrays are unaligned.
+    let dst = unsafe { p.read_unaligned() };
+    // The group bit: broadcast and multicast.
+    if dst[0] & 1 != 0 {
+        return false;
+    }
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: the value is read at once; the map hands out RCU-protected memory.
+    let Some(local) = (unsafe { LOCAL_MACS.get(&ifindex) }) else { return true };
+    let want = mac_word(&dst);
+    for i in 0..MAX_LOCAL_MACS {
+        if i as u32 >= local.count {
+            break;
+        }
+        if mac_word(&local.macs[i]) == want {
+            return true;
+        }
+    }
+    false
+}
+
+/// A MAC as one integer: comparing `[u8; 6]` arrays may become a `bcmp` call, which BPF
+/// does not have.
+#[inline(always)]
+fn mac_word(m: &[u8; 6]) -> u64 {
+    u32::from_ne_bytes([m[0], m[1], m[2], m[3]]) as u64 | (u16::from_ne_bytes([m[4], m[5]]) as u64) << 32
 }

@@ -2,14 +2,16 @@
 //! that backend is up; a new one (or one whose backend went down) is hashed onto the ring.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_UP, Backend, FAMILY_V6, FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_FIN, FLOW_SYN_SENT, FLOW_UDP, Flow,
-    FlowKey, PROTO_TCP, SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_ROUND_ROBIN, Service,
+    BACKEND_UP, Backend, FAMILY_V6, FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_FIN, FLOW_MIDSTREAM, FLOW_SYN_SENT,
+    FLOW_UDP, Flow, FlowKey, MIDSTREAM_CONFIRM_NS, PROTO_TCP, SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY,
+    SERVICE_F_ROUND_ROBIN, Service,
     hash::{source_hash, tuple_hash},
     stat,
 };
 use lb_ebpf::parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
-use super::maps::{BACKENDS, FLOWS, RINGS, SERVICE_GENERATIONS, WRR_CURSORS};
+use super::maps::{BACKENDS, CONFIG, FLOOD_GUARD, FLOWS, RINGS, SERVICE_GENERATIONS, WRR_CURSORS};
+use super::stats;
 
 pub struct Decision {
     pub service_id: u32,
@@ -52,7 +54,10 @@ fn next_tcp_state(state: u32, flags: u8) -> u32 {
         FLOW_FIN
     } else if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
         if state == 0 { FLOW_SYN_SENT } else { state }
-    } else if state == 0 || state == FLOW_SYN_SENT {
+    } else if state == 0 {
+        // No handshake seen: real (a restart, a failover) or junk; time tells.
+        FLOW_MIDSTREAM
+    } else if state == FLOW_SYN_SENT {
         FLOW_ESTABLISHED
     } else {
         state
@@ -83,13 +88,20 @@ pub fn established(p: &Parsed, key: &FlowKey) -> Option<Decision> {
     if b.state != BACKEND_UP {
         return None;
     }
-    if p.proto == PROTO_TCP {
-        let next = next_tcp_state(f.state, p.tcp_flags);
+    let now = now();
+    let next = if p.proto == PROTO_TCP { next_tcp_state(f.state, p.tcp_flags) } else { f.state };
+    if next == FLOW_MIDSTREAM {
+        // `last_seen_ns` keeps the first packet's time until the flow is confirmed.
+        if now.wrapping_sub(f.last_seen_ns) >= MIDSTREAM_CONFIRM_NS {
+            f.state = FLOW_ESTABLISHED;
+            f.last_seen_ns = now;
+        }
+    } else {
         if next != f.state {
             f.state = next;
         }
+        f.last_seen_ns = now;
     }
-    f.last_seen_ns = now();
     Some(Decision { service_id: f.service, backend_id: f.backend, backend: b, new_flow: false })
 }
 
@@ -121,15 +133,35 @@ pub fn schedule(p: &Parsed, key: &FlowKey, svc: &Service) -> Result<Decision, u3
     let backend_id = *RINGS.get(svc.ring_offset + h % svc.ring_size).ok_or(stat::DROP_BACKEND_INVALID)?;
     let b = backend(backend_id).ok_or(stat::DROP_BACKEND_INVALID)?;
     let state = if p.proto == PROTO_TCP { next_tcp_state(0, p.tcp_flags) } else { FLOW_UDP };
-    let flow = Flow {
-        backend: backend_id,
-        service: svc.id,
-        state,
-        service_generation: svc.generation,
-        last_seen_ns: now(),
-    };
-    // A full table is no reason to drop: the hash sends the next packet to the same
-    // backend for as long as the ring is unchanged.
-    let _ = FLOWS.insert(key, &flow, 0);
+    let now = now();
+    if flood_guard_allows(now) {
+        let flow =
+            Flow { backend: backend_id, service: svc.id, state, service_generation: svc.generation, last_seen_ns: now };
+        // A full table is no reason to drop: the hash sends the next packet to the same
+        // backend for as long as the ring is unchanged.
+        let _ = FLOWS.insert(key, &flow, 0);
+    } else {
+        stats::global(stat::FLOWS_UNRECORDED_FLOOD);
+    }
     Ok(Decision { service_id: svc.id, backend_id, backend: b, new_flow: true })
+}
+
+/// Katran's guard against SYN floods: past a number of new flows per second on this CPU,
+/// new flows are forwarded by the ring without being recorded, so that they cannot evict
+/// the established flows from the LRU table. Each CPU counts in its own window.
+#[inline(always)]
+fn flood_guard_allows(now: u64) -> bool {
+    let limit = CONFIG.get(0).map_or(0, |c| c.flood_guard_flows_per_sec);
+    if limit == 0 {
+        return true;
+    }
+    let Some(w) = FLOOD_GUARD.get_ptr_mut(0) else { return true };
+    // SAFETY: this CPU's own slot; nothing else runs on this CPU during the program.
+    let w = unsafe { &mut *w };
+    if now.wrapping_sub(w.start_ns) >= 1_000_000_000 {
+        w.start_ns = now;
+        w.new_flows = 0;
+    }
+    w.new_flows = w.new_flows.saturating_add(1);
+    w.new_flows <= limit
 }

@@ -5,8 +5,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, Backend, BenchConfig, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig, Flow,
-    FlowKey, MAX_BACKENDS, MAX_EGRESS_INTERFACES, MAX_MARK_PREFIXES, MAX_SERVICES, MarkRuleSet, Service,
-    ServiceKey, hash::VIP_FILTER_SLOTS, stat,
+    FlowKey, FloodWindow, LocalMacs, MAX_ATTACHED_INTERFACES, MAX_BACKENDS, MAX_EGRESS_INTERFACES,
+    MAX_MARK_PREFIXES, MAX_SERVICES, MarkRuleSet, Service, ServiceKey, hash::VIP_FILTER_SLOTS, stat,
 };
 
 /// Per-CPU LRU lists: no cross-CPU lock on insert, at the price of each CPU evicting
@@ -66,6 +66,14 @@ pub static WRR_CURSORS: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SER
 
 #[map]
 pub static CONFIG: Array<DataplaneConfig> = Array::with_max_entries(1, 0);
+
+/// Receiving ifindex -> the destination MACs that make a frame the director's.
+#[map]
+pub static LOCAL_MACS: HashMap<u32, LocalMacs> = HashMap::with_max_entries(MAX_ATTACHED_INTERFACES, 0);
+
+/// Per CPU: the current one-second window of new flows, for the flood guard.
+#[map]
+pub static FLOOD_GUARD: PerCpuArray<FloodWindow> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static BENCH_CFG: Array<BenchConfig> = Array::with_max_entries(1, 0);

@@ -32,12 +32,10 @@ fn balance(ctx: &XdpContext) -> u32 {
     let p = match parse::parse(start, end) {
         Ok(p) => p,
         Err(ParseError::NotOurs) => return xdp_action::XDP_PASS,
+        // A malformed frame's ports cannot be trusted: it is ours if its destination
+        // address is a service's (a VIP, or inside a mark rule's prefix), whatever the port.
         Err(ParseError::Malformed { reason, family, dst }) => {
-            if classify::is_service_address(family, &dst) {
-                stats::global(reason);
-                return xdp_action::XDP_DROP;
-            }
-            return xdp_action::XDP_PASS;
+            return drop_if_ours(classify::is_service_address(family, &dst) && classify::addressed_to_us(ctx), reason);
         }
     };
     let maybe_vip = classify::maybe_vip(&p);
@@ -51,8 +49,16 @@ fn balance(ctx: &XdpContext) -> u32 {
             None => return xdp_action::XDP_PASS,
         }
     };
+    if !classify::addressed_to_us(ctx) {
+        return xdp_action::XDP_PASS;
+    }
+    // What the kernel would refuse is refused here too, for a service's packets only.
+    if let Err(reason) = parse::check_ipv4_header(start, end, &p) {
+        return drop_if_ours(mark_service.is_some() || classify::lookup_service(&p, true).is_some(), reason);
+    }
     let key = conntrack::flow_key(&p);
-    // An established flow goes on without its service being looked up.
+    // An established flow goes on without its service being looked up. Its source was
+    // checked when its entry was made (the source is part of the key).
     let d = match conntrack::established(&p, &key) {
         Some(d) => d,
         None => {
@@ -60,6 +66,9 @@ fn balance(ctx: &XdpContext) -> u32 {
                 Some(svc) => svc,
                 None => return xdp_action::XDP_PASS,
             };
+            if parse::is_martian_source(p.family, &p.src) || classify::is_vip(p.family, &p.src) {
+                return drop_if_ours(true, stat::DROP_MARTIAN_SOURCE);
+            }
             match conntrack::schedule(&p, &key, &svc) {
                 Ok(d) => d,
                 Err(reason) => {
@@ -82,6 +91,17 @@ fn balance(ctx: &XdpContext) -> u32 {
             stats::global(reason);
             xdp_action::XDP_DROP
         }
+    }
+}
+
+/// Drops and counts under `reason` a frame that is ours; passes anything else untouched.
+#[inline(always)]
+fn drop_if_ours(ours: bool, reason: u32) -> u32 {
+    if ours {
+        stats::global(reason);
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
     }
 }
 
