@@ -193,7 +193,9 @@ impl Daemon {
         plan.state.local_macs = self
             .interface_macs
             .iter()
-            .map(|(&ifindex, own)| (ifindex, std::iter::once(*own).chain(config.director.accept_macs.iter().copied()).collect()))
+            .map(|(&ifindex, own)| {
+                (ifindex, std::iter::once(*own).chain(config.director.accept_macs.iter().copied()).collect())
+            })
             .collect();
         plan.state.flood_guard_flows_per_sec = config.director.flood_guard_flows_per_sec;
         for (service, addr) in &plan.unresolved {
@@ -459,19 +461,21 @@ async fn reload(daemon: &Arc<Mutex<Daemon>>) {
     notify(&[sd_notify::NotifyState::Reloading]);
     let path = lock(daemon).config_path.clone();
     let result = async {
-        let config = Config::load(&path)?;
+        // Off the runtime's threads: a file on a slow disk must not hold up anything else.
+        let file = path.clone();
+        let config = tokio::task::spawn_blocking(move || Config::load(&file))
+            .await
+            .map_err(|e| ControlError::Io { what: "reading the config".into(), source: std::io::Error::other(e) })??;
         // Checked before anything is written, so that a typo refuses the whole reload.
         for iface in &config.director.interfaces {
             if nix::net::if_::if_nametoindex(iface.as_str()).is_err() {
                 return Err(ControlError::NoInterface(iface.clone()));
             }
         }
-        // Wait for link-layer addresses only when the file adds servers: a server that
-        // stays unresolved must not make every later reload wait.
+        // Apply at once with what the neighbour table knows now; servers it does not know
+        // yet are resolved after the reload (below), so no reload waits for ARP.
         let addrs = backend_addrs(&config);
-        let known: BTreeSet<IpAddr> = backend_addrs(&lock(daemon).config).into_iter().collect();
-        let wait = if addrs.iter().all(|a| known.contains(a)) { Duration::ZERO } else { RESOLVE_WAIT };
-        let neighbours = neighbour::resolve(&addrs, wait).await?;
+        let neighbours = neighbour::resolve(&addrs, Duration::ZERO).await?;
         let interface_macs = neighbour::interface_macs(&config.director.interfaces)?;
         let mut d = lock(daemon);
         d.interface_macs = interface_macs;
@@ -498,6 +502,11 @@ async fn reload(daemon: &Arc<Mutex<Daemon>>) {
         Ok(report) => {
             d.record_success();
             tracing::info!(file = %path.display(), ?report, "configuration reloaded");
+            if !d.plan.unresolved.is_empty() {
+                // New servers join as soon as they answer ARP/ND, without another reload.
+                let daemon = Arc::clone(daemon);
+                tokio::spawn(async move { refresh_neighbours(&daemon, RESOLVE_WAIT).await });
+            }
         }
         Err(e) => {
             d.record_failure(&e);
@@ -589,25 +598,56 @@ async fn serve_metrics(daemon: Arc<Mutex<Daemon>>, listener: tokio::net::TcpList
     }
 }
 
+/// Connections the control socket serves at once; more wait in the kernel's backlog.
+const CONTROL_MAX_CONNECTIONS: usize = 64;
+/// A request is one short line; anything longer is not one.
+const CONTROL_MAX_REQUEST: u64 = 256;
+const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The control socket speaks one request line and one answer: `status` or `metrics`.
+/// Bounded like any listener facing other processes: a connection limit, a read timeout
+/// and a request size limit; an accept error (out of descriptors) backs off instead of
+/// spinning.
 async fn serve_control(daemon: Arc<Mutex<Daemon>>, listener: UnixListener) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONTROL_MAX_CONNECTIONS));
+    let mut backoff = Duration::from_millis(10);
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { return };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff = Duration::from_millis(10);
+                stream
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "control socket: accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
         let daemon = Arc::clone(&daemon);
         tokio::spawn(async move {
+            let _permit = permit;
             let (read, mut write) = stream.into_split();
-            let mut line = String::new();
-            let mut reader = BufReader::new(read);
-            if tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await.is_err() {
+            let mut line = Vec::new();
+            let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, CONTROL_MAX_REQUEST));
+            let read = reader.read_until(b'\n', &mut line);
+            if !matches!(tokio::time::timeout(CONTROL_READ_TIMEOUT, read).await, Ok(Ok(_))) {
                 return;
             }
-            let answer = match line.trim() {
+            let answer = match String::from_utf8_lossy(&line).trim() {
                 "status" => snapshot_of(&daemon).await.map(|s| s.status_table()),
                 "metrics" => snapshot_of(&daemon).await.and_then(|s| Ok(crate::metrics::render(&s)?)),
-                other => Ok(format!("error: unknown request `{other}` (try status or metrics)\n")),
+                _ if !line.ends_with(b"\n") && line.len() as u64 >= CONTROL_MAX_REQUEST => {
+                    Ok(format!("error: request longer than {CONTROL_MAX_REQUEST} bytes\n"))
+                }
+                other => Ok(format!(
+                    "error: unknown request `{}` (try status or metrics)\n",
+                    crate::config::shorten(other)
+                )),
             };
             let text = answer.unwrap_or_else(|e| format!("error: {}\n", crate::error_chain(&e)));
-            let _ = write.write_all(text.as_bytes()).await;
+            let _ = tokio::time::timeout(CONTROL_READ_TIMEOUT, write.write_all(text.as_bytes())).await;
         });
     }
 }
@@ -686,11 +726,27 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     let mut neighbour_tick = tokio::time::interval(NEIGHBOUR_REFRESH);
     neighbour_tick.reset();
+    // Reloads run beside the loop, never in it: SIGTERM is answered whatever a reload is
+    // waiting for. A SIGHUP during a reload queues one more, after it.
+    let mut reloading: Option<tokio::task::JoinHandle<()>> = None;
+    let mut reload_again = false;
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                reload(&daemon).await;
+                if reloading.is_some() {
+                    reload_again = true;
+                } else {
+                    let daemon = Arc::clone(&daemon);
+                    reloading = Some(tokio::spawn(async move { reload(&daemon).await }));
+                }
+            }
+            _ = async { if let Some(r) = reloading.as_mut() { let _ = r.await; } }, if reloading.is_some() => {
+                reloading = None;
                 supervisor.reconcile(&lock(&daemon).board.probes());
+                if std::mem::take(&mut reload_again) {
+                    let daemon = Arc::clone(&daemon);
+                    reloading = Some(tokio::spawn(async move { reload(&daemon).await }));
+                }
             }
             Some(result) = results.recv() => lock(&daemon).observe(&result),
             _ = term.recv() => break,
@@ -700,6 +756,9 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
         }
     }
     notify(&[sd_notify::NotifyState::Stopping]);
+    if let Some(r) = reloading {
+        r.abort();
+    }
     drop(supervisor);
     // Routes stay by default: the data path goes on forwarding for their VIPs.
     let remove_routes = lock(&daemon).config.routing.as_ref().is_some_and(|r| r.remove_on_stop);

@@ -24,8 +24,8 @@ use aya::{
 use lb_common::{
     AddrKey, Backend, BenchConfig, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig,
     FAMILY_V4, FAMILY_V6, FloodWindow, Flow, FlowKey, LocalMacs, MAP_LAYOUT_VERSION, MAX_ATTACHED_INTERFACES,
-    MAX_BACKENDS, MAX_LOCAL_MACS, MAX_SERVICES, MarkRuleSet, Service, ServiceKey, hash::vip_filter_slot, maps,
-    programs, stat,
+    MAX_BACKENDS, MAX_LOCAL_MACS, MAX_SERVICES, MarkRuleSet, Service, ServiceKey, hash::vip_filter_slot,
+    maps, programs, stat,
 };
 
 /// The XDP object built by `build.rs`.
@@ -513,7 +513,8 @@ impl Dataplane {
         let cfg: Array<&MapData, DataplaneConfig> = map_ref(&self.ebpf, maps::CONFIG)?;
         self.config = cfg.get(&0, 0).map_err(map_err(maps::CONFIG))?;
         let macs: HashMap<&MapData, u32, LocalMacs> = map_ref(&self.ebpf, maps::LOCAL_MACS)?;
-        self.local_macs = macs.iter().collect::<std::result::Result<_, _>>().map_err(map_err(maps::LOCAL_MACS))?;
+        self.local_macs =
+            macs.iter().collect::<std::result::Result<_, _>>().map_err(map_err(maps::LOCAL_MACS))?;
         Ok(())
     }
 

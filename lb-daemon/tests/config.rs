@@ -396,7 +396,8 @@ fn only_regular_files_of_bounded_size_are_read() {
 fn invalid_utf8_is_located() {
     let dir = scratch("utf8");
     let path = dir.join("lb.yaml");
-    std::fs::write(&path, b"director:\n  interfaces: [eth0]\n  bpf_dir: /sys/fs/bpf/l\xc3b\n").expect("write");
+    std::fs::write(&path, b"director:\n  interfaces: [eth0]\n  bpf_dir: /sys/fs/bpf/l\xc3b\n")
+        .expect("write");
     match Config::load(&path).unwrap_err() {
         ConfigError::Invalid { line, column, message, .. } => {
             assert_eq!((line, column), (3, 25), "{message}");
@@ -410,7 +411,8 @@ fn invalid_utf8_is_located() {
 #[test]
 fn long_values_are_cut_in_errors() {
     let name = "x".repeat(1_000_000);
-    let yaml = format!("{DIRECTOR}services:\n  - name: \"{name}\"\n    match: {{ vip: 192.0.2.1, port: 80 }}\n");
+    let yaml =
+        format!("{DIRECTOR}services:\n  - name: \"{name}\"\n    match: {{ vip: 192.0.2.1, port: 80 }}\n");
     let text = Config::parse(&yaml, "lb.yaml").unwrap_err().to_string();
     assert!(text.len() < 400, "{} bytes: {}", text.len(), &text[..200]);
     assert!(text.contains("(1000000 bytes)"), "{text}");

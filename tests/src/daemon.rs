@@ -164,6 +164,18 @@ impl Daemon {
         bail!("lb-daemon ignored SIGTERM for 10 s")
     }
 
+    /// The daemon's control socket.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Resident memory of the daemon process, in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> Result<u64> {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?))?;
+        let line = text.lines().find(|l| l.starts_with("VmRSS:")).ok_or_else(|| anyhow!("no VmRSS"))?;
+        Ok(line.split_whitespace().nth(1).ok_or_else(|| anyhow!("bad VmRSS line"))?.parse()?)
+    }
+
     /// What `lb-daemon status` prints.
     pub fn status(&self) -> Result<String> {
         self.request("status")

@@ -209,3 +209,44 @@ fn metrics_count_exactly_the_packets_sent() -> Result<()> {
     ensure!(m.value("lb_connection_table_entries")? == 1.0);
     Ok(())
 }
+
+#[test]
+fn hostile_control_clients_and_a_fifo_config_neither_block_nor_bloat_the_daemon() -> Result<()> {
+    use std::io::Write as _;
+    let mut lab = DrLab::start_with(SERVERS, 1, LabConfig::Services(services([1, 1, 1], None)))?;
+    let socket = lab.daemon.socket_path().to_owned();
+    let rss_before = lab.daemon.rss_kib()?;
+    // Idle clients beyond the connection limit, and one sending 16 MB without a newline.
+    let idle: Vec<std::os::unix::net::UnixStream> =
+        (0..100).map(|_| std::os::unix::net::UnixStream::connect(&socket)).collect::<std::io::Result<_>>()?;
+    let mut flood = std::os::unix::net::UnixStream::connect(&socket)?;
+    flood.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let chunk = vec![b'x'; 1 << 20];
+    let mut sent = 0usize;
+    for _ in 0..16 {
+        match flood.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    // The daemon reads at most one short line: it stops reading long before 16 MB.
+    ensure!(sent < 16 << 20, "the daemon swallowed {sent} bytes of one request");
+    // Idle connections time out and free their slots: status answers again.
+    let status = lab.daemon.status()?;
+    ensure!(status.contains("echo"), "status while under hostile clients:\n{status}");
+    let rss_after = lab.daemon.rss_kib()?;
+    ensure!(rss_after < rss_before + 8 * 1024, "the daemon grew from {rss_before} KiB to {rss_after} KiB");
+    drop(idle);
+    drop(flood);
+
+    // The config path becomes a FIFO with no writer: the reload is refused at once (it
+    // does not block on the open), and SIGTERM is answered.
+    let path = lab.config_path()?;
+    std::fs::remove_file(&path)?;
+    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+    ensure!(!lab.reload()?, "a FIFO was accepted as a config");
+    ensure!(lab.daemon.log_text().contains("is a FIFO, not a regular file"), "{}", lab.daemon.log_text());
+    let st = lab.daemon.terminate()?;
+    ensure!(st.success(), "lb-daemon exited with {st}");
+    Ok(())
+}

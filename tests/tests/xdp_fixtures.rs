@@ -437,7 +437,11 @@ fn cases() -> Vec<Case> {
             expect: Expect::Pass,
         },
         Case { name: "broadcast destination MAC", frame: to_mac([0xff; 6]), expect: Expect::Pass },
-        Case { name: "multicast destination MAC", frame: to_mac([0x01, 0, 0x5e, 0, 0, 0x12]), expect: Expect::Pass },
+        Case {
+            name: "multicast destination MAC",
+            frame: to_mac([0x01, 0, 0x5e, 0, 0, 0x12]),
+            expect: Expect::Pass,
+        },
         Case {
             name: "another host's unicast MAC (flooded by a switch)",
             frame: to_mac([0x02, 0, 0, 0, 0, 0x99]),
@@ -457,7 +461,11 @@ fn cases() -> Vec<Case> {
             },
             expect: Expect::Pass,
         },
-        Case { name: "IP version 6 under EtherType IPv4", frame: bad_version, expect: Expect::Drop(stat::DROP_BAD_VERSION) },
+        Case {
+            name: "IP version 6 under EtherType IPv4",
+            frame: bad_version,
+            expect: Expect::Drop(stat::DROP_BAD_VERSION),
+        },
         Case {
             name: "IPv4 header checksum wrong",
             frame: bad_checksum(80),
@@ -468,13 +476,21 @@ fn cases() -> Vec<Case> {
             frame: bad_checksum(8080),
             expect: Expect::Pass,
         },
-        Case { name: "IPv4 option running past the header", frame: bad_options, expect: Expect::Drop(stat::DROP_BAD_IP_OPTIONS) },
+        Case {
+            name: "IPv4 option running past the header",
+            frame: bad_options,
+            expect: Expect::Drop(stat::DROP_BAD_IP_OPTIONS),
+        },
         Case {
             name: "UDP length beyond the IP payload",
             frame: udp_too_long,
             expect: Expect::Drop(stat::DROP_BAD_UDP_LENGTH),
         },
-        Case { name: "IPv6 routing header type 0, segments left", frame: rh0, expect: Expect::Drop(stat::DROP_IPV6_RH0) },
+        Case {
+            name: "IPv6 routing header type 0, segments left",
+            frame: rh0,
+            expect: Expect::Drop(stat::DROP_IPV6_RH0),
+        },
         Case {
             name: "martian source 127.0.0.1",
             frame: tcp4([127, 0, 0, 1], VIP, 40010, 80, TCP_SYN),
@@ -500,8 +516,16 @@ fn cases() -> Vec<Case> {
             frame: tcp4(VIP, VIP, 40010, 80, TCP_SYN),
             expect: Expect::Drop(stat::DROP_MARTIAN_SOURCE),
         },
-        Case { name: "martian source ::1", frame: from6("::1"), expect: Expect::Drop(stat::DROP_MARTIAN_SOURCE) },
-        Case { name: "martian source ff02::1", frame: from6("ff02::1"), expect: Expect::Drop(stat::DROP_MARTIAN_SOURCE) },
+        Case {
+            name: "martian source ::1",
+            frame: from6("::1"),
+            expect: Expect::Drop(stat::DROP_MARTIAN_SOURCE),
+        },
+        Case {
+            name: "martian source ff02::1",
+            frame: from6("ff02::1"),
+            expect: Expect::Drop(stat::DROP_MARTIAN_SOURCE),
+        },
         Case {
             name: "martian source, VIP port without a service",
             frame: tcp4([127, 0, 0, 1], VIP, 40010, 8080, TCP_SYN),
@@ -1061,7 +1085,9 @@ fn the_flood_guard_keeps_established_flows_through_a_syn_flood() -> Result<()> {
                 .iter()
                 .filter(|&&p| {
                     flows.iter().any(|(k, f)| {
-                        u16::from_be(k.sport) == p && k.src[0] == u32::from_ne_bytes([10, 16, 0, 1]) && f.state == FLOW_ESTABLISHED
+                        u16::from_be(k.sport) == p
+                            && k.src[0] == u32::from_ne_bytes([10, 16, 0, 1])
+                            && f.state == FLOW_ESTABLISHED
                     })
                 })
                 .count())

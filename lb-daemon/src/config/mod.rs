@@ -917,7 +917,11 @@ impl Checker<'_> {
             }
             RawCheckType::Exec => match &c.argv {
                 Some(a) if a.value.iter().any(|arg| arg.contains('\0')) => {
-                    return Err(self.err(a, at("argv"), "an argument holds a NUL byte, which no program can receive"));
+                    return Err(self.err(
+                        a,
+                        at("argv"),
+                        "an argument holds a NUL byte, which no program can receive",
+                    ));
                 }
                 Some(a) if !a.value.is_empty() && !a.value[0].is_empty() => {
                     CheckKind::Exec { argv: a.value.clone() }
@@ -984,7 +988,11 @@ impl Checker<'_> {
                 return Err(self.err(a, at("on_change"), "name the program to run"));
             }
             Some(a) if a.value.iter().any(|arg| arg.contains('\0')) => {
-                return Err(self.err(a, at("on_change"), "an argument holds a NUL byte, which no program can receive"));
+                return Err(self.err(
+                    a,
+                    at("on_change"),
+                    "an argument holds a NUL byte, which no program can receive",
+                ));
             }
             Some(a) => Some(Hook {
                 argv: a.value.clone(),
@@ -1031,7 +1039,10 @@ impl Checker<'_> {
                     return Err(self.err(
                         src,
                         at("source"),
-                        format!("{} and the service's backends ({addr}) are of different address families", src.value),
+                        format!(
+                            "{} and the service's backends ({addr}) are of different address families",
+                            src.value
+                        ),
                     ));
                 }
                 ServiceMatch::Mark(mark) => self.family_of_mark(src, at("source"), *mark, ipv4)?,
@@ -1091,7 +1102,10 @@ impl Checker<'_> {
                 return Err(self.err(
                     &p,
                     "director.control_socket",
-                    format!("a socket path may be at most {MAX_SOCKET_PATH} bytes, this one is {}", p.value.as_os_str().len()),
+                    format!(
+                        "a socket path may be at most {MAX_SOCKET_PATH} bytes, this one is {}",
+                        p.value.as_os_str().len()
+                    ),
                 ));
             }
             Some(p) => p.value,
@@ -1207,7 +1221,11 @@ impl Checker<'_> {
         if let ServiceMatch::Vip { addr: vip, .. } = matcher
             && *vip == a
         {
-            return Err(self.err(addr, path, format!("{a} is the service's own vip: the director would send its traffic to itself")));
+            return Err(self.err(
+                addr,
+                path,
+                format!("{a} is the service's own vip: the director would send its traffic to itself"),
+            ));
         }
         if let ServiceMatch::Mark(mark) = matcher {
             self.family_of_mark(addr, path.clone(), *mark, a.is_ipv4())?;
@@ -1229,7 +1247,13 @@ impl Checker<'_> {
     /// Direct routing cannot translate between families: a fwmark service's real servers
     /// (and check sources) must be of the family its mark's rules match, and those rules
     /// of one family (as `ipvsadm -A -f N` services are, `-6` or not).
-    fn family_of_mark<T>(&self, at: &Spanned<T>, path: String, mark: u32, ipv4: bool) -> Result<(), ConfigError> {
+    fn family_of_mark<T>(
+        &self,
+        at: &Spanned<T>,
+        path: String,
+        mark: u32,
+        ipv4: bool,
+    ) -> Result<(), ConfigError> {
         let (v4, v6) = self.mark_families.get(&mark).copied().unwrap_or_default();
         let family = |v4: bool| if v4 { "IPv4" } else { "IPv6" };
         if v4 && v6 {

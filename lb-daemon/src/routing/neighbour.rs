@@ -141,11 +141,12 @@ async fn resolve_with(
 pub fn interface_macs(names: &[String]) -> Result<std::collections::BTreeMap<u32, [u8; 6]>, NeighbourError> {
     let mut out = std::collections::BTreeMap::new();
     for ifa in nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)? {
-        if !names.iter().any(|n| *n == ifa.interface_name) {
+        if !names.contains(&ifa.interface_name) {
             continue;
         }
         let Some(link) = ifa.address.as_ref().and_then(|a| a.as_link_addr()) else { continue };
-        let (Some(mac), Ok(ifindex)) = (link.addr(), nix::net::if_::if_nametoindex(ifa.interface_name.as_str()))
+        let (Some(mac), Ok(ifindex)) =
+            (link.addr(), nix::net::if_::if_nametoindex(ifa.interface_name.as_str()))
         else {
             continue;
         };

@@ -2,8 +2,8 @@
 //! fwmark-style rules (`iptables -t mangle ... -j MARK` + `ipvsadm -A -f`), done here.
 use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
 use lb_common::{
-    AddrKey, FAMILY_V4, KIND_MARK, MAX_LOCAL_MACS, MAX_MARK_RULES_PER_PREFIX, MarkRuleSet, Service, ServiceKey,
-    hash::vip_filter_slot,
+    AddrKey, FAMILY_V4, KIND_MARK, MAX_LOCAL_MACS, MAX_MARK_RULES_PER_PREFIX, MarkRuleSet, Service,
+    ServiceKey, hash::vip_filter_slot,
 };
 use lb_ebpf::parse::{Parsed, ptr_at};
 

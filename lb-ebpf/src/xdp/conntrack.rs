@@ -3,8 +3,8 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     BACKEND_UP, Backend, FAMILY_V6, FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_FIN, FLOW_MIDSTREAM, FLOW_SYN_SENT,
-    FLOW_UDP, Flow, FlowKey, MIDSTREAM_CONFIRM_NS, PROTO_TCP, SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY,
-    SERVICE_F_ROUND_ROBIN, Service,
+    FLOW_UDP, Flow, FlowKey, MIDSTREAM_CONFIRM_NS, PROTO_TCP, SERVICE_F_HASH_TUPLE,
+    SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_ROUND_ROBIN, Service,
     hash::{source_hash, tuple_hash},
     stat,
 };
@@ -135,8 +135,13 @@ pub fn schedule(p: &Parsed, key: &FlowKey, svc: &Service) -> Result<Decision, u3
     let state = if p.proto == PROTO_TCP { next_tcp_state(0, p.tcp_flags) } else { FLOW_UDP };
     let now = now();
     if flood_guard_allows(now) {
-        let flow =
-            Flow { backend: backend_id, service: svc.id, state, service_generation: svc.generation, last_seen_ns: now };
+        let flow = Flow {
+            backend: backend_id,
+            service: svc.id,
+            state,
+            service_generation: svc.generation,
+            last_seen_ns: now,
+        };
         // A full table is no reason to drop: the hash sends the next packet to the same
         // backend for as long as the ring is unchanged.
         let _ = FLOWS.insert(key, &flow, 0);

@@ -35,7 +35,10 @@ fn balance(ctx: &XdpContext) -> u32 {
         // A malformed frame's ports cannot be trusted: it is ours if its destination
         // address is a service's (a VIP, or inside a mark rule's prefix), whatever the port.
         Err(ParseError::Malformed { reason, family, dst }) => {
-            return drop_if_ours(classify::is_service_address(family, &dst) && classify::addressed_to_us(ctx), reason);
+            return drop_if_ours(
+                classify::is_service_address(family, &dst) && classify::addressed_to_us(ctx),
+                reason,
+            );
         }
     };
     let maybe_vip = classify::maybe_vip(&p);
