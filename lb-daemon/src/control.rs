@@ -338,9 +338,8 @@ impl Daemon {
 
     /// Everything status and metrics show, read from the maps now.
     pub fn snapshot(&self) -> Result<Snapshot> {
-        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-            .map_err(|e| ControlError::Io { what: "reading the clock".into(), source: e.into() })?;
+        let now = crate::snapshot::flow_clock_ns()
+            .map_err(|source| ControlError::Io { what: "reading the clock".into(), source })?;
         let mut conns: HashMap<u32, (u64, u64)> = HashMap::new();
         let entries = self.dataplane.for_each_flow(|_, flow| {
             let c = conns.entry(flow.backend).or_default();

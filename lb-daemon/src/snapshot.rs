@@ -28,7 +28,14 @@ pub enum ConnKind {
     Inactive,
 }
 
-/// `now_ns` is on the clock the data path stamps entries with (CLOCK_MONOTONIC_COARSE).
+/// Now, on the clock the data path stamps flows and flood windows with
+/// (`bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC_COARSE), in nanoseconds.
+pub fn flow_clock_ns() -> std::io::Result<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)?;
+    Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+}
+
+/// `now_ns` is on the clock the data path stamps entries with ([`flow_clock_ns`]).
 /// A flow first seen mid-stream counts as nothing until the data path confirms it: junk
 /// with the ACK flag must not inflate ActiveConn or InActConn.
 pub fn classify(flow: &Flow, now_ns: u64) -> Option<ConnKind> {

@@ -513,14 +513,6 @@ mod tests {
         testpkt::ipv4([10, 0, 0, 1], [192, 0, 2, 1], L4::tcp(1, 80, TCP_SYN), opts)
     }
 
-    /// Recomputes the IPv4 header checksum after a test changed header bytes.
-    fn fix_checksum(f: &mut [u8]) {
-        let ihl = (f[14] & 0xf) as usize * 4;
-        f[24..26].copy_from_slice(&[0, 0]);
-        let c = crate::csum::checksum(&f[14..14 + ihl], 0);
-        f[24..26].copy_from_slice(&c.to_be_bytes());
-    }
-
     #[test]
     fn wrong_ip_version_has_its_own_reason() {
         let mut f = syn4(Ipv4Opts::default());
@@ -551,7 +543,7 @@ mod tests {
         let with = |bytes: &[u8]| {
             let mut f = syn4(Ipv4Opts { options: 8, ..Default::default() });
             f[34..34 + bytes.len()].copy_from_slice(bytes);
-            fix_checksum(&mut f);
+            testpkt::fix_ipv4_checksum(&mut f, 14);
             header_check(&f)
         };
         // NOPs; a record-route option of 7 bytes then END; END then garbage (ignored).

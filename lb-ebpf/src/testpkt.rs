@@ -148,6 +148,11 @@ pub fn ipv4(src: [u8; 4], dst: [u8; 4], l4: L4, opts: Ipv4Opts) -> Vec<u8> {
 pub fn fix_ipv4_total_len(f: &mut [u8], l3: usize) {
     let tot = (f.len() - l3) as u16;
     f[l3 + 2..l3 + 4].copy_from_slice(&tot.to_be_bytes());
+    fix_ipv4_checksum(f, l3);
+}
+
+/// Recomputes the IPv4 header checksum of `f` after header bytes were changed on purpose.
+pub fn fix_ipv4_checksum(f: &mut [u8], l3: usize) {
     let ihl = (f[l3] & 0xf) as usize * 4;
     f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
     let c = csum::checksum(&f[l3..l3 + ihl], 0);

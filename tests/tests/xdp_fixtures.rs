@@ -198,12 +198,13 @@ fn tcp4_with(src: [u8; 4], dst: [u8; 4], dport: u16, opts: Ipv4Opts) -> Vec<u8> 
     testpkt::ipv4(src, dst, L4::tcp(40000, dport, TCP_SYN), opts)
 }
 
-/// Recomputes the IPv4 header checksum after a fixture changed header bytes.
-fn fix_ipv4_checksum(f: &mut [u8]) {
-    let ihl = (f[14] & 0xf) as usize * 4;
-    f[24..26].copy_from_slice(&[0, 0]);
-    let c = lb_ebpf::csum::checksum(&f[14..14 + ihl], 0);
-    f[24..26].copy_from_slice(&c.to_be_bytes());
+/// Runs the calling thread on the first CPU only: BPF_PROG_TEST_RUN runs on the caller's
+/// CPU, and per-CPU state (wrr cursors, LRU lists, flood windows) is then one CPU's.
+fn pin_to_first_cpu() -> Result<()> {
+    let mut cpu = nix::sched::CpuSet::new();
+    cpu.set(0)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu)?;
+    Ok(())
 }
 
 /// What a fixture row expects.
@@ -268,7 +269,7 @@ fn cases() -> Vec<Case> {
         let mut f = tcp4_with(c, VIP, 80, Ipv4Opts { options: 4, ..Default::default() });
         // A timestamp option claiming 12 bytes in a 4-byte options area.
         f[34..38].copy_from_slice(&[68, 12, 5, 0]);
-        fix_ipv4_checksum(&mut f);
+        testpkt::fix_ipv4_checksum(&mut f, 14);
         f
     };
     let udp_too_long = {
@@ -984,10 +985,8 @@ fn mutated_frames_never_forward_anything_but_service_traffic() -> Result<()> {
 #[test]
 fn wrr_deals_new_flows_in_weighted_turns_and_keeps_established_ones() -> Result<()> {
     with_env(|env| {
-        // One CPU, so one cursor: BPF_PROG_TEST_RUN runs on the caller's CPU.
-        let mut cpu = nix::sched::CpuSet::new();
-        cpu.set(0)?;
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu)?;
+        // One CPU, so one cursor.
+        pin_to_first_cpu()?;
         let wrr_vip = ServiceMatch::Vip { addr: ip("192.0.2.30"), port: 80, proto: Protocol::Tcp };
         let mut rr = service("rr", wrr_vip, Scheduler::Wrr, &[("10.1.0.11", Active), ("10.1.0.12", Active)]);
         rr.backends[0].weight = 300;
@@ -1036,10 +1035,7 @@ fn a_segment_without_handshake_counts_as_a_connection_only_once_it_goes_on() -> 
                 .map(|(_, f)| f)
                 .ok_or_else(|| anyhow::anyhow!("no entry for the mid-stream flow"))
         };
-        let now = || -> Result<u64> {
-            let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)?;
-            Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        };
+        let now = lb_daemon::snapshot::flow_clock_ns;
         let f = entry(env)?;
         ensure!(f.state == FLOW_MIDSTREAM, "state {}", f.state);
         ensure!(classify(&f, now()?).is_none(), "junk must not count as a connection");
@@ -1063,10 +1059,8 @@ fn the_flood_guard_keeps_established_flows_through_a_syn_flood() -> Result<()> {
     use lb_common::programs::{BALANCER, BENCH_DRIVER};
     use lb_tests::fixture::run_program;
     with_env(|env| {
-        // One CPU: BPF_PROG_TEST_RUN runs on the caller's, and the LRU lists are per CPU.
-        let mut cpu = nix::sched::CpuSet::new();
-        cpu.set(0)?;
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu)?;
+        // One CPU, so one LRU list and one flood window.
+        pin_to_first_cpu()?;
         // BPF_PROG_TEST_RUN hands the frame it forwarded (backend MAC) to the next run:
         // let the receiving interface accept any unicast MAC, as without the daemon.
         env.plan.state.local_macs.clear();
@@ -1107,9 +1101,10 @@ fn the_flood_guard_keeps_established_flows_through_a_syn_flood() -> Result<()> {
         let unrecorded = env.dp.global_counters()?[stat::FLOWS_UNRECORDED_FLOOD as usize] - unrecorded_before;
         ensure!(surviving(env)? == established.len(), "the guard let the flood evict established flows");
         ensure!(unrecorded > 100_000, "only {unrecorded} of 200,000 new flows went unrecorded");
-        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)?;
-        let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
-        ensure!(env.dp.flood_guard_active_cpus(now)? >= 1, "the guard is reported active");
+        ensure!(
+            env.dp.flood_guard_active_cpus(lb_daemon::snapshot::flow_clock_ns()?)? >= 1,
+            "the guard is reported active"
+        );
         // The same flood without the guard evicts them: the guard is what kept them.
         env.plan.state.flood_guard_flows_per_sec = 0;
         env.dp.apply(&env.plan.state)?;
