@@ -72,6 +72,8 @@ pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// `ServiceKey::kind` and `FlowKey::family` values.
 pub const FAMILY_V4: u8 = 4;
@@ -309,6 +311,17 @@ pub mod stat {
     /// `DataplaneConfig::flood_guard_flows_per_sec`.
     pub const FLOWS_UNRECORDED_FLOOD: u32 = 40;
 
+    /// ICMP errors that quote a service's flow, forwarded to that flow's backend (it
+    /// answered from the VIP, so the error came back to the director), by kind.
+    pub const ICMP_FRAG_NEEDED: u32 = 48;
+    pub const ICMP_DEST_UNREACH: u32 = 49;
+    pub const ICMP_TIME_EXCEEDED: u32 = 50;
+    pub const ICMP_PARAM_PROBLEM: u32 = 51;
+    pub const ICMP6_PACKET_TOO_BIG: u32 = 52;
+    pub const ICMP6_DEST_UNREACH: u32 = 53;
+    pub const ICMP6_TIME_EXCEEDED: u32 = 54;
+    pub const ICMP6_PARAM_PROBLEM: u32 = 55;
+
     pub const COUNT: u32 = 64;
 
     /// Drop reasons with the names the daemon exports them under.
@@ -332,6 +345,18 @@ pub mod stat {
 
     /// Packets passed to the stack on purpose (not merely "not ours"), by reason.
     pub const PASS_REASONS: [(u32, &str); 1] = [(PASS_NO_BACKEND, "no_backend")];
+
+    /// Forwarded ICMP errors by (counter, family, type) as exported.
+    pub const ICMP_FORWARDED: [(u32, &str, &str); 8] = [
+        (ICMP_FRAG_NEEDED, "ipv4", "fragmentation_needed"),
+        (ICMP_DEST_UNREACH, "ipv4", "destination_unreachable"),
+        (ICMP_TIME_EXCEEDED, "ipv4", "time_exceeded"),
+        (ICMP_PARAM_PROBLEM, "ipv4", "parameter_problem"),
+        (ICMP6_PACKET_TOO_BIG, "ipv6", "packet_too_big"),
+        (ICMP6_DEST_UNREACH, "ipv6", "destination_unreachable"),
+        (ICMP6_TIME_EXCEEDED, "ipv6", "time_exceeded"),
+        (ICMP6_PARAM_PROBLEM, "ipv6", "parameter_problem"),
+    ];
 
     pub const ACTIONS: [(u32, &str); 5] = [
         (ACTION_ABORTED, "aborted"),

@@ -414,6 +414,10 @@ impl Daemon {
             flow_capacity: self.dataplane.load_report().flow_entries,
             flood_guard_active_cpus: self.dataplane.flood_guard_active_cpus(now)?,
             flows_unrecorded: global[stat::FLOWS_UNRECORDED_FLOOD as usize],
+            icmp_forwarded: stat::ICMP_FORWARDED
+                .iter()
+                .map(|(i, family, kind)| (*family, *kind, global[*i as usize]))
+                .collect(),
             interfaces: self
                 .config
                 .director

@@ -194,6 +194,15 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
         &[],
     )?;
     unrecorded.with_label_values::<&str>(&[]).inc_by(snap.flows_unrecorded);
+    let icmp = counter(
+        &reg,
+        "lb_xdp_icmp_forwarded_total",
+        "ICMP errors about a service's flow (fragmentation needed, unreachable, ...) forwarded to the flow's backend.",
+        &["family", "type"],
+    )?;
+    for (family, kind, v) in &snap.icmp_forwarded {
+        icmp.with_label_values(&[family, kind]).inc_by(*v);
+    }
     let reloads =
         counter(&reg, "lb_config_reloads_total", "Configuration loads and reloads, by result.", &["result"])?;
     reloads.with_label_values(&["success"]).inc_by(snap.reloads_ok);

@@ -138,6 +138,8 @@ pub struct Snapshot {
     pub flood_guard_active_cpus: u32,
     /// New flows forwarded without being recorded while the guard was active.
     pub flows_unrecorded: u64,
+    /// ICMP errors about a service's flow forwarded to its backend, by (family, type).
+    pub icmp_forwarded: Vec<(&'static str, &'static str, u64)>,
     pub interfaces: Vec<(String, XdpMode)>,
     pub reloads_ok: u64,
     pub reloads_failed: u64,

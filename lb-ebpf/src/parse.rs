@@ -5,7 +5,7 @@
 //! by ordinary tests. Each read is preceded by an explicit comparison against `end`; the
 //! verifier needs to see that comparison on the exact pointer it dereferences.
 
-use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, stat};
+use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, stat};
 
 pub const ETH_HLEN: usize = 14;
 pub const VLAN_HLEN: usize = 4;
@@ -46,6 +46,12 @@ pub struct Parsed {
     /// to be a service's.
     pub l3: u16,
     pub ihl: u8,
+    /// Non-zero for an ICMP error that quotes a packet of a TCP/UDP flow addressed from the
+    /// ICMP message's own destination: then the fields above describe that flow as the
+    /// client sends it (the quoted packet went the other way, so its addresses and ports
+    /// are swapped back), `tcp_flags` is zero, and this is the `stat::ICMP_*` counter of
+    /// the error's kind.
+    pub icmp_error: u8,
 }
 
 /// Why a packet was not turned into a [`Parsed`].
@@ -363,6 +369,8 @@ fn parse_l4(
             (flags, doff as usize * 4)
         }
         PROTO_UDP => (0, 8),
+        PROTO_ICMP if family == FAMILY_V4 => return parse_icmp_error(start, end, l4, ip_end, family, dst),
+        PROTO_ICMPV6 if family == FAMILY_V6 => return parse_icmp_error(start, end, l4, ip_end, family, dst),
         _ => return Err(ParseError::NotOurs),
     };
     let sport = read_raw16(start, end, l4).ok_or(malformed(stat::DROP_TRUNCATED))?;
@@ -380,7 +388,97 @@ fn parse_l4(
     if proto == PROTO_UDP && (udp_len < 8 || l4 + udp_len > ip_end) {
         return Err(malformed(stat::DROP_BAD_UDP_LENGTH));
     }
-    Ok(Parsed { family, proto, src, dst, sport, dport, tcp_flags, l3: 0, ihl: 0 })
+    Ok(Parsed { family, proto, src, dst, sport, dport, tcp_flags, l3: 0, ihl: 0, icmp_error: 0 })
+}
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED_CODE: u8 = 4;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
+const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
+/// Type, code, checksum and four bytes (unused, or the next-hop MTU) before the quote.
+const ICMP_HDR_LEN: usize = 8;
+
+/// The counter of an ICMP error kind that quotes the packet that caused it; `None` for
+/// every other message (echo, redirects, neighbour discovery...).
+#[inline(always)]
+fn icmp_error_counter(family: u8, kind: u8, code: u8) -> Option<u8> {
+    let counter = match (family, kind) {
+        (FAMILY_V4, ICMP_DEST_UNREACH) if code == ICMP_FRAG_NEEDED_CODE => stat::ICMP_FRAG_NEEDED,
+        (FAMILY_V4, ICMP_DEST_UNREACH) => stat::ICMP_DEST_UNREACH,
+        (FAMILY_V4, ICMP_TIME_EXCEEDED) => stat::ICMP_TIME_EXCEEDED,
+        (FAMILY_V4, ICMP_PARAMETER_PROBLEM) => stat::ICMP_PARAM_PROBLEM,
+        (FAMILY_V6, ICMPV6_PACKET_TOO_BIG) => stat::ICMP6_PACKET_TOO_BIG,
+        (FAMILY_V6, ICMPV6_DEST_UNREACH) => stat::ICMP6_DEST_UNREACH,
+        (FAMILY_V6, ICMPV6_TIME_EXCEEDED) => stat::ICMP6_TIME_EXCEEDED,
+        (FAMILY_V6, ICMPV6_PARAMETER_PROBLEM) => stat::ICMP6_PARAM_PROBLEM,
+        _ => return None,
+    };
+    Some(counter as u8)
+}
+
+/// An ICMP error about a packet that `outer_dst` sent: under direct routing a real server
+/// answers from the VIP, so a router's "fragmentation needed" about a reply comes to the
+/// VIP, that is to the director, and must go on to the server or path MTU discovery
+/// breaks. The quote is read as far as the ports (RFC 792 guarantees 8 bytes after the
+/// IP header); an IPv6 quote must carry its transport header right after the fixed one.
+/// Anything else, including a quote of some other host's packet, is the kernel's.
+#[inline(always)]
+fn parse_icmp_error(
+    start: usize,
+    end: usize,
+    l4: usize,
+    ip_end: usize,
+    family: u8,
+    outer_dst: [u32; 4],
+) -> Result<Parsed, ParseError> {
+    let [kind, code] = read_2u8(start, end, l4).ok_or(ParseError::NotOurs)?;
+    let icmp_error = icmp_error_counter(family, kind, code).ok_or(ParseError::NotOurs)?;
+    let quote = l4 + ICMP_HDR_LEN;
+    let (proto, src, dst, quote_l4) = if family == FAMILY_V4 {
+        let [vhl, _] = read_2u8(start, end, quote).ok_or(ParseError::NotOurs)?;
+        let ihl = (vhl & 0x0f) as usize * 4;
+        let frag = read_be16(start, end, quote + 6).ok_or(ParseError::NotOurs)?;
+        // A later fragment carries no ports.
+        if vhl >> 4 != 4 || ihl < 20 || frag & 0x1fff != 0 {
+            return Err(ParseError::NotOurs);
+        }
+        let [_, proto] = read_2u8(start, end, quote + 8).ok_or(ParseError::NotOurs)?;
+        let src = read_raw32(start, end, quote + 12).ok_or(ParseError::NotOurs)?;
+        let dst = read_raw32(start, end, quote + 16).ok_or(ParseError::NotOurs)?;
+        (proto, [src, 0, 0, 0], [dst, 0, 0, 0], quote + ihl)
+    } else {
+        let [vtc, _] = read_2u8(start, end, quote).ok_or(ParseError::NotOurs)?;
+        let [next, _] = read_2u8(start, end, quote + 6).ok_or(ParseError::NotOurs)?;
+        if vtc >> 4 != 6 {
+            return Err(ParseError::NotOurs);
+        }
+        let src = read_addr6(start, end, quote + 8).ok_or(ParseError::NotOurs)?;
+        let dst = read_addr6(start, end, quote + 24).ok_or(ParseError::NotOurs)?;
+        (next, src, dst, quote + IPV6_HDR_LEN)
+    };
+    let sport = read_raw16(start, end, quote_l4).ok_or(ParseError::NotOurs)?;
+    let dport = read_raw16(start, end, quote_l4 + 2).ok_or(ParseError::NotOurs)?;
+    let from_destination =
+        src[0] == outer_dst[0] && src[1] == outer_dst[1] && src[2] == outer_dst[2] && src[3] == outer_dst[3];
+    if (proto != PROTO_TCP && proto != PROTO_UDP) || !from_destination || quote_l4 + 4 > ip_end {
+        return Err(ParseError::NotOurs);
+    }
+    Ok(Parsed {
+        family,
+        proto,
+        src: dst,
+        dst: src,
+        sport: dport,
+        dport: sport,
+        tcp_flags: 0,
+        l3: 0,
+        ihl: 0,
+        icmp_error,
+    })
 }
 
 #[cfg(test)]
@@ -615,5 +713,91 @@ mod tests {
         let mut mapped_one = [0u8; 16];
         mapped_one[15] = 2;
         assert!(!v6(doc) && !v6(mapped_one));
+    }
+
+    /// The packet a real server sends back from the VIP, as a router would quote it.
+    fn reply4(proto_l4: L4) -> Vec<u8> {
+        testpkt::ipv4([192, 0, 2, 1], [10, 0, 0, 1], proto_l4, Ipv4Opts::default())[14..].to_vec()
+    }
+
+    #[test]
+    fn icmp_errors_quoting_a_reply_describe_the_clients_flow() {
+        let reply = reply4(L4::Tcp { sport: 80, dport: 40000, flags: TCP_ACK, payload: 1400 });
+        let router = [10, 9, 9, 9];
+        let frag_needed = testpkt::icmp4_error(router, [192, 0, 2, 1], 3, 4, 1400, &reply, 28);
+        let p = run(&frag_needed).unwrap();
+        assert_eq!((p.proto, p.src, p.dst), (PROTO_TCP, v4([10, 0, 0, 1]), v4([192, 0, 2, 1])));
+        assert_eq!((u16::from_be(p.sport), u16::from_be(p.dport)), (40000, 80));
+        assert_eq!((p.tcp_flags, p.icmp_error as u32), (0, stat::ICMP_FRAG_NEEDED));
+        assert_eq!((p.l3, p.ihl), (14, 20), "the outer header is the one the kernel checks");
+        let kinds = [
+            (3, 1, stat::ICMP_DEST_UNREACH),
+            (11, 0, stat::ICMP_TIME_EXCEEDED),
+            (12, 0, stat::ICMP_PARAM_PROBLEM),
+        ];
+        for (kind, code, counter) in kinds {
+            let f = testpkt::icmp4_error(router, [192, 0, 2, 1], kind, code, 0, &reply, 576);
+            assert_eq!(run(&f).map(|p| p.icmp_error as u32), Ok(counter), "type {kind}");
+        }
+        let udp = testpkt::icmp4_error(router, [192, 0, 2, 1], 3, 3, 0, &reply4(L4::udp(53, 5353)), 28);
+        let p = run(&udp).unwrap();
+        assert_eq!((p.proto, u16::from_be(p.sport), u16::from_be(p.dport)), (PROTO_UDP, 5353, 53));
+    }
+
+    #[test]
+    fn icmp_messages_that_quote_no_flow_of_the_destination_are_not_ours() {
+        let reply = reply4(L4::Tcp { sport: 80, dport: 40000, flags: TCP_ACK, payload: 100 });
+        let to = |dst: [u8; 4], kind: u8, quote: &[u8], len: usize| {
+            run(&testpkt::icmp4_error([10, 9, 9, 9], dst, kind, 0, 0, quote, len))
+        };
+        // Echo request; a quote of someone else's packet; a quote cut before the ports.
+        assert_eq!(to([192, 0, 2, 1], 8, &reply, 28), Err(ParseError::NotOurs));
+        assert_eq!(to([192, 0, 2, 2], 3, &reply, 28), Err(ParseError::NotOurs));
+        assert_eq!(to([192, 0, 2, 1], 3, &reply, 23), Err(ParseError::NotOurs));
+        // A later fragment (no ports), and a quoted protocol other than TCP and UDP.
+        let mut fragment = reply.clone();
+        fragment[7] = 0x10;
+        assert_eq!(to([192, 0, 2, 1], 3, &fragment, 28), Err(ParseError::NotOurs));
+        let gre = testpkt::ipv4(
+            [192, 0, 2, 1],
+            [10, 0, 0, 1],
+            L4::Other { proto: 47, len: 8 },
+            Ipv4Opts::default(),
+        );
+        assert_eq!(to([192, 0, 2, 1], 3, &gre[14..], 28), Err(ParseError::NotOurs));
+    }
+
+    #[test]
+    fn icmpv6_packet_too_big_describes_the_clients_flow() {
+        let vip = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+        let client = [0x20, 0x01, 0x0d, 0xb8, 0, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let router = [0x20, 0x01, 0x0d, 0xb8, 0, 0x98, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let reply = testpkt::ipv6(
+            vip,
+            client,
+            L4::Tcp { sport: 443, dport: 50000, flags: TCP_ACK, payload: 1400 },
+            Ipv6Opts::default(),
+        );
+        let ptb = testpkt::icmp6_error(router, vip, 2, 0, 1280, &reply[14..], 1232);
+        let p = run(&ptb).unwrap();
+        let w = |a: [u8; 16]| [0, 4, 8, 12].map(|i| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]));
+        assert_eq!((p.family, p.proto, p.src, p.dst), (FAMILY_V6, PROTO_TCP, w(client), w(vip)));
+        assert_eq!((u16::from_be(p.sport), u16::from_be(p.dport)), (50000, 443));
+        assert_eq!(p.icmp_error as u32, stat::ICMP6_PACKET_TOO_BIG);
+        for (kind, counter) in
+            [(1, stat::ICMP6_DEST_UNREACH), (3, stat::ICMP6_TIME_EXCEEDED), (4, stat::ICMP6_PARAM_PROBLEM)]
+        {
+            let f = testpkt::icmp6_error(router, vip, kind, 0, 0, &reply[14..], 1232);
+            assert_eq!(run(&f).map(|p| p.icmp_error as u32), Ok(counter), "type {kind}");
+        }
+        // Echo request (128) and a quote of another address.
+        assert_eq!(
+            run(&testpkt::icmp6_error(router, vip, 128, 0, 0, &reply[14..], 64)),
+            Err(ParseError::NotOurs)
+        );
+        assert_eq!(
+            run(&testpkt::icmp6_error(router, client, 2, 0, 1280, &reply[14..], 64)),
+            Err(ParseError::NotOurs)
+        );
     }
 }

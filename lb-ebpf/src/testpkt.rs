@@ -22,6 +22,15 @@ pub enum L4 {
         dport: u16,
         payload: usize,
     },
+    /// An ICMP (IPv4) or ICMPv6 message: type, code, the four bytes after the checksum
+    /// (unused, or an MTU), then `body` (for an error, the quoted packet).
+    Icmp {
+        v6: bool,
+        kind: u8,
+        code: u8,
+        rest: [u8; 4],
+        body: Vec<u8>,
+    },
     /// Any other protocol with `len` zero bytes of payload.
     Other {
         proto: u8,
@@ -42,6 +51,8 @@ impl L4 {
         match self {
             L4::Tcp { .. } => 6,
             L4::Udp { .. } => 17,
+            L4::Icmp { v6: false, .. } => 1,
+            L4::Icmp { v6: true, .. } => 58,
             L4::Other { proto, .. } => *proto,
         }
     }
@@ -70,6 +81,12 @@ impl L4 {
                 b.extend_from_slice(&[0, 0]);
                 b.extend((0..payload).map(|i| i as u8));
                 (b, Some(6))
+            }
+            L4::Icmp { kind, code, rest, ref body, .. } => {
+                let mut b = vec![kind, code, 0, 0];
+                b.extend_from_slice(&rest);
+                b.extend_from_slice(body);
+                (b, Some(2))
             }
             L4::Other { len, .. } => (vec![0; len], None),
         }
@@ -117,7 +134,9 @@ fn pseudo_sum(src: &[u8], dst: &[u8], proto: u8, len: usize) -> u32 {
 fn finish_l4(l4: &L4, src: &[u8], dst: &[u8]) -> Vec<u8> {
     let (mut b, check_at) = l4.bytes();
     if let Some(at) = check_at {
-        let c = csum::checksum(&b, pseudo_sum(src, dst, l4.proto(), b.len()));
+        // ICMP for IPv4 is the one checksum here without a pseudo-header.
+        let pseudo = if l4.proto() == 1 { 0 } else { pseudo_sum(src, dst, l4.proto(), b.len()) };
+        let c = csum::checksum(&b, pseudo);
         b[at..at + 2].copy_from_slice(&c.to_be_bytes());
     }
     b
@@ -142,6 +161,37 @@ pub fn ipv4(src: [u8; 4], dst: [u8; 4], l4: L4, opts: Ipv4Opts) -> Vec<u8> {
     f.extend_from_slice(&h);
     f.extend_from_slice(&payload);
     f
+}
+
+/// An ICMP error from `router` to `dst` quoting `packet` (an IP packet, from its IP
+/// header on), cut to `quote_len` bytes as a router does.
+pub fn icmp4_error(
+    router: [u8; 4],
+    dst: [u8; 4],
+    kind: u8,
+    code: u8,
+    mtu: u16,
+    packet: &[u8],
+    quote_len: usize,
+) -> Vec<u8> {
+    let mut rest = [0; 4];
+    rest[2..].copy_from_slice(&mtu.to_be_bytes());
+    let body = packet[..quote_len.min(packet.len())].to_vec();
+    ipv4(router, dst, L4::Icmp { v6: false, kind, code, rest, body }, Ipv4Opts::default())
+}
+
+/// The ICMPv6 form of [`icmp4_error`]; `mtu` fills the four bytes after the checksum.
+pub fn icmp6_error(
+    router: [u8; 16],
+    dst: [u8; 16],
+    kind: u8,
+    code: u8,
+    mtu: u32,
+    packet: &[u8],
+    quote_len: usize,
+) -> Vec<u8> {
+    let body = packet[..quote_len.min(packet.len())].to_vec();
+    ipv6(router, dst, L4::Icmp { v6: true, kind, code, rest: mtu.to_be_bytes(), body }, Ipv6Opts::default())
 }
 
 /// Rewrites the IPv4 total length (and header checksum) of `f` to match its length.

@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 
 use crate::daemon::{Daemon, Metrics};
 use crate::tcp::{NameServer, fetch_from};
-use crate::topology::{DIRECTOR_CLIENT_SIDE, DIRECTOR_IN, DrTopology, VIP};
+use crate::topology::{ClientPath, DIRECTOR_CLIENT_SIDE, DIRECTOR_IN, DrTopology, VIP};
 
 /// Port of the service on the VIP; the director's own service listens on 8080.
 pub const VIP_PORT: u16 = 80;
@@ -60,7 +60,17 @@ impl DrLab {
     }
 
     pub fn start_with(servers: usize, client_addrs: usize, config: LabConfig) -> Result<Self> {
-        let topo = DrTopology::build(servers, client_addrs)?;
+        Self::start_on(ClientPath::Direct, servers, client_addrs, config)
+    }
+
+    /// A lab whose clients reach the director by `path`.
+    pub fn start_on(
+        path: ClientPath,
+        servers: usize,
+        client_addrs: usize,
+        config: LabConfig,
+    ) -> Result<Self> {
+        let topo = DrTopology::build_with(servers, client_addrs, path)?;
         let name_servers = topo
             .servers
             .iter()

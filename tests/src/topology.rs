@@ -5,6 +5,9 @@
 //!  10.0.1.10+      10.0.1.1 │ 10.0.2.1                       10.0.2.11+, VIP on lo
 //! ```
 //!
+//! With [`ClientPath::Router`] a router stands between client and director (clients then
+//! live on 10.0.3.0/24, the router at 10.0.1.2 and 10.0.3.1).
+//!
 //! The client routes the VIP via the director. The director's XDP program sends VIP
 //! traffic to a server by rewriting MACs and redirecting into its LAN interface; servers
 //! hold the VIP on loopback (arp_ignore/arp_announce, as with LVS-DR) and answer the
@@ -26,8 +29,25 @@ pub const DIRECTOR_OUT: &str = "lan0";
 /// and the client routes it via the director.
 pub const VIP_PREFIX_LEN: u8 = 24;
 
+/// How the clients reach the director.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClientPath {
+    /// One link from the client to the director's `ext0`.
+    #[default]
+    Direct,
+    /// Through a router whose interface toward the clients carries at most `mtu` bytes
+    /// per packet (the clients' own side stays at 1500, so they advertise a full MSS):
+    /// a bigger reply makes the router send "fragmentation needed" to its source, the VIP.
+    Router { mtu: u32 },
+}
+
+pub const ROUTER_DIRECTOR_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+pub const ROUTER_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 3, 1);
+
 pub struct DrTopology {
     pub client: NetNs,
+    /// The router of [`ClientPath::Router`].
+    pub router: Option<NetNs>,
     pub director: NetNs,
     pub lan: NetNs,
     pub servers: Vec<NetNs>,
@@ -48,25 +68,58 @@ fn no_offloads(ns: &NetNs, iface: &str) -> Result<()> {
 
 impl DrTopology {
     pub fn build(servers: usize, client_addrs: usize) -> Result<Self> {
+        Self::build_with(servers, client_addrs, ClientPath::Direct)
+    }
+
+    pub fn build_with(servers: usize, client_addrs: usize, path: ClientPath) -> Result<Self> {
         let client = NetNs::new("cl")?;
         let director = NetNs::new("dr")?;
         let lan = NetNs::new("ln")?;
-        let (cl_if, dir_in) = veth_named(&client, &director, &crate::unique_name("ca"), DIRECTOR_IN)?;
+        let vip_net = ipnet::Ipv4Net::new(VIP, VIP_PREFIX_LEN)?.trunc().to_string();
+        let (router, cl_if, dir_in, client_net) = match path {
+            ClientPath::Direct => {
+                let (cl_if, dir_in) = veth_named(&client, &director, &crate::unique_name("ca"), DIRECTOR_IN)?;
+                (None, cl_if, dir_in, 1)
+            }
+            ClientPath::Router { mtu } => {
+                let router = NetNs::new("rt")?;
+                let (rt_out, dir_in) =
+                    veth_named(&router, &director, &crate::unique_name("ra"), DIRECTOR_IN)?;
+                let (cl_if, rt_in) = veth(&client, &router, "rc")?;
+                for i in [&rt_out, &rt_in] {
+                    no_offloads(&router, i)?;
+                }
+                router.ip(&["addr", "add", &format!("{ROUTER_DIRECTOR_SIDE}/24"), "dev", &rt_out])?;
+                router.ip(&["addr", "add", &format!("{ROUTER_CLIENT_SIDE}/24"), "dev", &rt_in])?;
+                router.ip(&["link", "set", &rt_in, "mtu", &mtu.to_string()])?;
+                router.ip(&["route", "add", &vip_net, "via", &DIRECTOR_CLIENT_SIDE.to_string()])?;
+                router.sysctl("net.ipv4.ip_forward", "1")?;
+                (Some(router), cl_if, dir_in, 3)
+            }
+        };
         let (dir_out, lan_port) = veth_named(&director, &lan, DIRECTOR_OUT, &crate::unique_name("db"))?;
         for (ns, i) in [(&client, &cl_if), (&director, &dir_in), (&director, &dir_out), (&lan, &lan_port)] {
             no_offloads(ns, i)?;
         }
 
         let client_addrs: Vec<Ipv4Addr> =
-            (0..client_addrs).map(|i| Ipv4Addr::new(10, 0, 1, 10 + i as u8)).collect();
+            (0..client_addrs).map(|i| Ipv4Addr::new(10, 0, client_net, 10 + i as u8)).collect();
         for a in &client_addrs {
             client.ip(&["addr", "add", &format!("{a}/24"), "dev", &cl_if])?;
         }
-        let vip_net = ipnet::Ipv4Net::new(VIP, VIP_PREFIX_LEN)?.trunc();
-        client.ip(&["route", "add", &vip_net.to_string(), "via", &DIRECTOR_CLIENT_SIDE.to_string()])?;
+        if router.is_some() {
+            let via = ROUTER_CLIENT_SIDE.to_string();
+            client.ip(&["route", "add", &vip_net, "via", &via])?;
+            client.ip(&["route", "add", "10.0.1.0/24", "via", &via])?;
+        } else {
+            client.ip(&["route", "add", &vip_net, "via", &DIRECTOR_CLIENT_SIDE.to_string()])?;
+        }
 
         director.ip(&["addr", "add", &format!("{DIRECTOR_CLIENT_SIDE}/24"), "dev", &dir_in])?;
         director.ip(&["addr", "add", &format!("{DIRECTOR_LAN_SIDE}/24"), "dev", &dir_out])?;
+        if router.is_some() {
+            director.ip(&["route", "add", "10.0.3.0/24", "via", &ROUTER_DIRECTOR_SIDE.to_string()])?;
+        }
         director.sysctl("net.ipv4.ip_forward", "1")?;
         // Replies come from the VIP, which the director has no route back to.
         for scope in ["all", "default", dir_in.as_str(), dir_out.as_str()] {
@@ -99,6 +152,7 @@ impl DrTopology {
         }
         Ok(DrTopology {
             client,
+            router,
             director,
             lan,
             servers: server_ns,

@@ -36,3 +36,39 @@ fn tcp_connections_reach_real_servers_by_source_hash() -> Result<()> {
     ensure!(served.iter().all(|n| *n > 0));
     Ok(())
 }
+
+/// Path MTU discovery under direct routing: a router between the clients and the director
+/// carries at most 1280 bytes toward the clients. The real server's 1500-byte replies
+/// make it send "fragmentation needed" to their source, the VIP, that is to the
+/// director, which must hand it to the server; otherwise the download stalls for good.
+#[test]
+fn a_download_through_a_router_with_a_small_mtu_completes() -> Result<()> {
+    use lb_tests::lab::{LabConfig, web_service};
+    use lb_tests::tcp::NameServer;
+    use lb_tests::topology::{ClientPath, VIP};
+    const BULK_PORT: u16 = 9000;
+    const SIZE: usize = 1 << 20;
+    let servers: Vec<IpAddr> = vec![IpAddr::from([10, 0, 2, 11]), IpAddr::from([10, 0, 2, 12])];
+    let services = web_service(&servers).replace(
+        "services:\n",
+        &format!(
+            "services:\n  - name: bulk\n    match: {{ vip: {VIP}, port: {BULK_PORT}, proto: tcp }}\n    backends:\n      \
+             - {{ address: 10.0.2.11 }}\n      - {{ address: 10.0.2.12 }}\n"
+        ),
+    );
+    let lab = DrLab::start_on(ClientPath::Router { mtu: 1280 }, 2, 1, LabConfig::Services(services))?;
+    let payload: String = (0..SIZE).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let _bulk = lab
+        .topo
+        .servers
+        .iter()
+        .map(|ns| NameServer::start(ns, (std::net::Ipv4Addr::UNSPECIFIED, BULK_PORT).into(), &payload))
+        .collect::<Result<Vec<_>>>()?;
+    let got = lab.connect((VIP, BULK_PORT).into())?;
+    ensure!(got.len() == SIZE, "received {} of {SIZE} bytes:\n{}", got.len(), lab.daemon.log_text());
+    ensure!(got == payload, "the download arrived corrupted");
+    let forwarded =
+        lab.metrics()?.value("lb_xdp_icmp_forwarded_total{family=\"ipv4\",type=\"fragmentation_needed\"}")?;
+    ensure!(forwarded >= 1.0, "no fragmentation-needed message was forwarded ({forwarded})");
+    Ok(())
+}

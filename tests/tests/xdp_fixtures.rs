@@ -1114,3 +1114,100 @@ fn the_flood_guard_keeps_established_flows_through_a_syn_flood() -> Result<()> {
         Ok(())
     })
 }
+
+/// The packet a real server sends back from the VIP, from its IP header on.
+fn reply_of(client_frame: &[u8], payload: usize) -> Vec<u8> {
+    let start = client_frame.as_ptr() as usize;
+    let p = lb_ebpf::parse::parse(start, start + client_frame.len()).expect("a client frame");
+    let (sport, dport) = (u16::from_be(p.dport), u16::from_be(p.sport));
+    if p.family == lb_common::FAMILY_V4 {
+        let (src, dst) = (p.dst[0].to_ne_bytes(), p.src[0].to_ne_bytes());
+        testpkt::ipv4(src, dst, L4::Tcp { sport, dport, flags: TCP_ACK, payload }, Ipv4Opts::default())[14..]
+            .to_vec()
+    } else {
+        let bytes = |w: [u32; 4]| -> [u8; 16] { std::array::from_fn(|i| w[i / 4].to_ne_bytes()[i % 4]) };
+        testpkt::ipv6(
+            bytes(p.dst),
+            bytes(p.src),
+            L4::Tcp { sport, dport, flags: TCP_ACK, payload },
+            Ipv6Opts::default(),
+        )[14..]
+            .to_vec()
+    }
+}
+
+#[test]
+fn icmp_errors_about_a_service_flow_go_to_its_backend() -> Result<()> {
+    const ROUTER: [u8; 4] = [203, 0, 113, 1];
+    const ROUTER6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0x98, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01];
+    with_env(|env| {
+        let counted =
+            |env: &Env, counter: u32| -> Result<u64> { Ok(env.dp.global_counters()?[counter as usize]) };
+        // A recorded flow whose client the ring moves after a change: the error follows
+        // the connection table, not the new ring.
+        let mut more = services();
+        more[0].backends.push(BackendSpec { addr: ip("10.1.0.14"), weight: 300, state: Active });
+        env.neighbours.insert(
+            ip("10.1.0.14"),
+            Neighbour { mac: [2, 0, 0, 0, 1, 0x14], ifindex: 1, if_mac: DIRECTOR_MAC },
+        );
+        let next = env.planner.clone().plan(&more, &mark_rules(), &env.neighbours)?;
+        let (syn, before) = (0..=255u8)
+            .map(|i| tcp4([10, 18, 0, i], VIP, 43000, 80, TCP_SYN))
+            .find_map(|syn| {
+                let now = predicted_backend(&env.plan.state, &web(), &syn)?;
+                let later = predicted_backend(&next.state, &web(), &syn)?;
+                (now != later).then_some((syn, now))
+            })
+            .ok_or_else(|| anyhow::anyhow!("no client moves on the new ring"))?;
+        ensure!(env.forward(&syn)? == before);
+        env.replan(&more)?;
+        let reply = reply_of(&syn, 1400);
+        let frag_needed = testpkt::icmp4_error(ROUTER, VIP, 3, 4, 1400, &reply, 576);
+        ensure!(env.forward(&frag_needed)? == before, "fragmentation needed went elsewhere than the flow");
+        ensure!(counted(env, stat::ICMP_FRAG_NEEDED)? == 1);
+
+        // An unrecorded flow (the director restarted): the ring's backend, as a
+        // mid-stream segment would get.
+        let unseen = tcp4([10, 18, 1, 1], VIP, 43001, 80, TCP_ACK);
+        let want = predicted_backend(&env.plan.state, &web(), &unseen).expect("prediction");
+        let time_exceeded = testpkt::icmp4_error(ROUTER, VIP, 11, 0, 0, &reply_of(&unseen, 10), 28);
+        ensure!(env.forward(&time_exceeded)? == want);
+        ensure!(counted(env, stat::ICMP_TIME_EXCEEDED)? == 1);
+        ensure!(
+            !env.dp.flows()?.iter().any(|(k, _)| u16::from_be(k.sport) == 43001),
+            "an ICMP error must not record a flow"
+        );
+
+        // IPv6: packet too big about a flow of the mh service.
+        let syn6 = testpkt::ipv6(CLIENT6, VIP6, L4::tcp(5100, 80, TCP_SYN), Ipv6Opts::default());
+        let id6 = env.forward(&syn6)?;
+        let ptb = testpkt::icmp6_error(ROUTER6, VIP6, 2, 0, 1280, &reply_of(&syn6, 1400), 1232);
+        ensure!(env.forward(&ptb)? == id6);
+        ensure!(counted(env, stat::ICMP6_PACKET_TOO_BIG)? == 1);
+
+        // What is not about a service's flow stays the kernel's, byte for byte.
+        let other_port = tcp4([10, 18, 2, 1], VIP, 43002, 8080, TCP_SYN);
+        let not_ours = [
+            ("echo request", testpkt::icmp4_error(ROUTER, VIP, 8, 0, 0, &reply, 28)),
+            (
+                "a port without a service",
+                testpkt::icmp4_error(ROUTER, VIP, 3, 4, 1400, &reply_of(&other_port, 0), 28),
+            ),
+            (
+                "addressed to another host",
+                testpkt::icmp4_error(ROUTER, [192, 0, 2, 99], 3, 4, 1400, &reply, 28),
+            ),
+            ("a quote cut before the ports", testpkt::icmp4_error(ROUTER, VIP, 3, 4, 1400, &reply, 22)),
+        ];
+        for (what, frame) in not_ours {
+            let (action, out) = test_run(&env.dp, &frame)?;
+            ensure!(action == XDP_PASS && out == frame, "{what}: action {action}");
+        }
+        let mut other_mac = frag_needed.clone();
+        other_mac[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x77]);
+        ensure!(test_run(&env.dp, &other_mac)?.0 == XDP_PASS, "an error sent to another host's MAC");
+        ensure!(counted(env, stat::ICMP_FRAG_NEEDED)? == 1);
+        Ok(())
+    })
+}

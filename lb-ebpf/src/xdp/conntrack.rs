@@ -69,23 +69,44 @@ fn backend(id: u32) -> Option<Backend> {
     BACKENDS.get(id).copied()
 }
 
-/// The decision for a packet of a flow already in the table, if that flow may go on: its
-/// service still exists (same generation), its backend is up, and it is not a new SYN on
-/// a closed tuple (a new connection reusing the ports, to be scheduled afresh).
+/// The entry of a flow that may go on, with its backend: its service still exists (same
+/// generation) and its backend is up.
+#[inline(always)]
+fn live_entry(key: &FlowKey) -> Option<(*mut Flow, Backend)> {
+    let f = FLOWS.get_ptr_mut(key)?;
+    // SAFETY: the element stays valid for this program run (RCU); fields are read once.
+    let (service, generation, backend_id) = unsafe { ((*f).service, (*f).service_generation, (*f).backend) };
+    if *SERVICE_GENERATIONS.get(service)? != generation {
+        return None;
+    }
+    let b = backend(backend_id)?;
+    if b.state != BACKEND_UP {
+        return None;
+    }
+    Some((f, b))
+}
+
+/// The backend of a recorded flow, read only: for an ICMP error about the flow, which
+/// says nothing about the connection's state.
+#[inline(always)]
+pub fn lookup(key: &FlowKey) -> Option<Decision> {
+    let (f, b) = live_entry(key)?;
+    // SAFETY: as in live_entry.
+    let (service_id, backend_id) = unsafe { ((*f).service, (*f).backend) };
+    Some(Decision { service_id, backend_id, backend: b, new_flow: false })
+}
+
+/// The decision for a packet of a flow already in the table, if that flow may go on (see
+/// `live_entry`) and the packet is not a new SYN on a closed tuple (a new connection
+/// reusing the ports, to be scheduled afresh).
 #[inline(always)]
 pub fn established(p: &Parsed, key: &FlowKey) -> Option<Decision> {
+    let (f, b) = live_entry(key)?;
     // SAFETY: the element stays valid for this program run (RCU); concurrent writers
     // are other CPUs touching the same flow, which RSS makes rare and which can only
     // race on a timestamp or a state word.
-    let f = unsafe { &mut *FLOWS.get_ptr_mut(key)? };
+    let f = unsafe { &mut *f };
     if is_syn(p) && (f.state == FLOW_FIN || f.state == FLOW_CLOSED) {
-        return None;
-    }
-    if *SERVICE_GENERATIONS.get(f.service)? != f.service_generation {
-        return None;
-    }
-    let b = backend(f.backend)?;
-    if b.state != BACKEND_UP {
         return None;
     }
     let now = now();
@@ -110,6 +131,29 @@ pub fn established(p: &Parsed, key: &FlowKey) -> Option<Decision> {
 /// `stat::PASS_NO_BACKEND` means the packet goes to the stack, any other a drop.
 #[inline(always)]
 pub fn schedule(p: &Parsed, key: &FlowKey, svc: &Service) -> Result<Decision, u32> {
+    let d = pick(p, svc)?;
+    let state = if p.proto == PROTO_TCP { next_tcp_state(0, p.tcp_flags) } else { FLOW_UDP };
+    let now = now();
+    if flood_guard_allows(now) {
+        let flow = Flow {
+            backend: d.backend_id,
+            service: svc.id,
+            state,
+            service_generation: svc.generation,
+            last_seen_ns: now,
+        };
+        // A full table is no reason to drop: the hash sends the next packet to the same
+        // backend for as long as the ring is unchanged.
+        let _ = FLOWS.insert(key, &flow, 0);
+    } else {
+        stats::global(stat::FLOWS_UNRECORDED_FLOOD);
+    }
+    Ok(d)
+}
+
+/// The backend the ring gives a flow, without recording anything. Errors as `schedule`.
+#[inline(always)]
+pub fn pick(p: &Parsed, svc: &Service) -> Result<Decision, u32> {
     if svc.ring_size == 0 {
         return Err(if svc.flags & SERVICE_F_PASS_WHEN_EMPTY != 0 {
             stat::PASS_NO_BACKEND
@@ -132,22 +176,6 @@ pub fn schedule(p: &Parsed, key: &FlowKey, svc: &Service) -> Result<Decision, u3
     };
     let backend_id = *RINGS.get(svc.ring_offset + h % svc.ring_size).ok_or(stat::DROP_BACKEND_INVALID)?;
     let b = backend(backend_id).ok_or(stat::DROP_BACKEND_INVALID)?;
-    let state = if p.proto == PROTO_TCP { next_tcp_state(0, p.tcp_flags) } else { FLOW_UDP };
-    let now = now();
-    if flood_guard_allows(now) {
-        let flow = Flow {
-            backend: backend_id,
-            service: svc.id,
-            state,
-            service_generation: svc.generation,
-            last_seen_ns: now,
-        };
-        // A full table is no reason to drop: the hash sends the next packet to the same
-        // backend for as long as the ring is unchanged.
-        let _ = FLOWS.insert(key, &flow, 0);
-    } else {
-        stats::global(stat::FLOWS_UNRECORDED_FLOOD);
-    }
     Ok(Decision { service_id: svc.id, backend_id, backend: b, new_flow: true })
 }
 

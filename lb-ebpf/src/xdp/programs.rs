@@ -1,13 +1,15 @@
 //! Entry points.
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::stat;
+use lb_common::{SERVICE_F_ROUND_ROBIN, stat};
 use lb_ebpf::{
     csum,
-    parse::{self, ParseError},
+    parse::{self, ParseError, Parsed},
 };
 
 use super::{
-    classify, conntrack, forward,
+    classify,
+    conntrack::{self, Decision},
+    forward,
     maps::{BENCH_CFG, BENCH_STATE, BENCH_TARGET},
     stats,
 };
@@ -41,6 +43,9 @@ fn balance(ctx: &XdpContext) -> u32 {
             );
         }
     };
+    if p.icmp_error != 0 {
+        return icmp_error(ctx, &p);
+    }
     let maybe_vip = classify::maybe_vip(&p);
     // Not a VIP: a mark rule's service, or nothing, and then the packet is the kernel's
     // before any connection-table work.
@@ -85,9 +90,16 @@ fn balance(ctx: &XdpContext) -> u32 {
             }
         }
     };
+    forward(ctx, &d)
+}
+
+/// Sends the frame to the decision's backend and counts it there.
+#[inline(always)]
+fn forward(ctx: &XdpContext, d: &conntrack::Decision) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u64;
     match forward::direct_route(ctx, &d.backend) {
         Ok(action) => {
-            stats::forwarded(d.service_id, d.backend_id, (end - start) as u64, d.new_flow);
+            stats::forwarded(d.service_id, d.backend_id, len, d.new_flow);
             action
         }
         Err(reason) => {
@@ -95,6 +107,34 @@ fn balance(ctx: &XdpContext) -> u32 {
             xdp_action::XDP_DROP
         }
     }
+}
+
+/// An ICMP error about a service's flow (`p` is that flow, as the client sends it) goes
+/// to the flow's backend: the recorded one, else the one the ring gives, as for a
+/// mid-stream packet. Nothing is recorded: an error says nothing about the connection.
+/// A round-robin ring says nothing about where an unrecorded flow went, and an error the
+/// director cannot place is the kernel's, as before.
+#[inline(always)]
+fn icmp_error(ctx: &XdpContext, p: &Parsed) -> u32 {
+    let Some(svc) = classify::lookup_service(p, classify::maybe_vip(p)) else {
+        return xdp_action::XDP_PASS;
+    };
+    if !classify::addressed_to_us(ctx) || parse::check_ipv4_header(ctx.data(), ctx.data_end(), p).is_err() {
+        return xdp_action::XDP_PASS;
+    }
+    let d = match conntrack::lookup(&conntrack::flow_key(p)) {
+        Some(d) => d,
+        None if svc.flags & SERVICE_F_ROUND_ROBIN != 0 => return xdp_action::XDP_PASS,
+        None => match conntrack::pick(p, &svc) {
+            Ok(d) => Decision { new_flow: false, ..d },
+            Err(_) => return xdp_action::XDP_PASS,
+        },
+    };
+    let action = forward(ctx, &d);
+    if action != xdp_action::XDP_DROP {
+        stats::global(p.icmp_error as u32);
+    }
+    action
 }
 
 /// Drops and counts under `reason` a frame that is ours; passes anything else untouched.
