@@ -30,6 +30,7 @@ pub mod maps {
     pub const FLOOD_GUARD: &str = "FLOOD_GUARD";
     pub const BENCH_CFG: &str = "BENCH_CFG";
     pub const BENCH_TARGET: &str = "BENCH_TARGET";
+    pub const TRUNK_PORTS: &str = "TRUNK_PORTS";
 }
 
 /// Program names in the object.
@@ -43,6 +44,9 @@ pub mod programs {
     pub const FLOOR: &str = "lb_floor";
     /// Benchmark driver: varies the flow of the packet in place, then tail-calls the target.
     pub const BENCH_DRIVER: &str = "lb_bench_driver";
+    /// Test topologies only: a two-port 802.1Q switch in XDP, for kernels without VLAN
+    /// devices (see `TrunkPort`).
+    pub const TEST_TRUNK: &str = "lb_test_trunk";
 }
 
 pub const MAX_SERVICES: u32 = 4096;
@@ -68,7 +72,7 @@ pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
 /// Version of the layout of every map's keys and values. Pinned maps are kept under a
 /// directory named after it, so a daemon only ever adopts maps it understands: bump it
 /// whenever a map's key or value type changes meaning or size.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -143,6 +147,11 @@ pub struct Backend {
     /// Id of the service the backend belongs to. The data path ignores it; a restarted
     /// daemon reads it back to give every (service, backend) pair its old id.
     pub service: u16,
+    /// The 802.1Q VLAN id frames to this backend carry on `ifindex` (the backend is
+    /// reached through a VLAN device on top of it); zero sends them untagged. A frame's
+    /// own tag is replaced by this one, or removed.
+    pub vlan: u16,
+    pub _pad: u16,
 }
 
 /// Connection-table key: the 5-tuple as seen on the wire.
@@ -302,6 +311,8 @@ pub mod stat {
     /// A source no host may send from: 0/8, 127/8, multicast, limited broadcast, a VIP,
     /// ::, ::1, ff00::/8.
     pub const DROP_MARTIAN_SOURCE: u32 = 22;
+    /// No room in front of the frame to push the egress's VLAN tag.
+    pub const DROP_NO_HEADROOM: u32 = 23;
 
     /// New flows of a service with no backend up, passed to the stack (its
     /// `fallback_action` is `pass`).
@@ -325,7 +336,7 @@ pub mod stat {
     pub const COUNT: u32 = 64;
 
     /// Drop reasons with the names the daemon exports them under.
-    pub const DROP_REASONS: [(u32, &str); 15] = [
+    pub const DROP_REASONS: [(u32, &str); 16] = [
         (DROP_TRUNCATED, "truncated"),
         (DROP_BAD_IHL, "bad_ihl"),
         (DROP_BAD_LENGTH, "bad_length"),
@@ -341,6 +352,7 @@ pub mod stat {
         (DROP_BAD_IP_OPTIONS, "bad_ip_options"),
         (DROP_IPV6_RH0, "ipv6_rh0"),
         (DROP_MARTIAN_SOURCE, "martian_source"),
+        (DROP_NO_HEADROOM, "no_headroom"),
     ];
 
     /// Packets passed to the stack on purpose (not merely "not ours"), by reason.
@@ -365,6 +377,18 @@ pub mod stat {
         (ACTION_TX, "tx"),
         (ACTION_REDIRECT, "redirect"),
     ];
+}
+
+/// A port of the test switch (`TRUNK_PORTS[ingress ifindex]`): every frame is sent on to
+/// `out_ifindex`; with `push_vlan` set IPv4 frames get that 802.1Q tag on the way,
+/// otherwise a tag is removed. ARP stays untagged, so the hosts on both sides resolve
+/// each other while their IPv4 traffic crosses tagged.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrunkPort {
+    pub out_ifindex: u32,
+    pub push_vlan: u16,
+    pub _pad: u16,
 }
 
 /// Benchmark driver settings (`BENCH_CFG[0]`).
@@ -395,6 +419,7 @@ mod pod {
     unsafe impl aya::Pod for super::DataplaneConfig {}
     unsafe impl aya::Pod for super::LocalMacs {}
     unsafe impl aya::Pod for super::FloodWindow {}
+    unsafe impl aya::Pod for super::TrunkPort {}
 }
 
 #[cfg(test)]
@@ -408,7 +433,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<Service>(), 24);
-        assert_eq!(size_of::<Backend>(), 36);
+        assert_eq!(size_of::<Backend>(), 40);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 24);
         assert_eq!(size_of::<MarkRule>(), 44);

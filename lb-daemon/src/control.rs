@@ -67,7 +67,7 @@ pub fn check(path: &Path) -> Result<Config> {
     // Assume every backend resolvable: what is left are the limits planning enforces.
     let resolved: HashMap<IpAddr, Neighbour> = backend_addrs(&config)
         .into_iter()
-        .map(|addr| (addr, Neighbour { mac: [0; 6], ifindex: 1, if_mac: [0; 6] }))
+        .map(|addr| (addr, Neighbour { mac: [0; 6], ifindex: 1, if_mac: [0; 6], vlan: 0 }))
         .collect();
     Planner::default().plan(&config.services, &config.marks, &resolved)?;
     Ok(config)

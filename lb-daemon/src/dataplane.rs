@@ -24,8 +24,8 @@ use aya::{
 use lb_common::{
     AddrKey, Backend, BenchConfig, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig,
     FAMILY_V4, FAMILY_V6, FloodWindow, Flow, FlowKey, LocalMacs, MAP_LAYOUT_VERSION, MAX_ATTACHED_INTERFACES,
-    MAX_BACKENDS, MAX_LOCAL_MACS, MAX_SERVICES, MarkRuleSet, Service, ServiceKey, hash::vip_filter_slot,
-    maps, programs, stat,
+    MAX_BACKENDS, MAX_LOCAL_MACS, MAX_SERVICES, MarkRuleSet, Service, ServiceKey, TrunkPort,
+    hash::vip_filter_slot, maps, programs, stat,
 };
 
 /// The XDP object built by `build.rs`.
@@ -527,7 +527,15 @@ impl Dataplane {
             .filter(|b| b.dst_mac != [0; 6] && b.ifindex != 0)
             .filter_map(|b| {
                 let addr = crate::plan::addr_of(b.family, &b.addr)?;
-                Some((addr, crate::plan::Neighbour { mac: b.dst_mac, ifindex: b.ifindex, if_mac: b.src_mac }))
+                Some((
+                    addr,
+                    crate::plan::Neighbour {
+                        mac: b.dst_mac,
+                        ifindex: b.ifindex,
+                        if_mac: b.src_mac,
+                        vlan: b.vlan,
+                    },
+                ))
             })
             .collect()
     }
@@ -1097,6 +1105,27 @@ impl Dataplane {
     pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
         let map: HashMap<&MapData, FlowKey, Flow> = map_ref(&self.ebpf, maps::FLOWS)?;
         map.iter().collect::<std::result::Result<_, _>>().map_err(map_err(maps::FLOWS))
+    }
+
+    /// Test topologies only: makes `iface` (in the calling thread's namespace) a port of
+    /// the XDP test switch that sends every frame on to `out_ifindex`, tagging IPv4 frames
+    /// with `push_vlan` (or, with zero, removing tags). See `lb_common::TrunkPort`.
+    pub fn attach_test_trunk_port(&mut self, iface: &str, out_ifindex: u32, push_vlan: u16) -> Result<()> {
+        let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|e| DataplaneError::Attach {
+            iface: iface.to_owned(),
+            source: ProgramError::IOError(std::io::Error::from(e)),
+        })?;
+        let mut ports: HashMap<&mut MapData, u32, TrunkPort> = map_mut(&mut self.ebpf, maps::TRUNK_PORTS)?;
+        ports
+            .insert(ifindex, TrunkPort { out_ifindex, push_vlan, _pad: 0 }, 0)
+            .map_err(map_err(maps::TRUNK_PORTS))?;
+        // Loaded on first use: a director never needs it.
+        let name = programs::TEST_TRUNK;
+        let prog = self.program_mut(name)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        self.attach_program(name, iface, XdpMode::Native)
     }
 
     /// Points the benchmark driver at `target` and sets how many flows it cycles through.

@@ -144,8 +144,11 @@ pub struct MarkRuleSpec {
 pub struct Neighbour {
     pub mac: [u8; 6],
     pub ifindex: u32,
-    /// MAC of the interface `ifindex` (the new Ethernet source).
+    /// MAC of the interface the neighbour was found on (the new Ethernet source).
     pub if_mac: [u8; 6],
+    /// The 802.1Q tag to send with when the neighbour is behind a VLAN device, whose
+    /// parent is then `ifindex`; zero for none.
+    pub vlan: u16,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -373,7 +376,12 @@ impl Planner {
                     plan.unresolved.push((svc.name.clone(), b.addr));
                 }
                 let up = b.state != BackendState::Disabled && neighbour.is_some();
-                let n = neighbour.copied().unwrap_or(Neighbour { mac: [0; 6], ifindex: 0, if_mac: [0; 6] });
+                let n = neighbour.copied().unwrap_or(Neighbour {
+                    mac: [0; 6],
+                    ifindex: 0,
+                    if_mac: [0; 6],
+                    vlan: 0,
+                });
                 plan.state.backends.insert(
                     bid,
                     Backend {
@@ -385,6 +393,8 @@ impl Planner {
                         state: if up { BACKEND_UP } else { BACKEND_DOWN },
                         // Ids are below MAX_SERVICES (4096).
                         service: id as u16,
+                        vlan: n.vlan,
+                        _pad: 0,
                     },
                 );
                 if up {
@@ -434,7 +444,15 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, a)| {
-                (*a, Neighbour { mac: [2, 0, 0, 0, 1, i as u8], ifindex: 7, if_mac: [2, 0, 0, 0, 0, 9] })
+                (
+                    *a,
+                    Neighbour {
+                        mac: [2, 0, 0, 0, 1, i as u8],
+                        ifindex: 7,
+                        if_mac: [2, 0, 0, 0, 0, 9],
+                        vlan: 0,
+                    },
+                )
             })
             .collect()
     }

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use anyhow::{Context as _, Result};
 use aya::programs::{TestRun, TestRunOptions};
-use lb_common::{FAMILY_V6, SERVICE_F_HASH_TUPLE, hash};
+use lb_common::{Backend, FAMILY_V6, SERVICE_F_HASH_TUPLE, hash};
 use lb_daemon::dataplane::{Dataplane, DataplaneState};
 use lb_daemon::plan::{
     BackendSpec, BackendState, FallbackAction, Protocol, Scheduler, ServiceMatch, ServiceSpec, service_key,
@@ -82,7 +82,24 @@ pub fn predicted_backend(state: &DataplaneState, service: &ServiceMatch, frame: 
     svc.ring.get((h % svc.ring.len() as u32) as usize).copied()
 }
 
-/// `frame` with its Ethernet addresses replaced, as direct routing sends it.
+/// `frame` as direct routing sends it to `b`, written from the README's rules: the
+/// Ethernet addresses replaced, and the 802.1Q tag made the backend's (pushed, rewritten
+/// keeping its priority bits, or removed when the backend is untagged).
+pub fn direct_routed(frame: &[u8], b: &Backend) -> Vec<u8> {
+    let tagged = matches!(u16::from_be_bytes([frame[12], frame[13]]), 0x8100 | 0x88a8);
+    let mut f = Vec::with_capacity(frame.len() + 4);
+    f.extend_from_slice(&b.dst_mac);
+    f.extend_from_slice(&b.src_mac);
+    if b.vlan != 0 {
+        let priority = if tagged { u16::from_be_bytes([frame[14], frame[15]]) & 0xf000 } else { 0 };
+        f.extend_from_slice(&0x8100u16.to_be_bytes());
+        f.extend_from_slice(&(priority | b.vlan).to_be_bytes());
+    }
+    f.extend_from_slice(&frame[if tagged { 16 } else { 12 }..]);
+    f
+}
+
+/// `frame` with its Ethernet addresses replaced.
 pub fn with_macs(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
     let mut f = frame.to_vec();
     f[0..6].copy_from_slice(&dst);

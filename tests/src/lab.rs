@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 
 use crate::daemon::{Daemon, Metrics};
 use crate::tcp::{NameServer, fetch_from};
-use crate::topology::{ClientPath, DIRECTOR_CLIENT_SIDE, DIRECTOR_IN, DrTopology, VIP};
+use crate::topology::{DIRECTOR_CLIENT_SIDE, DIRECTOR_IN, DrTopology, Layout, VIP};
 
 /// Port of the service on the VIP; the director's own service listens on 8080.
 pub const VIP_PORT: u16 = 80;
@@ -60,17 +60,12 @@ impl DrLab {
     }
 
     pub fn start_with(servers: usize, client_addrs: usize, config: LabConfig) -> Result<Self> {
-        Self::start_on(ClientPath::Direct, servers, client_addrs, config)
+        Self::start_on(Layout::default(), servers, client_addrs, config)
     }
 
-    /// A lab whose clients reach the director by `path`.
-    pub fn start_on(
-        path: ClientPath,
-        servers: usize,
-        client_addrs: usize,
-        config: LabConfig,
-    ) -> Result<Self> {
-        let topo = DrTopology::build_with(servers, client_addrs, path)?;
+    /// A lab of another shape (a router in front, VLANs).
+    pub fn start_on(layout: Layout, servers: usize, client_addrs: usize, config: LabConfig) -> Result<Self> {
+        let topo = DrTopology::build_with(servers, client_addrs, layout)?;
         let name_servers = topo
             .servers
             .iter()
@@ -106,16 +101,18 @@ impl DrLab {
         // Frames the director redirects into its LAN veth reach the bridge only if the
         // peer runs an XDP program: the lab loads a pass-through one there.
         let mut pass = Dataplane::load(&LoadOptions { ring_slots: 7, flow_entries: 16, pin_dir: None })?;
-        let lan_port = topo.lan_port.clone();
-        let lan_ns = topo.lan.name().to_owned();
-        std::thread::scope(|s| {
-            s.spawn(|| -> Result<()> {
-                crate::enter(&lan_ns)?;
-                Ok(pass.attach_pass_through(&lan_port, XdpMode::Native)?)
-            })
-            .join()
-            .map_err(|_| anyhow!("attach thread panicked"))?
-        })?;
+        in_namespace(topo.lan.name(), || Ok(pass.attach_pass_through(&topo.lan_port, XdpMode::Native)?))?;
+        if let Some(sw) = &topo.switch {
+            in_namespace(sw.ns.name(), || {
+                let index = |name: &str| nix::net::if_::if_nametoindex(name);
+                let (to_client, to_director) = (index(&sw.client_port)?, index(&sw.director_port)?);
+                pass.attach_test_trunk_port(&sw.client_port, to_director, sw.vlan)?;
+                Ok(pass.attach_test_trunk_port(&sw.director_port, to_client, 0)?)
+            })?;
+            in_namespace(topo.client.name(), || {
+                Ok(pass.attach_pass_through(&topo.client_if, XdpMode::Native)?)
+            })?;
+        }
 
         let daemon = Daemon::start(&topo.director, &path, &d.control_socket, d.metrics_listen, &log)?;
         let lab = DrLab {
@@ -250,6 +247,19 @@ impl DrLab {
         let own = self.own_service.take().map(NameServer::stop).transpose()?.unwrap_or(0);
         Ok((served, own))
     }
+}
+
+/// Runs `f` on a scoped thread inside namespace `ns` (XDP attachments and interface
+/// names are per namespace).
+fn in_namespace(ns: &str, f: impl FnOnce() -> Result<()> + Send) -> Result<()> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            crate::enter(ns)?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow!("a thread in {ns} panicked"))?
+    })
 }
 
 fn director_yaml(workdir: &Path, bpf_dir: &Path) -> String {

@@ -41,6 +41,28 @@ pub enum ClientPath {
     Router { mtu: u32 },
 }
 
+/// The shape of a lab: how clients reach the director, and whether their IPv4 frames
+/// reach it tagged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Layout {
+    pub client_path: ClientPath,
+    /// A switch between the clients and the director tags the clients' IPv4 frames with
+    /// this 802.1Q VLAN (and strips tags on the way back), as a trunk port would; ARP
+    /// stays untagged. It is an XDP program (`lb_test_trunk`) because the test kernels
+    /// have no VLAN devices. Only with `ClientPath::Direct`.
+    pub client_vlan: Option<u16>,
+}
+
+/// The tagging switch of [`Layout::client_vlan`]: its namespace and its two ports.
+pub struct TrunkSwitch {
+    pub ns: NetNs,
+    /// Faces the clients: frames from them get the tag.
+    pub client_port: String,
+    /// Faces the director: tags are removed from frames coming back.
+    pub director_port: String,
+    pub vlan: u16,
+}
+
 pub const ROUTER_DIRECTOR_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
 pub const ROUTER_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 3, 1);
 
@@ -48,6 +70,11 @@ pub struct DrTopology {
     pub client: NetNs,
     /// The router of [`ClientPath::Router`].
     pub router: Option<NetNs>,
+    /// The tagging switch of [`Layout::client_vlan`]; its XDP programs are the lab's to
+    /// attach, as is the pass-through one on `client_if` that lets it deliver frames.
+    pub switch: Option<TrunkSwitch>,
+    /// The client's interface.
+    pub client_if: String,
     pub director: NetNs,
     pub lan: NetNs,
     pub servers: Vec<NetNs>,
@@ -61,22 +88,44 @@ pub struct DrTopology {
     pub server_addrs: Vec<Ipv4Addr>,
 }
 
-/// Veth offloads would leave checksums to "hardware" that XDP bypasses.
+/// Veth offloads would leave checksums to "hardware" that XDP bypasses, and VLAN tags in
+/// packet metadata where XDP does not look.
 fn no_offloads(ns: &NetNs, iface: &str) -> Result<()> {
-    ns.exec(&["ethtool", "-K", iface, "tx", "off", "tso", "off", "gso", "off", "gro", "off"]).map(drop)
+    ns.exec(&[
+        "ethtool", "-K", iface, "tx", "off", "tso", "off", "gso", "off", "gro", "off", "txvlan", "off",
+        "rxvlan", "off",
+    ])
+    .map(drop)
 }
 
 impl DrTopology {
     pub fn build(servers: usize, client_addrs: usize) -> Result<Self> {
-        Self::build_with(servers, client_addrs, ClientPath::Direct)
+        Self::build_with(servers, client_addrs, Layout::default())
     }
 
-    pub fn build_with(servers: usize, client_addrs: usize, path: ClientPath) -> Result<Self> {
+    pub fn build_with(servers: usize, client_addrs: usize, layout: Layout) -> Result<Self> {
+        anyhow::ensure!(
+            layout.client_vlan.is_none() || layout.client_path == ClientPath::Direct,
+            "a tagged client side needs the direct client path"
+        );
         let client = NetNs::new("cl")?;
         let director = NetNs::new("dr")?;
         let lan = NetNs::new("ln")?;
         let vip_net = ipnet::Ipv4Net::new(VIP, VIP_PREFIX_LEN)?.trunc().to_string();
-        let (router, cl_if, dir_in, client_net) = match path {
+        let mut switch = None;
+        let (router, cl_if, dir_in, client_net) = match layout.client_path {
+            ClientPath::Direct if layout.client_vlan.is_some() => {
+                let ns = NetNs::new("sw")?;
+                let (cl_if, client_port) = veth(&client, &ns, "sc")?;
+                let (director_port, dir_in) =
+                    veth_named(&ns, &director, &crate::unique_name("sd"), DIRECTOR_IN)?;
+                for i in [&client_port, &director_port] {
+                    no_offloads(&ns, i)?;
+                }
+                let vlan = layout.client_vlan.unwrap_or_default();
+                switch = Some(TrunkSwitch { ns, client_port, director_port, vlan });
+                (None, cl_if, dir_in, 1)
+            }
             ClientPath::Direct => {
                 let (cl_if, dir_in) = veth_named(&client, &director, &crate::unique_name("ca"), DIRECTOR_IN)?;
                 (None, cl_if, dir_in, 1)
@@ -102,6 +151,12 @@ impl DrTopology {
             no_offloads(ns, i)?;
         }
 
+        director.sysctl("net.ipv4.ip_forward", "1")?;
+        // Replies come from the VIP, which the director has no route back to.
+        for scope in ["all", "default", dir_in.as_str(), dir_out.as_str()] {
+            director.sysctl(&format!("net.ipv4.conf.{scope}.rp_filter"), "0")?;
+        }
+
         let client_addrs: Vec<Ipv4Addr> =
             (0..client_addrs).map(|i| Ipv4Addr::new(10, 0, client_net, 10 + i as u8)).collect();
         for a in &client_addrs {
@@ -119,11 +174,6 @@ impl DrTopology {
         director.ip(&["addr", "add", &format!("{DIRECTOR_LAN_SIDE}/24"), "dev", &dir_out])?;
         if router.is_some() {
             director.ip(&["route", "add", "10.0.3.0/24", "via", &ROUTER_DIRECTOR_SIDE.to_string()])?;
-        }
-        director.sysctl("net.ipv4.ip_forward", "1")?;
-        // Replies come from the VIP, which the director has no route back to.
-        for scope in ["all", "default", dir_in.as_str(), dir_out.as_str()] {
-            director.sysctl(&format!("net.ipv4.conf.{scope}.rp_filter"), "0")?;
         }
 
         let bridge = "br0";
@@ -153,6 +203,8 @@ impl DrTopology {
         Ok(DrTopology {
             client,
             router,
+            switch,
+            client_if: cl_if,
             director,
             lan,
             servers: server_ns,

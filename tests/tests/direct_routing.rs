@@ -45,7 +45,7 @@ fn tcp_connections_reach_real_servers_by_source_hash() -> Result<()> {
 fn a_download_through_a_router_with_a_small_mtu_completes() -> Result<()> {
     use lb_tests::lab::{LabConfig, web_service};
     use lb_tests::tcp::NameServer;
-    use lb_tests::topology::{ClientPath, VIP};
+    use lb_tests::topology::{ClientPath, Layout, VIP};
     const BULK_PORT: u16 = 9000;
     const SIZE: usize = 1 << 20;
     let servers: Vec<IpAddr> = vec![IpAddr::from([10, 0, 2, 11]), IpAddr::from([10, 0, 2, 12])];
@@ -56,7 +56,12 @@ fn a_download_through_a_router_with_a_small_mtu_completes() -> Result<()> {
              - {{ address: 10.0.2.11 }}\n      - {{ address: 10.0.2.12 }}\n"
         ),
     );
-    let lab = DrLab::start_on(ClientPath::Router { mtu: 1280 }, 2, 1, LabConfig::Services(services))?;
+    let lab = DrLab::start_on(
+        Layout { client_path: ClientPath::Router { mtu: 1280 }, ..Layout::default() },
+        2,
+        1,
+        LabConfig::Services(services),
+    )?;
     let payload: String = (0..SIZE).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
     let _bulk = lab
         .topo
@@ -71,4 +76,24 @@ fn a_download_through_a_router_with_a_small_mtu_completes() -> Result<()> {
         lab.metrics()?.value("lb_xdp_icmp_forwarded_total{family=\"ipv4\",type=\"fragmentation_needed\"}")?;
     ensure!(forwarded >= 1.0, "no fragmentation-needed message was forwarded ({forwarded})");
     Ok(())
+}
+
+/// A tagged client side: the clients' IPv4 frames reach the director with an 802.1Q tag
+/// (VLAN 100, from a trunk port), and the real servers sit on an untagged LAN. Frames go
+/// to the servers without the tag, or the servers drop them and no connection answers.
+#[test]
+fn frames_from_a_tagged_client_side_reach_untagged_servers_without_the_tag() -> Result<()> {
+    use lb_tests::topology::Layout;
+    let layout = Layout { client_vlan: Some(100), ..Layout::default() };
+    let mut lab = DrLab::start_on(layout, 3, 10, lb_tests::lab::LabConfig::Services(web_service3()))?;
+    let answers = lab.connect_all(3)?;
+    let (served, _) = lab.stop_servers()?;
+    ensure!(answers.len() == 30, "{} answers", answers.len());
+    ensure!(served.iter().sum::<u64>() == 30, "servers answered {served:?}");
+    Ok(())
+}
+
+fn web_service3() -> String {
+    let servers: Vec<IpAddr> = (11..14).map(|i| IpAddr::from([10, 0, 2, i])).collect();
+    lb_tests::lab::web_service(&servers)
 }

@@ -67,7 +67,7 @@ fn each_config_change_writes_only_what_it_changes() -> Result<()> {
         // All on loopback (ifindex 1): these tests only count writes.
         let neighbours = (1..=6)
             .map(|i| {
-                let n = Neighbour { mac: [2, 0, 0, 0, 0, i], ifindex: 1, if_mac: [2, 0, 0, 0, 1, 0] };
+                let n = Neighbour { mac: [2, 0, 0, 0, 0, i], ifindex: 1, if_mac: [2, 0, 0, 0, 1, 0], vlan: 0 };
                 (IpAddr::from([10, 1, 0, i]), n)
             })
             .collect();

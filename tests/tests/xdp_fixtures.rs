@@ -18,7 +18,9 @@ use lb_daemon::plan::{
 use lb_ebpf::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use lb_ebpf::testpkt::{self, Ipv4Opts, Ipv6Opts, L4};
 use lb_tests::NetNs;
-use lb_tests::fixture::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, predicted_backend, test_run, with_macs};
+use lb_tests::fixture::{
+    XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, direct_routed, predicted_backend, test_run,
+};
 
 const DIRECTOR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
 const VIP: [u8; 4] = [192, 0, 2, 10];
@@ -44,6 +46,11 @@ fn dns() -> ServiceMatch {
 }
 fn web6() -> ServiceMatch {
     ServiceMatch::Vip { addr: ip("2001:db8::10"), port: 80, proto: Protocol::Tcp }
+}
+const TAGGED_VIP: [u8; 4] = [192, 0, 2, 40];
+/// A service whose one backend is reached through a VLAN device (tag 200).
+fn tagged() -> ServiceMatch {
+    ServiceMatch::Vip { addr: ip("192.0.2.40"), port: 80, proto: Protocol::Tcp }
 }
 fn empty() -> ServiceMatch {
     ServiceMatch::Vip { addr: ip("192.0.2.20"), port: 80, proto: Protocol::Tcp }
@@ -77,6 +84,7 @@ fn services() -> Vec<ServiceSpec> {
         service("marked7", ServiceMatch::Mark(7), Scheduler::Sh, &three),
         service("marked8", ServiceMatch::Mark(8), Scheduler::Sh, &[("10.2.0.21", Active)]),
         service("empty", empty(), Scheduler::Sh, &[("10.1.0.11", Disabled)]),
+        service("tagged", tagged(), Scheduler::Sh, &[("10.1.0.16", Active)]),
     ]
 }
 
@@ -109,14 +117,19 @@ fn mark_rules() -> Vec<MarkRuleSpec> {
 /// Backends on loopback (ifindex 1, the BPF_PROG_TEST_RUN ingress: XDP_TX) except
 /// 10.2.0.21, reached through a veth in the namespace (XDP_REDIRECT).
 fn neighbours(dummy_ifindex: u32) -> HashMap<IpAddr, Neighbour> {
-    let on =
-        |last: u8, ifindex| Neighbour { mac: [0x02, 0, 0, 0, 0x01, last], ifindex, if_mac: DIRECTOR_MAC };
+    let on = |last: u8, ifindex| Neighbour {
+        mac: [0x02, 0, 0, 0, 0x01, last],
+        ifindex,
+        if_mac: DIRECTOR_MAC,
+        vlan: 0,
+    };
     HashMap::from([
         (ip("10.1.0.11"), on(0x11, 1)),
         (ip("10.1.0.12"), on(0x12, 1)),
         (ip("10.1.0.13"), on(0x13, 1)),
         (ip("10.1.0.14"), on(0x14, 1)),
         (ip("10.1.0.15"), on(0x15, 1)),
+        (ip("10.1.0.16"), Neighbour { vlan: 200, ..on(0x16, 1) }),
         (ip("2001:db8:1::11"), on(0x61, 1)),
         (ip("2001:db8:1::12"), on(0x62, 1)),
         (ip("10.2.0.21"), on(0x21, dummy_ifindex)),
@@ -152,7 +165,7 @@ impl Env {
     /// The frame as direct routing should emit it towards backend `id`.
     fn routed(&self, frame: &[u8], id: u32) -> Vec<u8> {
         let b = &self.plan.state.backends[&id];
-        with_macs(frame, b.dst_mac, b.src_mac)
+        direct_routed(frame, b)
     }
 
     /// Sends `frame`; asserts it was forwarded (TX) unchanged but for the MACs, and
@@ -168,7 +181,7 @@ impl Env {
             .find(|(_, b)| out[0..6] == b.dst_mac)
             .map(|(id, _)| *id)
             .ok_or_else(|| anyhow::anyhow!("unknown destination MAC {:02x?}", &out[0..6]))?;
-        ensure!(out == self.routed(frame, id), "only the MACs may change");
+        ensure!(out == self.routed(frame, id), "only the MACs and the VLAN tag may change");
         Ok(id)
     }
 }
@@ -180,7 +193,7 @@ fn with_env(f: impl FnOnce(&mut Env) -> Result<()> + Send + 'static) -> Result<(
     ns.ip(&["link", "set", DUMMY, "up"])?;
     ns.run(move || {
         let dummy = nix::net::if_::if_nametoindex(DUMMY)?;
-        let dp = Dataplane::load(&LoadOptions { ring_slots: 16 * 4093, flow_entries: 65536, pin_dir: None })?;
+        let dp = Dataplane::load(&LoadOptions { ring_slots: 18 * 4093, flow_entries: 65536, pin_dir: None })?;
         let neighbours = neighbours(dummy);
         let mut planner = Planner::default();
         let plan = with_director_settings(planner.plan(&services(), &mark_rules(), &neighbours)?);
@@ -309,9 +322,38 @@ fn cases() -> Vec<Case> {
             expect: Expect::Forward(web(), XDP_TX),
         },
         Case {
-            name: "802.1Q-tagged IPv4 SYN keeps its tag",
+            name: "802.1Q-tagged IPv4 SYN to an untagged backend loses its tag",
             frame: tcp4_with([10, 0, 0, 4], VIP, 80, Ipv4Opts { vlan: Some(100), ..Default::default() }),
             expect: Expect::Forward(web(), XDP_TX),
+        },
+        Case {
+            name: "untagged SYN to a backend behind VLAN 200 gains tag 200",
+            frame: tcp4(c, TAGGED_VIP, 40020, 80, TCP_SYN),
+            expect: Expect::Forward(tagged(), XDP_TX),
+        },
+        Case {
+            name: "VLAN 100 SYN with priority 5 to a VLAN-200 backend: retagged, priority kept",
+            frame: tcp4_with(
+                [10, 0, 0, 21],
+                TAGGED_VIP,
+                80,
+                Ipv4Opts { vlan: Some(5 << 13 | 100), ..Default::default() },
+            ),
+            expect: Expect::Forward(tagged(), XDP_TX),
+        },
+        Case {
+            name: "802.1ad-tagged SYN to a VLAN-200 backend leaves with an 802.1Q tag",
+            frame: {
+                let mut f = tcp4_with(
+                    [10, 0, 0, 22],
+                    TAGGED_VIP,
+                    80,
+                    Ipv4Opts { vlan: Some(300), ..Default::default() },
+                );
+                f[12..14].copy_from_slice(&0x88a8u16.to_be_bytes());
+                f
+            },
+            expect: Expect::Forward(tagged(), XDP_TX),
         },
         Case {
             name: "IPv6 SYN to a VIP (mh)",
@@ -324,7 +366,7 @@ fn cases() -> Vec<Case> {
             expect: Expect::Forward(web6(), XDP_TX),
         },
         Case {
-            name: "VLAN-tagged IPv6",
+            name: "VLAN-tagged IPv6 to an untagged backend loses its tag",
             frame: v6(Ipv6Opts { vlan: Some(7), ..Default::default() }),
             expect: Expect::Forward(web6(), XDP_TX),
         },
@@ -577,7 +619,8 @@ fn fixtures() -> Result<()> {
                 _ => stat::ACTION_REDIRECT,
             } as usize] += 1;
             if action != want_action || want_out.as_ref().is_some_and(|w| *w != out) {
-                failures.push(format!("{}: action {action} (want {want_action})", case.name));
+                let what = if action == want_action { "output differs" } else { "wrong action" };
+                failures.push(format!("{}: {what}: action {action} (want {want_action})", case.name));
             }
         }
         ensure!(failures.is_empty(), "failed fixtures:\n{}", failures.join("\n"));
@@ -613,7 +656,7 @@ fn established_flow_keeps_its_backend_when_the_ring_changes() -> Result<()> {
         more[0].backends.push(BackendSpec { addr: ip("10.1.0.14"), weight: 300, state: Active });
         env.neighbours.insert(
             ip("10.1.0.14"),
-            Neighbour { mac: [2, 0, 0, 0, 1, 0x14], ifindex: 1, if_mac: DIRECTOR_MAC },
+            Neighbour { mac: [2, 0, 0, 0, 1, 0x14], ifindex: 1, if_mac: DIRECTOR_MAC, vlan: 0 },
         );
         let next = env.planner.clone().plan(&more, &mark_rules(), &env.neighbours)?;
         let (syn, before) = (0..=255u8)
@@ -832,7 +875,7 @@ fn an_apply_that_runs_out_of_ring_space_changes_nothing() -> Result<()> {
     with_env(|env| {
         let syn = tcp4([10, 13, 0, 1], VIP, 47000, 80, TCP_SYN);
         let first = env.forward(&syn)?;
-        // The environment has 16 x 4093 slots; five rings of 4093 are double-buffered.
+        // The environment has 18 x 4093 slots; six rings of 4093 are double-buffered.
         let with_ring = |size| {
             let mut s = services();
             s[0].ring_size = size;
@@ -952,9 +995,16 @@ fn mutated_frames_never_forward_anything_but_service_traffic() -> Result<()> {
                     let p = parsed
                         .map_err(|e| anyhow::anyhow!("forwarded an unparsable frame ({e:?}): {}", ctx()))?;
                     ensure!(oracle_service(&p, env), "forwarded traffic for no service: {}", ctx());
+                    let b = env
+                        .plan
+                        .state
+                        .backends
+                        .values()
+                        .find(|b| out[0..6] == b.dst_mac)
+                        .ok_or_else(|| anyhow::anyhow!("forwarded to an unknown MAC: {}", ctx()))?;
                     ensure!(
-                        out.len() == f.len() && out[12..] == f[12..],
-                        "forwarding changed more than MACs: {}",
+                        out == direct_routed(&f, b),
+                        "forwarding changed more than MACs and tag: {}",
                         ctx()
                     );
                     forwarded += 1;
@@ -1149,7 +1199,7 @@ fn icmp_errors_about_a_service_flow_go_to_its_backend() -> Result<()> {
         more[0].backends.push(BackendSpec { addr: ip("10.1.0.14"), weight: 300, state: Active });
         env.neighbours.insert(
             ip("10.1.0.14"),
-            Neighbour { mac: [2, 0, 0, 0, 1, 0x14], ifindex: 1, if_mac: DIRECTOR_MAC },
+            Neighbour { mac: [2, 0, 0, 0, 1, 0x14], ifindex: 1, if_mac: DIRECTOR_MAC, vlan: 0 },
         );
         let next = env.planner.clone().plan(&more, &mark_rules(), &env.neighbours)?;
         let (syn, before) = (0..=255u8)

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::{
-    link::LinkAttribute,
+    link::{InfoData, InfoVlan, LinkAttribute, LinkInfo, VlanProtocol},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
 };
 
@@ -55,18 +55,58 @@ fn entry(msg: &NeighbourMessage) -> Option<(IpAddr, [u8; 6], u32)> {
     Some((addr?, mac?, msg.header.ifindex))
 }
 
-async fn link_mac(handle: &rtnetlink::Handle, ifindex: u32) -> Result<Option<[u8; 6]>, NeighbourError> {
+/// What the data path needs of the interface a neighbour was found on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Egress {
+    /// The interface frames leave by: the VLAN device's parent for a VLAN device, since
+    /// XDP can only redirect into a device that transmits frames itself.
+    ifindex: u32,
+    /// The interface's own MAC (the new Ethernet source).
+    mac: [u8; 6],
+    /// The 802.1Q tag the VLAN device would have added; zero for none.
+    vlan: u16,
+}
+
+/// The egress for a neighbour on `ifindex`; `None` for an interface without an Ethernet
+/// address or one the data path cannot send through (an 802.1ad VLAN device: only
+/// 802.1Q tags are written).
+async fn egress_of(handle: &rtnetlink::Handle, ifindex: u32) -> Result<Option<Egress>, NeighbourError> {
     let mut links = handle.link().get().match_index(ifindex).execute();
+    let mut found = None;
     while let Some(msg) = links.try_next().await? {
-        for a in msg.attributes {
-            if let LinkAttribute::Address(l) = a
-                && l.len() == 6
-            {
-                return Ok(Some([l[0], l[1], l[2], l[3], l[4], l[5]]));
+        found = egress_from(ifindex, msg.attributes);
+    }
+    Ok(found)
+}
+
+/// The egress of interface `ifindex` from its link attributes (see [`egress_of`]).
+fn egress_from(ifindex: u32, attributes: Vec<LinkAttribute>) -> Option<Egress> {
+    let (mut mac, mut parent, mut vlan, mut qinq) = (None, None, None, false);
+    for a in attributes {
+        match a {
+            LinkAttribute::Address(l) if l.len() == 6 => mac = Some([l[0], l[1], l[2], l[3], l[4], l[5]]),
+            LinkAttribute::Link(p) => parent = Some(p),
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    let LinkInfo::Data(InfoData::Vlan(v)) = info else { continue };
+                    for attr in v {
+                        match attr {
+                            InfoVlan::Id(id) => vlan = Some(id),
+                            InfoVlan::Protocol(VlanProtocol::Ieee8021Ad) => qinq = true,
+                            _ => {}
+                        }
+                    }
+                }
             }
+            _ => {}
         }
     }
-    Ok(None)
+    match (mac?, vlan, parent) {
+        (_, Some(_), _) if qinq => None,
+        (mac, Some(vlan), Some(parent)) => Some(Egress { ifindex: parent, mac, vlan }),
+        (_, Some(_), None) => None,
+        (mac, None, _) => Some(Egress { ifindex, mac, vlan: 0 }),
+    }
 }
 
 fn poke(addr: IpAddr) {
@@ -118,19 +158,19 @@ async fn resolve_with(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut if_macs: HashMap<u32, Option<[u8; 6]>> = HashMap::new();
+    let mut egresses: HashMap<u32, Option<Egress>> = HashMap::new();
     let mut out = HashMap::new();
     for (addr, (mac, ifindex)) in found {
-        let if_mac = match if_macs.get(&ifindex) {
-            Some(m) => *m,
+        let egress = match egresses.get(&ifindex) {
+            Some(e) => *e,
             None => {
-                let m = link_mac(handle, ifindex).await?;
-                if_macs.insert(ifindex, m);
-                m
+                let e = egress_of(handle, ifindex).await?;
+                egresses.insert(ifindex, e);
+                e
             }
         };
-        if let Some(if_mac) = if_mac {
-            out.insert(addr, Neighbour { mac, ifindex, if_mac });
+        if let Some(e) = egress {
+            out.insert(addr, Neighbour { mac, ifindex: e.ifindex, if_mac: e.mac, vlan: e.vlan });
         }
     }
     Ok(out)
@@ -153,4 +193,45 @@ pub fn interface_macs(names: &[String]) -> Result<std::collections::BTreeMap<u32
         out.insert(ifindex, mac);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAC: [u8; 6] = [2, 0, 0, 0, 0, 7];
+
+    fn vlan_link(parent: u32, info: Vec<InfoVlan>) -> Vec<LinkAttribute> {
+        vec![
+            LinkAttribute::Address(MAC.to_vec()),
+            LinkAttribute::Link(parent),
+            LinkAttribute::LinkInfo(vec![LinkInfo::Data(InfoData::Vlan(info))]),
+        ]
+    }
+
+    #[test]
+    fn a_neighbour_behind_a_vlan_device_leaves_by_its_parent_with_the_tag() {
+        let e = egress_from(
+            9,
+            vlan_link(3, vec![InfoVlan::Id(200), InfoVlan::Protocol(VlanProtocol::Ieee8021Q)]),
+        );
+        assert_eq!(e, Some(Egress { ifindex: 3, mac: MAC, vlan: 200 }));
+    }
+
+    #[test]
+    fn a_plain_interface_is_its_own_untagged_egress() {
+        // A veth has IFLA_LINK too (its peer): only VLAN data makes the parent the egress.
+        let attrs = vec![LinkAttribute::Address(MAC.to_vec()), LinkAttribute::Link(12)];
+        assert_eq!(egress_from(4, attrs), Some(Egress { ifindex: 4, mac: MAC, vlan: 0 }));
+        assert_eq!(egress_from(4, vec![LinkAttribute::Link(12)]), None, "no Ethernet address");
+    }
+
+    #[test]
+    fn an_802_1ad_device_is_not_an_egress() {
+        let e = egress_from(
+            9,
+            vlan_link(3, vec![InfoVlan::Id(10), InfoVlan::Protocol(VlanProtocol::Ieee8021Ad)]),
+        );
+        assert_eq!(e, None);
+    }
 }

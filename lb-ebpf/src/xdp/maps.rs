@@ -6,7 +6,8 @@ use aya_ebpf::{
 use lb_common::{
     AddrKey, Backend, BenchConfig, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig,
     FloodWindow, Flow, FlowKey, LocalMacs, MAX_ATTACHED_INTERFACES, MAX_BACKENDS, MAX_EGRESS_INTERFACES,
-    MAX_MARK_PREFIXES, MAX_SERVICES, MarkRuleSet, Service, ServiceKey, hash::VIP_FILTER_SLOTS, stat,
+    MAX_MARK_PREFIXES, MAX_SERVICES, MarkRuleSet, Service, ServiceKey, TrunkPort, hash::VIP_FILTER_SLOTS,
+    stat,
 };
 
 /// Per-CPU LRU lists: no cross-CPU lock on insert, at the price of each CPU evicting
@@ -83,3 +84,7 @@ pub static BENCH_STATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Ports of the test switch (`lb_test_trunk`), by ingress ifindex.
+#[map]
+pub static TRUNK_PORTS: HashMap<u32, TrunkPort> = HashMap::with_max_entries(4, 0);

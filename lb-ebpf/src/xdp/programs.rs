@@ -1,16 +1,21 @@
 //! Entry points.
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_redirect, bpf_xdp_adjust_head},
+    macros::xdp,
+    programs::XdpContext,
+};
 use lb_common::{SERVICE_F_ROUND_ROBIN, stat};
 use lb_ebpf::{
     csum,
-    parse::{self, ParseError, Parsed},
+    parse::{self, ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ParseError, Parsed, VLAN_HLEN},
 };
 
 use super::{
     classify,
     conntrack::{self, Decision},
     forward,
-    maps::{BENCH_CFG, BENCH_STATE, BENCH_TARGET},
+    maps::{BENCH_CFG, BENCH_STATE, BENCH_TARGET, TRUNK_PORTS},
     stats,
 };
 
@@ -204,4 +209,57 @@ pub fn lb_bench_driver(ctx: XdpContext) -> u32 {
     // SAFETY: on success the tail call does not return.
     let _ = unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
     xdp_action::XDP_ABORTED
+}
+
+/// The test switch: a trunk port tags IPv4 frames on their way to the director, the other
+/// port strips tags on the way back. It stands in for VLAN devices on test kernels built
+/// without them (no 8021q), so that the director receives tagged frames as from a trunk.
+#[xdp]
+pub fn lb_test_trunk(ctx: XdpContext) -> u32 {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: the value is copied out at once.
+    let Some(port) = (unsafe { TRUNK_PORTS.get(&ifindex) }).copied() else {
+        return xdp_action::XDP_PASS;
+    };
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + ETH_HLEN + VLAN_HLEN > end {
+        return xdp_action::XDP_DROP;
+    }
+    // SAFETY: the Ethernet header and a tag's worth were bounds-checked above.
+    let (dst, src, ethertype) = unsafe {
+        (
+            parse::read_mac(start),
+            parse::read_mac(start + 6),
+            u16::from_be((start as *const u8).add(12).cast::<u16>().read_unaligned()),
+        )
+    };
+    let tagged = ethertype == ETH_P_8021Q;
+    let delta: i32 = if port.push_vlan != 0 && ethertype == ETH_P_IP {
+        -(VLAN_HLEN as i32)
+    } else if port.push_vlan == 0 && tagged {
+        VLAN_HLEN as i32
+    } else {
+        0
+    };
+    if delta != 0 {
+        // SAFETY: a helper call on this program's own context.
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
+            return xdp_action::XDP_DROP;
+        }
+        let (start, end) = (ctx.data(), ctx.data_end());
+        if start + ETH_HLEN + VLAN_HLEN > end {
+            return xdp_action::XDP_DROP;
+        }
+        // SAFETY: bounds-checked just above.
+        unsafe {
+            parse::write_mac(start, &dst);
+            parse::write_mac(start + 6, &src);
+            if delta < 0 {
+                let tag = (start + 12) as *mut [u16; 2];
+                tag.write_unaligned([ETH_P_8021Q.to_be(), (port.push_vlan & 0x0fff).to_be()]);
+            }
+        }
+    }
+    // SAFETY: a helper call with plain integers.
+    unsafe { bpf_redirect(port.out_ifindex, 0) as u32 }
 }

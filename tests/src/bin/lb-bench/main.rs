@@ -82,7 +82,9 @@ fn main() -> Result<()> {
     let neighbours = backends
         .iter()
         .enumerate()
-        .map(|(i, a)| (*a, Neighbour { mac: [2, 0, 0, 0, 1, i as u8], ifindex: 1, if_mac: DIRECTOR_MAC }))
+        .map(|(i, a)| {
+            (*a, Neighbour { mac: [2, 0, 0, 0, 1, i as u8], ifindex: 1, if_mac: DIRECTOR_MAC, vlan: 0 })
+        })
         .collect();
     let web = tcp_service("web", "192.0.2.10".parse()?, 80, 65537, &backends);
     let plan = Planner::default().plan(&[web], &[], &neighbours)?;
