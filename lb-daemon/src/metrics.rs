@@ -108,7 +108,7 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
     let checks = counter(
         &reg,
         "lb_health_checks_total",
-        "Health-check results, by Nagios outcome (ok, warning, critical, unknown).",
+        "Health-check results, by Nagios outcome (ok, warning, critical, unknown), and director_error: the director could not run the check (out of descriptors, memory, processes); the backend keeps its state.",
         &["service", "backend", "result"],
     )?;
     let changes =

@@ -11,7 +11,7 @@ use lb_daemon::config::Config;
 use lb_daemon::dataplane::{Dataplane, LoadOptions, XdpMode};
 use nix::sys::signal::Signal;
 
-use crate::daemon::{Daemon, Metrics};
+use crate::daemon::{Daemon, DaemonOptions, Metrics};
 use crate::tcp::{NameServer, fetch_from};
 use crate::topology::{DIRECTOR_CLIENT_SIDE, DIRECTOR_IN, DrTopology, Layout, VIP};
 
@@ -65,6 +65,17 @@ impl DrLab {
 
     /// A lab of another shape (a router in front, VLANs).
     pub fn start_on(layout: Layout, servers: usize, client_addrs: usize, config: LabConfig) -> Result<Self> {
+        Self::start_custom(layout, DaemonOptions::default(), servers, client_addrs, config)
+    }
+
+    /// A lab of another shape whose daemon is started with `options` (a wrapper command).
+    pub fn start_custom(
+        layout: Layout,
+        options: DaemonOptions,
+        servers: usize,
+        client_addrs: usize,
+        config: LabConfig,
+    ) -> Result<Self> {
         let topo = DrTopology::build_with(servers, client_addrs, layout)?;
         let name_servers = topo
             .servers
@@ -114,7 +125,8 @@ impl DrLab {
             })?;
         }
 
-        let daemon = Daemon::start(&topo.director, &path, &d.control_socket, d.metrics_listen, &log)?;
+        let daemon =
+            Daemon::start_with(&topo.director, &path, &d.control_socket, d.metrics_listen, &log, options)?;
         let lab = DrLab {
             topo,
             servers: name_servers.into_iter().map(Some).collect(),

@@ -250,3 +250,137 @@ fn hostile_control_clients_and_a_fifo_config_neither_block_nor_bloat_the_daemon(
     ensure!(st.success(), "lb-daemon exited with {st}");
     Ok(())
 }
+
+/// Opens up to `n` connections to `addr` without waiting for any (the listener's backlog
+/// holds only so many; the rest are left pending in the kernel), and keeps them idle.
+fn idle_tcp_clients(addr: std::net::SocketAddr, n: usize) -> Result<Vec<socket2::Socket>> {
+    use socket2::{Domain, Socket, Type};
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        s.set_nonblocking(true)?;
+        match s.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINPROGRESS as i32) => {}
+            Err(e) => return Err(e.into()),
+        }
+        out.push(s);
+    }
+    Ok(out)
+}
+
+/// Up to `n` idle connections to a Unix socket; those the full backlog refuses are left out.
+fn idle_unix_clients(path: &std::path::Path, n: usize) -> Result<(Vec<socket2::Socket>, usize)> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let addr = SockAddr::unix(path)?;
+    let (mut out, mut refused) = (Vec::with_capacity(n), 0);
+    for _ in 0..n {
+        let s = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+        s.set_nonblocking(true)?;
+        match s.connect(&addr) {
+            Ok(()) => out.push(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => refused += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok((out, refused))
+}
+
+/// A local user holds 5,000 idle connections to the metrics endpoint and 5,000 to the
+/// control socket of a daemon under systemd's default descriptor limit (1,024). Both
+/// endpoints are bounded, so the health checks keep their descriptors: a reload and a
+/// health change go through while the connections are held, and no other backend changes
+/// state. (Before the bounds, the metrics endpoint took every descriptor and every check
+/// failed with "Too many open files", taking all backends down.)
+#[test]
+fn thousands_of_idle_local_clients_take_no_backend_down() -> Result<()> {
+    use lb_tests::daemon::DaemonOptions;
+    use lb_tests::topology::Layout;
+    const IDLE: usize = 5000;
+    let check = "    check: { type: tcp, interval: 300ms, timeout: 250ms, rise: 2, fall: 2 }\n";
+    // Only the name service on port 80 is checked (the servers answer there).
+    let web = format!("  - name: web\n    match: {{ vip: {VIP}, port: {VIP_PORT} }}\n");
+    let with_check = |weights| services(weights, None).replace(&web, &format!("{web}{check}"));
+    let options = DaemonOptions {
+        wrapper: ["prlimit", "--nofile=1024:1024", "--"].map(String::from).to_vec(),
+        env: Vec::new(),
+    };
+    let mut lab = DrLab::start_custom(
+        Layout::default(),
+        options,
+        SERVERS,
+        4,
+        LabConfig::Services(with_check([1, 1, 1])),
+    )?;
+    // This process needs its own descriptors for the clients.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)?;
+    ensure!(
+        hard >= 2 * IDLE as u64 + 1000,
+        "this test needs {} descriptors, the limit is {hard}",
+        2 * IDLE + 1000
+    );
+
+    let metrics = lab.daemon.metrics;
+    let idle_http = lab.topo.director.run(move || idle_tcp_clients(metrics, IDLE))?;
+    let (idle_control, refused) = idle_unix_clients(lab.daemon.socket_path(), IDLE)?;
+    // While they are held: a reload (new weights) and a health change (server 2's
+    // service stops). Neither needs the endpoints; their effect is read afterwards.
+    lab.write_services(&with_check([1, 3, 1]))?;
+    lab.daemon.signal(nix::sys::signal::Signal::SIGHUP)?;
+    let stopped = lab.topo.server_addrs[1].to_string();
+    lab.stop_server(1)?;
+    // Down after two failed checks (0.6 s); the clients then reach only the others.
+    std::thread::sleep(Duration::from_secs(3));
+    let answers = lab.connect_all(3).with_context(|| lab.daemon.log_text())?;
+    ensure!(answers.iter().all(|(_, server)| server != "server2"), "the stopped server still got clients");
+    drop(idle_http);
+    drop(idle_control);
+
+    // The endpoints answer again once the idle connections are gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let m = loop {
+        match lab.metrics() {
+            Ok(m) => break m,
+            Err(e) if std::time::Instant::now() > deadline => {
+                return Err(e.context("metrics after the idle clients left"));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    ensure!(m.value("lb_config_reloads_total{result=\"success\"}")? == 2.0, "the reload did not go through");
+    for addr in &lab.topo.server_addrs {
+        let a = addr.to_string();
+        let changes =
+            m.value(&format!("lb_health_state_changes_total{{backend=\"{a}\",service=\"web\"}}"))?;
+        let want = if a == stopped { 1.0 } else { 0.0 };
+        ensure!(
+            changes == want,
+            "backend {a} changed state {changes} times (want {want}):\n{}",
+            lab.daemon.log_text()
+        );
+        let director_errors = m.value(&format!(
+            "lb_health_checks_total{{backend=\"{a}\",result=\"director_error\",service=\"web\"}}"
+        ));
+        ensure!(director_errors.is_err(), "checks ran short of descriptors ({a}): {director_errors:?}");
+    }
+    let weight = m.value(&format!("lb_backend_weight{{backend=\"{stopped}\",service=\"echo\"}}"))?;
+    ensure!(weight == 3.0, "the reloaded weight is {weight}");
+    println!("{IDLE} idle connections each; the control socket's backlog refused {refused}");
+
+    // A second daemon started by an unprivileged user says what is wrong: it may not use
+    // the running daemon's socket (it used to say "Address already in use").
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(lb_tests::daemon::binary()?)
+        .args(["run", "-c"])
+        .arg(lab.config_path()?)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "an unprivileged second daemon started");
+    ensure!(
+        stderr.contains("Permission denied") && stderr.contains("run as root") && !stderr.contains("in use"),
+        "unprivileged run said:\n{stderr}"
+    );
+    Ok(())
+}

@@ -231,8 +231,9 @@ impl Board {
     }
 }
 
-/// The name of a result, for metrics (all four, in order).
-pub const OUTCOMES: [Outcome; 4] = [Outcome::Ok, Outcome::Warning, Outcome::Critical, Outcome::Unknown];
+/// Every result, for metrics (in order).
+pub const OUTCOMES: [Outcome; 5] =
+    [Outcome::Ok, Outcome::Warning, Outcome::Critical, Outcome::Unknown, Outcome::DirectorError];
 
 #[cfg(test)]
 mod tests {

@@ -18,7 +18,7 @@ use nix::unistd::Pid;
 use tokio::io::AsyncReadExt as _;
 
 use super::state::Outcome;
-use super::{Report, Target};
+use super::{Report, Target, is_director_error};
 
 /// Output beyond this is not read (the first line is what counts).
 const MAX_OUTPUT: u64 = 4096;
@@ -46,8 +46,9 @@ pub fn expand(argv: &[String], target: &Target) -> Vec<String> {
 pub enum Run {
     /// Exited (`None`: killed by a signal), with its first output line.
     Exited { code: Option<i32>, first_line: String },
-    /// Could not be started or waited for.
-    Failed(String),
+    /// Could not be started or waited for; `director` when the director ran out of
+    /// something (see `is_director_error`), not because of the program.
+    Failed { message: String, director: bool },
     /// Still running at the timeout: its process group was killed.
     TimedOut,
 }
@@ -56,7 +57,7 @@ pub enum Run {
 /// outlives `timeout`. Reads at most the first few KiB of its output.
 pub async fn run_bounded(argv: &[String], env: &[(&str, String)], timeout: Duration) -> Run {
     let Some((program, args)) = argv.split_first() else {
-        return Run::Failed("empty argv".into());
+        return Run::Failed { message: "empty argv".into(), director: false };
     };
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
@@ -68,7 +69,12 @@ pub async fn run_bounded(argv: &[String], env: &[(&str, String)], timeout: Durat
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return Run::Failed(format!("running {program}: {e}")),
+        Err(e) => {
+            return Run::Failed {
+                message: format!("running {program}: {e}"),
+                director: is_director_error(&e),
+            };
+        }
     };
     let pgid = child.id().map(|id| Pid::from_raw(id as i32));
     let mut stdout = child.stdout.take();
@@ -87,7 +93,9 @@ pub async fn run_bounded(argv: &[String], env: &[(&str, String)], timeout: Durat
             let first_line = text.lines().next().unwrap_or("").trim().to_owned();
             Run::Exited { code: status.code(), first_line }
         }
-        Ok((Err(e), _)) => Run::Failed(format!("waiting for {program}: {e}")),
+        Ok((Err(e), _)) => {
+            Run::Failed { message: format!("waiting for {program}: {e}"), director: is_director_error(&e) }
+        }
         Err(_) => {
             if let Some(pgid) = pgid {
                 let _ = killpg(pgid, Signal::SIGKILL);
@@ -119,7 +127,13 @@ pub async fn check(argv: &[String], target: &Target, timeout: Duration) -> Repor
                 first_line
             },
         },
-        Run::Failed(message) => Report { outcome: Outcome::Unknown, weight: None, message },
+        // A plugin that cannot start (missing, not executable) is UNKNOWN, as Nagios has
+        // it; a director out of processes or descriptors has no verdict at all.
+        Run::Failed { message, director } => Report {
+            outcome: if director { Outcome::DirectorError } else { Outcome::Unknown },
+            weight: None,
+            message,
+        },
         Run::TimedOut => {
             Report::critical(format!("{program}: no verdict within {timeout:?} (process group killed)"))
         }

@@ -47,7 +47,9 @@ pub fn fire(hook: &Hook, event: &Event) {
             Run::Exited { code, first_line } => {
                 tracing::warn!(service, %backend, to, program, ?code, output = first_line, "state-change hook failed");
             }
-            Run::Failed(why) => tracing::warn!(service, %backend, to, why, "state-change hook did not run"),
+            Run::Failed { message, .. } => {
+                tracing::warn!(service, %backend, to, why = message, "state-change hook did not run")
+            }
             Run::TimedOut => {
                 tracing::warn!(service, %backend, to, program, timeout = ?hook.timeout, "state-change hook killed at its timeout")
             }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::header::{CONNECTION, HOST, USER_AGENT};
 
-use super::Report;
+use super::{ProbeError, Report};
 
 /// Bodies are read up to this size when a substring is expected.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -47,21 +47,21 @@ async fn connect(
     addr: SocketAddr,
     source: Option<IpAddr>,
     timeout: Duration,
-) -> Result<Box<dyn Io>, String> {
+) -> Result<Box<dyn Io>, ProbeError> {
     let stream = super::tcp::connect(addr, source, timeout).await?;
     let Some(tls) = &h.tls else { return Ok(Box::new(stream)) };
     let name = server_name(h, addr);
     let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
     match connector.connect(name.clone(), stream).await {
         Ok(s) => Ok(Box::new(s)),
-        Err(e) => Err(format!("TLS handshake with {addr} as {}: {e}", name.to_str())),
+        Err(e) => Err(ProbeError::Backend(format!("TLS handshake with {addr} as {}: {e}", name.to_str()))),
     }
 }
 
 pub async fn check(h: &HttpCheck, addr: SocketAddr, source: Option<IpAddr>, timeout: Duration) -> Report {
     match tokio::time::timeout(timeout, get(h, addr, source, timeout)).await {
         Ok(Ok(report)) => report,
-        Ok(Err(e)) => Report::critical(e),
+        Ok(Err(e)) => e.report(),
         Err(_) => Report::critical(format!("GET {}: no answer within {timeout:?}", url(h, addr))),
     }
 }
@@ -75,12 +75,13 @@ async fn get(
     addr: SocketAddr,
     source: Option<IpAddr>,
     timeout: Duration,
-) -> Result<Report, String> {
+) -> Result<Report, ProbeError> {
     let url = url(h, addr);
     let stream = connect(h, addr, source, timeout).await?;
+    let failed = |e: &dyn std::fmt::Display| ProbeError::Backend(format!("GET {url}: {e}"));
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
         .await
-        .map_err(|e| format!("GET {url}: {e}"))?;
+        .map_err(|e| failed(&e))?;
     // The connection task ends with the response (Connection: close) or when dropped.
     let driver = tokio::spawn(conn);
     let host = h.host.clone().unwrap_or_else(|| addr.to_string());
@@ -89,9 +90,9 @@ async fn get(
         .header(USER_AGENT, concat!("lb-daemon/", env!("CARGO_PKG_VERSION")))
         .header(CONNECTION, "close")
         .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("GET {url}: {e}"))?;
+        .map_err(|e| failed(&e))?;
     let result = async {
-        let response = sender.send_request(request).await.map_err(|e| format!("GET {url}: {e}"))?;
+        let response = sender.send_request(request).await.map_err(|e| failed(&e))?;
         let status = response.status().as_u16();
         if !h.expect_status.contains(&status) {
             return Ok(Report::critical(format!(
@@ -105,7 +106,7 @@ async fn get(
         let body = Limited::new(response.into_body(), MAX_BODY)
             .collect()
             .await
-            .map_err(|e| format!("GET {url}: reading the body: {e}"))?
+            .map_err(|e| failed(&format_args!("reading the body: {e}")))?
             .to_bytes();
         if body.windows(needle.len().max(1)).any(|w| w == needle.as_bytes()) {
             Ok(Report::ok(format!("GET {url}: {status}, body has {needle:?}")))

@@ -15,7 +15,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use super::Report;
+use super::{ProbeError, Report};
 
 const ECHO_REQUEST_V4: u8 = 8;
 const ECHO_REPLY_V4: u8 = 0;
@@ -34,13 +34,13 @@ pub async fn check(addr: IpAddr, source: Option<IpAddr>, timeout: Duration) -> R
             "{addr} answered an echo request in {rtt:.1?} ({} socket)",
             if raw { "raw" } else { "ping" }
         )),
-        Ok(Err(e)) => Report::critical(e),
+        Ok(Err(e)) => e.report(),
         Err(_) => Report::critical(format!("ping {addr}: no echo reply within {timeout:?}")),
     }
 }
 
 /// An ICMP socket for `addr`'s family and whether it is raw.
-fn open(addr: IpAddr) -> Result<(Socket, bool), String> {
+fn open(addr: IpAddr) -> Result<(Socket, bool), ProbeError> {
     let (domain, proto) = match addr {
         IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4),
         IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6),
@@ -50,13 +50,18 @@ fn open(addr: IpAddr) -> Result<(Socket, bool), String> {
         Err(dgram) if matches!(dgram.kind(), ErrorKind::PermissionDenied) => {
             match Socket::new(domain, Type::RAW, Some(proto)) {
                 Ok(s) => Ok((s, true)),
-                Err(raw) => Err(format!(
+                Err(raw) if super::is_director_error(&raw) => {
+                    Err(ProbeError::io(format_args!("ping {addr}: raw ICMP socket"), &raw))
+                }
+                // Not the backend's fault either, but a setup that never works: it fails
+                // the check, loudly, rather than leaving every backend up unchecked.
+                Err(raw) => Err(ProbeError::Backend(format!(
                     "ping {addr}: no ICMP socket: the daemon's group is outside net.ipv4.ping_group_range \
                      ({dgram}) and a raw socket needs CAP_NET_RAW ({raw})"
-                )),
+                ))),
             }
         }
-        Err(e) => Err(format!("ping {addr}: ICMP socket: {e}")),
+        Err(e) => Err(ProbeError::io(format_args!("ping {addr}: ICMP socket"), &e)),
     }
 }
 
@@ -80,19 +85,20 @@ fn icmp_part(buf: &[u8], raw_v4: bool) -> Option<&[u8]> {
 }
 
 /// The round-trip time, and whether a raw socket measured it.
-async fn echo(addr: IpAddr, source: Option<IpAddr>) -> Result<(Duration, bool), String> {
+async fn echo(addr: IpAddr, source: Option<IpAddr>) -> Result<(Duration, bool), ProbeError> {
+    let failed = |e: std::io::Error| ProbeError::io(format_args!("ping {addr}"), &e);
     let (socket, raw) = open(addr)?;
-    socket.set_nonblocking(true).map_err(|e| format!("ping {addr}: {e}"))?;
+    socket.set_nonblocking(true).map_err(failed)?;
     if let Some(src) = source {
         socket
             .bind(&SocketAddr::new(src, 0).into())
-            .map_err(|e| format!("ping {addr}: binding {src}: {e}"))?;
+            .map_err(|e| ProbeError::Backend(format!("ping {addr}: binding {src}: {e}")))?;
     }
     // Connected: the kernel delivers only this peer's messages (and its ICMP errors).
-    socket.connect(&SocketAddr::new(addr, 0).into()).map_err(|e| format!("ping {addr}: {e}"))?;
+    socket.connect(&SocketAddr::new(addr, 0).into()).map_err(failed)?;
     // SAFETY: the Socket owns its descriptor, which stays open until the AsyncFd (that
     // owns the Socket) drops.
-    let fd = unsafe { AsyncFd::register(socket) }.map_err(|e| format!("ping {addr}: {e}"))?;
+    let fd = unsafe { AsyncFd::register(socket) }.map_err(|e| failed(e.into_parts().1))?;
 
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let (ident, seq) = ((std::process::id() as u16).wrapping_add(n), n);
@@ -113,13 +119,10 @@ async fn echo(addr: IpAddr, source: Option<IpAddr>) -> Result<(Duration, bool), 
     let sent = Instant::now();
     fd.async_io(Interest::WRITABLE, |s| s.send(&msg))
         .await
-        .map_err(|e| format!("ping {addr}: sending: {e}"))?;
+        .map_err(|e| ProbeError::io(format_args!("ping {addr}: sending"), &e))?;
     let mut buf = [0u8; 1500];
     loop {
-        let len = fd
-            .async_io(Interest::READABLE, |mut s| s.read(&mut buf))
-            .await
-            .map_err(|e| format!("ping {addr}: {e}"))?;
+        let len = fd.async_io(Interest::READABLE, |mut s| s.read(&mut buf)).await.map_err(failed)?;
         let Some(m) = icmp_part(&buf[..len], raw && addr.is_ipv4()) else { continue };
         if m.len() < HEADER + PAYLOAD || m[0] != reply || m[6..8] != msg[6..8] || m[8..24] != msg[8..24] {
             continue;

@@ -39,6 +39,45 @@ impl Report {
     }
 }
 
+/// Why a check gave no answer from the backend.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// The director could not run the check (see [`is_director_error`]).
+    #[error("{0}")]
+    Director(String),
+    /// The backend, or the path to it, failed the check.
+    #[error("{0}")]
+    Backend(String),
+}
+
+impl ProbeError {
+    /// `what` failed with `e`: the director's error or the backend's, by its kind.
+    pub fn io(what: impl std::fmt::Display, e: &std::io::Error) -> Self {
+        let message = format!("{what}: {e}");
+        if is_director_error(e) { ProbeError::Director(message) } else { ProbeError::Backend(message) }
+    }
+
+    /// The report of a check that ended with this error: CRITICAL for the backend's.
+    pub fn report(self) -> Report {
+        match self {
+            ProbeError::Director(m) => Report { outcome: Outcome::DirectorError, weight: None, message: m },
+            ProbeError::Backend(m) => Report::critical(m),
+        }
+    }
+}
+
+/// Errors that mean the director ran out of something, not that a backend failed:
+/// descriptors (EMFILE, ENFILE), memory and socket buffers (ENOMEM, ENOBUFS), processes
+/// (EAGAIN from fork), local ports (EADDRNOTAVAIL from connect).
+pub fn is_director_error(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|code| {
+        [Errno::EMFILE, Errno::ENFILE, Errno::ENOMEM, Errno::ENOBUFS, Errno::EAGAIN, Errno::EADDRNOTAVAIL]
+            .iter()
+            .any(|known| *known as i32 == code)
+    })
+}
+
 /// What a check is run against.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Target {
@@ -113,4 +152,32 @@ pub async fn run(spec: &CheckSpec, target: &Target) -> (Report, Duration) {
         CheckKind::Icmp => icmp::check(target.addr, spec.source, spec.timeout).await,
     };
     (report, started.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::errno::Errno;
+
+    #[test]
+    fn running_out_of_something_is_the_directors_error_anything_else_the_backends() {
+        for errno in
+            [Errno::EMFILE, Errno::ENFILE, Errno::ENOMEM, Errno::ENOBUFS, Errno::EAGAIN, Errno::EADDRNOTAVAIL]
+        {
+            let e = std::io::Error::from_raw_os_error(errno as i32);
+            assert!(matches!(ProbeError::io("connecting", &e), ProbeError::Director(_)), "{errno}");
+            assert_eq!(ProbeError::io("connecting", &e).report().outcome, Outcome::DirectorError);
+        }
+        for errno in [
+            Errno::ECONNREFUSED,
+            Errno::EHOSTUNREACH,
+            Errno::ENETUNREACH,
+            Errno::ETIMEDOUT,
+            Errno::ECONNRESET,
+        ] {
+            let e = std::io::Error::from_raw_os_error(errno as i32);
+            assert_eq!(ProbeError::io("connecting", &e).report().outcome, Outcome::Critical, "{errno}");
+        }
+        assert!(!is_director_error(&std::io::Error::other("no errno")));
+    }
 }

@@ -20,6 +20,10 @@ pub enum Outcome {
     Warning,
     Critical,
     Unknown,
+    /// The director could not run the check: it is out of descriptors, memory, socket
+    /// buffers, processes or local ports. That says nothing about the backend, so the
+    /// state machine leaves the backend as it is (the daemon logs and counts it).
+    DirectorError,
 }
 
 impl Outcome {
@@ -43,6 +47,7 @@ impl Outcome {
             Outcome::Warning => "warning",
             Outcome::Critical => "critical",
             Outcome::Unknown => "unknown",
+            Outcome::DirectorError => "director_error",
         }
     }
 }
@@ -133,6 +138,10 @@ impl Tracker {
     /// Records one check result at `now` (any monotonic clock); returns the state change
     /// it caused, if any.
     pub fn observe(&mut self, outcome: Outcome, now: Duration) -> Option<Transition> {
+        // Not a cycle of this backend's history: the check did not run.
+        if outcome == Outcome::DirectorError {
+            return None;
+        }
         self.cycle += 1;
         if let Health::Timeout { until } = self.state {
             match until {
@@ -203,7 +212,8 @@ mod tests {
 
     const S: Duration = Duration::from_secs(1);
 
-    /// `+` OK, `w` WARNING, `-` CRITICAL, `?` UNKNOWN; one cycle per second.
+    /// `+` OK, `w` WARNING, `-` CRITICAL, `?` UNKNOWN, `E` the director's own error; one
+    /// cycle per second.
     fn run(policy: Policy, start: Health, results: &str) -> Vec<Health> {
         let mut t = Tracker::starting(policy, start);
         results
@@ -215,6 +225,7 @@ mod tests {
                     'w' => Outcome::Warning,
                     '-' => Outcome::Critical,
                     '?' => Outcome::Unknown,
+                    'E' => Outcome::DirectorError,
                     _ => panic!("{c}"),
                 };
                 t.observe(o, S * i as u32);
@@ -262,6 +273,10 @@ mod tests {
             ("4 changes within 10 cycles: timeout", flappy, Up, "-+-+++", "DUDTTT"),
             ("3 changes within 10 cycles: no timeout", flappy, Up, "-+-", "DUD"),
             ("changes spread out do not count as flapping", flappy, Up, "-+++++++++-+++++++++-+", "DUUUUUUUUUDUUUUUUUUUDU"),
+            ("the director's errors never take a server down", consecutive, Up, "EEEEEEEE", "UUUUUUUU"),
+            ("nor bring one up", consecutive, Down, "EEEE", "DDDD"),
+            ("nor break a run of failures", consecutive, Up, "--EEE-", "UUUUUD"),
+            ("nor count as a cycle of the window", within, Up, "-E+E-EE-", "UUUUUUUD"),
         ];
         for (what, policy, start, results, want) in rows {
             let got = run(*policy, *start, results);

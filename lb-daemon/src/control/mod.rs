@@ -1,5 +1,5 @@
 //! The running daemon: start (adopting a running data path), SIGHUP reloads, SIGTERM,
-//! systemd notifications, the control socket and the metrics endpoint.
+//! systemd notifications; the control socket and the metrics endpoint are in `endpoints`.
 //!
 //! One [`Daemon`] value holds the config in force, the planner and the data path, behind a
 //! mutex. Slow work (reading the file, resolving neighbours) happens outside the lock; the
@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use lb_common::stat;
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -55,6 +55,9 @@ pub enum ControlError {
 }
 
 type Result<T> = std::result::Result<T, ControlError>;
+
+mod endpoints;
+use endpoints::{serve_control, serve_metrics};
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ControlError {
     let what = what.into();
@@ -247,6 +250,12 @@ impl Daemon {
 
     /// Feeds a probe result in; re-plans when a state or a weight changed.
     fn observe(&mut self, result: &ProbeResult) {
+        if result.report.outcome == crate::health::state::Outcome::DirectorError {
+            tracing::warn!(
+                error = result.report.message,
+                "a health check could not run (the director's own error, not the backend's: its state is kept)"
+            );
+        }
         let (events, changed) = self.board.observe(result, self.started.elapsed());
         for e in &events {
             if let Some(hook) = self.board.hook(&e.service, e.backend) {
@@ -578,83 +587,6 @@ async fn snapshot_of(daemon: &Arc<Mutex<Daemon>>) -> Result<Snapshot> {
         .map_err(|e| ControlError::Io { what: "snapshot task".into(), source: std::io::Error::other(e) })?
 }
 
-async fn serve_metrics(daemon: Arc<Mutex<Daemon>>, listener: tokio::net::TcpListener) {
-    use axum::http::{StatusCode, header};
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let daemon = Arc::clone(&daemon);
-            async move {
-                match snapshot_of(&daemon).await.and_then(|s| Ok(crate::metrics::render(&s)?)) {
-                    Ok(text) => (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text),
-                    Err(e) => (
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        [(header::CONTENT_TYPE, "text/plain")],
-                        crate::error_chain(&e),
-                    ),
-                }
-            }
-        }),
-    );
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %crate::error_chain(&e), "metrics endpoint stopped");
-    }
-}
-
-/// Connections the control socket serves at once; more wait in the kernel's backlog.
-const CONTROL_MAX_CONNECTIONS: usize = 64;
-/// A request is one short line; anything longer is not one.
-const CONTROL_MAX_REQUEST: u64 = 256;
-const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The control socket speaks one request line and one answer: `status` or `metrics`.
-/// Bounded like any listener facing other processes: a connection limit, a read timeout
-/// and a request size limit; an accept error (out of descriptors) backs off instead of
-/// spinning.
-async fn serve_control(daemon: Arc<Mutex<Daemon>>, listener: UnixListener) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(CONTROL_MAX_CONNECTIONS));
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { return };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
-                backoff = Duration::from_millis(10);
-                stream
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "control socket: accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        let daemon = Arc::clone(&daemon);
-        tokio::spawn(async move {
-            let _permit = permit;
-            let (read, mut write) = stream.into_split();
-            let mut line = Vec::new();
-            let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, CONTROL_MAX_REQUEST));
-            let read = reader.read_until(b'\n', &mut line);
-            if !matches!(tokio::time::timeout(CONTROL_READ_TIMEOUT, read).await, Ok(Ok(_))) {
-                return;
-            }
-            let answer = match String::from_utf8_lossy(&line).trim() {
-                "status" => snapshot_of(&daemon).await.map(|s| s.status_table()),
-                "metrics" => snapshot_of(&daemon).await.and_then(|s| Ok(crate::metrics::render(&s)?)),
-                _ if !line.ends_with(b"\n") && line.len() as u64 >= CONTROL_MAX_REQUEST => {
-                    Ok(format!("error: request longer than {CONTROL_MAX_REQUEST} bytes\n"))
-                }
-                other => Ok(format!(
-                    "error: unknown request `{}` (try status or metrics)\n",
-                    crate::config::shorten(other)
-                )),
-            };
-            let text = answer.unwrap_or_else(|e| format!("error: {}\n", crate::error_chain(&e)));
-            let _ = tokio::time::timeout(CONTROL_READ_TIMEOUT, write.write_all(text.as_bytes())).await;
-        });
-    }
-}
-
 /// Asks a running daemon over its control socket.
 pub async fn request(socket: &Path, what: &str) -> Result<String> {
     let mut stream = UnixStream::connect(socket)
@@ -667,14 +599,31 @@ pub async fn request(socket: &Path, what: &str) -> Result<String> {
 }
 
 async fn bind_control_socket(path: &Path) -> Result<UnixListener> {
-    if UnixStream::connect(path).await.is_ok() {
-        return Err(ControlError::AlreadyRunning(path.to_owned()));
+    match UnixStream::connect(path).await {
+        Ok(_) => return Err(ControlError::AlreadyRunning(path.to_owned())),
+        // Someone else's socket (a daemon running as root, for one): say so, rather than
+        // fail later with "address in use" when it cannot be replaced.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(ControlError::Io {
+                what: format!("opening {} (run as root?)", path.display()),
+                source: e,
+            });
+        }
+        Err(_) => {}
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     }
     // Left by a daemon that was killed: nobody answers on it (checked above).
-    let _ = std::fs::remove_file(path);
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(ControlError::Io {
+                what: format!("removing the stale {}", path.display()),
+                source: e,
+            });
+        }
+        _ => {}
+    }
     let listener = UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
@@ -691,8 +640,37 @@ pub enum OnExit {
     Detach,
 }
 
+/// Descriptors below which the daemon warns: both listeners full (128), the data path's
+/// maps and programs, and room for a few thousand concurrent health checks.
+const WANTED_DESCRIPTORS: u64 = 4096;
+
+/// Raises the soft descriptor limit to the hard one, as systemd advises services that need
+/// many (its default soft limit is 1,024); warns when even that is low.
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => return tracing::warn!(error = %e, "reading the descriptor limit"),
+    };
+    let limit = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "raising the descriptor limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    if limit < WANTED_DESCRIPTORS {
+        tracing::warn!(limit, wanted = WANTED_DESCRIPTORS, "the descriptor limit is low: raise LimitNOFILE");
+    }
+}
+
 /// `lb-daemon run`: until SIGTERM or SIGINT.
 pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
+    raise_descriptor_limit();
     let config = Config::load(config_path)?;
     // Bound before the data path is touched: a second daemon must not adopt the maps.
     let control = bind_control_socket(&config.director.control_socket).await?;
