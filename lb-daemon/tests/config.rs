@@ -131,6 +131,8 @@ const MALFORMED: &[(&str, &str, u64, u64, &str, &str)] = &[
     ("empty file", "", 1, 1, "(document)", "unexpected end of file"),
     ("not YAML", "director:\n  interfaces: [eth0\n", 2, 15, "director.interfaces", "unclosed bracket"),
     ("missing director", "services: []\n", 1, 1, "(document)", "missing field `director`"),
+    ("missing key, located at its mapping", "director:\n  xdp_mode: native\n  metrics_listen: 127.0.0.1:9740\n", 2, 3, "director", "missing field `interfaces`"),
+    ("missing key deep in a list", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n  - match: { vip: 192.0.2.2, port: 80 }\n    scheduler: mh\n    backends: []\n", 6, 5, "services[1]", "missing field `name`"),
     ("unknown top-level key", "director:\n  interfaces: [eth0]\nservice: []\n", 3, 1, "service", "unknown field `service`"),
     ("unknown director key", "director:\n  interfaces: [eth0]\n  xdp: native\n", 3, 3, "director.xdp", "unknown field `xdp`"),
     ("no interfaces", "director:\n  interfaces: []\n", 2, 15, "director.interfaces", "at least one interface"),
@@ -255,6 +257,66 @@ fn the_error_names_file_line_column_and_path() {
         e.to_string(),
         "/etc/lb/lb.yaml:3:3: director.xdp: unknown field `xdp`, expected one of interfaces, xdp_mode, metrics_listen, control_socket, bpf_dir, connection_table_size, ring_slots, accept_macs, flood_guard_flows_per_sec"
     );
+}
+
+/// As `keepalived -t`: one run names every error of a file that parses, in file order,
+/// each with its location, and stops listing after a bounded number.
+#[test]
+fn every_error_of_a_file_is_reported_in_file_order() {
+    let yaml = "director:
+  interfaces: [eth0]
+  connection_table_size: 0
+marks:
+  - { mark: 0, dst: 198.51.100.0/24 }
+  - { mark: 2, dst: 198.51.100.1/24 }
+services:
+  - name: web
+    match: { vip: 192.0.2.1, port: 80 }
+    ring_size: 100
+    backends:
+      - { address: 10.0.0.1, weight: 100000 }
+  - name: web
+    match: { vip: 192.0.2.2, port: 80 }
+    check: { type: tcp, interval: soon }
+    backends:
+      - { address: 2001:db8::1 }
+";
+    let e = Config::parse(yaml, "lb.yaml").unwrap_err();
+    let ConfigError::Several { errors, more } = &e else { panic!("one error only: {e}") };
+    let got: Vec<(u64, u64, &str)> = errors
+        .iter()
+        .map(|e| match e {
+            ConfigError::Invalid { line, column, path, .. } => (*line, *column, path.as_str()),
+            other => panic!("{other}"),
+        })
+        .collect();
+    let want = [
+        (3, 26, "director.connection_table_size"),
+        (5, 13, "marks[0].mark"),
+        (6, 21, "marks[1].dst"),
+        (10, 16, "services[0].ring_size"),
+        (12, 38, "services[0].backends[0].weight"),
+        (13, 11, "services[1].name"),
+        (15, 35, "services[1].check.interval"),
+        (17, 20, "services[1].backends[0].address"),
+    ];
+    let paths: Vec<&str> = got.iter().map(|g| g.2).collect();
+    assert_eq!(paths, want.iter().map(|w| w.2).collect::<Vec<_>>(), "{e}");
+    assert_eq!(got, want, "{e}");
+    assert_eq!(*more, 0);
+    assert!(e.to_string().starts_with("8 errors:\n  lb.yaml:3:26: director.connection_table_size: "), "{e}");
+
+    // Thirty bad services: twenty listed, the rest counted.
+    let mut many = String::from("director:\n  interfaces: [eth0]\nservices:\n");
+    for i in 0..30 {
+        many.push_str(&format!(
+            "  - {{ name: s{i}, match: {{ vip: 192.0.2.{i}, port: 80 }}, ring_size: 4 }}\n"
+        ));
+    }
+    let e = Config::parse(&many, "lb.yaml").unwrap_err();
+    let ConfigError::Several { errors, more } = &e else { panic!("{e}") };
+    assert_eq!((errors.len(), *more), (lb_daemon::config::MAX_REPORTED_ERRORS, 10));
+    assert!(e.to_string().ends_with("... and 10 more"), "{e}");
 }
 
 #[test]

@@ -64,6 +64,26 @@ pub enum ConfigError {
     TooLarge { file: String },
     #[error("{file}:{line}:{column}: {path}: {message}")]
     Invalid { file: String, line: u64, column: u64, path: String, message: String },
+    /// Every error validation found (more than one), in file order; `more` were found
+    /// beyond the [`MAX_REPORTED_ERRORS`] listed.
+    #[error("{}", several(errors, *more))]
+    Several { errors: Vec<ConfigError>, more: usize },
+}
+
+/// Errors listed when a file has many; the count of the rest follows them.
+pub const MAX_REPORTED_ERRORS: usize = 20;
+
+fn several(errors: &[ConfigError], more: usize) -> String {
+    let total = errors.len() + more;
+    let mut out = format!("{total} errors:");
+    for e in errors {
+        out.push_str("\n  ");
+        out.push_str(&e.to_string());
+    }
+    if more > 0 {
+        out.push_str(&format!("\n  ... and {more} more"));
+    }
+    out
 }
 
 impl ConfigError {
@@ -71,7 +91,10 @@ impl ConfigError {
     pub fn path(&self) -> Option<&str> {
         match self {
             ConfigError::Invalid { path, .. } => Some(path),
-            ConfigError::Read { .. } | ConfigError::NotAFile { .. } | ConfigError::TooLarge { .. } => None,
+            ConfigError::Read { .. }
+            | ConfigError::NotAFile { .. }
+            | ConfigError::TooLarge { .. }
+            | ConfigError::Several { .. } => None,
         }
     }
 }
@@ -430,6 +453,75 @@ fn key_path(raw: &str) -> String {
     if parts.is_empty() { "(document)".to_owned() } else { parts.join(".") }
 }
 
+/// Where the node at `path` (as [`key_path`] writes it: `services[2].check`, or
+/// `(document)`) starts in `text`, as a 1-based line and column: a second, cheap pass over
+/// the YAML events, made only to place an error.
+fn node_start(text: &str, path: &str) -> Option<(u64, u64)> {
+    use serde_saphyr::granit_parser::{Event, Parser};
+    enum Step<'a> {
+        Key(&'a str),
+        Index(usize),
+    }
+    let mut steps = Vec::new();
+    if path != "(document)" {
+        for part in path.split('.') {
+            let (key, indices) = part.split_once('[').unwrap_or((part, ""));
+            if !key.is_empty() {
+                steps.push(Step::Key(key));
+            }
+            for index in indices.split('[').filter(|i| !i.is_empty()) {
+                steps.push(Step::Index(index.trim_end_matches(']').parse().ok()?));
+            }
+        }
+    }
+    let mut events = Parser::new_from_str(text)
+        .filter_map(|e| e.ok())
+        .filter(|(e, _)| !matches!(e, Event::StreamStart | Event::DocumentStart(..) | Event::Anchor(..)));
+    // Skips one node whose first event was just read.
+    fn skip<'a>(
+        first: &Event<'a>,
+        events: &mut impl Iterator<Item = (Event<'a>, serde_saphyr::granit_parser::Span)>,
+    ) {
+        let mut depth = usize::from(matches!(first, Event::MappingStart(..) | Event::SequenceStart(..)));
+        while depth > 0 {
+            match events.next() {
+                Some((Event::MappingStart(..) | Event::SequenceStart(..), _)) => depth += 1,
+                Some((Event::MappingEnd | Event::SequenceEnd, _)) => depth -= 1,
+                Some(_) => {}
+                None => return,
+            }
+        }
+    }
+    let (mut node, mut span) = events.next()?;
+    for step in steps {
+        match (step, node) {
+            (Step::Key(want), Event::MappingStart(..)) => loop {
+                let (key, _) = events.next()?;
+                let Event::Scalar(name, ..) = &key else { return None };
+                let found = name == want;
+                let (value, value_span) = events.next()?;
+                if found {
+                    (node, span) = (value, value_span);
+                    break;
+                }
+                skip(&value, &mut events);
+            },
+            (Step::Index(want), Event::SequenceStart(..)) => {
+                for _ in 0..want {
+                    let (item, _) = events.next()?;
+                    if matches!(item, Event::SequenceEnd) {
+                        return None;
+                    }
+                    skip(&item, &mut events);
+                }
+                (node, span) = events.next()?;
+            }
+            _ => return None,
+        }
+    }
+    Some((span.start.line() as u64, span.start.col() as u64 + 1))
+}
+
 // ---- validation ----------------------------------------------------------------------
 
 /// Collects the file name for errors raised while validating.
@@ -437,9 +529,17 @@ struct Checker<'a> {
     file: &'a str,
     /// Per mark: whether its rules match IPv4 and IPv6 destinations.
     mark_families: HashMap<u32, (bool, bool)>,
+    /// What validation found so far: it goes on past an error, wherever what follows does
+    /// not depend on the refused value, so that one run reports them all.
+    errors: std::cell::RefCell<Vec<ConfigError>>,
 }
 
 impl Checker<'_> {
+    /// The value, or `None` with its error kept for the report.
+    fn keep<T>(&self, r: Result<T, ConfigError>) -> Option<T> {
+        r.map_err(|e| self.errors.borrow_mut().push(e)).ok()
+    }
+
     fn err<T>(&self, at: &Spanned<T>, path: impl Into<String>, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             file: self.file.to_owned(),
@@ -606,10 +706,17 @@ impl Config {
             })
         })
         .map_err(|e| {
-            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            let (mut line, mut column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
             let message = bound_message(&serde_saphyr::UserMessageFormatter.format_message(&e));
-            let path = bound_message(&key_path(&path));
-            ConfigError::Invalid { file: file.to_owned(), line, column, path, message }
+            let path = key_path(&path);
+            // serde notices a missing key when the mapping ends, at its last key; the
+            // operator looks for the mapping, where the key belongs.
+            if message.starts_with("missing field")
+                && let Some((l, c)) = node_start(text, &path)
+            {
+                (line, column) = (l, c);
+            }
+            ConfigError::Invalid { file: file.to_owned(), line, column, path: bound_message(&path), message }
         })?;
         let mut mark_families: HashMap<u32, (bool, bool)> = HashMap::new();
         for m in &raw.marks {
@@ -620,41 +727,37 @@ impl Config {
                 f.1 = true;
             }
         }
-        Checker { file, mark_families }.validate(raw)
+        let checker = Checker { file, mark_families, errors: Default::default() };
+        let config = checker.validate(raw);
+        let mut errors = checker.errors.into_inner();
+        // File order, whichever part of the validation found them.
+        errors.sort_by_key(|e| match e {
+            ConfigError::Invalid { line, column, .. } => (*line, *column),
+            _ => (0, 0),
+        });
+        match (config, errors.len()) {
+            (Some(config), 0) => Ok(config),
+            (_, 1) => Err(errors.remove(0)),
+            (_, n) => {
+                let more = n.saturating_sub(MAX_REPORTED_ERRORS);
+                errors.truncate(MAX_REPORTED_ERRORS);
+                Err(ConfigError::Several { errors, more })
+            }
+        }
     }
 }
 
 impl Checker<'_> {
-    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let director = self.director(raw.director)?;
+    /// The config, or `None` when an error was kept (in `self.errors`).
+    fn validate(&self, raw: RawConfig) -> Option<Config> {
+        let director = self.keep(self.director(raw.director));
         let mut marks = Vec::new();
-        let mut defined_marks = HashSet::new();
+        // Every mark the file defines, valid or not: a service keyed by a mark whose rule
+        // has an error is not also "keyed by an undefined mark".
+        let defined_marks: HashSet<u32> = raw.marks.iter().map(|m| m.mark.value).collect();
         for (i, m) in raw.marks.into_iter().enumerate() {
-            let at = |key: &str| format!("marks[{i}].{key}");
-            if m.mark.value == 0 {
-                return Err(self.err(&m.mark, at("mark"), "mark 0 means \"no mark\"; use 1 or more"));
-            }
-            no_host_bits(&m.dst.value).map_err(|msg| self.err(&m.dst, at("dst"), msg))?;
-            if let Some(src) = &m.src {
-                no_host_bits(&src.value).map_err(|msg| self.err(src, at("src"), msg))?;
-                if src.value.addr().is_ipv4() != m.dst.value.addr().is_ipv4() {
-                    return Err(self.err(
-                        src,
-                        at("src"),
-                        "source and destination prefixes are of different address families",
-                    ));
-                }
-            }
-            defined_marks.insert(m.mark.value);
-            let ranges = m.ports.map_or_else(|| vec![(1, 65535)], |p| p.0);
-            for ports in ranges {
-                marks.push(MarkRuleSpec {
-                    mark: m.mark.value,
-                    dst: m.dst.value,
-                    proto: m.proto.map(Protocol::from),
-                    ports,
-                    src: m.src.as_ref().map(|s| s.value),
-                });
+            if let Some(rules) = self.keep(self.mark(i, m)) {
+                marks.extend(rules);
             }
         }
 
@@ -667,95 +770,88 @@ impl Checker<'_> {
         let mut backends_total = 0usize;
         for (i, s) in raw.services.into_iter().enumerate() {
             let at = |key: &str| format!("services[{i}].{key}");
-            valid_service_name(&s.name.value).map_err(|msg| self.err(&s.name, at("name"), msg))?;
+            self.keep(valid_service_name(&s.name.value).map_err(|msg| self.err(&s.name, at("name"), msg)));
             if let Some(first) = names.insert(s.name.value.clone(), i) {
-                return Err(self.err(
+                self.keep::<()>(Err(self.err(
                     &s.name,
                     at("name"),
                     format!("duplicate service name `{}` (also services[{first}])", s.name.value),
-                ));
+                )));
             }
-            let matcher = self.service_match(&s.matcher, i, &defined_marks)?;
-            if let Some(first) = matchers.insert(matcher, i) {
-                return Err(self.err(
-                    &s.matcher,
-                    at("match"),
-                    format!("{matcher} is already the match of services[{first}]"),
-                ));
+            if i as u32 >= MAX_SERVICES {
+                self.keep::<()>(Err(self.err(
+                    &s.name,
+                    at("name"),
+                    format!("more than {MAX_SERVICES} services"),
+                )));
             }
             if let Some(f) = &s.forward
                 && f.value != Forward::Dr
             {
-                return Err(self.err(f, at("forward"), "only `dr` (direct routing) is implemented so far"));
+                self.keep::<()>(Err(self.err(
+                    f,
+                    at("forward"),
+                    "only `dr` (direct routing) is implemented so far",
+                )));
             }
-            let ring_size = s.ring_size.as_ref().map_or(DEFAULT_RING_SIZE, |r| r.value);
-            if let Some(r) = &s.ring_size {
-                if !(3..=MAX_RING_SIZE).contains(&r.value) {
-                    return Err(self.err(
-                        r,
-                        at("ring_size"),
-                        format!("ring size {} is out of range 3-{MAX_RING_SIZE}", r.value),
-                    ));
-                }
-                if !is_prime(r.value) && !matches!(s.scheduler, Some(RawScheduler::Wrr)) {
-                    return Err(self.err(
-                        r,
-                        at("ring_size"),
-                        format!(
-                            "ring size {} is not a prime (Maglev needs one; e.g. 4093, 16381, 65537)",
-                            r.value
-                        ),
-                    ));
-                }
+            let ring_size = self.keep(self.ring_size(&s, i)).unwrap_or(DEFAULT_RING_SIZE);
+            // What follows needs the match: its family decides which addresses fit.
+            let Some(matcher) = self.keep(self.service_match(&s.matcher, i, &defined_marks)) else {
+                continue;
+            };
+            if let Some(first) = matchers.insert(matcher, i) {
+                self.keep::<()>(Err(self.err(
+                    &s.matcher,
+                    at("match"),
+                    format!("{matcher} is already the match of services[{first}]"),
+                )));
             }
-            let backends = self.backends(&s, i, &matcher)?;
+            let check = s.check.as_ref().and_then(|c| self.keep(self.check(c, i, &matcher)));
+            let Some(backends) = self.keep(self.backends(&s, i, &matcher)) else { continue };
             let fallback = match &s.fallback {
                 None => None,
-                Some(f) => {
-                    let addr = self.real_server(f, at("fallback"), &matcher)?;
-                    if let Some(j) = backends.iter().position(|b| b.addr == addr) {
-                        return Err(self.err(
+                Some(f) => self.keep(self.real_server(f, at("fallback"), &matcher).and_then(|addr| {
+                    match backends.iter().position(|b| b.addr == addr) {
+                        Some(j) => Err(self.err(
                             f,
                             at("fallback"),
                             format!("{addr} is services[{i}].backends[{j}]: a fallback stands in for the backends, it cannot be one"),
-                        ));
+                        )),
+                        None => Ok(addr),
                     }
-                    Some(addr)
-                }
+                })),
             };
             let servers = backends.len() + fallback.is_some() as usize;
+            let ring_error = |msg: String| match &s.ring_size {
+                Some(r) => self.err(r, at("ring_size"), msg),
+                None => self.err(&s.name, at("ring_size"), msg),
+            };
             if servers > ring_size as usize {
                 let plus = if fallback.is_some() { " and the fallback" } else { "" };
                 let msg = format!("{} backends{plus} do not fit a ring of {ring_size} slots", backends.len());
-                return Err(match &s.ring_size {
-                    Some(r) => self.err(r, at("ring_size"), msg),
-                    None => {
-                        self.err(&s.name, at("ring_size"), format!("{msg} (the default); set a larger prime"))
-                    }
-                });
+                let default = if s.ring_size.is_none() { " (the default); set a larger prime" } else { "" };
+                self.keep::<()>(Err(ring_error(format!("{msg}{default}"))));
             }
             // Each service holds two rings (live and idle) in the shared ring map.
+            let before = ring_slots_used;
             ring_slots_used += 2 * ring_size as u64;
-            if ring_slots_used > director.ring_slots as u64 {
-                let msg = format!(
+            if let Some(d) = &director
+                && ring_slots_used > d.ring_slots as u64
+                && before <= d.ring_slots as u64
+            {
+                self.keep::<()>(Err(ring_error(format!(
                     "the rings of services[0..={i}] need {ring_slots_used} slots (two per ring slot), more than director.ring_slots ({})",
-                    director.ring_slots
-                );
-                return Err(match &s.ring_size {
-                    Some(r) => self.err(r, at("ring_size"), msg),
-                    None => self.err(&s.name, at("ring_size"), msg),
-                });
+                    d.ring_slots
+                ))));
             }
+            let total_before = backends_total;
             backends_total += servers;
-            if backends_total > MAX_BACKENDS as usize {
-                return Err(self.err(
+            if backends_total > MAX_BACKENDS as usize && total_before <= MAX_BACKENDS as usize {
+                self.keep::<()>(Err(self.err(
                     &s.name,
                     at("backends"),
                     format!("more than {MAX_BACKENDS} backends over all services"),
-                ));
-            }
-            if i as u32 >= MAX_SERVICES {
-                return Err(self.err(&s.name, at("name"), format!("more than {MAX_SERVICES} services")));
+                )));
             }
             let scheduler = match s.scheduler.unwrap_or(RawScheduler::Sh) {
                 RawScheduler::Sh => Scheduler::Sh,
@@ -763,8 +859,8 @@ impl Checker<'_> {
                 RawScheduler::Wrr => Scheduler::Wrr,
             };
             forward.insert(s.name.value.clone(), Forward::Dr);
-            if let Some(c) = &s.check {
-                checks.insert(s.name.value.clone(), self.check(c, i, &matcher)?);
+            if let Some(c) = check {
+                checks.insert(s.name.value.clone(), c);
             }
             let fallback_action = match s.fallback_action {
                 None | Some(RawFallbackAction::Drop) => FallbackAction::Drop,
@@ -780,11 +876,58 @@ impl Checker<'_> {
                 fallback_action,
             });
         }
-        let routing = match &raw.routing {
-            Some(r) => Some(self.routing(r)?),
-            None => None,
-        };
-        Ok(Config { director, marks, services, forward, checks, routing })
+        let routing = raw.routing.as_ref().map(|r| self.keep(self.routing(r)));
+        if !self.errors.borrow().is_empty() {
+            return None;
+        }
+        Some(Config { director: director?, marks, services, forward, checks, routing: routing.flatten() })
+    }
+
+    /// The rules of mark `m` (one per port range).
+    fn mark(&self, i: usize, m: RawMark) -> Result<Vec<MarkRuleSpec>, ConfigError> {
+        let at = |key: &str| format!("marks[{i}].{key}");
+        if m.mark.value == 0 {
+            return Err(self.err(&m.mark, at("mark"), "mark 0 means \"no mark\"; use 1 or more"));
+        }
+        no_host_bits(&m.dst.value).map_err(|msg| self.err(&m.dst, at("dst"), msg))?;
+        if let Some(src) = &m.src {
+            no_host_bits(&src.value).map_err(|msg| self.err(src, at("src"), msg))?;
+            if src.value.addr().is_ipv4() != m.dst.value.addr().is_ipv4() {
+                return Err(self.err(
+                    src,
+                    at("src"),
+                    "source and destination prefixes are of different address families",
+                ));
+            }
+        }
+        let ranges = m.ports.map_or_else(|| vec![(1, 65535)], |p| p.0);
+        Ok(ranges
+            .into_iter()
+            .map(|ports| MarkRuleSpec {
+                mark: m.mark.value,
+                dst: m.dst.value,
+                proto: m.proto.map(Protocol::from),
+                ports,
+                src: m.src.as_ref().map(|s| s.value),
+            })
+            .collect())
+    }
+
+    /// The configured ring size, if it is one Maglev (or `wrr`) can use.
+    fn ring_size(&self, s: &RawService, i: usize) -> Result<u32, ConfigError> {
+        let Some(r) = &s.ring_size else { return Ok(DEFAULT_RING_SIZE) };
+        let at = format!("services[{i}].ring_size");
+        if !(3..=MAX_RING_SIZE).contains(&r.value) {
+            return Err(self.err(r, at, format!("ring size {} is out of range 3-{MAX_RING_SIZE}", r.value)));
+        }
+        if !is_prime(r.value) && !matches!(s.scheduler, Some(RawScheduler::Wrr)) {
+            return Err(self.err(
+                r,
+                at,
+                format!("ring size {} is not a prime (Maglev needs one; e.g. 4093, 16381, 65537)", r.value),
+            ));
+        }
+        Ok(r.value)
     }
 
     /// An optional count within `range`, or `default` when absent.
