@@ -169,18 +169,18 @@ pub struct FlowKey {
 
 /// Flow states, following what the director sees of a TCP connection (only the
 /// client-to-server half passes through it in direct routing).
-pub const FLOW_SYN_SENT: u32 = 1;
-pub const FLOW_ESTABLISHED: u32 = 2;
-pub const FLOW_FIN: u32 = 3;
-pub const FLOW_CLOSED: u32 = 4;
+pub const FLOW_SYN_SENT: u16 = 1;
+pub const FLOW_ESTABLISHED: u16 = 2;
+pub const FLOW_FIN: u16 = 3;
+pub const FLOW_CLOSED: u16 = 4;
 /// UDP has no handshake: a flow is established from its first packet.
-pub const FLOW_UDP: u32 = 5;
+pub const FLOW_UDP: u16 = 5;
 /// A TCP flow first seen mid-stream (no SYN: a director restart, a failover from another
 /// director, or junk). It is forwarded and recorded, so that it keeps its server if the
 /// ring changes, but counted as a connection only once it has shown it is real: a packet
 /// at least [`MIDSTREAM_CONFIRM_NS`] after the first. Until then `last_seen_ns` holds the
 /// time of its first packet.
-pub const FLOW_MIDSTREAM: u32 = 6;
+pub const FLOW_MIDSTREAM: u16 = 6;
 /// How long a mid-stream flow must go on before it counts as established.
 pub const MIDSTREAM_CONFIRM_NS: u64 = 1_000_000_000;
 
@@ -192,7 +192,11 @@ pub struct Flow {
     /// One of the `FLOW_*` states. Padding fields here and in other hot-path structs are
     /// integers, not byte arrays: zeroing an odd-sized byte array compiles to a call into
     /// a byte-at-a-time BPF `memset`.
-    pub state: u32,
+    pub state: u16,
+    /// The CPU that recorded the flow. With per-CPU LRU lists each CPU holds its share of
+    /// the table (its entries / possible CPUs) and evicts from that share alone, so the
+    /// daemon counts entries per CPU to tell how full the table really is.
+    pub cpu: u16,
     /// The service's generation when the flow started: an established flow is forwarded
     /// without looking its service up, for as long as `SERVICE_GENERATIONS[service]`
     /// still holds this value (the service was neither removed nor its id reused).

@@ -134,6 +134,10 @@ pub struct Snapshot {
     pub passes: Vec<(&'static str, u64)>,
     pub flow_entries: u64,
     pub flow_capacity: u32,
+    /// Entries recorded by each CPU: each evicts from its own share of the table.
+    pub flow_entries_per_cpu: Vec<u64>,
+    /// The share of each CPU (the capacity over the possible CPUs).
+    pub flow_capacity_per_cpu: u32,
     /// CPUs whose new-flow rate is over the flood guard's limit now.
     pub flood_guard_active_cpus: u32,
     /// New flows forwarded without being recorded while the guard was active.
@@ -264,7 +268,7 @@ mod tests {
     use crate::plan::Protocol;
     use lb_common::{FLOW_FIN, FLOW_SYN_SENT};
 
-    fn flow(state: u32, last_seen_ns: u64) -> Flow {
+    fn flow(state: u16, last_seen_ns: u64) -> Flow {
         Flow { state, last_seen_ns, ..Default::default() }
     }
 

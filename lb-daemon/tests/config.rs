@@ -372,6 +372,8 @@ fn alert_rules_and_dashboard_name_only_metrics_the_daemon_exports() {
         routing: Some(Default::default()),
         actions: vec![("tx", 0)],
         drops: vec![("truncated", 0)],
+        icmp_forwarded: vec![("ipv4", "fragmentation_needed", 0)],
+        flow_entries_per_cpu: vec![0, 0],
         last_reload_success: Some(0.0),
         ..Default::default()
     };

@@ -26,7 +26,12 @@ pub enum LabConfig {
     /// A file the lab writes: a `director:` section with paths unique to this lab, then
     /// these `services:` (and `marks:`) lines.
     Services(String),
+    /// As `Services`, with a connection table of this size (65,536 otherwise).
+    SizedServices { services: String, connection_table_size: u32 },
 }
+
+/// The lab's connection table unless a config sizes it.
+const LAB_TABLE_SIZE: u32 = 65536;
 
 pub struct DrLab {
     pub topo: DrTopology,
@@ -39,6 +44,7 @@ pub struct DrLab {
     bpf_dir: PathBuf,
     /// Config, log and socket of a generated config; removed on drop.
     workdir: Option<PathBuf>,
+    connection_table_size: u32,
 }
 
 /// The `services:` section of the default lab: one VIP, sh, every server at weight 1.
@@ -88,14 +94,24 @@ impl DrLab {
         let own_service =
             NameServer::start(&topo.director, (DIRECTOR_CLIENT_SIDE, DIRECTOR_PORT).into(), "director")?;
 
-        let (path, workdir) = match config {
-            LabConfig::File(p) => (p, None),
-            LabConfig::Services(services) => {
+        let (services, connection_table_size) = match config {
+            LabConfig::File(p) => (Err(p), LAB_TABLE_SIZE),
+            LabConfig::Services(services) => (Ok(services), LAB_TABLE_SIZE),
+            LabConfig::SizedServices { services, connection_table_size } => {
+                (Ok(services), connection_table_size)
+            }
+        };
+        let (path, workdir) = match services {
+            Err(p) => (p, None),
+            Ok(services) => {
                 let dir = std::env::temp_dir().join(crate::unique_name("lbt"));
                 std::fs::create_dir_all(&dir)?;
                 let bpf = PathBuf::from("/sys/fs/bpf").join(dir.file_name().unwrap_or_default());
                 let path = dir.join("lb.yaml");
-                std::fs::write(&path, format!("{}{services}", director_yaml(&dir, &bpf)))?;
+                std::fs::write(
+                    &path,
+                    format!("{}{services}", director_yaml(&dir, &bpf, connection_table_size)),
+                )?;
                 (path, Some(dir))
             }
         };
@@ -135,6 +151,7 @@ impl DrLab {
             _pass_through: pass,
             bpf_dir: d.bpf_dir.clone(),
             workdir,
+            connection_table_size,
         };
         lab.wait_resolved()?;
         Ok(lab)
@@ -155,6 +172,11 @@ impl DrLab {
         }
     }
 
+    /// Where the daemon pinned its maps.
+    pub fn bpf_dir(&self) -> &Path {
+        &self.bpf_dir
+    }
+
     /// The config file the daemon reads (only for labs with a generated config).
     pub fn config_path(&self) -> Result<PathBuf> {
         Ok(self.workdir.as_ref().ok_or_else(|| anyhow!("the lab runs a fixed file"))?.join("lb.yaml"))
@@ -163,7 +185,8 @@ impl DrLab {
     /// Replaces the services of a generated config (the director section stays).
     pub fn write_services(&self, services: &str) -> Result<()> {
         let dir = self.workdir.as_ref().ok_or_else(|| anyhow!("the lab runs a fixed file"))?;
-        std::fs::write(self.config_path()?, format!("{}{services}", director_yaml(dir, &self.bpf_dir)))?;
+        let director = director_yaml(dir, &self.bpf_dir, self.connection_table_size);
+        std::fs::write(self.config_path()?, format!("{director}{services}"))?;
         Ok(())
     }
 
@@ -274,10 +297,10 @@ fn in_namespace(ns: &str, f: impl FnOnce() -> Result<()> + Send) -> Result<()> {
     })
 }
 
-fn director_yaml(workdir: &Path, bpf_dir: &Path) -> String {
+fn director_yaml(workdir: &Path, bpf_dir: &Path, connection_table_size: u32) -> String {
     format!(
         "director:\n  interfaces: [{DIRECTOR_IN}]\n  xdp_mode: native\n  metrics_listen: 127.0.0.1:9740\n  \
-         control_socket: {}\n  bpf_dir: {}\n  connection_table_size: 65536\n  ring_slots: 131072\n",
+         control_socket: {}\n  bpf_dir: {}\n  connection_table_size: {connection_table_size}\n  ring_slots: 131072\n",
         workdir.join("control.sock").display(),
         bpf_dir.display()
     )

@@ -92,6 +92,15 @@ impl NetNs {
     }
 }
 
+/// Runs the calling thread on CPU `cpu` only (BPF_PROG_TEST_RUN and map updates of
+/// per-CPU LRU lists act on the caller's CPU).
+pub fn pin_to_cpu(cpu: usize) -> Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    Ok(())
+}
+
 /// Moves the calling thread into the named namespace. Only for threads made for it.
 pub fn enter(name: &str) -> Result<()> {
     let path = format!("/run/netns/{name}");

@@ -214,10 +214,7 @@ fn tcp4_with(src: [u8; 4], dst: [u8; 4], dport: u16, opts: Ipv4Opts) -> Vec<u8> 
 /// Runs the calling thread on the first CPU only: BPF_PROG_TEST_RUN runs on the caller's
 /// CPU, and per-CPU state (wrr cursors, LRU lists, flood windows) is then one CPU's.
 fn pin_to_first_cpu() -> Result<()> {
-    let mut cpu = nix::sched::CpuSet::new();
-    cpu.set(0)?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu)?;
-    Ok(())
+    lb_tests::pin_to_cpu(0)
 }
 
 /// What a fixture row expects.
@@ -685,7 +682,7 @@ fn established_flow_keeps_its_backend_when_the_ring_changes() -> Result<()> {
     })
 }
 
-fn flow_state(env: &Env, sport: u16) -> Result<Option<u32>> {
+fn flow_state(env: &Env, sport: u16) -> Result<Option<u16>> {
     Ok(env.dp.flows()?.into_iter().find(|(k, _)| u16::from_be(k.sport) == sport).map(|(_, f)| f.state))
 }
 
@@ -1258,6 +1255,20 @@ fn icmp_errors_about_a_service_flow_go_to_its_backend() -> Result<()> {
         other_mac[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x77]);
         ensure!(test_run(&env.dp, &other_mac)?.0 == XDP_PASS, "an error sent to another host's MAC");
         ensure!(counted(env, stat::ICMP_FRAG_NEEDED)? == 1);
+        Ok(())
+    })
+}
+
+#[test]
+fn a_new_flow_records_the_cpu_whose_share_of_the_table_holds_it() -> Result<()> {
+    with_env(|env| {
+        for (cpu, sport) in [(0usize, 52000u16), (1, 52001)] {
+            lb_tests::pin_to_cpu(cpu)?;
+            env.forward(&tcp4([10, 19, 0, 1], VIP, sport, 80, TCP_SYN))?;
+            let recorded =
+                env.dp.flows()?.into_iter().find(|(k, _)| u16::from_be(k.sport) == sport).map(|(_, f)| f.cpu);
+            ensure!(recorded == Some(cpu as u16), "flow from CPU {cpu} recorded {recorded:?}");
+        }
         Ok(())
     })
 }

@@ -7,7 +7,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +16,7 @@ use hyper::{Method, Request, Response, StatusCode, header};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 
-use super::{Daemon, snapshot_of};
+use super::{Views, snapshot_of};
 
 /// Scrapes served at once; more wait in the kernel's backlog.
 pub const METRICS_MAX_CONNECTIONS: usize = 64;
@@ -67,14 +67,14 @@ where
 }
 
 /// `GET /metrics` over HTTP/1.1.
-pub async fn serve_metrics(daemon: Arc<Mutex<Daemon>>, listener: TcpListener) {
+pub(super) async fn serve_metrics(views: Arc<Views>, listener: TcpListener) {
     let accept = || async { listener.accept().await.map(|(s, _)| s) };
     serve_bounded("metrics endpoint", METRICS_MAX_CONNECTIONS, accept, |stream| {
-        let daemon = Arc::clone(&daemon);
+        let views = Arc::clone(&views);
         async move {
             let service = hyper::service::service_fn(move |req| {
-                let daemon = Arc::clone(&daemon);
-                async move { Ok::<_, Infallible>(answer_metrics(&daemon, &req).await) }
+                let views = Arc::clone(&views);
+                async move { Ok::<_, Infallible>(answer_metrics(&views, &req).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -88,7 +88,7 @@ pub async fn serve_metrics(daemon: Arc<Mutex<Daemon>>, listener: TcpListener) {
     .await;
 }
 
-async fn answer_metrics<B>(daemon: &Arc<Mutex<Daemon>>, req: &Request<B>) -> Response<Full<Bytes>> {
+async fn answer_metrics<B>(views: &Views, req: &Request<B>) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, content_type: &'static str, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
@@ -101,17 +101,17 @@ async fn answer_metrics<B>(daemon: &Arc<Mutex<Daemon>>, req: &Request<B>) -> Res
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET /metrics\n".into());
     }
-    match snapshot_of(daemon).await.and_then(|s| Ok(crate::metrics::render(&s)?)) {
+    match snapshot_of(views).await.and_then(|s| Ok(crate::metrics::render(&s)?)) {
         Ok(text) => reply(StatusCode::OK, "text/plain; version=0.0.4", text),
         Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", crate::error_chain(&e)),
     }
 }
 
 /// The control socket speaks one request line and one answer: `status` or `metrics`.
-pub async fn serve_control(daemon: Arc<Mutex<Daemon>>, listener: UnixListener) {
+pub(super) async fn serve_control(views: Arc<Views>, listener: UnixListener) {
     let accept = || async { listener.accept().await.map(|(s, _)| s) };
     serve_bounded("control socket", CONTROL_MAX_CONNECTIONS, accept, |stream| {
-        let daemon = Arc::clone(&daemon);
+        let views = Arc::clone(&views);
         async move {
             let (read, mut write) = stream.into_split();
             let mut line = Vec::new();
@@ -121,8 +121,8 @@ pub async fn serve_control(daemon: Arc<Mutex<Daemon>>, listener: UnixListener) {
                 return;
             }
             let answer = match String::from_utf8_lossy(&line).trim() {
-                "status" => snapshot_of(&daemon).await.map(|s| s.status_table()),
-                "metrics" => snapshot_of(&daemon).await.and_then(|s| Ok(crate::metrics::render(&s)?)),
+                "status" => snapshot_of(&views).await.map(|s| s.status_table()),
+                "metrics" => snapshot_of(&views).await.and_then(|s| Ok(crate::metrics::render(&s)?)),
                 _ if !line.ends_with(b"\n") && line.len() as u64 >= CONTROL_MAX_REQUEST => {
                     Ok(format!("error: request longer than {CONTROL_MAX_REQUEST} bytes\n"))
                 }

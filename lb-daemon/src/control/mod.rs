@@ -24,7 +24,7 @@ use crate::health::supervisor::{ProbeResult, Supervisor};
 use crate::plan::{BackendSpec, BackendState, Neighbour, Plan, PlanError, Planner};
 use crate::routing::neighbour::{self, NeighbourError};
 use crate::routing::policy::{Intent, Report as RoutingReport, reconcile_once as reconcile_routing};
-use crate::snapshot::{BackendSnapshot, BackendStatus, ConnKind, ServiceSnapshot, Snapshot, classify};
+use crate::snapshot::{BackendSnapshot, BackendStatus, ServiceSnapshot, Snapshot};
 
 /// How long a start or reload waits for backends' link-layer addresses.
 const RESOLVE_WAIT: Duration = Duration::from_secs(3);
@@ -56,7 +56,10 @@ pub enum ControlError {
 
 type Result<T> = std::result::Result<T, ControlError>;
 
+mod conns;
 mod endpoints;
+pub use conns::CONN_COUNT_TTL;
+use conns::{ConnCounter, ConnCounts};
 use endpoints::{serve_control, serve_metrics};
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ControlError {
@@ -345,19 +348,11 @@ impl Daemon {
         s
     }
 
-    /// Everything status and metrics show, read from the maps now.
-    pub fn snapshot(&self) -> Result<Snapshot> {
+    /// Everything status and metrics show, read from the maps now, with the connection
+    /// counts of a recent walk of the table (made outside the lock: see `conns`).
+    fn snapshot(&self, conns: &ConnCounts, cpus: u32) -> Result<Snapshot> {
         let now = crate::snapshot::flow_clock_ns()
             .map_err(|source| ControlError::Io { what: "reading the clock".into(), source })?;
-        let mut conns: HashMap<u32, (u64, u64)> = HashMap::new();
-        let entries = self.dataplane.for_each_flow(|_, flow| {
-            let c = conns.entry(flow.backend).or_default();
-            match classify(flow, now) {
-                Some(ConnKind::Active) => c.0 += 1,
-                Some(ConnKind::Inactive) => c.1 += 1,
-                None => {}
-            }
-        })?;
         let mut services = Vec::new();
         for spec in &self.config.services {
             let Some(&id) = self.plan.service_ids.get(&spec.name) else { continue };
@@ -383,7 +378,7 @@ impl Daemon {
                     (BackendState::Drain, _) => BackendStatus::Drain,
                     (BackendState::Active, _) => BackendStatus::Active,
                 };
-                let (active, inactive) = conns.get(&bid).copied().unwrap_or_default();
+                let (active, inactive) = conns.by_backend.get(&bid).copied().unwrap_or_default();
                 backends.push(BackendSnapshot {
                     addr: b.addr,
                     weight: self.board.weight(&spec.name, b.addr, b.weight),
@@ -419,8 +414,10 @@ impl Daemon {
             actions: pick(&stat::ACTIONS),
             drops: pick(&stat::DROP_REASONS),
             passes: pick(&stat::PASS_REASONS),
-            flow_entries: entries,
+            flow_entries: conns.entries,
             flow_capacity: self.dataplane.load_report().flow_entries,
+            flow_entries_per_cpu: conns.per_cpu.clone(),
+            flow_capacity_per_cpu: self.dataplane.load_report().flow_entries / cpus.max(1),
             flood_guard_active_cpus: self.dataplane.flood_guard_active_cpus(now)?,
             flows_unrecorded: global[stat::FLOWS_UNRECORDED_FLOOD as usize],
             icmp_forwarded: stat::ICMP_FORWARDED
@@ -580,9 +577,17 @@ fn notify(state: &[sd_notify::NotifyState]) {
     }
 }
 
-async fn snapshot_of(daemon: &Arc<Mutex<Daemon>>) -> Result<Snapshot> {
-    let daemon = Arc::clone(daemon);
-    tokio::task::spawn_blocking(move || lock(&daemon).snapshot())
+/// What the endpoints read: the daemon, and connection counts walked outside its lock.
+struct Views {
+    daemon: Arc<Mutex<Daemon>>,
+    conns: ConnCounter,
+}
+
+async fn snapshot_of(views: &Views) -> Result<Snapshot> {
+    let conns = views.conns.counts().await?;
+    let cpus = views.conns.cpus();
+    let daemon = Arc::clone(&views.daemon);
+    tokio::task::spawn_blocking(move || lock(&daemon).snapshot(&conns, cpus))
         .await
         .map_err(|e| ControlError::Io { what: "snapshot task".into(), source: std::io::Error::other(e) })?
 }
@@ -691,8 +696,10 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
     };
     let (routing_stop, routing_stopped) = tokio::sync::oneshot::channel::<bool>();
     let routing_task = tokio::spawn(follow_routing(intent, routing_state, routing_stopped));
-    let control_task = tokio::spawn(serve_control(Arc::clone(&daemon), control));
-    let metrics_task = tokio::spawn(serve_metrics(Arc::clone(&daemon), metrics));
+    let conns = ConnCounter::new(lock(&daemon).dataplane.flow_reader()?);
+    let views = Arc::new(Views { daemon: Arc::clone(&daemon), conns });
+    let control_task = tokio::spawn(serve_control(Arc::clone(&views), control));
+    let metrics_task = tokio::spawn(serve_metrics(Arc::clone(&views), metrics));
     let status = lock(&daemon).status_line();
     tracing::info!(
         file = %config_path.display(),
@@ -748,6 +755,7 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
     }
     control_task.abort();
     metrics_task.abort();
+    drop(views);
     let _ = std::fs::remove_file(&config.director.control_socket);
     let bpf_dir = lock(&daemon).config.director.bpf_dir.clone();
     drop(daemon);

@@ -1,6 +1,6 @@
 //! The connection table and Maglev scheduling: an existing flow keeps its backend while
 //! that backend is up; a new one (or one whose backend went down) is hashed onto the ring.
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_UP, Backend, FAMILY_V6, FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_FIN, FLOW_MIDSTREAM, FLOW_SYN_SENT,
     FLOW_UDP, Flow, FlowKey, MIDSTREAM_CONFIRM_NS, PROTO_TCP, SERVICE_F_HASH_TUPLE,
@@ -47,7 +47,7 @@ fn is_syn(p: &Parsed) -> bool {
 
 /// TCP state after a segment with `flags`, from what the director sees (client side only).
 #[inline(always)]
-fn next_tcp_state(state: u32, flags: u8) -> u32 {
+fn next_tcp_state(state: u16, flags: u8) -> u16 {
     if flags & TCP_RST != 0 {
         FLOW_CLOSED
     } else if flags & TCP_FIN != 0 {
@@ -139,6 +139,8 @@ pub fn schedule(p: &Parsed, key: &FlowKey, svc: &Service) -> Result<Decision, u3
             backend: d.backend_id,
             service: svc.id,
             state,
+            // SAFETY: a plain helper call with no arguments.
+            cpu: unsafe { bpf_get_smp_processor_id() } as u16,
             service_generation: svc.generation,
             last_seen_ns: now,
         };
