@@ -16,6 +16,7 @@ use nix::sched::{CloneFlags, setns};
 pub mod daemon;
 pub mod fixture;
 pub mod lab;
+pub mod model;
 pub mod tcp;
 pub mod topology;
 

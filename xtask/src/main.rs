@@ -22,6 +22,17 @@ enum Cmd {
     Test,
     /// Benchmarks: ns per packet through BPF_PROG_TEST_RUN, as ratios to a floor program.
     Bench,
+    /// The fuzzers at length: 10,000,000 mutated frames through the data path against its
+    /// reference model, and 100,000 mutated configs through `check`.
+    Fuzz {
+        #[arg(long, default_value_t = 10_000_000)]
+        frames: u64,
+        #[arg(long, default_value_t = 100_000)]
+        configs: u64,
+        /// Start the generators here (a failure names the seed that finds it).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Build a client, a director and three real servers in network namespaces, forward
     /// real TCP connections through the XDP data path, print what happened, clean up.
     Lab {
@@ -61,6 +72,7 @@ fn main() -> Result<()> {
             require_root("the benchmarks load BPF programs")?;
             cargo(&["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "lb-bench"])
         }
+        Cmd::Fuzz { frames, configs, seed } => fuzz(frames, configs, seed),
         Cmd::Lab { keep } => {
             require_root("the lab creates network namespaces and loads XDP programs")?;
             cargo(&["build", "--release", "--quiet", "-p", "lb-daemon"])?;
@@ -173,6 +185,41 @@ fn setup() -> Result<()> {
 
     println!("setup: {}", if changed { "done" } else { "nothing to do, everything was already installed" });
     Ok(())
+}
+
+fn fuzz(frames: u64, configs: u64, seed: Option<u64>) -> Result<()> {
+    require_root("the packet fuzz loads BPF programs into a network namespace")?;
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
+    println!("fuzz seed {seed} (repeat a run with --seed {seed})");
+    let run = |env: (&str, u64), args: &[&str]| -> Result<()> {
+        check(
+            Command::new("cargo")
+                .args(args)
+                .env(env.0, env.1.to_string())
+                .env("LB_FUZZ_SEED", seed.to_string()),
+        )
+    };
+    run(
+        ("LB_FUZZ_FRAMES", frames),
+        &[
+            "test",
+            "--release",
+            "-p",
+            "lb-tests",
+            "--test",
+            "xdp_fixtures",
+            "--",
+            "--exact",
+            "mutated_frames_do_what_the_model_of_the_data_path_says",
+            "--nocapture",
+        ],
+    )?;
+    run(
+        ("LB_FUZZ_CONFIGS", configs),
+        &["test", "--release", "-p", "lb-daemon", "--test", "config_fuzz", "--", "--nocapture"],
+    )
 }
 
 fn test() -> Result<()> {

@@ -69,7 +69,15 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ControlError {
 
 /// Validates a file as `run` would, including planning, without touching the system.
 pub fn check(path: &Path) -> Result<Config> {
-    let config = Config::load(path)?;
+    planned(Config::load(path)?)
+}
+
+/// [`check`] of a file's text; `file` names it in errors.
+pub fn check_text(text: &str, file: &str) -> Result<Config> {
+    planned(Config::parse(text, file)?)
+}
+
+fn planned(config: Config) -> Result<Config> {
     // Assume every backend resolvable: what is left are the limits planning enforces.
     let resolved: HashMap<IpAddr, Neighbour> = backend_addrs(&config)
         .into_iter()
