@@ -200,6 +200,13 @@ impl DrLab {
         self.daemon.metrics(&self.topo.director)
     }
 
+    /// Metrics whose connection counts come from a walk of the table made after this call:
+    /// the daemon serves one walk's counts for `CONN_COUNT_TTL`, so this waits that long.
+    pub fn fresh_metrics(&self) -> Result<Metrics> {
+        std::thread::sleep(lb_daemon::control::CONN_COUNT_TTL);
+        self.metrics()
+    }
+
     /// SIGHUP, then waits until the daemon has counted the reload; returns whether it
     /// succeeded.
     pub fn reload(&self) -> Result<bool> {

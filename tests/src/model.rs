@@ -7,10 +7,10 @@
 //! run, a recorded flow goes where the ring sends it anyway, so the table never changes a
 //! verdict. `wrr` services are outside the model (their ring is dealt in turns).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use lb_common::{Backend, SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_ROUND_ROBIN, hash};
+use lb_common::{SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_ROUND_ROBIN, hash};
 use lb_daemon::dataplane::DataplaneState;
 use lb_daemon::plan::{MarkRuleSpec, Protocol, ServiceMatch, ServiceSpec, service_key};
 
@@ -91,10 +91,6 @@ impl Model {
     ) -> Self {
         let local_macs = state.local_macs.get(&ingress).cloned();
         Model { services, marks, state, local_macs, ingress }
-    }
-
-    pub fn backends(&self) -> &BTreeMap<u32, Backend> {
-        &self.state.backends
     }
 
     pub fn predict(&self, f: &[u8]) -> Verdict {

@@ -162,7 +162,7 @@ fn long_lived_connections_survive_reloads_a_refused_file_and_kill_9() -> Result<
         conv.stop()
     );
 
-    let metrics = lab.metrics()?;
+    let metrics = lab.fresh_metrics()?;
     let active = sum_series(&metrics, "lb_backend_active_connections{backend=");
     let report = conv.stop()?;
     ensure!(report.connections == CONNECTIONS);
@@ -198,8 +198,9 @@ fn metrics_count_exactly_the_packets_sent() -> Result<()> {
         }
         Ok(())
     })?;
-    // Counted by the XDP program before send_to returned; the scrape reads them now.
-    let m = lab.metrics()?;
+    // Counted by the XDP program before send_to returned; the scrape reads them now (and
+    // walks the connection table anew).
+    let m = lab.fresh_metrics()?;
     let frame = (14 + 20 + 8 + PAYLOAD) as f64;
     ensure!(m.value("lb_service_packets_total{service=\"udp\"}")? == DATAGRAMS as f64, "{}", m.0);
     ensure!(m.value("lb_service_bytes_total{service=\"udp\"}")? == DATAGRAMS as f64 * frame);
@@ -445,8 +446,7 @@ fn a_full_connection_table_walked_by_four_scrapes_stalls_neither_reload_nor_heal
     let mut lab = DrLab::start_with(SERVERS, 4, config)?;
     let per_cpu = share / 20 * 19;
     fill_flows(lab.bpf_dir(), 0, per_cpu)?;
-    std::thread::sleep(lb_daemon::control::CONN_COUNT_TTL);
-    let m = lab.metrics()?;
+    let m = lab.fresh_metrics()?;
     let (cpu0, cpu1) = (
         m.value("lb_connection_table_cpu_entries{cpu=\"0\"}")?,
         m.value("lb_connection_table_cpu_entries{cpu=\"1\"}")?,
