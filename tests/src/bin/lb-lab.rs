@@ -59,6 +59,9 @@ fn main() -> Result<()> {
         lab.connect_director()?
     );
 
+    // Connection counts come from a walk of the table that status and scrapes share for a
+    // few seconds: wait for one made after the connections above.
+    std::thread::sleep(lb_daemon::control::CONN_COUNT_TTL);
     println!("\nlb-daemon status -c {}", config.display());
     print!("{}", lab.daemon.status()?);
     println!("\nip route show table 200 (VIP routes, for BIRD/FRR to announce):");
