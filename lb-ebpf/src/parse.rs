@@ -649,6 +649,14 @@ mod tests {
         let mut tcp_changed = good.clone();
         tcp_changed[14 + 28 + 5] ^= 0xff;
         assert_eq!(header_check(&tcp_changed), Ok(()));
+        // A header without options takes the fast path: the same verdicts.
+        let plain = syn4(Ipv4Opts::default());
+        assert_eq!(header_check(&plain), Ok(()));
+        for at in [14 + 1, 14 + 5, 14 + 8, 14 + 11, 14 + 15] {
+            let mut bad = plain.clone();
+            bad[at] ^= 0x10;
+            assert_eq!(header_check(&bad), Err(stat::DROP_BAD_IP_CHECKSUM), "byte {at}");
+        }
     }
 
     #[test]
