@@ -315,6 +315,7 @@ mod tests {
                         d
                     },
                     last_check: None,
+                    last_outcome: None,
                 }],
             }],
             actions: vec![("tx", 9)],

@@ -110,6 +110,8 @@ pub struct BackendSnapshot {
     pub check_durations: crate::health::board::Durations,
     /// What the last check said.
     pub last_check: Option<String>,
+    /// Its outcome (`ok`, `warning`, `critical`, `unknown`, `director_error`).
+    pub last_outcome: Option<&'static str>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -251,10 +253,20 @@ impl Snapshot {
                     b.inactive,
                     b.status.name()
                 );
-                if matches!(b.status, BackendStatus::Down | BackendStatus::Timeout)
-                    && let Some(why) = &b.last_check
-                {
-                    let _ = writeln!(out, "     last check: {why}");
+                // Why a backend is out; and for one still in, a check that said more than OK
+                // (WARNING lowers the weight, and a WARNING that is no plugin's keeps a dead
+                // server in: both must be visible).
+                let noteworthy = matches!(b.status, BackendStatus::Down | BackendStatus::Timeout)
+                    || b.last_outcome.is_some_and(|o| o != "ok");
+                if noteworthy && let Some(why) = &b.last_check {
+                    match b.last_outcome {
+                        Some(outcome) if outcome != "critical" => {
+                            let _ = writeln!(out, "     last check ({outcome}): {why}");
+                        }
+                        _ => {
+                            let _ = writeln!(out, "     last check: {why}");
+                        }
+                    }
                 }
             }
         }
@@ -335,6 +347,7 @@ mod tests {
                     flaps: 0,
                     check_durations: Default::default(),
                     last_check: None,
+                    last_outcome: None,
                 }],
             }],
             flow_capacity: 65536,
@@ -348,5 +361,19 @@ mod tests {
         assert_eq!(lines[3], "TCP  192.0.2.10:80 sh ring 4093 (web)");
         let cols: Vec<&str> = lines[4].split_whitespace().collect();
         assert_eq!(cols, ["->", "10.0.2.11:80", "Route", "100", "3", "1", "drain"]);
+        assert_eq!(lines.len(), 5, "an OK check adds no line: {table}");
+
+        // An active backend whose check said WARNING shows it, with the message.
+        let mut warned = snap.clone();
+        let b = &mut warned.services[0].backends[0];
+        b.status = BackendStatus::Active;
+        b.last_outcome = Some("warning");
+        b.last_check = Some("This account is currently not available. [exit 1 (WARNING) ...]".into());
+        let table = warned.status_table();
+        assert_eq!(
+            table.lines().nth(5),
+            Some("     last check (warning): This account is currently not available. [exit 1 (WARNING) ...]"),
+            "{table}"
+        );
     }
 }

@@ -366,6 +366,7 @@ fn alert_rules_and_dashboard_name_only_metrics_the_daemon_exports() {
                 flaps: 0,
                 check_durations: Default::default(),
                 last_check: None,
+                last_outcome: None,
             }],
         }],
         passes: vec![("no_backend", 0)],

@@ -224,16 +224,45 @@ fn exec_follows_nagios_exit_codes_and_reads_weights() {
         (7, Outcome::Unknown),
     ] {
         let (r, _) = check(
-            sh(&format!("echo 'state {code} weight=1{code}'; echo second line; exit {code}")),
+            sh(&format!(
+                "echo '{} {code} weight=1{code}'; echo second line; exit {code}",
+                want.name().to_uppercase()
+            )),
             Some(80),
             2000,
         );
         assert_eq!(r.outcome, want, "exit {code}: {r:?}");
         assert_eq!(r.weight, Some(10 + code as u32), "exit {code}");
-        assert_eq!(r.message, format!("state {code} weight=1{code}"));
+        let line = format!("{} {code} weight=1{code}", want.name().to_uppercase());
+        // Outside 0-3 the exit status is no verdict of a plugin's: status says which it was.
+        let message = if code > 3 { format!("/bin/sh: exit status {code} (output: {line})") } else { line };
+        assert_eq!(r.message, message);
     }
     let (r, _) = check(sh("echo OK; exit 0"), None, 2000);
     assert_eq!((r.outcome, r.weight), (Outcome::Ok, None));
+}
+
+/// Issue 17: why a plugin (ssh) failed is in its error output, and status shows it; a
+/// WARNING that no plugin wrote (a `nologin` shell's refusal, exit 1) is flagged.
+#[test]
+fn exec_reports_the_error_output_and_doubts_a_warning_no_plugin_wrote() {
+    let (r, _) = check(
+        sh("echo 'debug1: noise' >&2; echo 'Host key verification failed.' >&2; echo >&2; exit 255"),
+        None,
+        2000,
+    );
+    assert_eq!(r.outcome, Outcome::Unknown);
+    assert_eq!(r.message, "/bin/sh: exit status 255: Host key verification failed.");
+    // A verdict with output keeps the plugin's line; its error output is not needed.
+    let (r, _) = check(sh("echo 'Warning: Permanently added' >&2; echo 'HTTP OK: 200'; exit 0"), None, 2000);
+    assert_eq!((r.outcome, r.message.as_str(), r.doubt), (Outcome::Ok, "HTTP OK: 200", None));
+    let (r, _) = check(sh("echo 'This account is currently not available.'; exit 1"), None, 2000);
+    assert_eq!(r.outcome, Outcome::Warning);
+    assert!(r.doubt.is_some(), "{r:?}");
+    assert!(r.message.starts_with("This account is currently not available. [exit 1 (WARNING)"), "{r:?}");
+    // A long error line is cut; a flood of error output is read only so far.
+    let (r, _) = check(sh("head -c 200000 /dev/zero | tr '\\0' x >&2; exit 255"), None, 4000);
+    assert!(r.message.len() < 300, "{} bytes", r.message.len());
 }
 
 #[test]
@@ -291,7 +320,7 @@ fn hooks_get_the_change_in_env_and_arguments_and_are_bounded() {
         timeout: Duration::from_secs(5),
     };
     match rt.block_on(run_hook(&hook, &event)) {
-        Run::Exited { code: Some(0), first_line } => {
+        Run::Exited { code: Some(0), first_line, .. } => {
             assert_eq!(first_line, "web 10.0.2.11 up down connection refused | web:10.0.2.11:up>down")
         }
         other => panic!("{other:?}"),

@@ -111,6 +111,8 @@ pub struct Daemon {
     last_reload_error: Option<String>,
     /// Health of every checked (service, backend).
     board: Board,
+    /// Probes whose last verdict is doubtful (see `Report::doubt`), logged once.
+    doubted: std::collections::HashSet<crate::health::supervisor::ProbeKey>,
     started: std::time::Instant,
     /// What the kernel's routes and rules should be; the routing task follows it.
     routing_intent: tokio::sync::watch::Sender<Intent>,
@@ -179,6 +181,7 @@ impl Daemon {
             last_reload_success: None,
             last_reload_error: None,
             board,
+            doubted: Default::default(),
             started: std::time::Instant::now(),
             routing_intent: tokio::sync::watch::Sender::new(Intent::default()),
             routing_state: Arc::default(),
@@ -261,6 +264,21 @@ impl Daemon {
 
     /// Feeds a probe result in; re-plans when a state or a weight changed.
     fn observe(&mut self, result: &ProbeResult) {
+        // Said once when it starts (every check repeats it), and when it stops.
+        let doubted = result.report.doubt.is_some();
+        if doubted != self.doubted.contains(&result.key) {
+            if doubted {
+                self.doubted.insert(result.key.clone());
+                tracing::warn!(
+                    target_addr = %result.key.target.addr,
+                    output = result.report.message,
+                    "a check's verdict is likely not the plugin's"
+                );
+            } else {
+                self.doubted.remove(&result.key);
+                tracing::info!(target_addr = %result.key.target.addr, "a check's verdict is the plugin's again");
+            }
+        }
         if result.report.outcome == crate::health::state::Outcome::DirectorError {
             tracing::warn!(
                 error = result.report.message,
@@ -397,6 +415,7 @@ impl Daemon {
                     flaps: health.map_or(0, |h| h.flaps),
                     check_durations: health.map(|h| h.durations.clone()).unwrap_or_default(),
                     last_check: health.and_then(|h| h.last.as_ref().map(|r| r.message.clone())),
+                    last_outcome: health.and_then(|h| h.last.as_ref().map(|r| r.outcome.name())),
                     status,
                     counters: self.dataplane.backend_counters(bid)?,
                     active,

@@ -293,7 +293,7 @@ mod tests {
         let key = board.probes().into_iter().find(|k| k.target.addr == addr).unwrap();
         ProbeResult {
             key,
-            report: Report { outcome, weight, message: "m".into() },
+            report: Report { outcome, weight, message: "m".into(), doubt: None },
             took: Duration::from_millis(5),
         }
     }

@@ -22,6 +22,10 @@ use super::{Report, Target, is_director_error};
 
 /// Output beyond this is not read (the first line is what counts).
 const MAX_OUTPUT: u64 = 4096;
+/// Error output read at most; only its last non-empty line is kept, cut to
+/// [`MAX_LINE`] characters.
+const MAX_STDERR: u64 = 64 * 1024;
+const MAX_LINE: usize = 200;
 
 /// The `weight=N` token of a plugin's first output line, if any.
 pub fn weight_token(line: &str) -> Option<u32> {
@@ -44,8 +48,9 @@ pub fn expand(argv: &[String], target: &Target) -> Vec<String> {
 /// How a bounded run ended.
 #[derive(Debug)]
 pub enum Run {
-    /// Exited (`None`: killed by a signal), with its first output line.
-    Exited { code: Option<i32>, first_line: String },
+    /// Exited (`None`: killed by a signal), with its first output line and the last
+    /// non-empty line it wrote to stderr (where ssh says why it failed).
+    Exited { code: Option<i32>, first_line: String, last_stderr: String },
     /// Could not be started or waited for; `director` when the director ran out of
     /// something (see `is_director_error`), not because of the program.
     Failed { message: String, director: bool },
@@ -64,7 +69,7 @@ pub async fn run_bounded(argv: &[String], env: &[(&str, String)], timeout: Durat
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {
@@ -77,23 +82,35 @@ pub async fn run_bounded(argv: &[String], env: &[(&str, String)], timeout: Durat
         }
     };
     let pgid = child.id().map(|id| Pid::from_raw(id as i32));
-    let mut stdout = child.stdout.take();
+    let (mut stdout, mut stderr) = (child.stdout.take(), child.stderr.take());
     let run = async {
         let mut out = Vec::new();
-        if let Some(s) = stdout.as_mut() {
-            // A program that closes stdout early still gets waited for below.
-            let _ = s.take(MAX_OUTPUT).read_to_end(&mut out).await;
-        }
+        let mut err = Vec::new();
+        let read_out = async {
+            if let Some(s) = stdout.as_mut() {
+                // A program that closes stdout early still gets waited for below.
+                let _ = s.take(MAX_OUTPUT).read_to_end(&mut out).await;
+            }
+        };
+        let read_err = async {
+            if let Some(s) = stderr.as_mut() {
+                let _ = s.take(MAX_STDERR).read_to_end(&mut err).await;
+            }
+        };
+        tokio::join!(read_out, read_err);
         let status = child.wait().await;
-        (status, out)
+        (status, out, err)
     };
     match tokio::time::timeout(timeout, run).await {
-        Ok((Ok(status), out)) => {
+        Ok((Ok(status), out, err)) => {
             let text = String::from_utf8_lossy(&out);
             let first_line = text.lines().next().unwrap_or("").trim().to_owned();
-            Run::Exited { code: status.code(), first_line }
+            let err = String::from_utf8_lossy(&err);
+            let last = err.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or("");
+            let last_stderr = last.chars().take(MAX_LINE).collect();
+            Run::Exited { code: status.code(), first_line, last_stderr }
         }
-        Ok((Err(e), _)) => {
+        Ok((Err(e), ..)) => {
             Run::Failed { message: format!("waiting for {program}: {e}"), director: is_director_error(&e) }
         }
         Err(_) => {
@@ -114,30 +131,57 @@ pub async fn check(argv: &[String], target: &Target, timeout: Duration) -> Repor
     ];
     let program = argv.first().cloned().unwrap_or_default();
     match run_bounded(&argv, &env, timeout).await {
-        Run::Exited { code, first_line } => Report {
+        Run::Exited { code, first_line, last_stderr } => {
+            let outcome = code.map_or(Outcome::Unknown, Outcome::from_exit_code);
+            let (message, doubt) = verdict_message(&program, code, &first_line, &last_stderr);
             // Killed by a signal: not a verdict.
-            outcome: code.map_or(Outcome::Unknown, Outcome::from_exit_code),
-            weight: weight_token(&first_line),
-            message: if first_line.is_empty() {
-                format!(
-                    "{program}: exit status {}",
-                    code.map_or("none (signal)".to_owned(), |c| c.to_string())
-                )
-            } else {
-                first_line
-            },
-        },
+            Report { outcome, weight: weight_token(&first_line), message, doubt }
+        }
         // A plugin that cannot start (missing, not executable) is UNKNOWN, as Nagios has
         // it; a director out of processes or descriptors has no verdict at all.
         Run::Failed { message, director } => Report {
             outcome: if director { Outcome::DirectorError } else { Outcome::Unknown },
             weight: None,
             message,
+            doubt: None,
         },
         Run::TimedOut => {
             Report::critical(format!("{program}: no verdict within {timeout:?} (process group killed)"))
         }
     }
+}
+
+/// What status and the log say of a plugin's run: its first output line when it gave a
+/// verdict (exit 0-3) with one; otherwise the exit status with the last line of its error
+/// output (ssh says there why it failed: a refused connection, a changed host key, an
+/// unreadable key). A WARNING whose line does not say WARNING is flagged: a plugin says its
+/// state on its first line, and exit 1 with other words is likely not the plugin's, such as
+/// a `nologin` shell refusing the forced command ("This account is currently not
+/// available."), which would keep a dead server up.
+pub fn verdict_message(
+    program: &str,
+    code: Option<i32>,
+    first_line: &str,
+    last_stderr: &str,
+) -> (String, Option<&'static str>) {
+    let verdict = code.is_some_and(|c| (0..=3).contains(&c));
+    if verdict && !first_line.is_empty() {
+        if code == Some(1) && !first_line.to_ascii_uppercase().contains("WARN") {
+            let doubt = "exit 1 (WARNING) without a plugin's WARNING line: is the account's shell refusing the command?";
+            return (format!("{first_line} [{doubt}]"), Some(doubt));
+        }
+        return (first_line.to_owned(), None);
+    }
+    let mut m =
+        format!("{program}: exit status {}", code.map_or("none (signal)".to_owned(), |c| c.to_string()));
+    if !last_stderr.is_empty() {
+        m.push_str(": ");
+        m.push_str(last_stderr);
+    }
+    if !first_line.is_empty() {
+        m.push_str(&format!(" (output: {first_line})"));
+    }
+    (m, None)
 }
 
 #[cfg(test)]
@@ -159,5 +203,33 @@ mod tests {
         assert_eq!(weight_token("OK weight=abc"), None);
         assert_eq!(weight_token("OK heavyweight=3"), None);
         assert_eq!(weight_token(""), None);
+    }
+}
+
+#[cfg(test)]
+mod verdict_tests {
+    use super::verdict_message;
+
+    #[test]
+    fn messages_say_why() {
+        let m = |code, out: &str, err: &str| verdict_message("/usr/bin/ssh", code, out, err);
+        assert_eq!(m(Some(0), "HTTP OK: 200", "Warning: Permanently added"), ("HTTP OK: 200".into(), None));
+        assert_eq!(m(Some(2), "HTTP CRITICAL: refused", ""), ("HTTP CRITICAL: refused".into(), None));
+        assert_eq!(m(Some(1), "HTTP WARNING: slow", ""), ("HTTP WARNING: slow".into(), None));
+        let (msg, doubt) = m(Some(1), "This account is currently not available.", "");
+        assert!(doubt.is_some() && msg.starts_with("This account is currently not available. ["), "{msg}");
+        assert_eq!(
+            m(Some(255), "", "Host key verification failed."),
+            ("/usr/bin/ssh: exit status 255: Host key verification failed.".into(), None)
+        );
+        assert_eq!(
+            m(Some(2), "", "lbcheck@10.1.0.11: Permission denied (publickey)."),
+            ("/usr/bin/ssh: exit status 2: lbcheck@10.1.0.11: Permission denied (publickey).".into(), None)
+        );
+        assert_eq!(m(None, "", ""), ("/usr/bin/ssh: exit status none (signal)".into(), None));
+        assert_eq!(
+            m(Some(7), "partial", "boom"),
+            ("/usr/bin/ssh: exit status 7: boom (output: partial)".into(), None)
+        );
     }
 }

@@ -44,8 +44,8 @@ pub fn fire(hook: &Hook, event: &Event) {
             Run::Exited { code: Some(0), .. } => {
                 tracing::debug!(service, %backend, to, program, "state-change hook done");
             }
-            Run::Exited { code, first_line } => {
-                tracing::warn!(service, %backend, to, program, ?code, output = first_line, "state-change hook failed");
+            Run::Exited { code, first_line, last_stderr } => {
+                tracing::warn!(service, %backend, to, program, ?code, output = first_line, error = last_stderr, "state-change hook failed");
             }
             Run::Failed { message, .. } => {
                 tracing::warn!(service, %backend, to, why = message, "state-change hook did not run")

@@ -27,15 +27,18 @@ pub struct Report {
     pub weight: Option<u32>,
     /// One line for logs and status: why it failed, or what it printed.
     pub message: String,
+    /// Why the verdict may not be the check's own (see `exec::verdict_message`); said in
+    /// status and logged.
+    pub doubt: Option<&'static str>,
 }
 
 impl Report {
     pub fn ok(message: impl Into<String>) -> Self {
-        Report { outcome: Outcome::Ok, weight: None, message: message.into() }
+        Report { outcome: Outcome::Ok, weight: None, message: message.into(), doubt: None }
     }
 
     pub fn critical(message: impl Into<String>) -> Self {
-        Report { outcome: Outcome::Critical, weight: None, message: message.into() }
+        Report { outcome: Outcome::Critical, weight: None, message: message.into(), doubt: None }
     }
 }
 
@@ -60,7 +63,9 @@ impl ProbeError {
     /// The report of a check that ended with this error: CRITICAL for the backend's.
     pub fn report(self) -> Report {
         match self {
-            ProbeError::Director(m) => Report { outcome: Outcome::DirectorError, weight: None, message: m },
+            ProbeError::Director(m) => {
+                Report { outcome: Outcome::DirectorError, weight: None, message: m, doubt: None }
+            }
             ProbeError::Backend(m) => Report::critical(m),
         }
     }
@@ -142,11 +147,11 @@ pub async fn run(spec: &CheckSpec, target: &Target) -> (Report, Duration) {
     let report = match &spec.kind {
         CheckKind::Tcp { port } => match endpoint(target, *port) {
             Ok(addr) => tcp::check(addr, spec.source, spec.timeout).await,
-            Err(e) => Report { outcome: Outcome::Unknown, weight: None, message: e.to_string() },
+            Err(e) => Report { outcome: Outcome::Unknown, weight: None, message: e.to_string(), doubt: None },
         },
         CheckKind::Http(h) => match endpoint(target, h.port) {
             Ok(addr) => http::check(h, addr, spec.source, spec.timeout).await,
-            Err(e) => Report { outcome: Outcome::Unknown, weight: None, message: e.to_string() },
+            Err(e) => Report { outcome: Outcome::Unknown, weight: None, message: e.to_string(), doubt: None },
         },
         CheckKind::Exec { argv } => exec::check(argv, target, spec.timeout).await,
         CheckKind::Icmp => icmp::check(target.addr, spec.source, spec.timeout).await,
