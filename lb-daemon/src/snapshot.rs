@@ -372,7 +372,9 @@ mod tests {
         let table = warned.status_table();
         assert_eq!(
             table.lines().nth(5),
-            Some("     last check (warning): This account is currently not available. [exit 1 (WARNING) ...]"),
+            Some(
+                "     last check (warning): This account is currently not available. [exit 1 (WARNING) ...]"
+            ),
             "{table}"
         );
     }

@@ -32,6 +32,21 @@ pub fn binary() -> Result<PathBuf> {
     bail!("no lb-daemon binary next to {} (cargo build -p lb-daemon)", exe.display())
 }
 
+/// The shipped unit's `CapabilityBoundingSet=`, as setpriv spells it (`-all,+bpf,...`).
+pub fn unit_capabilities() -> Result<String> {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/lb-daemon.service"))?;
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .context("no CapabilityBoundingSet in the unit")?;
+    let caps: Vec<String> = line
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    anyhow::ensure!(!caps.is_empty(), "an empty CapabilityBoundingSet");
+    Ok(format!("-all,{}", caps.join(",")))
+}
+
 /// How the daemon process is started, beyond its config.
 #[derive(Clone, Debug, Default)]
 pub struct DaemonOptions {

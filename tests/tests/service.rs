@@ -8,25 +8,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use lb_tests::NetNs;
 use lb_tests::daemon::{Daemon, DaemonOptions, binary};
 use nix::sys::signal::Signal;
-
-/// The unit's `CapabilityBoundingSet=`, as setpriv spells it (`-all,+bpf,...`).
-fn unit_capabilities() -> Result<String> {
-    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/lb-daemon.service"))?;
-    let line = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
-        .context("no CapabilityBoundingSet in the unit")?;
-    let caps: Vec<String> = line
-        .split_whitespace()
-        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
-        .collect();
-    ensure!(!caps.is_empty());
-    Ok(format!("-all,{}", caps.join(",")))
-}
 
 /// Notifications, one datagram each, until one contains `want` (bounded).
 fn wait_for(sock: &UnixDatagram, want: &str, seen: &mut Vec<String>) -> Result<String> {
@@ -81,7 +66,7 @@ fn runs_with_the_units_capabilities_and_speaks_sd_notify() -> Result<()> {
     notify.set_read_timeout(Some(Duration::from_millis(200)))?;
 
     let options = DaemonOptions {
-        wrapper: vec!["setpriv".into(), format!("--bounding-set={}", unit_capabilities()?)],
+        wrapper: vec!["setpriv".into(), format!("--bounding-set={}", lb_tests::daemon::unit_capabilities()?)],
         env: vec![
             ("NOTIFY_SOCKET".into(), notify_path.display().to_string()),
             ("WATCHDOG_USEC".into(), "400000".into()),

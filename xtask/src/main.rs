@@ -46,7 +46,8 @@ enum Cmd {
 /// ethtool for the namespace tests, util-linux's setpriv for running the daemon with only
 /// the systemd unit's capabilities, systemd's systemd-analyze for verifying that unit,
 /// ca-certificates for `https` checks that trust the system's roots, bird2 for the test
-/// that runs `configs/bird-vip-routes.conf` against the daemon's VIP routes.
+/// that runs `configs/bird-vip-routes.conf` against the daemon's VIP routes, ssh and sshd
+/// for the test of `configs/agentless-ssh.yaml`'s checks.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -59,6 +60,8 @@ const APT_PACKAGES: &[&str] = &[
     "systemd",
     "ca-certificates",
     "bird2",
+    "openssh-client",
+    "openssh-server",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY: &str = "nightly";
