@@ -262,6 +262,13 @@ impl Daemon {
         Intent { config: Some(routing.clone()), vips_up }
     }
 
+    /// The probes the board wants now; doubts about probes a reload removed are forgotten.
+    fn probes_after_reload(&mut self) -> Vec<crate::health::supervisor::ProbeKey> {
+        let probes = self.board.probes();
+        self.doubted.retain(|k| probes.contains(k));
+        probes
+    }
+
     /// Feeds a probe result in; re-plans when a state or a weight changed.
     fn observe(&mut self, result: &ProbeResult) {
         // Said once when it starts (every check repeats it), and when it stops.
@@ -757,7 +764,7 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
             }
             _ = async { if let Some(r) = reloading.as_mut() { let _ = r.await; } }, if reloading.is_some() => {
                 reloading = None;
-                supervisor.reconcile(&lock(&daemon).board.probes());
+                supervisor.reconcile(&lock(&daemon).probes_after_reload());
                 if std::mem::take(&mut reload_again) {
                     let daemon = Arc::clone(&daemon);
                     reloading = Some(tokio::spawn(async move { reload(&daemon).await }));
