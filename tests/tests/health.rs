@@ -231,3 +231,77 @@ fn initial_state_down_holds_new_backends_but_spares_what_a_restart_finds_serving
     ensure!(answers.len() == 2, "both spared servers answer: {answers:?}");
     Ok(())
 }
+
+/// A process's state letter and parent, from /proc; `None` once it is gone.
+fn proc_state(pid: i32) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    Some((f.next()?.chars().next()?, f.next()?.parse().ok()?))
+}
+
+/// Zombie children of `parent`.
+fn zombies_of(parent: i32) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| proc_state(*pid) == Some(('Z', parent)))
+        .count()
+}
+
+/// Issue 17: what a check leaves running out of its process group (as ssh's ControlPersist
+/// master does: it forks and calls setsid) is adopted by the daemon, reaped when it exits,
+/// and stopped when the daemon stops, also without systemd to kill it with the unit.
+#[test]
+fn what_checks_leave_behind_is_reaped_and_stopped_with_the_daemon() -> Result<()> {
+    let dir = std::env::temp_dir().join(lb_tests::unique_name("lborph"));
+    std::fs::create_dir_all(&dir)?;
+    let d = dir.display();
+    // A long-lived "master" on the first run; five short-lived orphans, one per run.
+    let script = format!(
+        "[ -e {d}/master.pid ] || {{ setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $! > {d}/master.pid; }}; \
+         n=$(ls {d} | grep -c '^orphan'); [ $n -ge 5 ] || {{ touch {d}/orphan$n; setsid sleep 0.05 </dev/null >/dev/null 2>&1 & }}; \
+         echo 'OK - fine'"
+    );
+    let check = format!("{{ type: exec, argv: [/bin/sh, -c, \"{script}\"], interval: 300ms, timeout: 250ms }}");
+    let services = format!(
+        "services:\n  - name: web\n    match: {{ vip: {VIP}, port: {VIP_PORT} }}\n    check: {check}\n    backends:\n      - {{ address: 10.0.2.11 }}\n"
+    );
+    let mut lab = DrLab::start_with(1, 1, LabConfig::Services(services))?;
+    let daemon = lab.daemon.pid()?.as_raw();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let master = loop {
+        let orphans = std::fs::read_dir(&dir)?
+            .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().starts_with("orphan")))
+            .count();
+        if let (Ok(pid), 5) = (std::fs::read_to_string(dir.join("master.pid")), orphans) {
+            break pid.trim().parse::<i32>()?;
+        }
+        ensure!(Instant::now() < deadline, "the check did not run five times:\n{}", lab.daemon.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    ensure!(
+        proc_state(master).map(|s| s.1) == Some(daemon),
+        "the daemon did not adopt the master: {:?}",
+        proc_state(master)
+    );
+    // The short-lived orphans exited; the daemon reaps them (every 5 s).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while zombies_of(daemon) > 0 {
+        ensure!(Instant::now() < deadline, "{} zombies left unreaped", zombies_of(daemon));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = lab.daemon.terminate()?;
+    ensure!(st.success(), "lb-daemon exited with {st}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proc_state(master).is_some_and(|s| s.0 != 'Z') {
+        ensure!(Instant::now() < deadline, "the master outlived the daemon: {:?}", proc_state(master));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(
+        lab.daemon.log_text().contains("stopped what the checks left running"),
+        "{}",
+        lab.daemon.log_text()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -26,6 +26,8 @@ use crate::routing::neighbour::{self, NeighbourError};
 use crate::routing::policy::{Intent, Report as RoutingReport, reconcile_once as reconcile_routing};
 use crate::snapshot::{BackendSnapshot, BackendStatus, ServiceSnapshot, Snapshot};
 
+/// How often exited leftovers of checks (adopted as a subreaper) are reaped.
+const REAP_ORPHANS: Duration = Duration::from_secs(5);
 /// How long a start or reload waits for backends' link-layer addresses.
 const RESOLVE_WAIT: Duration = Duration::from_secs(3);
 /// How often backends' link-layer addresses are looked up again (a server replaced, a
@@ -710,6 +712,9 @@ fn raise_descriptor_limit() {
 /// `lb-daemon run`: until SIGTERM or SIGINT.
 pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
     raise_descriptor_limit();
+    if let Err(e) = crate::health::children::become_subreaper() {
+        tracing::warn!(error = %e, "cannot adopt what checks leave behind (ssh masters): they may outlive the daemon");
+    }
     let config = Config::load(config_path)?;
     // Bound before the data path is touched: a second daemon must not adopt the maps.
     let control = bind_control_socket(&config.director.control_socket).await?;
@@ -748,6 +753,7 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     let mut neighbour_tick = tokio::time::interval(NEIGHBOUR_REFRESH);
     neighbour_tick.reset();
+    let mut reap_tick = tokio::time::interval(REAP_ORPHANS);
     // Reloads run beside the loop, never in it: SIGTERM is answered whatever a reload is
     // waiting for. A SIGHUP during a reload queues one more, after it.
     let mut reloading: Option<tokio::task::JoinHandle<()>> = None;
@@ -774,6 +780,7 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = neighbour_tick.tick() => refresh_neighbours(&daemon, Duration::from_millis(500)).await,
+            _ = reap_tick.tick() => { crate::health::children::reap_orphans(); }
             _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[sd_notify::NotifyState::Watchdog]),
         }
     }
@@ -782,6 +789,11 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
         r.abort();
     }
     drop(supervisor);
+    // Outside systemd nothing else would: ssh masters and other leftovers of the checks.
+    let stopped = crate::health::children::stop_orphans();
+    if stopped > 0 {
+        tracing::info!(processes = stopped, "stopped what the checks left running (ssh masters)");
+    }
     // Routes stay by default: the data path goes on forwarding for their VIPs.
     let remove_routes = lock(&daemon).config.routing.as_ref().is_some_and(|r| r.remove_on_stop);
     if routing_stop.send(remove_routes).is_ok() {

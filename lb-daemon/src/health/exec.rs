@@ -72,7 +72,7 @@ pub async fn run_bounded(argv: &[String], env: &[(&str, String)], timeout: Durat
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
+    let (mut child, _registered) = match super::children::spawn_registered(|| cmd.spawn(), |c| c.id()) {
         Ok(c) => c,
         Err(e) => {
             return Run::Failed {

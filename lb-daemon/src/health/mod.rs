@@ -5,6 +5,7 @@
 //! without a thread each.
 
 pub mod board;
+pub mod children;
 pub mod exec;
 pub mod hooks;
 pub mod http;
