@@ -262,7 +262,8 @@ fn what_checks_leave_behind_is_reaped_and_stopped_with_the_daemon() -> Result<()
          n=$(ls {d} | grep -c '^orphan'); [ $n -ge 5 ] || {{ touch {d}/orphan$n; setsid sleep 0.05 </dev/null >/dev/null 2>&1 & }}; \
          echo 'OK - fine'"
     );
-    let check = format!("{{ type: exec, argv: [/bin/sh, -c, \"{script}\"], interval: 300ms, timeout: 250ms }}");
+    let check =
+        format!("{{ type: exec, argv: [/bin/sh, -c, \"{script}\"], interval: 300ms, timeout: 250ms }}");
     let services = format!(
         "services:\n  - name: web\n    match: {{ vip: {VIP}, port: {VIP_PORT} }}\n    check: {check}\n    backends:\n      - {{ address: 10.0.2.11 }}\n"
     );

@@ -74,11 +74,14 @@ fn children() -> Vec<(i32, char)> {
     .collect()
 }
 
-/// Reaps orphans that have exited; returns how many.
+/// Reaps orphans that have exited; returns how many. The scan of /proc runs without the
+/// lock: a zombie's pid cannot be reused before it is reaped, so one seen unregistered
+/// and still unregistered under the lock is an orphan's.
 pub fn reap_orphans() -> usize {
+    let found = children();
     let map = spawned();
     let mut reaped = 0;
-    for (pid, state) in children() {
+    for (pid, state) in found {
         if state == 'Z'
             && !map.contains_key(&pid)
             && waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)).is_ok()
@@ -91,9 +94,10 @@ pub fn reap_orphans() -> usize {
 
 /// Stops every orphan left (at exit); returns how many were signalled.
 pub fn stop_orphans() -> usize {
+    let found = children();
     let map = spawned();
     let mut stopped = 0;
-    for (pid, state) in children() {
+    for (pid, state) in found {
         if state != 'Z' && !map.contains_key(&pid) && kill(Pid::from_raw(pid), Signal::SIGTERM).is_ok() {
             stopped += 1;
         }
