@@ -399,6 +399,11 @@ pub struct Dataplane {
     config: DataplaneConfig,
     /// Last service generation handed out (never zero once used).
     last_generation: u32,
+    /// What each slot of `RINGS` holds, as far as known: zero in a map this process
+    /// created, unknown (`None`) in a pinned one but for the live rings adoption read and
+    /// the slots written since.
+    ring_shadow: Vec<Option<u32>>,
+    ring_slots_written: u64,
     pin_dir: Option<PathBuf>,
     /// Links this process attached or adopted, by interface. Their pins keep them after
     /// the process ends; dropping one whose pin is gone detaches it.
@@ -475,6 +480,13 @@ impl Dataplane {
             local_macs: BTreeMap::new(),
             config: DataplaneConfig::default(),
             last_generation: 0,
+            // Pinned maps may be an earlier daemon's, whatever was adopted: only a map this
+            // process created without pinning is known to be zero.
+            ring_shadow: vec![
+                if opts.pin_dir.is_none() { Some(0) } else { None };
+                report.ring_slots as usize
+            ],
+            ring_slots_written: 0,
             pin_dir: opts.pin_dir.clone(),
             links: BTreeMap::new(),
             report,
@@ -505,6 +517,11 @@ impl Dataplane {
                     .map(|i| rings.get(&i, 0))
                     .collect::<std::result::Result<Vec<u32>, _>>()
                     .map_err(map_err(maps::RINGS))?;
+                for (i, &backend) in ring.iter().enumerate() {
+                    if let Some(s) = self.ring_shadow.get_mut(svc.ring_offset as usize + i) {
+                        *s = Some(backend);
+                    }
+                }
                 self.rings.reserve(live)?;
                 self.services.insert(
                     key,
@@ -944,12 +961,39 @@ impl Dataplane {
         }
     }
 
+    /// Writes `ring` into window `w`: only the slots whose value differs from what the
+    /// shadow says they hold. A window reused for a service's next ring holds its ring
+    /// before last, and Maglev moves few slots between neighbouring rings, so a weight or
+    /// health change writes about the slots that changed, not the whole ring.
     fn write_ring(&mut self, w: Window, ring: &[u32]) -> Result<()> {
         let mut map: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, maps::RINGS)?;
         for (i, &backend) in ring.iter().enumerate() {
-            map.set(w.offset + i as u32, backend, 0).map_err(map_err(maps::RINGS))?;
+            let slot = w.offset + i as u32;
+            let shadow = self.ring_shadow.get_mut(slot as usize);
+            if shadow.as_deref() == Some(&Some(backend)) {
+                continue;
+            }
+            map.set(slot, backend, 0).map_err(map_err(maps::RINGS))?;
+            // Kept true slot by slot, so that a failed write leaves it right.
+            if let Some(s) = shadow {
+                *s = Some(backend);
+            }
+            self.ring_slots_written += 1;
         }
         Ok(())
+    }
+
+    /// Ring slots written since the data path was loaded (for tests of minimal updates).
+    pub fn ring_slots_written(&self) -> u64 {
+        self.ring_slots_written
+    }
+
+    /// The ring a service's packets are scheduled on now, read back from the map.
+    pub fn live_ring(&self, key: &ServiceKey) -> Result<Vec<u32>> {
+        let Some(applied) = self.services.get(key) else { return Ok(Vec::new()) };
+        let rings: Array<&MapData, u32> = map_ref(&self.ebpf, maps::RINGS)?;
+        let w = applied.live;
+        (w.offset..w.offset + w.size).map(|i| rings.get(&i, 0).map_err(map_err(maps::RINGS))).collect()
     }
 
     fn apply_vip_addrs(&mut self, desired: &DataplaneState) -> Result<()> {

@@ -157,3 +157,67 @@ fn each_config_change_writes_only_what_it_changes() -> Result<()> {
         Ok(())
     })
 }
+
+/// A ring change writes about the slots whose backend changed, not the whole ring: the
+/// window a service flips into holds its ring before last. Checked for a weight change,
+/// a backend going down (as a failed health check makes it) and its return, each against
+/// the number of slots that differ between the two windows' rings.
+#[test]
+fn a_ring_change_writes_only_the_slots_that_change() -> Result<()> {
+    let ns = NetNs::new("mr")?;
+    ns.run(|| {
+        let dp = Dataplane::load(&LoadOptions { ring_slots: 8 * 65537, flow_entries: 1024, pin_dir: None })?;
+        let neighbours = (1..=10)
+            .map(|i| {
+                let n = Neighbour { mac: [2, 0, 0, 0, 0, i], ifindex: 1, if_mac: [2, 0, 0, 0, 1, 0], vlan: 0 };
+                (IpAddr::from([10, 1, 0, i]), n)
+            })
+            .collect();
+        let mut a = Applier { dp, planner: Planner::default(), neighbours };
+        let config = |weights: [u32; 10], down: Option<u8>| -> String {
+            let mut y = String::from(
+                "director: { interfaces: [eth0] }\nservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    ring_size: 65537\n    backends:\n",
+            );
+            for (i, w) in weights.iter().enumerate() {
+                let state = if down == Some(i as u8 + 1) { ", state: disabled" } else { "" };
+                y.push_str(&format!("      - {{ address: 10.1.0.{}, weight: {w}{state} }}\n", i + 1));
+            }
+            y
+        };
+        let ring_of = |a: &mut Applier, yaml: &str| -> Result<(lb_common::ServiceKey, Vec<u32>)> {
+            let c = Config::parse(yaml, "t.yaml").map_err(|e| anyhow!("{e}"))?;
+            let plan = a.planner.clone().plan(&c.services, &c.marks, &a.neighbours)?;
+            let (key, s) = plan.state.services.iter().next().ok_or_else(|| anyhow!("no service"))?;
+            Ok((*key, s.ring.clone()))
+        };
+        let steps = [
+            ("start", config([1; 10], None)),
+            ("the idle window's first ring", config([1; 10], Some(3))),
+            ("a weight change", config([1, 1, 1, 1, 3, 1, 1, 1, 1, 1], Some(3))),
+            ("a backend down", config([1, 1, 1, 1, 3, 1, 1, 2, 1, 1], Some(7))),
+            ("its return", config([1, 1, 1, 1, 3, 1, 1, 2, 1, 1], None)),
+        ];
+        // The rings each window held: the service flips between two windows.
+        let mut windows: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+        for (i, (what, yaml)) in steps.iter().enumerate() {
+            let (key, ring) = ring_of(&mut a, yaml)?;
+            let before = a.dp.ring_slots_written();
+            a.apply(yaml)?;
+            let written = a.dp.ring_slots_written() - before;
+            ensure!(a.dp.live_ring(&key)? == ring, "{what}: the ring in the map is not the planned one");
+            let target = &mut windows[i % 2];
+            let changed = if target.len() == ring.len() {
+                ring.iter().zip(target.iter()).filter(|(n, o)| n != o).count()
+            } else {
+                ring.iter().filter(|b| **b != 0).count()
+            };
+            println!("{what}: {written} ring slots written, {changed} changed");
+            ensure!(written as f64 <= 1.2 * changed as f64, "{what}: {written} slots written for {changed} changed");
+            if i >= 2 {
+                ensure!(written < 65537 / 2, "{what}: {written} of 65537 slots written");
+            }
+            *target = ring;
+        }
+        Ok(())
+    })
+}
