@@ -347,6 +347,11 @@ where
     T::try_from(map).map_err(map_err(name))
 }
 
+/// The possible CPUs, which per-CPU maps hold a value for each of; an error is `map`'s.
+fn possible_cpus(map: &'static str) -> Result<usize> {
+    aya::util::nr_cpus().map_err(|(_, e)| map_err(map)(MapError::IoError(e)))
+}
+
 /// Visits the entries of a connection table; returns how many there were.
 fn walk_flows<T: std::borrow::Borrow<MapData>>(
     map: &HashMap<T, FlowKey, Flow>,
@@ -1129,7 +1134,7 @@ impl Dataplane {
     }
 
     fn zero_counters(&mut self, name: &'static str, id: u32) -> Result<()> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| map_err(name)(MapError::IoError(e)))?;
+        let cpus = possible_cpus(name)?;
         let zeros = aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus])
             .map_err(|e| map_err(name)(MapError::IoError(e)))?;
         let mut map: PerCpuArray<&mut MapData, Counters> = map_mut(&mut self.ebpf, name)?;
@@ -1149,12 +1154,7 @@ impl Dataplane {
         let own = MapData::from_fd(fd).map_err(map_err(maps::FLOWS))?;
         let map = aya::maps::Map::from_map_data(own).map_err(map_err(maps::FLOWS))?;
         let flows = HashMap::try_from(map).map_err(map_err(maps::FLOWS))?;
-        Ok(FlowReader { flows, cpus: self.possible_cpus()? })
-    }
-
-    fn possible_cpus(&self) -> Result<u32> {
-        let n = aya::util::nr_cpus().map_err(|(_, e)| map_err(maps::FLOWS)(MapError::IoError(e)))?;
-        Ok(n as u32)
+        Ok(FlowReader { flows, cpus: possible_cpus(maps::FLOWS)? as u32 })
     }
 
     fn sum_counters(&self, name: &'static str, id: u32) -> Result<Counters> {

@@ -93,8 +93,9 @@ impl NetNs {
     }
 }
 
-/// Runs the calling thread on CPU `cpu` only (BPF_PROG_TEST_RUN and map updates of
-/// per-CPU LRU lists act on the caller's CPU).
+/// Runs the calling thread on CPU `cpu` only: BPF_PROG_TEST_RUN and map updates act on
+/// the caller's CPU, so per-CPU state (wrr cursors, LRU lists, flood windows) is then
+/// that one CPU's.
 pub fn pin_to_cpu(cpu: usize) -> Result<()> {
     let mut set = nix::sched::CpuSet::new();
     set.set(cpu)?;

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 
 use lb_common::{SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_ROUND_ROBIN, hash};
 use lb_daemon::dataplane::DataplaneState;
-use lb_daemon::plan::{MarkRuleSpec, Protocol, ServiceMatch, ServiceSpec, service_key};
+use lb_daemon::plan::{MarkRuleSpec, Protocol, ServiceMatch, ServiceSpec, addr_words, service_key};
 
 use crate::fixture::direct_routed;
 
@@ -128,7 +128,7 @@ impl Model {
     }
 
     fn forward(&self, f: &[u8], flow: &Flow, state: &lb_daemon::dataplane::ServiceState) -> Verdict {
-        let (src, dst) = (words(flow.src), words(flow.dst));
+        let (src, dst) = (addr_words(flow.src).1, addr_words(flow.dst).1);
         let h = if state.flags & SERVICE_F_HASH_TUPLE != 0 {
             hash::tuple_hash(&src, &dst, flow.sport.to_be(), flow.dport.to_be(), flow.proto, flow.v6)
         } else {
@@ -169,17 +169,6 @@ impl Model {
         })?;
         let by_mark = ServiceMatch::Mark(rule.mark);
         self.services.iter().any(|s| s.matcher == by_mark).then_some(by_mark)
-    }
-}
-
-/// An address as the data path's four network-order words (IPv4 in the first).
-fn words(a: IpAddr) -> [u32; 4] {
-    match a {
-        IpAddr::V4(v4) => [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            std::array::from_fn(|i| u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]))
-        }
     }
 }
 

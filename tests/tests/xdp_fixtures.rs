@@ -162,6 +162,28 @@ impl Env {
         self.plan.backend_ids[&(service.to_string(), ip(addr))]
     }
 
+    /// The services with a fourth, heavy backend on `web` (10.1.0.14, already a known
+    /// neighbour), which changes its ring; a SYN from 10.`net`.0.x to port 80 whose client
+    /// that ring moves; and the backend the current ring gives it.
+    fn heavy_backend_and_a_client_it_moves(
+        &self,
+        net: u8,
+        sport: u16,
+    ) -> Result<(Vec<ServiceSpec>, Vec<u8>, u32)> {
+        let mut more = services();
+        more[0].backends.push(BackendSpec { addr: ip("10.1.0.14"), weight: 300, state: Active });
+        let next = self.planner.clone().plan(&more, &mark_rules(), &self.neighbours)?;
+        let (syn, before) = (0..=255u8)
+            .map(|i| tcp4([10, net, 0, i], VIP, sport, 80, TCP_SYN))
+            .find_map(|syn| {
+                let now = predicted_backend(&self.plan.state, &web(), &syn)?;
+                let later = predicted_backend(&next.state, &web(), &syn)?;
+                (now != later).then_some((syn, now))
+            })
+            .ok_or_else(|| anyhow::anyhow!("no client moves on the new ring"))?;
+        Ok((more, syn, before))
+    }
+
     /// The frame as direct routing should emit it towards backend `id`.
     fn routed(&self, frame: &[u8], id: u32) -> Vec<u8> {
         let b = &self.plan.state.backends[&id];
@@ -209,12 +231,6 @@ fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8
 
 fn tcp4_with(src: [u8; 4], dst: [u8; 4], dport: u16, opts: Ipv4Opts) -> Vec<u8> {
     testpkt::ipv4(src, dst, L4::tcp(40000, dport, TCP_SYN), opts)
-}
-
-/// Runs the calling thread on the first CPU only: BPF_PROG_TEST_RUN runs on the caller's
-/// CPU, and per-CPU state (wrr cursors, LRU lists, flood windows) is then one CPU's.
-fn pin_to_first_cpu() -> Result<()> {
-    lb_tests::pin_to_cpu(0)
 }
 
 /// What a fixture row expects.
@@ -648,22 +664,7 @@ fn same_source_same_backend_and_every_backend_gets_a_share() -> Result<()> {
 #[test]
 fn established_flow_keeps_its_backend_when_the_ring_changes() -> Result<()> {
     with_env(|env| {
-        // A fourth, heavy backend changes the ring; find a client it takes over.
-        let mut more = services();
-        more[0].backends.push(BackendSpec { addr: ip("10.1.0.14"), weight: 300, state: Active });
-        env.neighbours.insert(
-            ip("10.1.0.14"),
-            Neighbour { mac: [2, 0, 0, 0, 1, 0x14], ifindex: 1, if_mac: DIRECTOR_MAC, vlan: 0 },
-        );
-        let next = env.planner.clone().plan(&more, &mark_rules(), &env.neighbours)?;
-        let (syn, before) = (0..=255u8)
-            .map(|i| tcp4([10, 8, 0, i], VIP, 41000, 80, TCP_SYN))
-            .find_map(|syn| {
-                let now = predicted_backend(&env.plan.state, &web(), &syn)?;
-                let later = predicted_backend(&next.state, &web(), &syn)?;
-                (now != later).then_some((syn, now))
-            })
-            .ok_or_else(|| anyhow::anyhow!("no client moves on the new ring"))?;
+        let (more, syn, before) = env.heavy_backend_and_a_client_it_moves(8, 41000)?;
         ensure!(env.forward(&syn)? == before);
         env.replan(&more)?;
         let ack = {
@@ -1053,7 +1054,7 @@ fn mutated_frames_do_what_the_model_of_the_data_path_says() -> Result<()> {
 fn wrr_deals_new_flows_in_weighted_turns_and_keeps_established_ones() -> Result<()> {
     with_env(|env| {
         // One CPU, so one cursor.
-        pin_to_first_cpu()?;
+        lb_tests::pin_to_cpu(0)?;
         let wrr_vip = ServiceMatch::Vip { addr: ip("192.0.2.30"), port: 80, proto: Protocol::Tcp };
         let mut rr = service("rr", wrr_vip, Scheduler::Wrr, &[("10.1.0.11", Active), ("10.1.0.12", Active)]);
         rr.backends[0].weight = 300;
@@ -1127,7 +1128,7 @@ fn the_flood_guard_keeps_established_flows_through_a_syn_flood() -> Result<()> {
     use lb_tests::fixture::run_program;
     with_env(|env| {
         // One CPU, so one LRU list and one flood window.
-        pin_to_first_cpu()?;
+        lb_tests::pin_to_cpu(0)?;
         // BPF_PROG_TEST_RUN hands the frame it forwarded (backend MAC) to the next run:
         // let the receiving interface accept any unicast MAC, as without the daemon.
         env.plan.state.local_macs.clear();
@@ -1212,21 +1213,7 @@ fn icmp_errors_about_a_service_flow_go_to_its_backend() -> Result<()> {
             |env: &Env, counter: u32| -> Result<u64> { Ok(env.dp.global_counters()?[counter as usize]) };
         // A recorded flow whose client the ring moves after a change: the error follows
         // the connection table, not the new ring.
-        let mut more = services();
-        more[0].backends.push(BackendSpec { addr: ip("10.1.0.14"), weight: 300, state: Active });
-        env.neighbours.insert(
-            ip("10.1.0.14"),
-            Neighbour { mac: [2, 0, 0, 0, 1, 0x14], ifindex: 1, if_mac: DIRECTOR_MAC, vlan: 0 },
-        );
-        let next = env.planner.clone().plan(&more, &mark_rules(), &env.neighbours)?;
-        let (syn, before) = (0..=255u8)
-            .map(|i| tcp4([10, 18, 0, i], VIP, 43000, 80, TCP_SYN))
-            .find_map(|syn| {
-                let now = predicted_backend(&env.plan.state, &web(), &syn)?;
-                let later = predicted_backend(&next.state, &web(), &syn)?;
-                (now != later).then_some((syn, now))
-            })
-            .ok_or_else(|| anyhow::anyhow!("no client moves on the new ring"))?;
+        let (more, syn, before) = env.heavy_backend_and_a_client_it_moves(18, 43000)?;
         ensure!(env.forward(&syn)? == before);
         env.replan(&more)?;
         let reply = reply_of(&syn, 1400);

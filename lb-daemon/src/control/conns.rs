@@ -21,7 +21,8 @@ pub struct ConnCounts {
     /// Backend id -> (active, inactive).
     pub by_backend: HashMap<u32, (u64, u64)>,
     pub entries: u64,
-    /// Entries recorded by each CPU, which holds `capacity / cpus` of them at most.
+    /// Entries recorded by each possible CPU (one element each), which holds
+    /// `capacity / cpus` of them at most.
     pub per_cpu: Vec<u64>,
 }
 
@@ -35,10 +36,6 @@ pub struct ConnCounter {
 impl ConnCounter {
     pub fn new(reader: FlowReader) -> Self {
         ConnCounter { reader: Arc::new(reader), cache: tokio::sync::Mutex::new(None) }
-    }
-
-    pub fn cpus(&self) -> u32 {
-        self.reader.cpus()
     }
 
     /// Counts at most [`CONN_COUNT_TTL`] old.

@@ -385,7 +385,7 @@ impl Daemon {
 
     /// Everything status and metrics show, read from the maps now, with the connection
     /// counts of a recent walk of the table (made outside the lock: see `conns`).
-    fn snapshot(&self, conns: &ConnCounts, cpus: u32) -> Result<Snapshot> {
+    fn snapshot(&self, conns: &ConnCounts) -> Result<Snapshot> {
         let now = crate::snapshot::flow_clock_ns()
             .map_err(|source| ControlError::Io { what: "reading the clock".into(), source })?;
         let mut services = Vec::new();
@@ -453,7 +453,8 @@ impl Daemon {
             flow_entries: conns.entries,
             flow_capacity: self.dataplane.load_report().flow_entries,
             flow_entries_per_cpu: conns.per_cpu.clone(),
-            flow_capacity_per_cpu: self.dataplane.load_report().flow_entries / cpus.max(1),
+            flow_capacity_per_cpu: self.dataplane.load_report().flow_entries
+                / (conns.per_cpu.len() as u32).max(1),
             flood_guard_active_cpus: self.dataplane.flood_guard_active_cpus(now)?,
             flows_unrecorded: global[stat::FLOWS_UNRECORDED_FLOOD as usize],
             icmp_forwarded: stat::ICMP_FORWARDED
@@ -621,9 +622,8 @@ struct Views {
 
 async fn snapshot_of(views: &Views) -> Result<Snapshot> {
     let conns = views.conns.counts().await?;
-    let cpus = views.conns.cpus();
     let daemon = Arc::clone(&views.daemon);
-    tokio::task::spawn_blocking(move || lock(&daemon).snapshot(&conns, cpus))
+    tokio::task::spawn_blocking(move || lock(&daemon).snapshot(&conns))
         .await
         .map_err(|e| ControlError::Io { what: "snapshot task".into(), source: std::io::Error::other(e) })?
 }
@@ -780,7 +780,8 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = neighbour_tick.tick() => refresh_neighbours(&daemon, Duration::from_millis(500)).await,
-            _ = reap_tick.tick() => { crate::health::children::reap_orphans(); }
+            // A scan of /proc: off the loop that answers signals.
+            _ = reap_tick.tick() => { tokio::task::spawn_blocking(crate::health::children::reap_orphans); }
             _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[sd_notify::NotifyState::Watchdog]),
         }
     }
