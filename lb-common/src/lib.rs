@@ -28,9 +28,6 @@ pub mod maps {
     pub const WRR_CURSORS: &str = "WRR_CURSORS";
     pub const LOCAL_MACS: &str = "LOCAL_MACS";
     pub const FLOOD_GUARD: &str = "FLOOD_GUARD";
-    pub const BENCH_CFG: &str = "BENCH_CFG";
-    pub const BENCH_TARGET: &str = "BENCH_TARGET";
-    pub const TRUNK_PORTS: &str = "TRUNK_PORTS";
 }
 
 /// Program names in the object.
@@ -40,13 +37,28 @@ pub mod programs {
     /// Returns XDP_PASS. Attached to the peer of a veth that receives XDP_REDIRECT or
     /// XDP_TX frames, which the kernel requires before it delivers them.
     pub const PASS: &str = "lb_pass";
-    /// Benchmark floor: parse Ethernet/IPv4/TCP, swap MACs, XDP_TX.
-    pub const FLOOR: &str = "lb_floor";
-    /// Benchmark driver: varies the flow of the packet in place, then tail-calls the target.
-    pub const BENCH_DRIVER: &str = "lb_bench_driver";
-    /// Test topologies only: a two-port 802.1Q switch in XDP, for kernels without VLAN
-    /// devices (see `TrunkPort`).
-    pub const TEST_TRUNK: &str = "lb_test_trunk";
+}
+
+/// The test and benchmark object (`lb-xdp-test`), which only the tests load.
+pub mod test_object {
+    /// Map names.
+    pub mod maps {
+        pub const BENCH_CFG: &str = "BENCH_CFG";
+        pub const BENCH_TARGET: &str = "BENCH_TARGET";
+        pub const TRUNK_PORTS: &str = "TRUNK_PORTS";
+    }
+
+    /// Program names.
+    pub mod programs {
+        /// Benchmark floor: parse Ethernet/IPv4/TCP, swap MACs, XDP_TX.
+        pub const FLOOR: &str = "lb_floor";
+        /// Benchmark driver: varies the flow of the packet in place, then tail-calls the
+        /// program in `BENCH_TARGET[0]`.
+        pub const BENCH_DRIVER: &str = "lb_bench_driver";
+        /// A two-port 802.1Q switch in XDP, for kernels without VLAN devices (see
+        /// `TrunkPort`).
+        pub const TEST_TRUNK: &str = "lb_test_trunk";
+    }
 }
 
 pub const MAX_SERVICES: u32 = 4096;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, ProgramArray,
+        Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
         xdp::XdpMapError,
     },
@@ -23,10 +23,10 @@ use aya::{
     },
 };
 use lb_common::{
-    AddrKey, Backend, BenchConfig, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig,
-    FAMILY_V4, FAMILY_V6, FloodWindow, Flow, FlowKey, LocalMacs, MAP_LAYOUT_VERSION, MAX_ATTACHED_INTERFACES,
-    MAX_BACKENDS, MAX_LOCAL_MACS, MAX_SERVICES, MarkRuleSet, Service, ServiceKey, TrunkPort,
-    hash::vip_filter_slot, maps, programs, stat,
+    AddrKey, Backend, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig, FAMILY_V4,
+    FAMILY_V6, FloodWindow, Flow, FlowKey, LocalMacs, MAP_LAYOUT_VERSION, MAX_ATTACHED_INTERFACES,
+    MAX_BACKENDS, MAX_LOCAL_MACS, MAX_SERVICES, MarkRuleSet, Service, ServiceKey, hash::vip_filter_slot,
+    maps, programs, stat,
 };
 
 /// The XDP object built by `build.rs`.
@@ -452,7 +452,7 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(OBJECT)?;
-        for name in [programs::BALANCER, programs::PASS, programs::FLOOR, programs::BENCH_DRIVER] {
+        for name in [programs::BALANCER, programs::PASS] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or(DataplaneError::MissingProgram(name))?
@@ -1192,40 +1192,6 @@ impl Dataplane {
         let map: HashMap<&MapData, FlowKey, Flow> = map_ref(&self.ebpf, maps::FLOWS)?;
         map.iter().collect::<std::result::Result<_, _>>().map_err(map_err(maps::FLOWS))
     }
-
-    /// Test topologies only: makes `iface` (in the calling thread's namespace) a port of
-    /// the XDP test switch that sends every frame on to `out_ifindex`, tagging IPv4 frames
-    /// with `push_vlan` (or, with zero, removing tags). See `lb_common::TrunkPort`.
-    pub fn attach_test_trunk_port(&mut self, iface: &str, out_ifindex: u32, push_vlan: u16) -> Result<()> {
-        let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|e| DataplaneError::Attach {
-            iface: iface.to_owned(),
-            source: ProgramError::IOError(std::io::Error::from(e)),
-        })?;
-        let mut ports: HashMap<&mut MapData, u32, TrunkPort> = map_mut(&mut self.ebpf, maps::TRUNK_PORTS)?;
-        ports
-            .insert(ifindex, TrunkPort { out_ifindex, push_vlan, _pad: 0 }, 0)
-            .map_err(map_err(maps::TRUNK_PORTS))?;
-        // Loaded on first use: a director never needs it.
-        let name = programs::TEST_TRUNK;
-        let prog = self.program_mut(name)?;
-        if prog.fd().is_err() {
-            prog.load().map_err(|source| DataplaneError::Program { name, source })?;
-        }
-        self.attach_program(name, iface, XdpMode::Native)
-    }
-
-    /// Points the benchmark driver at `target` and sets how many flows it cycles through.
-    pub fn configure_bench_driver(&mut self, target: &'static str, flows: u32) -> Result<()> {
-        let fd =
-            self.program(target)?.fd().map_err(|source| DataplaneError::Program { name: target, source })?;
-        let fd = fd
-            .try_clone()
-            .map_err(|e| DataplaneError::Program { name: target, source: ProgramError::IOError(e) })?;
-        let mut targets: ProgramArray<&mut MapData> = map_mut(&mut self.ebpf, maps::BENCH_TARGET)?;
-        targets.set(0, &fd, 0).map_err(map_err(maps::BENCH_TARGET))?;
-        let mut cfg: Array<&mut MapData, BenchConfig> = map_mut(&mut self.ebpf, maps::BENCH_CFG)?;
-        cfg.set(0, BenchConfig { flows, _pad: 0 }, 0).map_err(map_err(maps::BENCH_CFG))
-    }
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -1240,6 +1206,23 @@ impl std::fmt::Debug for Dataplane {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_production_object_holds_no_test_or_benchmark_program() {
+        let has = |name: &str| OBJECT.windows(name.len()).any(|w| w == name.as_bytes());
+        assert!(has(programs::BALANCER) && has(maps::FLOWS), "the search finds what is there");
+        use lb_common::test_object::{maps as test_maps, programs as test_programs};
+        for name in [
+            test_programs::FLOOR,
+            test_programs::BENCH_DRIVER,
+            test_programs::TEST_TRUNK,
+            test_maps::BENCH_CFG,
+            test_maps::BENCH_TARGET,
+            test_maps::TRUNK_PORTS,
+        ] {
+            assert!(!has(name), "{name} is in the object every director loads");
+        }
+    }
 
     #[test]
     fn ring_space_allocates_and_coalesces() {

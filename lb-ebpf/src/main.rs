@@ -1,5 +1,5 @@
-//! The XDP object: the balancer, a pass-through program for veth peers, and the two
-//! benchmark helpers. Built for `bpfel-unknown-none`; on the host this is an empty program.
+//! The XDP object: the balancer and a pass-through program for veth peers (benchmark and
+//! test helpers live in `lb-xdp-test`, which a director never loads). Built for `bpfel-unknown-none`; on the host this is an empty program.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use anyhow::{Context as _, Result};
-use aya::programs::{TestRun, TestRunOptions};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_common::{Backend, FAMILY_V6, SERVICE_F_HASH_TUPLE, hash};
 use lb_daemon::dataplane::{Dataplane, DataplaneState};
 use lb_daemon::plan::{
@@ -34,7 +34,11 @@ pub fn timed_run(
     input: &[u8],
     repeat: u32,
 ) -> Result<(u32, Vec<u8>, f64)> {
-    let prog = dp.program(name)?;
+    timed_run_xdp(dp.program(name)?, name, input, repeat)
+}
+
+/// [`timed_run`] of a program of any object (`name` only labels errors).
+pub fn timed_run_xdp(prog: &Xdp, name: &str, input: &[u8], repeat: u32) -> Result<(u32, Vec<u8>, f64)> {
     let mut out = vec![0u8; input.len() + 256];
     let res = prog
         .test_run(TestRunOptions {

@@ -13,6 +13,7 @@ use nix::sys::signal::Signal;
 
 use crate::daemon::{Daemon, DaemonOptions, Metrics};
 use crate::tcp::{NameServer, fetch_from};
+use crate::test_object::TestPrograms;
 use crate::topology::{DIRECTOR_CLIENT_SIDE, DIRECTOR_IN, DrTopology, Layout, VIP};
 
 /// Port of the service on the VIP; the director's own service listens on 8080.
@@ -41,6 +42,8 @@ pub struct DrLab {
     pub daemon: Daemon,
     /// Holds the pass-through program on the LAN bridge port (see `start`).
     _pass_through: Dataplane,
+    /// The test switch in front of a tagged client side, if any.
+    _switch: Option<TestPrograms>,
     bpf_dir: PathBuf,
     /// Config, log and socket of a generated config; removed on drop.
     workdir: Option<PathBuf>,
@@ -129,13 +132,16 @@ impl DrLab {
         // peer runs an XDP program: the lab loads a pass-through one there.
         let mut pass = Dataplane::load(&LoadOptions { ring_slots: 7, flow_entries: 16, pin_dir: None })?;
         in_namespace(topo.lan.name(), || Ok(pass.attach_pass_through(&topo.lan_port, XdpMode::Native)?))?;
+        let mut switch = None;
         if let Some(sw) = &topo.switch {
+            let mut trunk = TestPrograms::load()?;
             in_namespace(sw.ns.name(), || {
                 let index = |name: &str| nix::net::if_::if_nametoindex(name);
                 let (to_client, to_director) = (index(&sw.client_port)?, index(&sw.director_port)?);
-                pass.attach_test_trunk_port(&sw.client_port, to_director, sw.vlan)?;
-                Ok(pass.attach_test_trunk_port(&sw.director_port, to_client, 0)?)
+                trunk.attach_trunk_port(&sw.client_port, to_director, sw.vlan)?;
+                trunk.attach_trunk_port(&sw.director_port, to_client, 0)
             })?;
+            switch = Some(trunk);
             in_namespace(topo.client.name(), || {
                 Ok(pass.attach_pass_through(&topo.client_if, XdpMode::Native)?)
             })?;
@@ -149,6 +155,7 @@ impl DrLab {
             own_service: Some(own_service),
             daemon,
             _pass_through: pass,
+            _switch: switch,
             bpf_dir: d.bpf_dir.clone(),
             workdir,
             connection_table_size,

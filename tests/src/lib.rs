@@ -18,6 +18,7 @@ pub mod fixture;
 pub mod lab;
 pub mod model;
 pub mod tcp;
+pub mod test_object;
 pub mod topology;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

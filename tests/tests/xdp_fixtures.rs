@@ -1124,9 +1124,12 @@ fn a_segment_without_handshake_counts_as_a_connection_only_once_it_goes_on() -> 
 
 #[test]
 fn the_flood_guard_keeps_established_flows_through_a_syn_flood() -> Result<()> {
-    use lb_common::programs::{BALANCER, BENCH_DRIVER};
-    use lb_tests::fixture::run_program;
-    with_env(|env| {
+    use lb_common::programs::BALANCER;
+    use lb_common::test_object::programs::BENCH_DRIVER;
+    use lb_tests::fixture::timed_run_xdp;
+    use lb_tests::test_object::TestPrograms;
+    let mut driver = TestPrograms::load()?;
+    with_env(move |env| {
         // One CPU, so one LRU list and one flood window.
         lb_tests::pin_to_cpu(0)?;
         // BPF_PROG_TEST_RUN hands the frame it forwarded (backend MAC) to the next run:
@@ -1155,10 +1158,10 @@ fn the_flood_guard_keeps_established_flows_through_a_syn_flood() -> Result<()> {
                 .count())
         };
         // 200,000 distinct SYNs from 10.17.x.y, several times the table (65,536 entries).
-        let flood = |env: &mut Env| -> Result<()> {
-            env.dp.configure_bench_driver(BALANCER, 200_000)?;
+        let mut flood = |env: &mut Env| -> Result<()> {
+            driver.configure_bench_driver(env.dp.program(BALANCER)?, 200_000)?;
             let syn = tcp4([10, 17, 0, 0], VIP, 1, 80, TCP_SYN);
-            let (action, _) = run_program(&env.dp, BENCH_DRIVER, &syn, 200_000)?;
+            let (action, _, _) = timed_run_xdp(driver.program(BENCH_DRIVER)?, BENCH_DRIVER, &syn, 200_000)?;
             ensure!(action == XDP_TX, "the flood is forwarded (action {action})");
             Ok(())
         };

@@ -1,13 +1,12 @@
 //! Every map of the object. Sizes are defaults; the daemon may override them at load time.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, Backend, BenchConfig, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig,
-    FloodWindow, Flow, FlowKey, LocalMacs, MAX_ATTACHED_INTERFACES, MAX_BACKENDS, MAX_EGRESS_INTERFACES,
-    MAX_MARK_PREFIXES, MAX_SERVICES, MarkRuleSet, Service, ServiceKey, TrunkPort, hash::VIP_FILTER_SLOTS,
-    stat,
+    AddrKey, Backend, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig, FloodWindow, Flow,
+    FlowKey, LocalMacs, MAX_ATTACHED_INTERFACES, MAX_BACKENDS, MAX_EGRESS_INTERFACES, MAX_MARK_PREFIXES,
+    MAX_SERVICES, MarkRuleSet, Service, ServiceKey, hash::VIP_FILTER_SLOTS, stat,
 };
 
 /// Per-CPU LRU lists: no cross-CPU lock on insert, at the price of each CPU evicting
@@ -75,16 +74,3 @@ pub static LOCAL_MACS: HashMap<u32, LocalMacs> = HashMap::with_max_entries(MAX_A
 /// Per CPU: the current one-second window of new flows, for the flood guard.
 #[map]
 pub static FLOOD_GUARD: PerCpuArray<FloodWindow> = PerCpuArray::with_max_entries(1, 0);
-
-#[map]
-pub static BENCH_CFG: Array<BenchConfig> = Array::with_max_entries(1, 0);
-
-#[map]
-pub static BENCH_STATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
-#[map]
-pub static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
-
-/// Ports of the test switch (`lb_test_trunk`), by ingress ifindex.
-#[map]
-pub static TRUNK_PORTS: HashMap<u32, TrunkPort> = HashMap::with_max_entries(4, 0);

@@ -1,22 +1,12 @@
 //! Entry points.
-use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::{bpf_redirect, bpf_xdp_adjust_head},
-    macros::xdp,
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{SERVICE_F_ROUND_ROBIN, stat};
-use lb_ebpf::{
-    csum,
-    parse::{self, ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ParseError, Parsed, VLAN_HLEN},
-};
+use lb_ebpf::parse::{self, ParseError, Parsed};
 
 use super::{
     classify,
     conntrack::{self, Decision},
-    forward,
-    maps::{BENCH_CFG, BENCH_STATE, BENCH_TARGET, TRUNK_PORTS},
-    stats,
+    forward, stats,
 };
 
 #[xdp]
@@ -156,110 +146,4 @@ fn drop_if_ours(ours: bool, reason: u32) -> u32 {
 #[xdp]
 pub fn lb_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
-}
-
-/// The benchmark floor: what any XDP forwarder must do at least.
-#[xdp]
-pub fn lb_floor(ctx: XdpContext) -> u32 {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if parse::parse(start, end).is_err() || start + 12 > end {
-        return xdp_action::XDP_PASS;
-    }
-    // SAFETY: 12 bytes bounds-checked above.
-    unsafe {
-        let (dst, src) = (parse::read_mac(start), parse::read_mac(start + 6));
-        parse::write_mac(start, &src);
-        parse::write_mac(start + 6, &dst);
-    }
-    xdp_action::XDP_TX
-}
-
-/// Fixed offsets of the benchmark frame: Ethernet, a 20-byte IPv4 header, TCP.
-const BENCH_IP_SRC_LOW: usize = 14 + 14;
-const BENCH_IP_CHECK: usize = 14 + 10;
-const BENCH_TCP_SPORT: usize = 14 + 20;
-const BENCH_TCP_CHECK: usize = 14 + 20 + 16;
-
-/// Turns the one packet that BPF_PROG_TEST_RUN repeats into a stream of flows, then runs
-/// the target program. Checksums are patched (RFC 1624), so the frames stay valid.
-#[xdp]
-pub fn lb_bench_driver(ctx: XdpContext) -> u32 {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let flows = BENCH_CFG.get(0).map_or(0, |c| c.flows);
-    if flows != 0 && start + BENCH_TCP_CHECK + 2 <= end {
-        if let Some(state) = BENCH_STATE.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot; the frame offsets were bounds-checked above.
-            unsafe {
-                let i = (*state % flows as u64) as u32;
-                *state += 1;
-                let sport = (start + BENCH_TCP_SPORT) as *mut u16;
-                let src_low = (start + BENCH_IP_SRC_LOW) as *mut u16;
-                let ip_check = (start + BENCH_IP_CHECK) as *mut u16;
-                let tcp_check = (start + BENCH_TCP_CHECK) as *mut u16;
-                let (old_port, new_port) = (sport.read_unaligned(), (i as u16).to_be());
-                let (old_src, new_src) = (src_low.read_unaligned(), ((i >> 16) as u16).to_be());
-                sport.write_unaligned(new_port);
-                src_low.write_unaligned(new_src);
-                ip_check.write_unaligned(csum::update16(ip_check.read_unaligned(), old_src, new_src));
-                let c = csum::update16(tcp_check.read_unaligned(), old_src, new_src);
-                tcp_check.write_unaligned(csum::update16(c, old_port, new_port));
-            }
-        }
-    }
-    // SAFETY: on success the tail call does not return.
-    let _ = unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
-    xdp_action::XDP_ABORTED
-}
-
-/// The test switch: a trunk port tags IPv4 frames on their way to the director, the other
-/// port strips tags on the way back. It stands in for VLAN devices on test kernels built
-/// without them (no 8021q), so that the director receives tagged frames as from a trunk.
-#[xdp]
-pub fn lb_test_trunk(ctx: XdpContext) -> u32 {
-    let ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: the value is copied out at once.
-    let Some(port) = (unsafe { TRUNK_PORTS.get(&ifindex) }).copied() else {
-        return xdp_action::XDP_PASS;
-    };
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if start + ETH_HLEN + VLAN_HLEN > end {
-        return xdp_action::XDP_DROP;
-    }
-    // SAFETY: the Ethernet header and a tag's worth were bounds-checked above.
-    let (dst, src, ethertype) = unsafe {
-        (
-            parse::read_mac(start),
-            parse::read_mac(start + 6),
-            u16::from_be((start as *const u8).add(12).cast::<u16>().read_unaligned()),
-        )
-    };
-    let tagged = ethertype == ETH_P_8021Q;
-    let delta: i32 = if port.push_vlan != 0 && ethertype == ETH_P_IP {
-        -(VLAN_HLEN as i32)
-    } else if port.push_vlan == 0 && tagged {
-        VLAN_HLEN as i32
-    } else {
-        0
-    };
-    if delta != 0 {
-        // SAFETY: a helper call on this program's own context.
-        if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
-            return xdp_action::XDP_DROP;
-        }
-        let (start, end) = (ctx.data(), ctx.data_end());
-        if start + ETH_HLEN + VLAN_HLEN > end {
-            return xdp_action::XDP_DROP;
-        }
-        // SAFETY: bounds-checked just above.
-        unsafe {
-            parse::write_mac(start, &dst);
-            parse::write_mac(start + 6, &src);
-            if delta < 0 {
-                let tag = (start + 12) as *mut [u16; 2];
-                tag.write_unaligned([ETH_P_8021Q.to_be(), (port.push_vlan & 0x0fff).to_be()]);
-            }
-        }
-    }
-    // SAFETY: a helper call with plain integers.
-    unsafe { bpf_redirect(port.out_ifindex, 0) as u32 }
 }

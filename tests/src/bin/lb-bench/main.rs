@@ -16,12 +16,15 @@
 mod health;
 
 use anyhow::{Result, ensure};
-use lb_common::programs::{BALANCER, BENCH_DRIVER, FLOOR, PASS};
+use aya::programs::Xdp;
+use lb_common::programs::{BALANCER, PASS};
+use lb_common::test_object::programs::{BENCH_DRIVER, FLOOR};
 use lb_daemon::dataplane::{Dataplane, LoadOptions};
 use lb_daemon::plan::{Neighbour, Planner};
 use lb_ebpf::parse::{TCP_ACK, TCP_SYN};
 use lb_ebpf::testpkt::{self, Ipv4Opts, L4};
-use lb_tests::fixture::{XDP_PASS, XDP_TX, run_program, tcp_service, timed_run};
+use lb_tests::fixture::{XDP_PASS, XDP_TX, tcp_service, timed_run_xdp};
+use lb_tests::test_object::TestPrograms;
 use nix::sched::{CpuSet, sched_setaffinity};
 use nix::unistd::Pid;
 
@@ -75,7 +78,13 @@ impl Case {
     }
 }
 
+/// A program of the production object, or of the test object (floor and driver).
+fn program<'a>(dp: &'a Dataplane, test: &'a mut TestPrograms, name: &'static str) -> Result<&'a Xdp> {
+    if [FLOOR, BENCH_DRIVER].contains(&name) { test.program(name) } else { Ok(dp.program(name)?) }
+}
+
 fn main() -> Result<()> {
+    let mut test = TestPrograms::load()?;
     let mut dp =
         Dataplane::load(&LoadOptions { ring_slots: 4 * 65537, flow_entries: 1 << 20, pin_dir: None })?;
     let backends: Vec<_> = (1..=10u8).map(|i| format!("10.1.0.{i}").parse().expect("literal")).collect();
@@ -162,13 +171,20 @@ fn main() -> Result<()> {
     for _ in 0..ROUNDS {
         for (case, samples) in cases.iter().zip(&mut samples) {
             if let Some((target, flows)) = case.driver {
-                dp.configure_bench_driver(target, flows)?;
+                let target = program(&dp, &mut test, target)?.fd()?.try_clone()?;
+                test.configure_bench_driver_fd(target, flows)?;
             }
             if case.warmup > 0 {
-                run_program(&dp, case.program, &case.frame, case.warmup)?;
+                timed_run_xdp(
+                    program(&dp, &mut test, case.program)?,
+                    case.program,
+                    &case.frame,
+                    case.warmup,
+                )?;
             }
             let flows_before = dp.service_counters(service)?.new_flows;
-            let (action, out, kernel_ns) = timed_run(&dp, case.program, &case.frame, REPEAT)?;
+            let prog = program(&dp, &mut test, case.program)?;
+            let (action, out, kernel_ns) = timed_run_xdp(prog, case.program, &case.frame, REPEAT)?;
             let new_flows = dp.service_counters(service)?.new_flows - flows_before;
             ensure!(action == case.action, "{}: action {action}, want {}", case.name, case.action);
             ensure!(

@@ -1,0 +1,78 @@
+//! The test and benchmark XDP object (`lb-xdp-test`): the benchmark floor and driver and
+//! the test switch. A director never loads it; `lb-daemon`'s build script builds it next to
+//! the production object and hands its path to this crate.
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::maps::{Array, HashMap, MapData, ProgramArray};
+use aya::programs::{ProgramFd, Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+use lb_common::test_object::{maps, programs};
+use lb_common::{BenchConfig, TrunkPort};
+
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_XDP_TEST_OBJECT"));
+
+/// The loaded test object. Programs load on first use; links and maps live as long as it.
+pub struct TestPrograms {
+    ebpf: Ebpf,
+}
+
+impl TestPrograms {
+    pub fn load() -> Result<Self> {
+        let ebpf = EbpfLoader::new().load(OBJECT).context("loading the test XDP object")?;
+        Ok(TestPrograms { ebpf })
+    }
+
+    fn loaded(&mut self, name: &'static str) -> Result<&mut Xdp> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("the test object has no program {name}"))?
+            .try_into()
+            .with_context(|| format!("{name} is not an XDP program"))?;
+        if prog.fd().is_err() {
+            prog.load().with_context(|| format!("loading {name}"))?;
+        }
+        Ok(prog)
+    }
+
+    /// A program, loaded, for `BPF_PROG_TEST_RUN`.
+    pub fn program(&mut self, name: &'static str) -> Result<&Xdp> {
+        Ok(self.loaded(name)?)
+    }
+
+    /// Makes `iface` (in the calling thread's namespace) a port of the XDP test switch that
+    /// sends every frame on to `out_ifindex`, tagging IPv4 frames with `push_vlan` (or, with
+    /// zero, removing tags). See `lb_common::TrunkPort`.
+    pub fn attach_trunk_port(&mut self, iface: &str, out_ifindex: u32, push_vlan: u16) -> Result<()> {
+        let ifindex = nix::net::if_::if_nametoindex(iface).with_context(|| format!("interface {iface}"))?;
+        let map =
+            self.ebpf.map_mut(maps::TRUNK_PORTS).ok_or_else(|| anyhow!("no map {}", maps::TRUNK_PORTS))?;
+        let mut ports: HashMap<&mut MapData, u32, TrunkPort> = HashMap::try_from(map)?;
+        ports.insert(ifindex, TrunkPort { out_ifindex, push_vlan, _pad: 0 }, 0)?;
+        let prog = self.loaded(programs::TEST_TRUNK)?;
+        // The program owns the link: it stays attached for as long as this object lives.
+        prog.attach(iface, XdpMode::Driver)
+            .with_context(|| format!("attaching the test switch to {iface}"))?;
+        Ok(())
+    }
+
+    /// Points the benchmark driver at `target` (a program of any object) and sets how many
+    /// flows it cycles through.
+    pub fn configure_bench_driver(&mut self, target: &Xdp, flows: u32) -> Result<()> {
+        let fd = target.fd().context("the driver's target is not loaded")?.try_clone()?;
+        self.configure_bench_driver_fd(fd, flows)
+    }
+
+    /// [`Self::configure_bench_driver`] with the target's descriptor (the floor is in this
+    /// object, so a borrow of it cannot be passed in).
+    pub fn configure_bench_driver_fd(&mut self, fd: ProgramFd, flows: u32) -> Result<()> {
+        let map =
+            self.ebpf.map_mut(maps::BENCH_TARGET).ok_or_else(|| anyhow!("no map {}", maps::BENCH_TARGET))?;
+        let mut targets: ProgramArray<&mut MapData> = ProgramArray::try_from(map)?;
+        targets.set(0, &fd, 0)?;
+        let map = self.ebpf.map_mut(maps::BENCH_CFG).ok_or_else(|| anyhow!("no map {}", maps::BENCH_CFG))?;
+        let mut cfg: Array<&mut MapData, BenchConfig> = Array::try_from(map)?;
+        cfg.set(0, BenchConfig { flows, _pad: 0 }, 0)?;
+        Ok(())
+    }
+}
