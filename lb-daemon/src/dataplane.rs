@@ -29,6 +29,9 @@ use lb_common::{
     maps, programs, stat,
 };
 
+use crate::model::XdpMode;
+use crate::plan::{AdoptedIds, DataplaneState, ServiceState};
+
 /// The XDP object built by `build.rs`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
 
@@ -152,68 +155,17 @@ pub enum Attached {
     Already,
 }
 
-/// Ids recorded in adopted maps, for [`crate::plan::Planner::seed`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AdoptedIds {
-    pub services: Vec<(ServiceKey, u32)>,
-    /// (key of the owning service, backend address words and family, backend id).
-    pub backends: Vec<(ServiceKey, u8, [u32; 4], u32)>,
-    /// Backends the adopted maps were sending new and established flows to (up), by the
-    /// same key and address.
-    pub serving: Vec<(ServiceKey, u8, [u32; 4])>,
+trait AyaMode {
+    fn aya(self) -> aya::programs::XdpMode;
 }
 
-/// XDP attach mode, as an operator names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum XdpMode {
-    /// In the driver, before an skb exists (the fast path).
-    Native,
-    /// After the skb is built: works on any interface, for tests and odd NICs.
-    Generic,
-}
-
-impl XdpMode {
+impl AyaMode for XdpMode {
     fn aya(self) -> aya::programs::XdpMode {
         match self {
             XdpMode::Native => aya::programs::XdpMode::Driver,
             XdpMode::Generic => aya::programs::XdpMode::Skb,
         }
     }
-}
-
-/// One service as the data path should see it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceState {
-    /// Index of the service's counters; stable across applies.
-    pub id: u32,
-    pub flags: u32,
-    /// Maglev ring (backend ids); its length is the ring size. Empty: no backend available.
-    pub ring: Vec<u32>,
-}
-
-/// A fwmark-style rule as written into the tries. `dst` addresses are network-order words.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MarkPrefix {
-    pub family: u8,
-    pub addr: [u32; 4],
-    pub prefix_len: u8,
-    pub rules: MarkRuleSet,
-}
-
-/// Everything the maps should hold.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DataplaneState {
-    pub services: BTreeMap<ServiceKey, ServiceState>,
-    pub backends: BTreeMap<u32, Backend>,
-    pub mark_prefixes: Vec<MarkPrefix>,
-    /// Interfaces that packets may be redirected to.
-    pub egress_ifindexes: BTreeSet<u32>,
-    /// Per receiving interface (ifindex), the destination MACs whose frames are the
-    /// director's: its own address and any configured beside it. An interface absent here
-    /// accepts every unicast frame.
-    pub local_macs: BTreeMap<u32, BTreeSet<[u8; 6]>>,
-    /// `DataplaneConfig::flood_guard_flows_per_sec`; zero: no guard.
-    pub flood_guard_flows_per_sec: u32,
 }
 
 /// How many map writes an apply made, for logs and tests of minimal updates.
@@ -425,7 +377,7 @@ impl Dataplane {
     /// pin directory, maps a previous daemon pinned there are adopted with their contents
     /// (connection table included), and what they hold becomes the base of the next apply.
     pub fn load(opts: &LoadOptions) -> Result<Self> {
-        use crate::config::{MAX_FLOW_ENTRIES, MAX_RING_SLOTS};
+        use crate::model::{MAX_FLOW_ENTRIES, MAX_RING_SLOTS};
         for (what, value, max) in [
             ("ring slots", opts.ring_slots, MAX_RING_SLOTS),
             ("flow entries", opts.flow_entries, MAX_FLOW_ENTRIES),
@@ -582,15 +534,15 @@ impl Dataplane {
     /// Where adopted backends were being sent (MAC, interface), by address: until the
     /// neighbour table confirms or changes it, a restart keeps forwarding there rather
     /// than taking a backend down because its ARP entry happened to be absent.
-    pub fn adopted_neighbours(&self) -> std::collections::HashMap<std::net::IpAddr, crate::plan::Neighbour> {
+    pub fn adopted_neighbours(&self) -> std::collections::HashMap<std::net::IpAddr, crate::model::Neighbour> {
         self.backends
             .values()
             .filter(|b| b.dst_mac != [0; 6] && b.ifindex != 0)
             .filter_map(|b| {
-                let addr = crate::plan::addr_of(b.family, &b.addr)?;
+                let addr = crate::model::addr_of(b.family, &b.addr)?;
                 Some((
                     addr,
-                    crate::plan::Neighbour {
+                    crate::model::Neighbour {
                         mac: b.dst_mac,
                         ifindex: b.ifindex,
                         if_mac: b.src_mac,

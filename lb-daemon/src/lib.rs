@@ -1,13 +1,18 @@
 //! The load balancer daemon as a library: the binary and the tests drive the same code.
 //!
-//! Data flows one way: specs -> [`plan`] (pure, with [`maglev`]) -> [`dataplane`] (the
-//! only module that touches BPF maps). [`routing`] is the only one that talks rtnetlink.
+//! Layers, bottom up (`cargo xtask test` fails on an import that points up; see
+//! ARCHITECTURE.md): [`model`], `health::spec`, `routing::decl` (plain data) ->
+//! [`maglev`], [`wrr`] (pure algorithms) -> [`config`] (YAML -> model), [`plan`] (model ->
+//! the state the maps should hold) -> [`dataplane`] (the only BPF user), [`health`]
+//! (checkers), [`routing`] (the only rtnetlink user) -> [`snapshot`] -> [`metrics`] ->
+//! [`control`] (the daemon).
 pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
+pub mod model;
 pub mod plan;
 pub mod routing;
 pub mod snapshot;

@@ -7,54 +7,20 @@
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-/// One candidate for the table.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MaglevBackend {
-    /// Stable identity (e.g. `"10.1.0.11"`): decides the backend's slot preferences, so it
-    /// must not depend on anything local to one director.
-    pub key: String,
-    /// The value written into the table's slots.
-    pub id: u32,
-    /// Relative weight; zero keeps the backend out of the table.
-    pub weight: u32,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum MaglevError {
-    #[error("ring size {0} is not a prime")]
-    NotPrime(u32),
-    #[error("ring size {size} is smaller than the {backends} backends it must hold")]
-    TooSmall { size: u32, backends: usize },
-}
-
-/// Deterministic primality test; ring sizes are at most a few million.
-pub fn is_prime(n: u32) -> bool {
-    if n < 2 {
-        return false;
-    }
-    let n = n as u64;
-    let mut d = 2u64;
-    while d * d <= n {
-        if n.is_multiple_of(d) {
-            return false;
-        }
-        d += 1;
-    }
-    true
-}
+use crate::model::{RingCandidate, RingError, is_prime};
 
 /// Fills a table of `size` slots. With no weighted backend the table is empty (the data
 /// path then has no backend for new flows).
-pub fn populate(backends: &[MaglevBackend], size: u32) -> Result<Vec<u32>, MaglevError> {
+pub fn populate(backends: &[RingCandidate], size: u32) -> Result<Vec<u32>, RingError> {
     if !is_prime(size) {
-        return Err(MaglevError::NotPrime(size));
+        return Err(RingError::NotPrime(size));
     }
-    let mut live: Vec<&MaglevBackend> = backends.iter().filter(|b| b.weight > 0).collect();
+    let mut live: Vec<&RingCandidate> = backends.iter().filter(|b| b.weight > 0).collect();
     if live.is_empty() {
         return Ok(Vec::new());
     }
     if live.len() > size as usize {
-        return Err(MaglevError::TooSmall { size, backends: live.len() });
+        return Err(RingError::TooSmall { size, backends: live.len() });
     }
     live.sort_by(|a, b| a.key.cmp(&b.key));
     let m = size as u64;
@@ -90,20 +56,10 @@ pub fn populate(backends: &[MaglevBackend], size: u32) -> Result<Vec<u32>, Magle
     }
 }
 
-/// Candidates 10.1.0.10, 10.1.0.11, ... with ids 0, 1, ... and these weights, for tests.
-#[cfg(test)]
-pub(crate) fn test_backends(weights: &[u32]) -> Vec<MaglevBackend> {
-    weights
-        .iter()
-        .enumerate()
-        .map(|(i, &w)| MaglevBackend { key: format!("10.1.0.{}", 10 + i), id: i as u32, weight: w })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
-    use super::test_backends as backends;
     use super::*;
+    use crate::model::test_candidates as backends;
 
     fn shares(table: &[u32], n: usize) -> Vec<usize> {
         let mut c = vec![0; n];
@@ -176,8 +132,8 @@ mod tests {
         assert_eq!(populate(&backends(&[0, 0]), 7).unwrap(), Vec::<u32>::new());
         let t = populate(&backends(&[0, 5]), 7).unwrap();
         assert!(t.iter().all(|&id| id == 1));
-        assert_eq!(populate(&backends(&[1]), 4096), Err(MaglevError::NotPrime(4096)));
-        assert_eq!(populate(&backends(&[1; 8]), 7), Err(MaglevError::TooSmall { size: 7, backends: 8 }));
+        assert_eq!(populate(&backends(&[1]), 4096), Err(RingError::NotPrime(4096)));
+        assert_eq!(populate(&backends(&[1; 8]), 7), Err(RingError::TooSmall { size: 7, backends: 8 }));
         assert!(is_prime(65537) && is_prime(16381) && is_prime(4093) && !is_prime(65535) && !is_prime(1));
     }
 }

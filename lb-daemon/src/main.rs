@@ -125,7 +125,7 @@ fn run(cmd: Cmd) -> Result<()> {
                     Ok(c) => c.director.control_socket,
                     // The running daemon still serves its old config: ask it anyway.
                     Err(e) => {
-                        let fallback = PathBuf::from(lb_daemon::config::DEFAULT_CONTROL_SOCKET);
+                        let fallback = PathBuf::from(lb_daemon::model::DEFAULT_CONTROL_SOCKET);
                         eprintln!(
                             "lb-daemon: {}; asking {} (use --socket to choose)",
                             lb_daemon::error_chain(&e),

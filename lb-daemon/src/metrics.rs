@@ -279,8 +279,8 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Forward;
-    use crate::plan::{Protocol, Scheduler, ServiceMatch};
+    use crate::model::Forward;
+    use crate::model::{Protocol, Scheduler, ServiceMatch};
     use crate::snapshot::{BackendSnapshot, ServiceSnapshot};
     use lb_common::Counters;
 

@@ -9,152 +9,20 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use lb_common::{
-    BACKEND_DOWN, BACKEND_UP, Backend, FAMILY_V4, FAMILY_V6, KIND_MARK, MAX_BACKENDS,
-    MAX_MARK_RULES_PER_PREFIX, MAX_SERVICES, MarkRule, MarkRuleSet, PROTO_TCP, PROTO_UDP,
-    SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_ROUND_ROBIN, ServiceKey,
+    BACKEND_DOWN, BACKEND_UP, Backend, MAX_BACKENDS, MAX_MARK_RULES_PER_PREFIX, MAX_SERVICES, MarkRule,
+    MarkRuleSet, SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_ROUND_ROBIN, ServiceKey,
 };
 
-use crate::dataplane::{DataplaneState, MarkPrefix, ServiceState};
-use crate::maglev::{self, MaglevBackend, MaglevError};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    pub fn name(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        }
-    }
-
-    pub fn number(self) -> u8 {
-        match self {
-            Protocol::Tcp => PROTO_TCP,
-            Protocol::Udp => PROTO_UDP,
-        }
-    }
-}
-
-/// How a new flow picks its backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scheduler {
-    /// Source hashing: one client address, one backend (IPVS `sh`).
-    Sh,
-    /// Maglev over the 5-tuple: connections of one client spread out (IPVS `mh`).
-    Mh,
-    /// Weighted round-robin over new flows, a cursor per CPU (IPVS `wrr`). Not
-    /// consistent: a flow the connection table lost may land elsewhere.
-    Wrr,
-}
-
-impl Scheduler {
-    /// The name in the config and in IPVS.
-    pub fn name(self) -> &'static str {
-        match self {
-            Scheduler::Sh => "sh",
-            Scheduler::Mh => "mh",
-            Scheduler::Wrr => "wrr",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ServiceMatch {
-    Vip {
-        addr: IpAddr,
-        port: u16,
-        proto: Protocol,
-    },
-    /// Traffic classified by a fwmark-style rule with this mark.
-    Mark(u32),
-}
-
-/// `192.0.2.10:80/tcp`, `[2001:db8::10]:443/tcp`, `fwmark 7`: for errors and labels.
-impl std::fmt::Display for ServiceMatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match *self {
-            ServiceMatch::Vip { addr, port, proto } => {
-                write!(f, "{}/{}", std::net::SocketAddr::new(addr, port), proto.name())
-            }
-            ServiceMatch::Mark(m) => write!(f, "fwmark {m}"),
-        }
-    }
-}
-
-/// What an operator asked of a backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BackendState {
-    Active,
-    /// No new flows; established ones stay (soft stop for rolling upgrades).
-    Drain,
-    /// No traffic at all: established flows move to other backends.
-    Disabled,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BackendSpec {
-    pub addr: IpAddr,
-    pub weight: u32,
-    pub state: BackendState,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceSpec {
-    pub name: String,
-    pub matcher: ServiceMatch,
-    pub scheduler: Scheduler,
-    /// A prime: the Maglev table size. For `wrr`, the longest sequence.
-    pub ring_size: u32,
-    pub backends: Vec<BackendSpec>,
-    /// The sorry server: takes the new flows while no backend can (all down, disabled,
-    /// drained or at weight 0). Not health-checked, as keepalived's `sorry_server`.
-    pub fallback: Option<IpAddr>,
-    /// What happens to new flows while neither a backend nor the fallback can take them.
-    pub fallback_action: FallbackAction,
-}
-
-/// New flows of a service with nowhere to go.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum FallbackAction {
-    /// Dropped (counted as `no_backend` drops): clients retry or fail fast.
-    #[default]
-    Drop,
-    /// Handed to the director's own stack (counted as `no_backend` passes).
-    Pass,
-}
-
-/// `iptables -t mangle -A PREROUTING -d DST [-s SRC] -p PROTO --dport LO:HI -j MARK --set-mark N`
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MarkRuleSpec {
-    pub mark: u32,
-    pub dst: IpNet,
-    /// `None` matches TCP and UDP.
-    pub proto: Option<Protocol>,
-    /// Inclusive destination port range.
-    pub ports: (u16, u16),
-    pub src: Option<IpNet>,
-}
-
-/// Where a backend is on the link: resolved by the daemon from the neighbour table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Neighbour {
-    pub mac: [u8; 6],
-    pub ifindex: u32,
-    /// MAC of the interface the neighbour was found on (the new Ethernet source).
-    pub if_mac: [u8; 6],
-    /// The 802.1Q tag to send with when the neighbour is behind a VLAN device, whose
-    /// parent is then `ifindex`; zero for none.
-    pub vlan: u16,
-}
+use crate::maglev;
+use crate::model::{
+    BackendSpec, BackendState, FallbackAction, MarkRuleSpec, Neighbour, Protocol, RingCandidate, RingError,
+    Scheduler, ServiceMatch, ServiceSpec, addr_of, addr_words, service_key, service_match_of,
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
     #[error("service {service}")]
-    Maglev { service: String, source: MaglevError },
+    Ring { service: String, source: RingError },
     #[error("more than {max} services")]
     TooManyServices { max: u32 },
     #[error("more than {max} backends over all services")]
@@ -163,6 +31,52 @@ pub enum PlanError {
     TooManyRules { prefix: IpNet, max: usize },
     #[error("mark rule for {dst}: source {src} is not of the same address family")]
     MixedFamilies { dst: IpNet, src: IpNet },
+}
+
+/// One service as the data path should see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceState {
+    /// Index of the service's counters; stable across applies.
+    pub id: u32,
+    pub flags: u32,
+    /// Maglev ring (backend ids); its length is the ring size. Empty: no backend available.
+    pub ring: Vec<u32>,
+}
+
+/// A fwmark-style rule as written into the tries. `dst` addresses are network-order words.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MarkPrefix {
+    pub family: u8,
+    pub addr: [u32; 4],
+    pub prefix_len: u8,
+    pub rules: MarkRuleSet,
+}
+
+/// Everything the maps should hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DataplaneState {
+    pub services: BTreeMap<ServiceKey, ServiceState>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub mark_prefixes: Vec<MarkPrefix>,
+    /// Interfaces that packets may be redirected to.
+    pub egress_ifindexes: BTreeSet<u32>,
+    /// Per receiving interface (ifindex), the destination MACs whose frames are the
+    /// director's: its own address and any configured beside it. An interface absent here
+    /// accepts every unicast frame.
+    pub local_macs: BTreeMap<u32, BTreeSet<[u8; 6]>>,
+    /// `DataplaneConfig::flood_guard_flows_per_sec`; zero: no guard.
+    pub flood_guard_flows_per_sec: u32,
+}
+
+/// Ids recorded in adopted maps, for [`crate::plan::Planner::seed`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AdoptedIds {
+    pub services: Vec<(ServiceKey, u32)>,
+    /// (key of the owning service, backend address words and family, backend id).
+    pub backends: Vec<(ServiceKey, u8, [u32; 4], u32)>,
+    /// Backends the adopted maps were sending new and established flows to (up), by the
+    /// same key and address.
+    pub serving: Vec<(ServiceKey, u8, [u32; 4])>,
 }
 
 /// The result of planning: the state, and backends left out because their link-layer
@@ -226,57 +140,6 @@ impl Default for Planner {
     }
 }
 
-/// The match a service key was made from (for ids read back from adopted maps).
-pub fn service_match_of(key: &ServiceKey) -> Option<ServiceMatch> {
-    if key.kind == KIND_MARK {
-        return Some(ServiceMatch::Mark(key.addr[0]));
-    }
-    let proto = match key.proto {
-        PROTO_TCP => Protocol::Tcp,
-        PROTO_UDP => Protocol::Udp,
-        _ => return None,
-    };
-    let addr = addr_of(key.kind, &key.addr)?;
-    Some(ServiceMatch::Vip { addr, port: u16::from_be(key.port), proto })
-}
-
-/// Inverse of [`addr_words`].
-pub fn addr_of(family: u8, words: &[u32; 4]) -> Option<IpAddr> {
-    match family {
-        FAMILY_V4 => Some(IpAddr::V4(words[0].to_ne_bytes().into())),
-        FAMILY_V6 => {
-            let mut o = [0u8; 16];
-            for (i, w) in words.iter().enumerate() {
-                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-            }
-            Some(IpAddr::V6(o.into()))
-        }
-        _ => None,
-    }
-}
-
-/// Network-order words of an address, as the data path keeps it.
-pub fn addr_words(addr: IpAddr) -> (u8, [u32; 4]) {
-    match addr {
-        IpAddr::V4(a) => (FAMILY_V4, [u32::from_ne_bytes(a.octets()), 0, 0, 0]),
-        IpAddr::V6(a) => {
-            let o = a.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            (FAMILY_V6, [w(0), w(4), w(8), w(12)])
-        }
-    }
-}
-
-pub fn service_key(m: &ServiceMatch) -> ServiceKey {
-    match *m {
-        ServiceMatch::Vip { addr, port, proto } => {
-            let (kind, words) = addr_words(addr);
-            ServiceKey { addr: words, port: port.to_be(), proto: proto.number(), kind }
-        }
-        ServiceMatch::Mark(mark) => ServiceKey { addr: [mark, 0, 0, 0], port: 0, proto: 0, kind: KIND_MARK },
-    }
-}
-
 fn mark_rule(r: &MarkRuleSpec) -> Result<MarkRule, PlanError> {
     let (src, src_mask) = match r.src {
         None => ([0; 4], [0; 4]),
@@ -325,7 +188,7 @@ fn mark_prefixes(rules: &[MarkRuleSpec]) -> Result<Vec<MarkPrefix>, PlanError> {
 impl Planner {
     /// Starts from the ids a previous daemon wrote into the maps, so that flows recorded
     /// under them keep meaning the same service and backend after a restart.
-    pub fn seed(&mut self, ids: &crate::dataplane::AdoptedIds) {
+    pub fn seed(&mut self, ids: &AdoptedIds) {
         for (key, id) in &ids.services {
             if let Some(m) = service_match_of(key) {
                 self.service_ids.by_key.insert(m, *id);
@@ -401,7 +264,7 @@ impl Planner {
                     plan.state.egress_ifindexes.insert(n.ifindex);
                 }
                 let weight = if up && b.state == BackendState::Active { b.weight } else { 0 };
-                candidates.push(MaglevBackend { key: b.addr.to_string(), id: bid, weight });
+                candidates.push(RingCandidate { key: b.addr.to_string(), id: bid, weight });
             }
             if fallback.is_some()
                 && let Some((sorry, real)) = candidates.split_last_mut()
@@ -416,7 +279,7 @@ impl Planner {
                 Scheduler::Wrr => crate::wrr::sequence(&candidates, svc.ring_size),
                 Scheduler::Sh | Scheduler::Mh => maglev::populate(&candidates, svc.ring_size),
             }
-            .map_err(|source| PlanError::Maglev { service: svc.name.clone(), source })?;
+            .map_err(|source| PlanError::Ring { service: svc.name.clone(), source })?;
             let mut flags = match svc.scheduler {
                 Scheduler::Sh => 0,
                 Scheduler::Mh => SERVICE_F_HASH_TUPLE,
@@ -489,7 +352,7 @@ mod tests {
 
     #[test]
     fn a_seeded_planner_keeps_the_ids_of_the_maps() {
-        use crate::dataplane::AdoptedIds;
+        use AdoptedIds;
         let all = [v4("10.1.0.1"), v4("10.1.0.2")];
         let n = neighbours(&all);
         let svc = web(&[("10.1.0.1", 1, BackendState::Active), ("10.1.0.2", 1, BackendState::Active)]);

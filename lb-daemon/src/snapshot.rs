@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use lb_common::{Counters, FLOW_ESTABLISHED, FLOW_MIDSTREAM, FLOW_UDP, Flow};
 
-use crate::config::Forward;
-use crate::dataplane::XdpMode;
-use crate::plan::{Scheduler, ServiceMatch};
+use crate::model::{Forward, Scheduler, ServiceMatch, XdpMode};
 
 /// How long an entry still counts as a connection, per state: IPVS's default timeouts
 /// (`ipvsadm --timeout`: tcp 900 s, tcpfin 120 s, udp 300 s). The table is an LRU, so
@@ -277,7 +275,7 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Protocol;
+    use crate::model::Protocol;
     use lb_common::{FLOW_FIN, FLOW_SYN_SENT};
 
     fn flow(state: u16, last_seen_ns: u64) -> Flow {

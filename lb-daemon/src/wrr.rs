@@ -5,7 +5,7 @@
 //! is the "smooth" interleaving of nginx's upstream module: weights 5, 1, 1 give
 //! a a b a c a a, never five `a` in a row.
 
-use crate::maglev::{MaglevBackend, MaglevError};
+use crate::model::{RingCandidate, RingError};
 
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
@@ -14,13 +14,13 @@ fn gcd(a: u64, b: u64) -> u64 {
 /// The sequence of backend ids, at most `max_len` long: weights are reduced by their
 /// common divisor, then scaled down (each live backend keeping at least one turn) if
 /// their sum is still larger. Empty when no backend has weight.
-pub fn sequence(backends: &[MaglevBackend], max_len: u32) -> Result<Vec<u32>, MaglevError> {
-    let mut live: Vec<&MaglevBackend> = backends.iter().filter(|b| b.weight > 0).collect();
+pub fn sequence(backends: &[RingCandidate], max_len: u32) -> Result<Vec<u32>, RingError> {
+    let mut live: Vec<&RingCandidate> = backends.iter().filter(|b| b.weight > 0).collect();
     if live.is_empty() {
         return Ok(Vec::new());
     }
     if live.len() > max_len as usize {
-        return Err(MaglevError::TooSmall { size: max_len, backends: live.len() });
+        return Err(RingError::TooSmall { size: max_len, backends: live.len() });
     }
     // Every director builds the same sequence from the same config.
     live.sort_by(|a, b| a.key.cmp(&b.key));
@@ -58,7 +58,7 @@ pub fn sequence(backends: &[MaglevBackend], max_len: u32) -> Result<Vec<u32>, Ma
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::maglev::test_backends as backends;
+    use crate::model::test_candidates as backends;
 
     fn count(seq: &[u32], id: u32) -> usize {
         seq.iter().filter(|&&x| x == id).count()
@@ -85,7 +85,7 @@ mod tests {
     fn zero_weights_and_too_many_backends() {
         assert!(sequence(&backends(&[0, 0]), 10).unwrap().is_empty());
         assert_eq!(sequence(&backends(&[0, 4]), 10).unwrap(), [1]);
-        assert_eq!(sequence(&backends(&[1; 4]), 3), Err(MaglevError::TooSmall { size: 3, backends: 4 }));
+        assert_eq!(sequence(&backends(&[1; 4]), 3), Err(RingError::TooSmall { size: 3, backends: 4 }));
     }
 
     #[test]

@@ -4,20 +4,23 @@
 use std::net::IpAddr;
 
 use lb_daemon::config::{Config, ConfigError};
+use lb_daemon::control::ControlError;
 use std::time::Duration;
 
-use lb_daemon::dataplane::XdpMode;
-use lb_daemon::health::CheckKind;
-use lb_daemon::health::http::HttpCheck;
-use lb_daemon::health::state::{FlapPolicy, Policy};
-use lb_daemon::plan::{BackendState, Protocol, Scheduler, ServiceMatch};
+use lb_daemon::health::spec::CheckKind;
+use lb_daemon::health::spec::HttpCheck;
+use lb_daemon::health::spec::{FlapPolicy, Policy};
+use lb_daemon::model::XdpMode;
+use lb_daemon::model::{BackendState, Protocol, Scheduler, ServiceMatch};
 
 const DIRECTOR: &str = "director:\n  interfaces: [eth0]\n";
 
+/// Refused as `check` refuses it: the config, and what its health checks read beside it
+/// (CA files) and planning.
 fn refused(yaml: &str) -> (u64, u64, String, String) {
-    match Config::parse(yaml, "lb.yaml") {
+    match lb_daemon::control::check_text(yaml, "lb.yaml") {
         Ok(c) => panic!("accepted:\n{yaml}\n{c:?}"),
-        Err(ConfigError::Invalid { file, line, column, path, message }) => {
+        Err(ControlError::Config(ConfigError::Invalid { file, line, column, path, message })) => {
             assert_eq!(file, "lb.yaml");
             (line, column, path, message)
         }
@@ -250,6 +253,23 @@ fn malformed_configs_are_refused_with_location_and_path() {
     assert!(failures.is_empty(), "{} of {} rows:\n{}", failures.len(), MALFORMED.len(), failures.join("\n"));
 }
 
+/// Parsing reads the file and nothing else: CA files are the health runtime's to read
+/// (when `check`, start or a reload prepare the checks), and its errors point at the key.
+#[test]
+fn parsing_reads_no_other_file_and_the_runtime_locates_what_it_cannot_read() {
+    let yaml = format!(
+        "{DIRECTOR}services:\n  - name: a\n    match: {{ vip: 192.0.2.1, port: 443 }}\n    check: {{ type: https, ca_file: /nonexistent/ca.pem }}\n"
+    );
+    let config = Config::parse(&yaml, "lb.yaml").expect("pure parsing accepts a path it does not open");
+    let e = lb_daemon::health::tls::prepare(&config).unwrap_err();
+    assert!(
+        e.to_string().starts_with(
+            "lb.yaml:6:36: services[0].check.ca_file: reading CA certificates from /nonexistent/ca.pem"
+        ),
+        "{e}"
+    );
+}
+
 #[test]
 fn the_error_names_file_line_column_and_path() {
     let e = Config::parse("director:\n  interfaces: [eth0]\n  xdp: native\n", "/etc/lb/lb.yaml").unwrap_err();
@@ -344,7 +364,7 @@ struct AlertRule {
 
 #[test]
 fn alert_rules_and_dashboard_name_only_metrics_the_daemon_exports() {
-    use lb_daemon::config::Forward;
+    use lb_daemon::model::Forward;
     use lb_daemon::snapshot::{BackendSnapshot, BackendStatus, ServiceSnapshot, Snapshot};
     let snap = Snapshot {
         services: vec![ServiceSnapshot {

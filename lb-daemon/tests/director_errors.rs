@@ -6,8 +6,9 @@ use std::net::{IpAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
+use lb_daemon::health::spec::{CheckKind, CheckSpec};
 use lb_daemon::health::state::Outcome;
-use lb_daemon::health::{CheckKind, CheckSpec, Target, run};
+use lb_daemon::health::{Target, run};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 fn spec(kind: CheckKind) -> CheckSpec {

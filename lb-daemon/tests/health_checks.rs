@@ -6,9 +6,10 @@ use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::time::Duration;
 
-use lb_daemon::health::http::HttpCheck;
+use lb_daemon::health::spec::HttpCheck;
+use lb_daemon::health::spec::{CheckKind, CheckSpec};
 use lb_daemon::health::state::Outcome;
-use lb_daemon::health::{CheckKind, CheckSpec, Report, Target, run};
+use lb_daemon::health::{Report, Target, run};
 
 const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
@@ -146,7 +147,7 @@ fn https_server(
 
 fn https(host: Option<&str>, verify: bool, ca_file: Option<&std::path::Path>) -> CheckKind {
     let CheckKind::Http(mut h) = http("/", host, Some("healthy")) else { unreachable!() };
-    h.tls = Some(lb_daemon::health::tls::Tls::new(verify, ca_file.map(Into::into)).unwrap());
+    h.tls = Some(lb_daemon::health::spec::TlsSpec { verify, ca_file: ca_file.map(Into::into) });
     CheckKind::Http(h)
 }
 
@@ -298,7 +299,8 @@ fn exec_timeout_kills_the_whole_process_group() {
 fn hooks_get_the_change_in_env_and_arguments_and_are_bounded() {
     use lb_daemon::health::board::Event;
     use lb_daemon::health::exec::Run;
-    use lb_daemon::health::hooks::{Hook, run as run_hook};
+    use lb_daemon::health::hooks::run as run_hook;
+    use lb_daemon::health::spec::Hook;
     use lb_daemon::health::state::{Health, Transition};
     let event = Event {
         service: "web".into(),

@@ -6,10 +6,11 @@ use std::net::IpAddr;
 use anyhow::{Context as _, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_common::{Backend, FAMILY_V6, SERVICE_F_HASH_TUPLE, hash};
-use lb_daemon::dataplane::{Dataplane, DataplaneState};
-use lb_daemon::plan::{
+use lb_daemon::dataplane::Dataplane;
+use lb_daemon::model::{
     BackendSpec, BackendState, FallbackAction, Protocol, Scheduler, ServiceMatch, ServiceSpec, service_key,
 };
+use lb_daemon::plan::DataplaneState;
 use lb_ebpf::parse;
 
 pub const XDP_DROP: u32 = 1;

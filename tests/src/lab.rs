@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
 use lb_daemon::config::Config;
-use lb_daemon::dataplane::{Dataplane, LoadOptions, XdpMode};
+use lb_daemon::dataplane::{Dataplane, LoadOptions};
+use lb_daemon::model::XdpMode;
 use nix::sys::signal::Signal;
 
 use crate::daemon::{Daemon, DaemonOptions, Metrics};

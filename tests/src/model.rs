@@ -11,8 +11,8 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use lb_common::{SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_ROUND_ROBIN, hash};
-use lb_daemon::dataplane::DataplaneState;
-use lb_daemon::plan::{MarkRuleSpec, Protocol, ServiceMatch, ServiceSpec, addr_words, service_key};
+use lb_daemon::model::{MarkRuleSpec, Protocol, ServiceMatch, ServiceSpec, addr_words, service_key};
+use lb_daemon::plan::DataplaneState;
 
 use crate::fixture::direct_routed;
 
@@ -127,7 +127,7 @@ impl Model {
         self.forward(f, &flow, state)
     }
 
-    fn forward(&self, f: &[u8], flow: &Flow, state: &lb_daemon::dataplane::ServiceState) -> Verdict {
+    fn forward(&self, f: &[u8], flow: &Flow, state: &lb_daemon::plan::ServiceState) -> Verdict {
         let (src, dst) = (addr_words(flow.src).1, addr_words(flow.dst).1);
         let h = if state.flags & SERVICE_F_HASH_TUPLE != 0 {
             hash::tuple_hash(&src, &dst, flow.sport.to_be(), flow.dport.to_be(), flow.proto, flow.v6)

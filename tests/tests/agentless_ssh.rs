@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use lb_daemon::config::Config;
+use lb_daemon::health::spec::{CheckKind, CheckSpec};
 use lb_daemon::health::state::Outcome;
-use lb_daemon::health::{CheckKind, CheckSpec, Report, Target};
+use lb_daemon::health::{Report, Target};
 use lb_tests::{NetNs, run, veth};
 
 const DIRECTOR: Ipv4Addr = Ipv4Addr::new(10, 0, 9, 1);

@@ -7,8 +7,9 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
+use lb_daemon::health::spec::{CheckKind, CheckSpec};
 use lb_daemon::health::state::Outcome;
-use lb_daemon::health::{CheckKind, CheckSpec, Report, Target, run};
+use lb_daemon::health::{Report, Target, run};
 use lb_tests::NetNs;
 
 fn ping(from: &NetNs, addr: &str, timeout: Duration, parallel: usize) -> Result<Vec<Report>> {

@@ -7,7 +7,8 @@ use std::net::IpAddr;
 use anyhow::{Result, anyhow, ensure};
 use lb_daemon::config::Config;
 use lb_daemon::dataplane::{ApplyReport, Dataplane, LoadOptions};
-use lb_daemon::plan::{Neighbour, Planner};
+use lb_daemon::model::Neighbour;
+use lb_daemon::plan::Planner;
 use lb_tests::NetNs;
 
 const BASE: &str = "

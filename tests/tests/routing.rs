@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use lb_daemon::config::Config;
-use lb_daemon::routing::policy::{Intent, Report, RoutingConfig, reconcile_once};
+use lb_daemon::routing::decl::{Intent, RoutingConfig};
+use lb_daemon::routing::policy::{Report, reconcile_once};
 use lb_tests::{NetNs, veth_named};
 
 /// Where both gateways answer: a datagram to it shows which gateway the director chose.

@@ -11,10 +11,11 @@ use std::net::IpAddr;
 use anyhow::{Result, ensure};
 use lb_common::{FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_FIN, FLOW_SYN_SENT, stat};
 use lb_daemon::dataplane::{Dataplane, LoadOptions};
-use lb_daemon::plan::{
-    BackendSpec, BackendState, FallbackAction, MarkRuleSpec, Neighbour, Plan, Planner, Protocol, Scheduler,
-    ServiceMatch, ServiceSpec,
+use lb_daemon::model::{
+    BackendSpec, BackendState, FallbackAction, MarkRuleSpec, Neighbour, Protocol, Scheduler, ServiceMatch,
+    ServiceSpec,
 };
+use lb_daemon::plan::{Plan, Planner};
 use lb_ebpf::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use lb_ebpf::testpkt::{self, Ipv4Opts, Ipv6Opts, L4};
 use lb_tests::NetNs;
@@ -729,7 +730,10 @@ fn drained_backend_keeps_its_flows_and_disabled_one_loses_them() -> Result<()> {
         changed[0].backends[1].state = Disabled;
         env.replan(&changed)?;
         ensure!(
-            env.plan.state.services[&lb_daemon::plan::service_key(&web())].ring.iter().all(|&b| b != drained)
+            env.plan.state.services[&lb_daemon::model::service_key(&web())]
+                .ring
+                .iter()
+                .all(|&b| b != drained)
         );
         let ack = |f: &Vec<u8>| {
             let mut f = f.clone();
@@ -894,7 +898,7 @@ fn an_apply_that_runs_out_of_ring_space_changes_nothing() -> Result<()> {
         env.replan(&with_ring(8191))?;
         let third = tcp4([10, 13, 0, 3], VIP, 47000, 80, TCP_SYN);
         ensure!(Some(env.forward(&third)?) == predicted_backend(&env.plan.state, &web(), &third), "new ring");
-        ensure!(env.plan.state.services[&lb_daemon::plan::service_key(&web())].ring.len() == 8191);
+        ensure!(env.plan.state.services[&lb_daemon::model::service_key(&web())].ring.len() == 8191);
         Ok(())
     })
 }

@@ -1,5 +1,7 @@
 //! Build orchestration, kept out of the library crates: `cargo xtask <command>`.
 
+mod layers;
+
 use std::process::{Command, ExitStatus};
 
 use anyhow::{Context as _, Result, bail};
@@ -18,8 +20,11 @@ enum Cmd {
     Setup,
     /// Build the daemon (with the XDP object embedded) in release mode.
     Build,
-    /// Formatting, clippy, then every test: unit, packet fixtures, end-to-end (needs root).
+    /// The daemon's import layers, formatting, clippy, then every test: unit, packet
+    /// fixtures, end-to-end (needs root).
     Test,
+    /// Only the import-layer check of `test` (see xtask/src/layers.rs).
+    Layers,
     /// Benchmarks: ns per packet through BPF_PROG_TEST_RUN, as ratios to a floor program.
     Bench,
     /// The fuzzers at length: 10,000,000 mutated frames through the data path against its
@@ -71,6 +76,7 @@ fn main() -> Result<()> {
         Cmd::Setup => setup(),
         Cmd::Build => cargo(&["build", "--release"]),
         Cmd::Test => test(),
+        Cmd::Layers => layers::check(&workspace()),
         Cmd::Bench => {
             require_root("the benchmarks load BPF programs")?;
             cargo(&["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "lb-bench"])
@@ -225,8 +231,13 @@ fn fuzz(frames: u64, configs: u64, seed: Option<u64>) -> Result<()> {
     )
 }
 
+fn workspace() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 fn test() -> Result<()> {
     require_root("the packet fixtures load BPF programs and the end-to-end tests create namespaces")?;
+    layers::check(&workspace())?;
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     // The end-to-end tests run the daemon binary itself.

@@ -17,36 +17,18 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde_saphyr::{MessageFormatter as _, Spanned};
 
-use crate::dataplane::XdpMode;
-use crate::health::hooks::Hook;
-use crate::health::http::HttpCheck;
-use crate::health::state::{FlapPolicy, Policy};
-use crate::health::tls::Tls;
-use crate::routing::policy::RoutingConfig;
-
 mod routing;
-use crate::health::{CheckKind, CheckSpec, HealthCheck};
-use crate::maglev::is_prime;
-use crate::plan::{
+use crate::health::spec::{CheckKind, CheckSpec, FlapPolicy, HealthCheck, Hook, HttpCheck, Policy, TlsSpec};
+use crate::model::{
     BackendSpec, BackendState, FallbackAction, MarkRuleSpec, Protocol, Scheduler, ServiceMatch, ServiceSpec,
 };
+use crate::model::{
+    DEFAULT_BPF_DIR, DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT, DEFAULT_CONTROL_SOCKET,
+    DEFAULT_FLOOD_GUARD_FLOWS_PER_SEC, DEFAULT_HOOK_TIMEOUT, DEFAULT_METRICS_LISTEN, DEFAULT_RING_SIZE,
+    Forward, MAX_FLOW_ENTRIES, MAX_RING_SIZE, MAX_RING_SLOTS, MAX_WEIGHT, XdpMode, is_prime,
+};
+use crate::routing::decl::RoutingConfig;
 pub use routing::DEFAULT_ROUTING_PROTOCOL;
-
-/// Defaults an operator can rely on (and that the example file states).
-pub const DEFAULT_METRICS_LISTEN: SocketAddr =
-    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9740));
-pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb-daemon/control.sock";
-pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/lb";
-pub const DEFAULT_RING_SIZE: u32 = 4093;
-/// Largest accepted ring: beyond this a table costs more memory than balance it buys.
-pub const MAX_RING_SIZE: u32 = 1 << 20;
-pub const MAX_WEIGHT: u32 = 65535;
-/// Sizes above these make the kernel refuse the map with a bare EINVAL or ENOMEM.
-pub const MAX_RING_SLOTS: u32 = 1 << 26;
-pub const MAX_FLOW_ENTRIES: u32 = 1 << 28;
-/// Katran's default: new flows one CPU records per second before the flood guard stops
-/// recording them.
-pub const DEFAULT_FLOOD_GUARD_FLOWS_PER_SEC: u32 = 125_000;
 
 /// Largest configuration file read; anything larger is refused before it is parsed.
 pub const MAX_CONFIG_BYTES: u64 = 64 << 20;
@@ -87,6 +69,17 @@ fn several(errors: &[ConfigError], more: usize) -> String {
 }
 
 impl ConfigError {
+    /// One error as itself, several as [`ConfigError::Several`] (the first
+    /// [`MAX_REPORTED_ERRORS`] and a count).
+    pub fn from_many(mut errors: Vec<ConfigError>) -> ConfigError {
+        if errors.len() == 1 {
+            return errors.remove(0);
+        }
+        let more = errors.len().saturating_sub(MAX_REPORTED_ERRORS);
+        errors.truncate(MAX_REPORTED_ERRORS);
+        ConfigError::Several { errors, more }
+    }
+
     /// The key path (`services[1].backends[0].weight`) of an invalid value.
     pub fn path(&self) -> Option<&str> {
         match self {
@@ -111,11 +104,38 @@ pub struct Config {
     pub checks: BTreeMap<String, HealthCheck>,
     /// Policy routing and VIP routes; `None`: the daemon manages no route or rule.
     pub routing: Option<RoutingConfig>,
+    /// The TLS settings of `https` checks and where the file states them: the health
+    /// runtime reads their CA files (`health::tls::prepare`), and its errors point here.
+    pub tls_sources: Vec<TlsSource>,
 }
 
-pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
-pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
-pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where a value sits in the file, for errors found after parsing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub file: String,
+    pub line: u64,
+    pub column: u64,
+    pub path: String,
+}
+
+impl Location {
+    pub fn error(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.clone(),
+            line: self.line,
+            column: self.column,
+            path: self.path.clone(),
+            message: bound_message(&message.into()),
+        }
+    }
+}
+
+/// The TLS settings of one `https` check, and where they are stated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsSource {
+    pub spec: TlsSpec,
+    pub at: Location,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Director {
@@ -131,26 +151,6 @@ pub struct Director {
     pub accept_macs: Vec<[u8; 6]>,
     /// New flows per second and CPU recorded in the connection table; zero: no limit.
     pub flood_guard_flows_per_sec: u32,
-}
-
-/// Forwarding method, named as in keepalived (`lb_kind DR|TUN|NAT`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Forward {
-    Dr,
-    Tunnel,
-    Nat,
-}
-
-impl Forward {
-    /// The name `ipvsadm -L` prints.
-    pub fn ipvs_name(self) -> &'static str {
-        match self {
-            Forward::Dr => "Route",
-            Forward::Tunnel => "Tunnel",
-            Forward::Nat => "Masq",
-        }
-    }
 }
 
 // ---- the YAML model ------------------------------------------------------------------
@@ -187,6 +187,15 @@ struct RawDirector {
     accept_macs: Vec<Spanned<String>>,
     #[serde(default)]
     flood_guard_flows_per_sec: Option<Spanned<u32>>,
+}
+
+/// `forward:`, named as in keepalived's `lb_kind`.
+#[derive(Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawForward {
+    Dr,
+    Tunnel,
+    Nat,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -234,7 +243,7 @@ struct RawService {
     #[serde(default)]
     scheduler: Option<RawScheduler>,
     #[serde(default)]
-    forward: Option<Spanned<Forward>>,
+    forward: Option<Spanned<RawForward>>,
     #[serde(default)]
     ring_size: Option<Spanned<u32>>,
     #[serde(default)]
@@ -532,6 +541,7 @@ struct Checker<'a> {
     /// What validation found so far: it goes on past an error, wherever what follows does
     /// not depend on the refused value, so that one run reports them all.
     errors: std::cell::RefCell<Vec<ConfigError>>,
+    tls_sources: std::cell::RefCell<Vec<TlsSource>>,
 }
 
 impl Checker<'_> {
@@ -540,14 +550,17 @@ impl Checker<'_> {
         r.map_err(|e| self.errors.borrow_mut().push(e)).ok()
     }
 
-    fn err<T>(&self, at: &Spanned<T>, path: impl Into<String>, message: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
+    fn location<T>(&self, at: &Spanned<T>, path: impl Into<String>) -> Location {
+        Location {
             file: self.file.to_owned(),
             line: at.referenced.line(),
             column: at.referenced.column(),
             path: path.into(),
-            message: bound_message(&message.into()),
         }
+    }
+
+    fn err<T>(&self, at: &Spanned<T>, path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        self.location(at, path).error(message)
     }
 }
 
@@ -727,22 +740,21 @@ impl Config {
                 f.1 = true;
             }
         }
-        let checker = Checker { file, mark_families, errors: Default::default() };
+        let checker =
+            Checker { file, mark_families, errors: Default::default(), tls_sources: Default::default() };
         let config = checker.validate(raw);
-        let mut errors = checker.errors.into_inner();
+        let mut errors = checker.errors.borrow_mut().split_off(0);
         // File order, whichever part of the validation found them.
         errors.sort_by_key(|e| match e {
             ConfigError::Invalid { line, column, .. } => (*line, *column),
             _ => (0, 0),
         });
-        match (config, errors.len()) {
-            (Some(config), 0) => Ok(config),
-            (_, 1) => Err(errors.remove(0)),
-            (_, n) => {
-                let more = n.saturating_sub(MAX_REPORTED_ERRORS);
-                errors.truncate(MAX_REPORTED_ERRORS);
-                Err(ConfigError::Several { errors, more })
+        match (config, errors.is_empty()) {
+            (Some(mut config), true) => {
+                config.tls_sources = checker.tls_sources.into_inner();
+                Ok(config)
             }
+            _ => Err(ConfigError::from_many(errors)),
         }
     }
 }
@@ -786,7 +798,7 @@ impl Checker<'_> {
                 )));
             }
             if let Some(f) = &s.forward
-                && f.value != Forward::Dr
+                && f.value != RawForward::Dr
             {
                 self.keep::<()>(Err(self.err(
                     f,
@@ -880,7 +892,15 @@ impl Checker<'_> {
         if !self.errors.borrow().is_empty() {
             return None;
         }
-        Some(Config { director: director?, marks, services, forward, checks, routing: routing.flatten() })
+        Some(Config {
+            director: director?,
+            marks,
+            services,
+            forward,
+            checks,
+            routing: routing.flatten(),
+            tls_sources: Vec::new(),
+        })
     }
 
     /// The rules of mark `m` (one per port range).
@@ -1047,12 +1067,14 @@ impl Checker<'_> {
                             return Err(self.err(f, at("ca_file"), "give an absolute path"));
                         }
                         let ca_file = c.ca_file.as_ref().map(|f| f.value.clone());
-                        let tls = Tls::new(verify, ca_file).map_err(|e| {
-                            let span = loc(&c.ca_file, &c.kind);
-                            let key = if c.ca_file.is_some() { "ca_file" } else { "type" };
-                            self.err(&span, at(key), e.to_string())
-                        })?;
-                        Some(tls)
+                        let spec = TlsSpec { verify, ca_file };
+                        // Read by the health runtime, not here: where to point its errors.
+                        let span = loc(&c.ca_file, &c.kind);
+                        let key = if c.ca_file.is_some() { "ca_file" } else { "type" };
+                        self.tls_sources
+                            .borrow_mut()
+                            .push(TlsSource { spec: spec.clone(), at: self.location(&span, at(key)) });
+                        Some(spec)
                     } else {
                         None
                     },

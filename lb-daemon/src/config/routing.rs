@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use super::{Checker, ConfigError, valid_ifname};
-use crate::routing::policy::{RouteDecl, RoutingConfig, RuleDecl, VipRoutes};
+use crate::routing::decl::{RouteDecl, RoutingConfig, RuleDecl, VipRoutes};
 
 /// Not in iproute2's rt_protos: other software is unlikely to claim it.
 pub const DEFAULT_ROUTING_PROTOCOL: u8 = 250;

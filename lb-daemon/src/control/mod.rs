@@ -21,9 +21,11 @@ use crate::dataplane::{ApplyReport, Attached, Dataplane, DataplaneError, LoadOpt
 use crate::health::board::Board;
 use crate::health::state::Health;
 use crate::health::supervisor::{ProbeResult, Supervisor};
-use crate::plan::{BackendSpec, BackendState, Neighbour, Plan, PlanError, Planner};
+use crate::model::{BackendSpec, BackendState, Neighbour};
+use crate::plan::{Plan, PlanError, Planner};
+use crate::routing::decl::Intent;
 use crate::routing::neighbour::{self, NeighbourError};
-use crate::routing::policy::{Intent, Report as RoutingReport, reconcile_once as reconcile_routing};
+use crate::routing::policy::{Report as RoutingReport, reconcile_once as reconcile_routing};
 use crate::snapshot::{BackendSnapshot, BackendStatus, ServiceSnapshot, Snapshot};
 
 /// How often exited leftovers of checks (adopted as a subreaper) are reaped.
@@ -71,12 +73,22 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ControlError {
 
 /// Validates a file as `run` would, including planning, without touching the system.
 pub fn check(path: &Path) -> Result<Config> {
-    planned(Config::load(path)?)
+    planned(load_config(path)?)
+}
+
+/// The file's config, with what its health checks need from other files (CA
+/// certificates) read too: what start, reload and `check` accept.
+fn load_config(path: &Path) -> Result<Config> {
+    let config = Config::load(path)?;
+    crate::health::tls::prepare(&config)?;
+    Ok(config)
 }
 
 /// [`check`] of a file's text; `file` names it in errors.
 pub fn check_text(text: &str, file: &str) -> Result<Config> {
-    planned(Config::parse(text, file)?)
+    let config = Config::parse(text, file)?;
+    crate::health::tls::prepare(&config)?;
+    planned(config)
 }
 
 fn planned(config: Config) -> Result<Config> {
@@ -136,7 +148,7 @@ pub struct RoutingState {
 impl Daemon {
     /// Loads (or adopts) the data path, fills it from the config and attaches it.
     pub async fn start(config_path: &Path) -> Result<Daemon> {
-        let config = Config::load(config_path)?;
+        let config = load_config(config_path)?;
         let d = &config.director;
         let dataplane = Dataplane::load(&LoadOptions {
             ring_slots: d.ring_slots,
@@ -150,7 +162,7 @@ impl Daemon {
             let ids = dataplane.adopted_ids();
             planner.seed(&ids);
             board.adopt_running(ids.serving.iter().filter_map(|(key, family, words)| {
-                Some((crate::plan::service_match_of(key)?, crate::plan::addr_of(*family, words)?))
+                Some((crate::model::service_match_of(key)?, crate::model::addr_of(*family, words)?))
             }));
             tracing::info!(
                 bpf_dir = %d.bpf_dir.display(),
@@ -253,12 +265,12 @@ impl Daemon {
                 self.plan
                     .state
                     .services
-                    .get(&crate::plan::service_key(&s.matcher))
+                    .get(&crate::model::service_key(&s.matcher))
                     .is_some_and(|st| !st.ring.is_empty())
             })
             .filter_map(|s| match s.matcher {
-                crate::plan::ServiceMatch::Vip { addr, .. } => Some(addr),
-                crate::plan::ServiceMatch::Mark(_) => None,
+                crate::model::ServiceMatch::Vip { addr, .. } => Some(addr),
+                crate::model::ServiceMatch::Mark(_) => None,
             })
             .collect();
         Intent { config: Some(routing.clone()), vips_up }
@@ -436,7 +448,7 @@ impl Daemon {
                 matcher: spec.matcher,
                 scheduler: spec.scheduler,
                 ring_size: spec.ring_size,
-                forward: self.config.forward.get(&spec.name).copied().unwrap_or(crate::config::Forward::Dr),
+                forward: self.config.forward.get(&spec.name).copied().unwrap_or(crate::model::Forward::Dr),
                 counters: self.dataplane.service_counters(id)?,
                 backends,
             });
@@ -509,7 +521,7 @@ async fn reload(daemon: &Arc<Mutex<Daemon>>) {
     let result = async {
         // Off the runtime's threads: a file on a slow disk must not hold up anything else.
         let file = path.clone();
-        let config = tokio::task::spawn_blocking(move || Config::load(&file))
+        let config = tokio::task::spawn_blocking(move || load_config(&file))
             .await
             .map_err(|e| ControlError::Io { what: "reading the config".into(), source: std::io::Error::other(e) })??;
         // Checked before anything is written, so that a typo refuses the whole reload.

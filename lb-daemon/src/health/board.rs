@@ -7,11 +7,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
+use super::spec::HealthCheck;
 use super::state::{Health, Outcome, Tracker, Transition};
 use super::supervisor::{ProbeKey, ProbeResult};
-use super::{HealthCheck, Report, Target};
-use crate::config::MAX_WEIGHT;
-use crate::plan::{BackendState, ServiceMatch, ServiceSpec};
+use super::{Report, Target};
+use crate::model::{BackendState, MAX_WEIGHT, ServiceMatch, ServiceSpec};
 
 #[derive(Clone, Debug)]
 pub struct Entry {
@@ -141,7 +141,7 @@ impl Board {
     }
 
     /// The hook to run for a service's state changes.
-    pub fn hook(&self, service: &str, backend: IpAddr) -> Option<&super::hooks::Hook> {
+    pub fn hook(&self, service: &str, backend: IpAddr) -> Option<&super::spec::Hook> {
         self.entries.get(&(service.to_owned(), backend))?.check.on_change.as_ref()
     }
 
@@ -252,9 +252,9 @@ mod tests {
         assert_eq!(c.last(), Some(&(10.0, 4)), "20 s is above every bound: only in the count");
         assert_eq!((d.count, d.sum), (5, 20.046));
     }
-    use crate::health::state::Policy;
-    use crate::health::{CheckKind, CheckSpec};
-    use crate::plan::{BackendSpec, Protocol, Scheduler};
+    use crate::health::spec::Policy;
+    use crate::health::spec::{CheckKind, CheckSpec};
+    use crate::model::{BackendSpec, Protocol, Scheduler};
 
     fn svc(name: &str, port: u16) -> ServiceSpec {
         ServiceSpec {
@@ -267,7 +267,7 @@ mod tests {
                 .map(|a| BackendSpec { addr: a.parse().unwrap(), weight: 10, state: BackendState::Active })
                 .collect(),
             fallback: None,
-            fallback_action: crate::plan::FallbackAction::Drop,
+            fallback_action: crate::model::FallbackAction::Drop,
         }
     }
 
@@ -394,7 +394,7 @@ mod tests {
             rise: 1,
             fall: 1,
             fall_within: 1,
-            flap: Some(crate::health::state::FlapPolicy { changes: 2, within: 10, hold: None }),
+            flap: Some(crate::health::spec::FlapPolicy { changes: 2, within: 10, hold: None }),
         };
         let checks = BTreeMap::from([("a".to_string(), tcp(flappy))]);
         let mut b = Board::default();

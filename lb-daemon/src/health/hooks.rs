@@ -3,16 +3,9 @@
 //! `{service}`, `{backend}`, `{from}`, `{to}` in its arguments). Each runs in a task of its
 //! own, bounded by a timeout: a slow hook never delays checks or other hooks.
 
-use std::time::Duration;
-
 use super::board::Event;
 use super::exec::{Run, run_bounded};
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Hook {
-    pub argv: Vec<String>,
-    pub timeout: Duration,
-}
+use super::spec::Hook;
 
 fn fill(arg: &str, e: &Event) -> String {
     arg.replace("{service}", &e.service)

@@ -9,23 +9,11 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::header::{CONNECTION, HOST, USER_AGENT};
 
+use super::spec::HttpCheck;
 use super::{ProbeError, Report};
 
 /// Bodies are read up to this size when a substring is expected.
 pub const MAX_BODY: usize = 64 * 1024;
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct HttpCheck {
-    pub port: Option<u16>,
-    pub path: String,
-    /// `Host` header; the server's address if `None`.
-    pub host: Option<String>,
-    /// Statuses that pass.
-    pub expect_status: Vec<u16>,
-    pub expect_body: Option<String>,
-    /// `https`: how to trust the server.
-    pub tls: Option<super::tls::Tls>,
-}
 
 /// A connection hyper can speak HTTP/1 over: plain TCP or TLS.
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
@@ -50,8 +38,10 @@ async fn connect(
 ) -> Result<Box<dyn Io>, ProbeError> {
     let stream = super::tcp::connect(addr, source, timeout).await?;
     let Some(tls) = &h.tls else { return Ok(Box::new(stream)) };
+    // Not the backend's fault: a CA file that went missing since the config was loaded.
+    let config = super::tls::client_config(tls).map_err(|e| ProbeError::Director(e.to_string()))?;
     let name = server_name(h, addr);
-    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    let connector = tokio_rustls::TlsConnector::from(config);
     match connector.connect(name.clone(), stream).await {
         Ok(s) => Ok(Box::new(s)),
         Err(e) => Err(ProbeError::Backend(format!("TLS handshake with {addr} as {}: {e}", name.to_str()))),

@@ -10,6 +10,7 @@ pub mod exec;
 pub mod hooks;
 pub mod http;
 pub mod icmp;
+pub mod spec;
 pub mod state;
 pub mod supervisor;
 pub mod tcp;
@@ -18,6 +19,7 @@ pub mod tls;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use spec::{CheckKind, CheckSpec};
 use state::Outcome;
 
 /// What one check run found.
@@ -91,43 +93,6 @@ pub struct Target {
     pub addr: IpAddr,
     /// The service's port (checks connect here unless they name another).
     pub port: Option<u16>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum CheckKind {
-    Tcp { port: Option<u16> },
-    Http(http::HttpCheck),
-    Exec { argv: Vec<String> },
-    Icmp,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct CheckSpec {
-    pub kind: CheckKind,
-    pub timeout: Duration,
-    /// Local address to connect from (a director with several addresses on the LAN).
-    pub source: Option<IpAddr>,
-}
-
-/// A service's health check: what to run, how often, and how results become states.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HealthCheck {
-    pub spec: CheckSpec,
-    pub interval: Duration,
-    /// Each run starts up to this much after its tick, at random: checks of many
-    /// directors (or of one server by many services) do not arrive in step.
-    pub jitter: Duration,
-    pub policy: state::Policy,
-    /// While the check says WARNING, the backend keeps this percentage of its weight.
-    pub warning_weight_percent: Option<u32>,
-    /// Backends new to the daemon start down until `rise` checks pass (keepalived's
-    /// `alpha`), except those a running data path it adopted was already serving.
-    pub start_down: bool,
-    /// Keep a down backend's established flows (it only stops getting new ones), instead
-    /// of moving them (the default, as IPVS's expire_nodest_conn).
-    pub keep_flows: bool,
-    /// Run on every state change.
-    pub on_change: Option<hooks::Hook>,
 }
 
 #[derive(Debug, thiserror::Error)]

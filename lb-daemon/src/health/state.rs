@@ -13,6 +13,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use super::spec::Policy;
+
 /// A check's verdict, as Nagios plugins give it (exit status 0-3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -49,32 +51,6 @@ impl Outcome {
             Outcome::Unknown => "unknown",
             Outcome::DirectorError => "director_error",
         }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FlapPolicy {
-    /// State changes ...
-    pub changes: u32,
-    /// ... within this many cycles put the server in timeout ...
-    pub within: u32,
-    /// ... for this long; `None`: until the next reload.
-    pub hold: Option<Duration>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Policy {
-    pub rise: u32,
-    pub fall: u32,
-    /// Window, in cycles, that `fall` failures must fall in; at least `fall`.
-    pub fall_within: u32,
-    pub flap: Option<FlapPolicy>,
-}
-
-impl Default for Policy {
-    /// keepalived's and HAProxy's defaults: 2 to rise, 3 consecutive to fall, no flap control.
-    fn default() -> Self {
-        Policy { rise: 2, fall: 3, fall_within: 3, flap: None }
     }
 }
 
@@ -208,6 +184,7 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::spec::FlapPolicy;
     use Health::{Down, Up};
 
     const S: Duration = Duration::from_secs(1);

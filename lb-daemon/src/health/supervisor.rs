@@ -8,7 +8,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::{CheckKind, CheckSpec, HealthCheck, Report, Target, run};
+use super::spec::{CheckKind, CheckSpec, HealthCheck};
+use super::{Report, Target, run};
 
 /// What makes two checks the same probe.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -2,14 +2,18 @@
 //! opted out, no certificate verification at all (self-signed servers behind the
 //! director; the handshake's signatures are still checked).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use super::spec::TlsSpec;
+use crate::config::{Config, ConfigError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -19,36 +23,6 @@ pub enum TlsError {
     NoSystemRoots(String),
     #[error("TLS setup: {0}")]
     Rustls(#[from] rustls::Error),
-}
-
-/// How an `https` check trusts servers. Built when the config is loaded, so a bad CA file
-/// is an error there, and a reload reads it again (a rotated CA takes effect).
-#[derive(Clone)]
-pub struct Tls {
-    pub verify: bool,
-    pub ca_file: Option<PathBuf>,
-    pub config: Arc<ClientConfig>,
-}
-
-impl std::fmt::Debug for Tls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tls").field("verify", &self.verify).field("ca_file", &self.ca_file).finish()
-    }
-}
-
-/// Two checks with the same settings are the same check (one probe per server).
-impl PartialEq for Tls {
-    fn eq(&self, other: &Self) -> bool {
-        (self.verify, &self.ca_file) == (other.verify, &other.ca_file)
-    }
-}
-
-impl Eq for Tls {}
-
-impl std::hash::Hash for Tls {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        (self.verify, &self.ca_file).hash(state);
-    }
 }
 
 /// The system's roots, read once per process (hundreds of certificates).
@@ -85,25 +59,64 @@ fn file_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(store))
 }
 
-impl Tls {
-    pub fn new(verify: bool, ca_file: Option<PathBuf>) -> Result<Self, TlsError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let algorithms = provider.signature_verification_algorithms;
-        let builder = ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?;
-        let config = if verify {
-            let roots = match &ca_file {
-                Some(path) => file_roots(path)?,
-                None => system_roots()?,
-            };
-            builder.with_root_certificates(roots).with_no_client_auth()
-        } else {
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyCertificate(algorithms)))
-                .with_no_client_auth()
+/// Builds the client configuration of `spec`, reading its CA file (or the system's
+/// roots) now.
+pub fn build(spec: &TlsSpec) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let algorithms = provider.signature_verification_algorithms;
+    let builder = ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?;
+    let config = if spec.verify {
+        let roots = match &spec.ca_file {
+            Some(path) => file_roots(path)?,
+            None => system_roots()?,
         };
-        Ok(Tls { verify, ca_file, config: Arc::new(config) })
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(algorithms)))
+            .with_no_client_auth()
+    };
+    Ok(Arc::new(config))
+}
+
+/// Client configurations by spec: built by [`prepare`] when a config is loaded, so that
+/// checks share one per spec and a handshake never reads a file.
+fn cache() -> &'static Mutex<HashMap<TlsSpec, Arc<ClientConfig>>> {
+    static CACHE: OnceLock<Mutex<HashMap<TlsSpec, Arc<ClientConfig>>>> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+/// Builds the TLS settings of every `https` check of `config` afresh (a rotated CA file is
+/// read again) and, only if all of them build, makes them the ones checks use. Errors name
+/// the check's place in the file, as the config's own errors do.
+pub fn prepare(config: &Config) -> Result<(), ConfigError> {
+    let mut built: HashMap<TlsSpec, Result<Arc<ClientConfig>, String>> = HashMap::new();
+    let mut errors = Vec::new();
+    for source in &config.tls_sources {
+        let result = built
+            .entry(source.spec.clone())
+            .or_insert_with(|| build(&source.spec).map_err(|e| e.to_string()));
+        if let Err(message) = result {
+            errors.push(source.at.error(message.clone()));
+        }
     }
+    if !errors.is_empty() {
+        return Err(ConfigError::from_many(errors));
+    }
+    let mut cache = cache().lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    cache.extend(built.into_iter().filter_map(|(spec, r)| Some((spec, r.ok()?))));
+    Ok(())
+}
+
+/// The configuration of `spec`: prepared, or built now (a check made without a config).
+pub fn client_config(spec: &TlsSpec) -> Result<Arc<ClientConfig>, TlsError> {
+    if let Some(config) = cache().lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(spec) {
+        return Ok(config.clone());
+    }
+    let config = build(spec)?;
+    cache().lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(spec.clone(), config.clone());
+    Ok(config)
 }
 
 /// Accepts any certificate (`tls_verify: false`), but still checks that the server holds

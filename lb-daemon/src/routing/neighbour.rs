@@ -15,7 +15,7 @@ use rtnetlink::packet_route::{
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
 };
 
-use crate::plan::Neighbour;
+use crate::model::Neighbour;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NeighbourError {

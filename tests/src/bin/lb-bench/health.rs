@@ -9,8 +9,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
+use lb_daemon::health::spec::{CheckKind, CheckSpec};
 use lb_daemon::health::state::Outcome;
-use lb_daemon::health::{CheckKind, CheckSpec, Target, run};
+use lb_daemon::health::{Target, run};
 use lb_tests::NetNs;
 use nix::sys::resource::{UsageWho, getrusage};
 

@@ -1,0 +1,24 @@
+//! Defaults an operator can rely on and the limits of what the daemon accepts.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Defaults stated in the example file.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9740));
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb-daemon/control.sock";
+pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/lb";
+pub const DEFAULT_RING_SIZE: u32 = 4093;
+/// Largest accepted ring: beyond this a table costs more memory than balance it buys.
+pub const MAX_RING_SIZE: u32 = 1 << 20;
+pub const MAX_WEIGHT: u32 = 65535;
+/// Sizes above these make the kernel refuse the map with a bare EINVAL or ENOMEM.
+pub const MAX_RING_SLOTS: u32 = 1 << 26;
+pub const MAX_FLOW_ENTRIES: u32 = 1 << 28;
+/// Katran's default: new flows one CPU records per second before the flood guard stops
+/// recording them.
+pub const DEFAULT_FLOOD_GUARD_FLOWS_PER_SEC: u32 = 125_000;
+
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(10);
