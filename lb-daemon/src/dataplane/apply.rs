@@ -1,0 +1,388 @@
+//! The diff writers: make the maps equal to a [`DataplaneState`], writing only what differs
+//! from the last apply, in an order that never shows a packet a half-built service.
+
+use super::*;
+
+impl Dataplane {
+    /// Makes the maps equal to `desired`, writing only the differences.
+    pub fn apply(&mut self, desired: &DataplaneState) -> Result<ApplyReport> {
+        let mut report = ApplyReport::default();
+        self.add_egress(&desired.egress_ifindexes)?;
+        self.apply_backends(desired, &mut report)?;
+        self.apply_services(desired, &mut report)?;
+        self.apply_vip_addrs(desired)?;
+        self.apply_mark_prefixes(desired, &mut report)?;
+        self.apply_local_macs(desired)?;
+        self.remove_backends(desired, &mut report)?;
+        self.remove_egress(&desired.egress_ifindexes)?;
+        Ok(report)
+    }
+
+    /// New egress interfaces go in before any backend refers to them.
+    pub(super) fn add_egress(&mut self, wanted: &BTreeSet<u32>) -> Result<()> {
+        let new: Vec<u32> = wanted.difference(&self.egress).copied().collect();
+        let mut map: DevMapHash<&mut MapData> = map_mut(&mut self.ebpf, maps::EGRESS)?;
+        for ifindex in new {
+            map.insert(ifindex, ifindex, None, 0).map_err(|e| match e {
+                XdpMapError::MapError(source) => DataplaneError::Map { map: maps::EGRESS, source },
+                other => DataplaneError::Egress { ifindex, reason: crate::error_chain(&other) },
+            })?;
+            self.egress.insert(ifindex);
+        }
+        Ok(())
+    }
+
+    /// Old ones leave after no backend refers to them any more.
+    pub(super) fn remove_egress(&mut self, wanted: &BTreeSet<u32>) -> Result<()> {
+        let gone: Vec<u32> = self.egress.difference(wanted).copied().collect();
+        let mut map: DevMapHash<&mut MapData> = map_mut(&mut self.ebpf, maps::EGRESS)?;
+        for ifindex in gone {
+            match map.remove(ifindex) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::EGRESS)(e)),
+            }
+            self.egress.remove(&ifindex);
+        }
+        Ok(())
+    }
+
+    pub(super) fn apply_backends(
+        &mut self,
+        desired: &DataplaneState,
+        report: &mut ApplyReport,
+    ) -> Result<()> {
+        let mut changed = Vec::new();
+        for (&id, b) in &desired.backends {
+            if id >= MAX_BACKENDS {
+                return Err(DataplaneError::IdRange { what: "backend", id, max: MAX_BACKENDS - 1 });
+            }
+            if self.backends.get(&id) != Some(b) {
+                changed.push((id, *b));
+            }
+        }
+        for (id, b) in changed {
+            // A new owner of the id starts from zero, not from its predecessor's counts.
+            let same_owner =
+                self.backends.get(&id).is_some_and(|old| old.addr == b.addr && old.service == b.service);
+            if !same_owner {
+                self.zero_counters(maps::BACKEND_STATS, id)?;
+            }
+            let mut map: Array<&mut MapData, Backend> = map_mut(&mut self.ebpf, maps::BACKENDS)?;
+            map.set(id, b, 0).map_err(map_err(maps::BACKENDS))?;
+            self.backends.insert(id, b);
+            report.backends_written += 1;
+        }
+        Ok(())
+    }
+
+    /// Backends leave after the services that referenced them have stopped doing so. The
+    /// array slot is marked down rather than zeroed, so a flow still pointing at it is
+    /// rescheduled instead of being sent to a zero MAC.
+    pub(super) fn remove_backends(
+        &mut self,
+        desired: &DataplaneState,
+        report: &mut ApplyReport,
+    ) -> Result<()> {
+        let gone: Vec<u32> =
+            self.backends.keys().filter(|id| !desired.backends.contains_key(id)).copied().collect();
+        let mut map: Array<&mut MapData, Backend> = map_mut(&mut self.ebpf, maps::BACKENDS)?;
+        for id in gone {
+            let down = Backend { state: lb_common::BACKEND_DOWN, ..Default::default() };
+            map.set(id, down, 0).map_err(map_err(maps::BACKENDS))?;
+            self.backends.remove(&id);
+            report.backends_removed += 1;
+        }
+        Ok(())
+    }
+
+    pub(super) fn apply_services(
+        &mut self,
+        desired: &DataplaneState,
+        report: &mut ApplyReport,
+    ) -> Result<()> {
+        for (key, want) in &desired.services {
+            if want.id >= MAX_SERVICES {
+                return Err(DataplaneError::IdRange { what: "service", id: want.id, max: MAX_SERVICES - 1 });
+            }
+            let size = want.ring.len() as u32;
+            // Bookkeeping changes only once the maps did: a failed apply leaves it true.
+            let current = self.services.get(key).map(|c| Current {
+                unchanged: c.state == *want,
+                same_id: c.state.id == want.id,
+                same_ring: c.state.ring == want.ring,
+                live: c.live,
+                idle: c.idle,
+                generation: c.generation,
+            });
+            // Established flows follow a service through ring, weight and flag changes;
+            // a new service, or one moved to another id, starts a new generation so that
+            // flows recorded under the old one are scheduled afresh.
+            let generation = match current {
+                Some(c) if c.same_id => c.generation,
+                _ => {
+                    self.zero_counters(maps::SERVICE_STATS, want.id)?;
+                    self.last_generation = self.last_generation.wrapping_add(1).max(1);
+                    let mut gens: Array<&mut MapData, u32> =
+                        map_mut(&mut self.ebpf, maps::SERVICE_GENERATIONS)?;
+                    gens.set(want.id, self.last_generation, 0).map_err(map_err(maps::SERVICE_GENERATIONS))?;
+                    self.last_generation
+                }
+            };
+            // Windows of the new size are all taken before anything is given back, and old
+            // ones are given back only once the service points elsewhere: a failure at any
+            // step leaves the maps and this bookkeeping as they were.
+            let (live, idle, retired) = match current {
+                Some(c) if c.unchanged => continue,
+                // Only the flags (or the id) changed: the live ring stays.
+                Some(c) if c.same_ring => (c.live, c.idle, Vec::new()),
+                Some(c) => {
+                    let (target, spare) = self.take_windows(size, [c.idle, c.live])?;
+                    if let Err(e) = self.write_ring(target, &want.ring) {
+                        self.give_back([(target, c.idle), (spare, c.live)]);
+                        return Err(e);
+                    }
+                    report.rings_written += 1;
+                    // Flip: the old live window becomes the idle one, if it fits.
+                    let retired = [(c.idle, target), (c.live, spare)]
+                        .into_iter()
+                        .filter(|(old, new)| old != new)
+                        .map(|(old, _)| old)
+                        .collect();
+                    (target, spare, retired)
+                }
+                None => {
+                    let empty = Window { offset: 0, size: 0 };
+                    let (target, spare) = self.take_windows(size, [empty, empty])?;
+                    if let Err(e) = self.write_ring(target, &want.ring) {
+                        self.give_back([(target, empty), (spare, empty)]);
+                        return Err(e);
+                    }
+                    report.rings_written += 1;
+                    (target, spare, Vec::new())
+                }
+            };
+            let value = Service {
+                id: want.id,
+                ring_offset: live.offset,
+                ring_size: size,
+                flags: want.flags,
+                generation,
+                _pad: 0,
+            };
+            let mut map: HashMap<&mut MapData, ServiceKey, Service> =
+                map_mut(&mut self.ebpf, maps::SERVICES)?;
+            map.insert(*key, value, 0).map_err(map_err(maps::SERVICES))?;
+            report.services_written += 1;
+            for w in retired {
+                self.rings.release(w);
+            }
+            self.services.insert(*key, AppliedService { state: want.clone(), live, idle, generation });
+        }
+        let gone: Vec<ServiceKey> =
+            self.services.keys().filter(|k| !desired.services.contains_key(k)).copied().collect();
+        for key in gone {
+            let mut map: HashMap<&mut MapData, ServiceKey, Service> =
+                map_mut(&mut self.ebpf, maps::SERVICES)?;
+            match map.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::SERVICES)(e)),
+            }
+            if let Some(old) = self.services.remove(&key) {
+                self.rings.release(old.live);
+                self.rings.release(old.idle);
+                // Unless another service took the id in this apply, retire its flows.
+                if !self.services.values().any(|s| s.state.id == old.state.id) {
+                    let mut gens: Array<&mut MapData, u32> =
+                        map_mut(&mut self.ebpf, maps::SERVICE_GENERATIONS)?;
+                    gens.set(old.state.id, 0, 0).map_err(map_err(maps::SERVICE_GENERATIONS))?;
+                }
+            }
+            report.services_removed += 1;
+        }
+        Ok(())
+    }
+
+    /// Two windows of `size` slots, reusing `current` ones of that size (which no packet
+    /// reads from once the flip is done) and allocating the others. All or nothing.
+    pub(super) fn take_windows(&mut self, size: u32, current: [Window; 2]) -> Result<(Window, Window)> {
+        let first = if current[0].size == size { current[0] } else { self.rings.alloc(size)? };
+        let second = if current[1].size == size {
+            current[1]
+        } else {
+            match self.rings.alloc(size) {
+                Ok(w) => w,
+                Err(e) => {
+                    self.give_back([(first, current[0])]);
+                    return Err(e);
+                }
+            }
+        };
+        Ok((first, second))
+    }
+
+    /// Returns windows `take_windows` allocated (those that differ from what they replaced).
+    pub(super) fn give_back<const N: usize>(&mut self, taken: [(Window, Window); N]) {
+        for (new, old) in taken {
+            if new != old {
+                self.rings.release(new);
+            }
+        }
+    }
+
+    /// Writes `ring` into window `w`: only the slots whose value differs from what the
+    /// shadow says they hold. A window reused for a service's next ring holds its ring
+    /// before last, and Maglev moves few slots between neighbouring rings, so a weight or
+    /// health change writes about the slots that changed, not the whole ring.
+    pub(super) fn write_ring(&mut self, w: Window, ring: &[u32]) -> Result<()> {
+        let mut map: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, maps::RINGS)?;
+        for (i, &backend) in ring.iter().enumerate() {
+            let slot = w.offset + i as u32;
+            let shadow = self.ring_shadow.get_mut(slot as usize);
+            if shadow.as_deref() == Some(&Some(backend)) {
+                continue;
+            }
+            map.set(slot, backend, 0).map_err(map_err(maps::RINGS))?;
+            // Kept true slot by slot, so that a failed write leaves it right.
+            if let Some(s) = shadow {
+                *s = Some(backend);
+            }
+            self.ring_slots_written += 1;
+        }
+        Ok(())
+    }
+
+    /// Ring slots written since the data path was loaded (for tests of minimal updates).
+    pub fn ring_slots_written(&self) -> u64 {
+        self.ring_slots_written
+    }
+
+    /// The ring a service's packets are scheduled on now, read back from the map.
+    pub fn live_ring(&self, key: &ServiceKey) -> Result<Vec<u32>> {
+        let Some(applied) = self.services.get(key) else { return Ok(Vec::new()) };
+        let rings: Array<&MapData, u32> = map_ref(&self.ebpf, maps::RINGS)?;
+        let w = applied.live;
+        (w.offset..w.offset + w.size).map(|i| rings.get(&i, 0).map_err(map_err(maps::RINGS))).collect()
+    }
+
+    pub(super) fn apply_vip_addrs(&mut self, desired: &DataplaneState) -> Result<()> {
+        let wanted: BTreeSet<AddrKey> = desired
+            .services
+            .keys()
+            .filter(|k| k.kind != lb_common::KIND_MARK)
+            .map(|k| AddrKey { addr: k.addr, family: k.kind, _pad8: 0, _pad16: 0 })
+            .collect();
+        let mut map: HashMap<&mut MapData, AddrKey, u32> = map_mut(&mut self.ebpf, maps::VIP_ADDRS)?;
+        for k in wanted.difference(&self.vip_addrs) {
+            map.insert(*k, 1, 0).map_err(map_err(maps::VIP_ADDRS))?;
+        }
+        for k in self.vip_addrs.difference(&wanted) {
+            match map.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::VIP_ADDRS)(e)),
+            }
+        }
+        // Slots for new VIPs are set here, after their services were written; stale slots
+        // are cleared after their services left: the filter never hides a live service.
+        let slots: BTreeSet<u32> =
+            wanted.iter().map(|k| vip_filter_slot(&k.addr, k.family == FAMILY_V6)).collect();
+        let mut filter: Array<&mut MapData, u8> = map_mut(&mut self.ebpf, maps::VIP_FILTER)?;
+        for &slot in slots.difference(&self.vip_slots) {
+            filter.set(slot, 1, 0).map_err(map_err(maps::VIP_FILTER))?;
+        }
+        for &slot in self.vip_slots.difference(&slots) {
+            filter.set(slot, 0, 0).map_err(map_err(maps::VIP_FILTER))?;
+        }
+        self.vip_slots = slots;
+        self.vip_addrs = wanted;
+        Ok(())
+    }
+
+    pub(super) fn apply_mark_prefixes(
+        &mut self,
+        desired: &DataplaneState,
+        report: &mut ApplyReport,
+    ) -> Result<()> {
+        let wanted: BTreeMap<(u8, [u32; 4], u8), MarkRuleSet> =
+            desired.mark_prefixes.iter().map(|p| ((p.family, p.addr, p.prefix_len), p.rules)).collect();
+        for (&(family, addr, len), rules) in &wanted {
+            if self.mark_prefixes.get(&(family, addr, len)) == Some(rules) {
+                continue;
+            }
+            if family == FAMILY_V4 {
+                let mut map: LpmTrie<&mut MapData, u32, MarkRuleSet> =
+                    map_mut(&mut self.ebpf, maps::MARK_RULES_V4)?;
+                map.insert(&Key::new(len as u32, addr[0]), rules, 0).map_err(map_err(maps::MARK_RULES_V4))?;
+            } else {
+                let mut map: LpmTrie<&mut MapData, [u32; 4], MarkRuleSet> =
+                    map_mut(&mut self.ebpf, maps::MARK_RULES_V6)?;
+                map.insert(&Key::new(len as u32, addr), rules, 0).map_err(map_err(maps::MARK_RULES_V6))?;
+            }
+            report.mark_prefixes_written += 1;
+        }
+        let gone: Vec<(u8, [u32; 4], u8)> =
+            self.mark_prefixes.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        for (family, addr, len) in gone {
+            let res = if family == FAMILY_V4 {
+                let mut map: LpmTrie<&mut MapData, u32, MarkRuleSet> =
+                    map_mut(&mut self.ebpf, maps::MARK_RULES_V4)?;
+                map.remove(&Key::new(len as u32, addr[0]))
+            } else {
+                let mut map: LpmTrie<&mut MapData, [u32; 4], MarkRuleSet> =
+                    map_mut(&mut self.ebpf, maps::MARK_RULES_V6)?;
+                map.remove(&Key::new(len as u32, addr))
+            };
+            match res {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::MARK_RULES_V4)(e)),
+            }
+            report.mark_prefixes_removed += 1;
+        }
+        // Enable the trie lookups only once the tries hold what they should.
+        let count = |f| wanted.keys().filter(|(family, _, _)| *family == f).count() as u32;
+        let cfg = DataplaneConfig {
+            mark_prefixes_v4: count(FAMILY_V4),
+            mark_prefixes_v6: count(FAMILY_V6),
+            flood_guard_flows_per_sec: desired.flood_guard_flows_per_sec,
+            _pad: 0,
+        };
+        if cfg != self.config {
+            let mut map: Array<&mut MapData, DataplaneConfig> = map_mut(&mut self.ebpf, maps::CONFIG)?;
+            map.set(0, cfg, 0).map_err(map_err(maps::CONFIG))?;
+            self.config = cfg;
+        }
+        self.mark_prefixes = wanted;
+        Ok(())
+    }
+
+    /// Writes the accepted MACs of every interface that has some, and removes the others.
+    pub(super) fn apply_local_macs(&mut self, desired: &DataplaneState) -> Result<()> {
+        if desired.local_macs.len() > MAX_ATTACHED_INTERFACES as usize {
+            return Err(DataplaneError::TooManyInterfaces { count: desired.local_macs.len() });
+        }
+        let mut wanted = BTreeMap::new();
+        for (&ifindex, macs) in &desired.local_macs {
+            if macs.len() > MAX_LOCAL_MACS {
+                return Err(DataplaneError::TooManyMacs { ifindex, count: macs.len() });
+            }
+            let mut value = LocalMacs { count: macs.len() as u32, ..Default::default() };
+            for (slot, mac) in value.macs.iter_mut().zip(macs) {
+                *slot = *mac;
+            }
+            wanted.insert(ifindex, value);
+        }
+        let mut map: HashMap<&mut MapData, u32, LocalMacs> = map_mut(&mut self.ebpf, maps::LOCAL_MACS)?;
+        for (ifindex, value) in &wanted {
+            if self.local_macs.get(ifindex) != Some(value) {
+                map.insert(ifindex, value, 0).map_err(map_err(maps::LOCAL_MACS))?;
+            }
+        }
+        for ifindex in self.local_macs.keys().filter(|i| !wanted.contains_key(i)) {
+            match map.remove(ifindex) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::LOCAL_MACS)(e)),
+            }
+        }
+        self.local_macs = wanted;
+        Ok(())
+    }
+}

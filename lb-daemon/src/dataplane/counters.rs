@@ -1,0 +1,123 @@
+//! Reading back: counters, the connection table (also from outside the daemon's lock,
+//! through a [`FlowReader`]) and the flood guard's state.
+
+use super::*;
+
+/// The possible CPUs, which per-CPU maps hold a value for each of; an error is `map`'s.
+pub(super) fn possible_cpus(map: &'static str) -> Result<usize> {
+    aya::util::nr_cpus().map_err(|(_, e)| map_err(map)(MapError::IoError(e)))
+}
+
+/// Visits the entries of a connection table; returns how many there were.
+pub(super) fn walk_flows<T: std::borrow::Borrow<MapData>>(
+    map: &HashMap<T, FlowKey, Flow>,
+    mut visit: impl FnMut(&FlowKey, &Flow),
+) -> Result<u64> {
+    let mut n = 0;
+    for entry in map.iter() {
+        match entry {
+            Ok((k, f)) => {
+                visit(&k, &f);
+                n += 1;
+            }
+            // An entry evicted between the key walk and its lookup.
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(maps::FLOWS)(e)),
+        }
+    }
+    Ok(n)
+}
+
+/// The connection table, readable on its own (see [`Dataplane::flow_reader`]).
+pub struct FlowReader {
+    flows: HashMap<MapData, FlowKey, Flow>,
+    /// Possible CPUs: each holds `capacity / cpus` entries of the table.
+    cpus: u32,
+}
+
+impl FlowReader {
+    pub fn for_each(&self, visit: impl FnMut(&FlowKey, &Flow)) -> Result<u64> {
+        walk_flows(&self.flows, visit)
+    }
+
+    /// CPUs the kernel splits the table's LRU lists over.
+    pub fn cpus(&self) -> u32 {
+        self.cpus
+    }
+}
+
+impl Dataplane {
+    /// How many CPUs have recorded more new flows in their current one-second window than
+    /// the flood guard allows (`now_ns`: CLOCK_MONOTONIC_COARSE, as the data path reads).
+    pub fn flood_guard_active_cpus(&self, now_ns: u64) -> Result<u32> {
+        let limit = self.config.flood_guard_flows_per_sec;
+        if limit == 0 {
+            return Ok(0);
+        }
+        let map: PerCpuArray<&MapData, FloodWindow> = map_ref(&self.ebpf, maps::FLOOD_GUARD)?;
+        let windows = map.get(&0, 0).map_err(map_err(maps::FLOOD_GUARD))?;
+        // A window that ended more than a second ago says nothing about now.
+        let current = |w: &FloodWindow| now_ns.saturating_sub(w.start_ns) < 2_000_000_000;
+        Ok(windows.iter().filter(|w| current(w) && w.new_flows > limit).count() as u32)
+    }
+
+    pub(super) fn zero_counters(&mut self, name: &'static str, id: u32) -> Result<()> {
+        let cpus = possible_cpus(name)?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus])
+            .map_err(|e| map_err(name)(MapError::IoError(e)))?;
+        let mut map: PerCpuArray<&mut MapData, Counters> = map_mut(&mut self.ebpf, name)?;
+        map.set(id, zeros, 0).map_err(map_err(name))
+    }
+
+    /// A handle of its own on the connection table, for walking it without the
+    /// `Dataplane` (and whatever lock guards it): a walk of a million entries takes about
+    /// a second.
+    pub fn flow_reader(&self) -> Result<FlowReader> {
+        let map = self.ebpf.map(maps::FLOWS).ok_or(DataplaneError::MissingMap(maps::FLOWS))?;
+        let aya::maps::Map::LruHashMap(data) = map else {
+            return Err(map_err(maps::FLOWS)(MapError::InvalidName { name: maps::FLOWS.into() }));
+        };
+        let fd =
+            data.fd().as_fd().try_clone_to_owned().map_err(|e| map_err(maps::FLOWS)(MapError::IoError(e)))?;
+        let own = MapData::from_fd(fd).map_err(map_err(maps::FLOWS))?;
+        let map = aya::maps::Map::from_map_data(own).map_err(map_err(maps::FLOWS))?;
+        let flows = HashMap::try_from(map).map_err(map_err(maps::FLOWS))?;
+        Ok(FlowReader { flows, cpus: possible_cpus(maps::FLOWS)? as u32 })
+    }
+
+    pub(super) fn sum_counters(&self, name: &'static str, id: u32) -> Result<Counters> {
+        let map: PerCpuArray<&MapData, Counters> = map_ref(&self.ebpf, name)?;
+        let per_cpu = map.get(&id, 0).map_err(map_err(name))?;
+        Ok(per_cpu.iter().fold(Counters::default(), |a, c| Counters {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+            new_flows: a.new_flows + c.new_flows,
+        }))
+    }
+
+    /// A service's counters summed over CPUs.
+    pub fn service_counters(&self, id: u32) -> Result<Counters> {
+        self.sum_counters(maps::SERVICE_STATS, id)
+    }
+
+    /// A backend's counters summed over CPUs.
+    pub fn backend_counters(&self, id: u32) -> Result<Counters> {
+        self.sum_counters(maps::BACKEND_STATS, id)
+    }
+
+    /// XDP action totals and drops by reason (`lb_common::stat` indices), summed over CPUs.
+    pub fn global_counters(&self) -> Result<[u64; stat::COUNT as usize]> {
+        let map: PerCpuArray<&MapData, u64> = map_ref(&self.ebpf, maps::GLOBAL_STATS)?;
+        let mut out = [0u64; stat::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = map.get(&(i as u32), 0).map_err(map_err(maps::GLOBAL_STATS))?.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// A snapshot of the connection table.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
+        let map: HashMap<&MapData, FlowKey, Flow> = map_ref(&self.ebpf, maps::FLOWS)?;
+        map.iter().collect::<std::result::Result<_, _>>().map_err(map_err(maps::FLOWS))
+    }
+}
