@@ -127,16 +127,31 @@ impl<K: std::hash::Hash + Eq + Clone> Ids<K> {
     }
 }
 
-/// Stateful only in the ids it remembers between plans.
+/// What a service's ring is computed from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RingInputs {
+    scheduler: Scheduler,
+    size: u32,
+    candidates: Vec<RingCandidate>,
+}
+
+/// Stateful in the ids it remembers between plans, and in the rings of the last plan
+/// (reused where their inputs did not change: planning 1,000 services after one weight
+/// change computes one ring).
 #[derive(Clone, Debug)]
 pub struct Planner {
     service_ids: Ids<ServiceMatch>,
     backend_ids: Ids<(ServiceMatch, IpAddr)>,
+    rings: HashMap<ServiceMatch, (RingInputs, Vec<u32>)>,
 }
 
 impl Default for Planner {
     fn default() -> Self {
-        Planner { service_ids: Ids::new(MAX_SERVICES), backend_ids: Ids::new(MAX_BACKENDS) }
+        Planner {
+            service_ids: Ids::new(MAX_SERVICES),
+            backend_ids: Ids::new(MAX_BACKENDS),
+            rings: HashMap::new(),
+        }
     }
 }
 
@@ -222,6 +237,7 @@ impl Planner {
             next_backend_ids.assign(&backend_keys).ok_or(PlanError::TooManyBackends { max: MAX_BACKENDS })?;
 
         let mut plan = Plan::default();
+        let mut rings = HashMap::with_capacity(services.len());
         for svc in services {
             let id = service_ids[&svc.matcher];
             plan.service_ids.insert(svc.name.clone(), id);
@@ -275,11 +291,18 @@ impl Planner {
                     plan.fallback_serving.insert(svc.name.clone());
                 }
             }
-            let ring = match svc.scheduler {
-                Scheduler::Wrr => crate::wrr::sequence(&candidates, svc.ring_size),
-                Scheduler::Sh | Scheduler::Mh => maglev::populate(&candidates, svc.ring_size),
-            }
-            .map_err(|source| PlanError::Ring { service: svc.name.clone(), source })?;
+            // A ring is a function of its inputs: one whose inputs did not change (every
+            // service but the one whose weight or backend did) is not computed again.
+            let inputs = RingInputs { scheduler: svc.scheduler, size: svc.ring_size, candidates };
+            let ring = match self.rings.remove(&svc.matcher) {
+                Some((cached, ring)) if cached == inputs => ring,
+                _ => match svc.scheduler {
+                    Scheduler::Wrr => crate::wrr::sequence(&inputs.candidates, svc.ring_size),
+                    Scheduler::Sh | Scheduler::Mh => maglev::populate(&inputs.candidates, svc.ring_size),
+                }
+                .map_err(|source| PlanError::Ring { service: svc.name.clone(), source })?,
+            };
+            rings.insert(svc.matcher, (inputs, ring.clone()));
             let mut flags = match svc.scheduler {
                 Scheduler::Sh => 0,
                 Scheduler::Mh => SERVICE_F_HASH_TUPLE,
@@ -293,6 +316,7 @@ impl Planner {
         plan.state.mark_prefixes = mark_prefixes(mark_rules)?;
         self.service_ids = next_service_ids;
         self.backend_ids = next_backend_ids;
+        self.rings = rings;
         Ok(plan)
     }
 }

@@ -506,3 +506,11 @@ fn long_values_are_cut_in_errors() {
     let text = Config::parse(&yaml, "lb.yaml").unwrap_err().to_string();
     assert!(text.len() < 1200, "{} bytes", text.len());
 }
+
+#[test]
+fn a_file_of_more_yaml_nodes_than_the_budget_is_refused_by_name() {
+    let nodes = lb_daemon::config::MAX_YAML_NODES + 1;
+    let yaml = format!("director:\n  interfaces: [{}]\n", vec!["e"; nodes].join(","));
+    let e = Config::parse(&yaml, "lb.yaml").unwrap_err().to_string();
+    assert!(e.starts_with("lb.yaml:") && e.contains("nodes"), "{e}");
+}

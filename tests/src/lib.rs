@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod fixture;
 pub mod lab;
 pub mod model;
+pub mod site;
 pub mod tcp;
 pub mod test_object;
 pub mod topology;

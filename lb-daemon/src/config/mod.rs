@@ -37,6 +37,22 @@ use validate::*;
 
 /// Largest configuration file read; anything larger is refused before it is parsed.
 pub const MAX_CONFIG_BYTES: u64 = 64 << 20;
+/// YAML nodes (scalars, sequences, mappings) a file may hold. A site at the limits (1,000
+/// services, 100,000 backends of a few keys each) needs under a million; the parser's
+/// default (250,000) refuses it. The bound stays: with the alias limits it caps what a
+/// hostile file can make the parser build (each node costs a few hundred bytes).
+pub const MAX_YAML_NODES: usize = 2_000_000;
+/// Parser events (a node's start and end, scalars); twice the nodes.
+pub const MAX_YAML_EVENTS: usize = 2 * MAX_YAML_NODES;
+
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = MAX_YAML_NODES;
+    budget.max_events = MAX_YAML_EVENTS;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
 /// Quoted values in error messages are cut to this many characters: a 50 MB name must
 /// not become a 50 MB log line.
 pub const MAX_QUOTED_CHARS: usize = 80;
@@ -260,7 +276,7 @@ impl Config {
     /// Validates YAML `text`; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         let mut path = String::new();
-        let raw = serde_saphyr::with_deserializer_from_str(text, |de| {
+        let raw = serde_saphyr::with_deserializer_from_str_with_options(text, yaml_options(), |de| {
             serde_path_to_error::deserialize::<_, RawConfig>(de).map_err(|e| {
                 path = e.path().to_string();
                 e.into_inner()

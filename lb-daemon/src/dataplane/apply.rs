@@ -111,7 +111,6 @@ impl Dataplane {
                 same_id: c.state.id == want.id,
                 same_ring: c.state.ring == want.ring,
                 live: c.live,
-                idle: c.idle,
                 generation: c.generation,
             });
             // Established flows follow a service through ring, weight and flag changes;
@@ -128,37 +127,27 @@ impl Dataplane {
                     self.last_generation
                 }
             };
-            // Windows of the new size are all taken before anything is given back, and old
-            // ones are given back only once the service points elsewhere: a failure at any
-            // step leaves the maps and this bookkeeping as they were.
-            let (live, idle, retired) = match current {
+            // A window of a new size is filled before the service points at it, and the old
+            // one is given back only after: a failure at any step leaves the maps and this
+            // bookkeeping as they were.
+            let (live, retired) = match current {
                 Some(c) if c.unchanged => continue,
-                // Only the flags (or the id) changed: the live ring stays.
-                Some(c) if c.same_ring => (c.live, c.idle, Vec::new()),
-                Some(c) => {
-                    let (target, spare) = self.take_windows(size, [c.idle, c.live])?;
-                    if let Err(e) = self.write_ring(target, &want.ring) {
-                        self.give_back([(target, c.idle), (spare, c.live)]);
-                        return Err(e);
-                    }
+                // Only the flags (or the id) changed: the ring stays.
+                Some(c) if c.same_ring => (c.live, None),
+                // The same size: the slots that change, in place.
+                Some(c) if c.live.size == size => {
+                    self.write_ring(c.live, &want.ring)?;
                     report.rings_written += 1;
-                    // Flip: the old live window becomes the idle one, if it fits.
-                    let retired = [(c.idle, target), (c.live, spare)]
-                        .into_iter()
-                        .filter(|(old, new)| old != new)
-                        .map(|(old, _)| old)
-                        .collect();
-                    (target, spare, retired)
+                    (c.live, None)
                 }
-                None => {
-                    let empty = Window { offset: 0, size: 0 };
-                    let (target, spare) = self.take_windows(size, [empty, empty])?;
-                    if let Err(e) = self.write_ring(target, &want.ring) {
-                        self.give_back([(target, empty), (spare, empty)]);
+                _ => {
+                    let window = self.rings.alloc(size)?;
+                    if let Err(e) = self.write_ring(window, &want.ring) {
+                        self.rings.release(window);
                         return Err(e);
                     }
                     report.rings_written += 1;
-                    (target, spare, Vec::new())
+                    (window, current.map(|c| c.live))
                 }
             };
             let value = Service {
@@ -169,14 +158,21 @@ impl Dataplane {
                 generation,
                 _pad: 0,
             };
-            let mut map: HashMap<&mut MapData, ServiceKey, Service> =
-                map_mut(&mut self.ebpf, maps::SERVICES)?;
-            map.insert(*key, value, 0).map_err(map_err(maps::SERVICES))?;
-            report.services_written += 1;
-            for w in retired {
+            let unmoved = current.is_some_and(|c| {
+                c.same_id
+                    && c.live == live
+                    && self.services.get(key).is_some_and(|a| a.state.flags == want.flags)
+            });
+            if !unmoved {
+                let mut map: HashMap<&mut MapData, ServiceKey, Service> =
+                    map_mut(&mut self.ebpf, maps::SERVICES)?;
+                map.insert(*key, value, 0).map_err(map_err(maps::SERVICES))?;
+                report.services_written += 1;
+            }
+            if let Some(w) = retired {
                 self.rings.release(w);
             }
-            self.services.insert(*key, AppliedService { state: want.clone(), live, idle, generation });
+            self.services.insert(*key, AppliedService { state: want.clone(), live, generation });
         }
         let gone: Vec<ServiceKey> =
             self.services.keys().filter(|k| !desired.services.contains_key(k)).copied().collect();
@@ -189,7 +185,6 @@ impl Dataplane {
             }
             if let Some(old) = self.services.remove(&key) {
                 self.rings.release(old.live);
-                self.rings.release(old.idle);
                 // Unless another service took the id in this apply, retire its flows.
                 if !self.services.values().any(|s| s.state.id == old.state.id) {
                     let mut gens: Array<&mut MapData, u32> =
@@ -202,51 +197,14 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Two windows of `size` slots, reusing `current` ones of that size (which no packet
-    /// reads from once the flip is done) and allocating the others. All or nothing.
-    pub(super) fn take_windows(&mut self, size: u32, current: [Window; 2]) -> Result<(Window, Window)> {
-        let first = if current[0].size == size { current[0] } else { self.rings.alloc(size)? };
-        let second = if current[1].size == size {
-            current[1]
-        } else {
-            match self.rings.alloc(size) {
-                Ok(w) => w,
-                Err(e) => {
-                    self.give_back([(first, current[0])]);
-                    return Err(e);
-                }
-            }
-        };
-        Ok((first, second))
-    }
-
-    /// Returns windows `take_windows` allocated (those that differ from what they replaced).
-    pub(super) fn give_back<const N: usize>(&mut self, taken: [(Window, Window); N]) {
-        for (new, old) in taken {
-            if new != old {
-                self.rings.release(new);
-            }
-        }
-    }
-
-    /// Writes `ring` into window `w`: only the slots whose value differs from what the
-    /// shadow says they hold. A window reused for a service's next ring holds its ring
-    /// before last, and Maglev moves few slots between neighbouring rings, so a weight or
-    /// health change writes about the slots that changed, not the whole ring.
+    /// Writes `ring` into window `w`: only the slots whose value differs from what they
+    /// hold. Maglev moves few slots between neighbouring rings, so a weight or health
+    /// change writes the slots that changed, not the whole ring.
     pub(super) fn write_ring(&mut self, w: Window, ring: &[u32]) -> Result<()> {
-        let mut map: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, maps::RINGS)?;
         for (i, &backend) in ring.iter().enumerate() {
-            let slot = w.offset + i as u32;
-            let shadow = self.ring_shadow.get_mut(slot as usize);
-            if shadow.as_deref() == Some(&Some(backend)) {
-                continue;
+            if self.ring_memory.set(w.offset + i as u32, backend)? {
+                self.ring_slots_written += 1;
             }
-            map.set(slot, backend, 0).map_err(map_err(maps::RINGS))?;
-            // Kept true slot by slot, so that a failed write leaves it right.
-            if let Some(s) = shadow {
-                *s = Some(backend);
-            }
-            self.ring_slots_written += 1;
         }
         Ok(())
     }
@@ -259,9 +217,19 @@ impl Dataplane {
     /// The ring a service's packets are scheduled on now, read back from the map.
     pub fn live_ring(&self, key: &ServiceKey) -> Result<Vec<u32>> {
         let Some(applied) = self.services.get(key) else { return Ok(Vec::new()) };
-        let rings: Array<&MapData, u32> = map_ref(&self.ebpf, maps::RINGS)?;
-        let w = applied.live;
-        (w.offset..w.offset + w.size).map(|i| rings.get(&i, 0).map_err(map_err(maps::RINGS))).collect()
+        self.read_window(applied.live)
+    }
+
+    pub(super) fn read_window(&self, w: Window) -> Result<Vec<u32>> {
+        (w.offset..w.offset + w.size)
+            .map(|i| {
+                self.ring_memory.get(i).ok_or(DataplaneError::IdRange {
+                    what: "ring slot",
+                    id: i,
+                    max: self.report.ring_slots.saturating_sub(1),
+                })
+            })
+            .collect()
     }
 
     pub(super) fn apply_vip_addrs(&mut self, desired: &DataplaneState) -> Result<()> {

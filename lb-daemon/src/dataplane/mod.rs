@@ -1,9 +1,12 @@
 //! The only module that touches BPF: loads the embedded XDP object, attaches it, and makes
 //! its maps equal to a [`DataplaneState`] by writing only what differs from the last apply.
 //!
-//! Order of writes, so that no packet ever sees a half-built service: backends first, then
-//! each changed ring into the service's idle window, then the service value that points at
-//! it (one map update, which the kernel swaps in whole), and removals last.
+//! Order of writes, so that no packet ever meets a backend that is not there: backends
+//! first, then rings, then the service values, and removals last. A ring of the same size
+//! changes in place, slot by slot and only where it differs (as Katran's `programHashRing`
+//! does): each slot is stored whole, so a packet in between is scheduled on the slot's old
+//! backend or its new one. A new ring, or one of another size, is written into a window of
+//! its own, which the service value then points at (one map update, swapped in whole).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsFd as _;
@@ -32,9 +35,11 @@ use lb_common::{
 mod apply;
 mod attach;
 mod counters;
+mod ring_memory;
 mod rings;
 
 pub use counters::FlowReader;
+use ring_memory::RingMemory;
 use rings::{RingSpace, Window};
 
 use crate::model::XdpMode;
@@ -49,6 +54,8 @@ pub enum DataplaneError {
     Load(#[from] aya::EbpfError),
     #[error("{what} must be between 1 and {max}, not {value}")]
     Size { what: &'static str, value: u32, max: u32 },
+    #[error("mapping the ring array into memory")]
+    RingMemory(#[source] std::io::Error),
     #[error("program {name}")]
     Program { name: &'static str, source: ProgramError },
     #[error("program {0} is missing from the object")]
@@ -192,9 +199,8 @@ pub struct ApplyReport {
 #[derive(Debug)]
 struct AppliedService {
     state: ServiceState,
-    /// The window the live `Service` value points at, and the idle one.
+    /// The window the `Service` value points at.
     live: Window,
-    idle: Window,
     generation: u32,
 }
 
@@ -205,7 +211,6 @@ struct Current {
     same_id: bool,
     same_ring: bool,
     live: Window,
-    idle: Window,
     generation: u32,
 }
 
@@ -239,10 +244,8 @@ pub struct Dataplane {
     config: DataplaneConfig,
     /// Last service generation handed out (never zero once used).
     last_generation: u32,
-    /// What each slot of `RINGS` holds, as far as known: zero in a map this process
-    /// created, unknown (`None`) in a pinned one but for the live rings adoption read and
-    /// the slots written since.
-    ring_shadow: Vec<Option<u32>>,
+    /// `RINGS`, mapped into this process.
+    ring_memory: RingMemory,
     ring_slots_written: u64,
     pin_dir: Option<PathBuf>,
     /// Links this process attached or adopted, by interface. Their pins keep them after
@@ -308,6 +311,13 @@ impl Dataplane {
             ring_slots: capacity(&ebpf, maps::RINGS)?,
             flow_entries: capacity(&ebpf, maps::FLOWS)?,
         };
+        let ring_memory = {
+            let map = ebpf.map(maps::RINGS).ok_or(DataplaneError::MissingMap(maps::RINGS))?;
+            let aya::maps::Map::Array(data) = map else {
+                return Err(DataplaneError::MissingMap(maps::RINGS));
+            };
+            RingMemory::map(data, report.ring_slots)?
+        };
         let mut dp = Dataplane {
             ebpf,
             rings: RingSpace::new(report.ring_slots),
@@ -322,10 +332,7 @@ impl Dataplane {
             last_generation: 0,
             // Pinned maps may be an earlier daemon's, whatever was adopted: only a map this
             // process created without pinning is known to be zero.
-            ring_shadow: vec![
-                if opts.pin_dir.is_none() { Some(0) } else { None };
-                report.ring_slots as usize
-            ],
+            ring_memory,
             ring_slots_written: 0,
             pin_dir: opts.pin_dir.clone(),
             links: BTreeMap::new(),
@@ -350,27 +357,15 @@ impl Dataplane {
             map.iter().collect::<std::result::Result<_, _>>().map_err(map_err(maps::SERVICES))?
         };
         {
-            let rings: Array<&MapData, u32> = map_ref(&self.ebpf, maps::RINGS)?;
             for (key, svc) in services {
                 let live = Window { offset: svc.ring_offset, size: svc.ring_size };
-                let ring = (svc.ring_offset..svc.ring_offset + svc.ring_size)
-                    .map(|i| rings.get(&i, 0))
-                    .collect::<std::result::Result<Vec<u32>, _>>()
-                    .map_err(map_err(maps::RINGS))?;
-                for (i, &backend) in ring.iter().enumerate() {
-                    if let Some(s) = self.ring_shadow.get_mut(svc.ring_offset as usize + i) {
-                        *s = Some(backend);
-                    }
-                }
+                let ring = self.read_window(live)?;
                 self.rings.reserve(live)?;
                 self.services.insert(
                     key,
                     AppliedService {
                         state: ServiceState { id: svc.id, flags: svc.flags, ring },
                         live,
-                        // The old idle window is unknown (nothing points at it): the next
-                        // ring change takes a fresh one.
-                        idle: Window { offset: 0, size: 0 },
                         generation: svc.generation,
                     },
                 );

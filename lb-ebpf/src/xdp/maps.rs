@@ -23,9 +23,12 @@ pub static SERVICE_GENERATIONS: Array<u32> = Array::with_max_entries(MAX_SERVICE
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
+/// The daemon maps the ring array into its memory and writes slots as memory.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
 /// All Maglev rings, back to back; each service owns two windows and flips between them.
 #[map]
-pub static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_RING_SLOTS, 0);
+pub static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_RING_SLOTS, BPF_F_MMAPABLE);
 
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, Flow> =

@@ -13,6 +13,7 @@
 //! The output of every round is checked. Ratios, not absolute numbers, are what compare
 //! across machines. Then the health checkers' throughput (see `health`).
 
+mod control;
 mod health;
 
 use anyhow::{Result, ensure};
@@ -85,6 +86,10 @@ fn program<'a>(dp: &'a Dataplane, test: &'a mut TestPrograms, name: &'static str
 }
 
 fn main() -> Result<()> {
+    // `lb-bench control`: only the control plane's section.
+    if std::env::args().nth(1).as_deref() == Some("control") {
+        return control::run_all();
+    }
     let mut test = TestPrograms::load()?;
     let mut dp =
         Dataplane::load(&LoadOptions { ring_slots: 4 * 65537, flow_entries: 1 << 20, pin_dir: None })?;
@@ -221,7 +226,8 @@ fn main() -> Result<()> {
             median(&ratios)
         );
     }
-    health::run_all()
+    health::run_all()?;
+    control::run_all()
 }
 
 fn median(v: &[f64]) -> f64 {
