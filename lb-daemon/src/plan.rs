@@ -84,7 +84,7 @@ pub struct AdoptedIds {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub state: DataplaneState,
-    pub unresolved: Vec<(String, IpAddr)>,
+    pub unresolved: BTreeSet<(String, IpAddr)>,
     /// Backend id of each (service name, backend address), for status and metrics.
     pub backend_ids: BTreeMap<(String, IpAddr), u32>,
     pub service_ids: BTreeMap<String, u32>,
@@ -252,7 +252,7 @@ impl Planner {
                 let (family, addr) = addr_words(b.addr);
                 let neighbour = neighbours.get(&b.addr);
                 if neighbour.is_none() {
-                    plan.unresolved.push((svc.name.clone(), b.addr));
+                    plan.unresolved.insert((svc.name.clone(), b.addr));
                 }
                 let up = b.state != BackendState::Disabled && neighbour.is_some();
                 let n = neighbour.copied().unwrap_or(Neighbour {
@@ -501,7 +501,7 @@ mod tests {
     fn unresolved_backends_are_reported_and_kept_out() {
         let mut p = Planner::default();
         let plan = p.plan(&[web(&[("10.1.0.1", 1, BackendState::Active)])], &[], &HashMap::new()).unwrap();
-        assert_eq!(plan.unresolved, vec![("web".to_string(), v4("10.1.0.1"))]);
+        assert_eq!(plan.unresolved, BTreeSet::from([("web".to_string(), v4("10.1.0.1"))]));
         assert!(plan.state.services.values().next().unwrap().ring.is_empty());
     }
 

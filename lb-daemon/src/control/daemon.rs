@@ -26,6 +26,9 @@ pub struct Daemon {
     /// What the kernel's routes and rules should be; the routing task follows it.
     pub(super) routing_intent: tokio::sync::watch::Sender<Intent>,
     pub(super) routing_state: Arc<Mutex<RoutingState>>,
+    /// Bumped whenever an apply gives a service or backend id to another owner: counters
+    /// read outside the lock belong to the ids seen under it only while this stays.
+    pub(super) ids_epoch: u64,
 }
 
 /// What the routing task last did, for status and metrics.
@@ -89,6 +92,7 @@ impl Daemon {
             reloads_failed: 0,
             last_reload_success: None,
             last_reload_error: None,
+            ids_epoch: 0,
             board,
             doubted: Default::default(),
             started: std::time::Instant::now(),
@@ -130,6 +134,9 @@ impl Daemon {
             }
         }
         let report = self.dataplane.apply(&plan.state)?;
+        if plan.service_ids != self.plan.service_ids || plan.backend_ids != self.plan.backend_ids {
+            self.ids_epoch += 1;
+        }
         self.plan = plan;
         self.config = config.clone();
         self.board = board;

@@ -81,7 +81,8 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
     let (routing_stop, routing_stopped) = tokio::sync::oneshot::channel::<bool>();
     let routing_task = tokio::spawn(follow_routing(intent, routing_state, routing_stopped));
     let conns = ConnCounter::new(lock(&daemon).dataplane.flow_reader()?);
-    let views = Arc::new(Views { daemon: Arc::clone(&daemon), conns });
+    let counters = Arc::new(lock(&daemon).dataplane.counter_reader()?);
+    let views = Arc::new(Views { daemon: Arc::clone(&daemon), conns, counters });
     let control_task = tokio::spawn(serve_control(Arc::clone(&views), control));
     let metrics_task = tokio::spawn(serve_metrics(Arc::clone(&views), metrics));
     let status = lock(&daemon).status_line();

@@ -1,32 +1,90 @@
-//! Status and metrics assembly: a [`Snapshot`] read from the maps under the lock, with
-//! connection counts walked outside it.
+//! Status and metrics assembly. Under the daemon's lock only what it owns is copied (the
+//! services, their backends' states, ids); the counters, one map entry per service and
+//! backend (100,000 at a large site), are read after the lock is let go, and the
+//! connection counts come from a walk made outside it (`conns`). A health change or a
+//! reload therefore never waits for a scrape's map reads.
+
+use std::sync::Arc;
+
+use crate::dataplane::CounterReader;
+
+use lb_common::Counters;
 
 use super::*;
 
-/// What the endpoints read: the daemon, and connection counts walked outside its lock.
+/// What the endpoints read: the daemon, and counters and connection counts read outside
+/// its lock.
 pub(super) struct Views {
     pub(super) daemon: Arc<Mutex<Daemon>>,
     pub(super) conns: ConnCounter,
+    pub(super) counters: Arc<CounterReader>,
 }
+
+/// A snapshot's counter ids: per service, its id and its backends' ids, in order.
+pub(super) struct CounterIds {
+    services: Vec<(u32, Vec<u32>)>,
+    epoch: u64,
+}
+
+/// Reads tried outside the lock before one is made under it (ids moved each time).
+const UNLOCKED_TRIES: usize = 3;
 
 pub(super) async fn snapshot_of(views: &Views) -> Result<Snapshot> {
     let conns = views.conns.counts().await?;
-    let daemon = Arc::clone(&views.daemon);
-    tokio::task::spawn_blocking(move || lock(&daemon).snapshot(&conns))
-        .await
-        .map_err(|e| ControlError::Io { what: "snapshot task".into(), source: std::io::Error::other(e) })?
+    let (daemon, counters) = (Arc::clone(&views.daemon), Arc::clone(&views.counters));
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..UNLOCKED_TRIES {
+            let (mut snapshot, ids) = lock(&daemon).snapshot_shape(&conns)?;
+            fill_counters(&mut snapshot, &ids, &counters)?;
+            // A reload that gave an id to another service or backend meanwhile would make
+            // these counters someone else's: read again.
+            if lock(&daemon).ids_epoch == ids.epoch {
+                return Ok(snapshot);
+            }
+        }
+        let d = lock(&daemon);
+        let (mut snapshot, ids) = d.snapshot_shape(&conns)?;
+        fill_counters(&mut snapshot, &ids, &counters)?;
+        Ok(snapshot)
+    })
+    .await
+    .map_err(|e| ControlError::Io { what: "snapshot task".into(), source: std::io::Error::other(e) })?
+}
+
+/// Puts the counters of the services and backends named by `ids` into `snapshot`.
+fn fill_counters(snapshot: &mut Snapshot, ids: &CounterIds, counters: &CounterReader) -> Result<()> {
+    for (service, (id, backend_ids)) in snapshot.services.iter_mut().zip(&ids.services) {
+        service.counters = counters.service(*id)?;
+        for (backend, bid) in service.backends.iter_mut().zip(backend_ids) {
+            backend.counters = counters.backend(*bid)?;
+        }
+    }
+    let global = counters.global()?;
+    let pick = |table: &[(u32, &'static str)]| -> Vec<(&'static str, u64)> {
+        table.iter().map(|(i, name)| (*name, global[*i as usize])).collect()
+    };
+    snapshot.actions = pick(&stat::ACTIONS);
+    snapshot.drops = pick(&stat::DROP_REASONS);
+    snapshot.passes = pick(&stat::PASS_REASONS);
+    snapshot.flows_unrecorded = global[stat::FLOWS_UNRECORDED_FLOOD as usize];
+    snapshot.icmp_forwarded =
+        stat::ICMP_FORWARDED.iter().map(|(i, family, kind)| (*family, *kind, global[*i as usize])).collect();
+    Ok(())
 }
 
 impl Daemon {
-    /// Everything status and metrics show, read from the maps now, with the connection
-    /// counts of a recent walk of the table (made outside the lock: see `conns`).
-    pub(super) fn snapshot(&self, conns: &ConnCounts) -> Result<Snapshot> {
+    /// Everything status and metrics show but the counters (zero here; see
+    /// [`fill_counters`]), with the connection counts of a recent walk of the table.
+    pub(super) fn snapshot_shape(&self, conns: &ConnCounts) -> Result<(Snapshot, CounterIds)> {
+        let mut ids =
+            CounterIds { services: Vec::with_capacity(self.config.services.len()), epoch: self.ids_epoch };
         let now = crate::snapshot::flow_clock_ns()
             .map_err(|source| ControlError::Io { what: "reading the clock".into(), source })?;
         let mut services = Vec::new();
         for spec in &self.config.services {
             let Some(&id) = self.plan.service_ids.get(&spec.name) else { continue };
             let mut backends = Vec::new();
+            let mut backend_ids = Vec::with_capacity(spec.backends.len() + 1);
             let serving = self.plan.fallback_serving.contains(&spec.name);
             let fallback = spec.fallback.map(|addr| BackendSpec {
                 addr,
@@ -49,6 +107,7 @@ impl Daemon {
                     (BackendState::Active, _) => BackendStatus::Active,
                 };
                 let (active, inactive) = conns.by_backend.get(&bid).copied().unwrap_or_default();
+                backend_ids.push(bid);
                 backends.push(BackendSnapshot {
                     addr: b.addr,
                     weight: self.board.weight(&spec.name, b.addr, b.weight),
@@ -61,7 +120,7 @@ impl Daemon {
                     last_check: health.and_then(|h| h.last.as_ref().map(|r| r.message.clone())),
                     last_outcome: health.and_then(|h| h.last.as_ref().map(|r| r.outcome.name())),
                     status,
-                    counters: self.dataplane.backend_counters(bid)?,
+                    counters: Counters::default(),
                     active,
                     inactive,
                 });
@@ -72,30 +131,24 @@ impl Daemon {
                 scheduler: spec.scheduler,
                 ring_size: spec.ring_size,
                 forward: self.config.forward.get(&spec.name).copied().unwrap_or(crate::model::Forward::Dr),
-                counters: self.dataplane.service_counters(id)?,
+                counters: Counters::default(),
                 backends,
             });
+            ids.services.push((id, backend_ids));
         }
-        let global = self.dataplane.global_counters()?;
-        let pick = |table: &[(u32, &'static str)]| -> Vec<(&'static str, u64)> {
-            table.iter().map(|(i, name)| (*name, global[*i as usize])).collect()
-        };
-        Ok(Snapshot {
+        let snapshot = Snapshot {
             services,
-            actions: pick(&stat::ACTIONS),
-            drops: pick(&stat::DROP_REASONS),
-            passes: pick(&stat::PASS_REASONS),
+            actions: Vec::new(),
+            drops: Vec::new(),
+            passes: Vec::new(),
             flow_entries: conns.entries,
             flow_capacity: self.dataplane.load_report().flow_entries,
             flow_entries_per_cpu: conns.per_cpu.clone(),
             flow_capacity_per_cpu: self.dataplane.load_report().flow_entries
                 / (conns.per_cpu.len() as u32).max(1),
             flood_guard_active_cpus: self.dataplane.flood_guard_active_cpus(now)?,
-            flows_unrecorded: global[stat::FLOWS_UNRECORDED_FLOOD as usize],
-            icmp_forwarded: stat::ICMP_FORWARDED
-                .iter()
-                .map(|(i, family, kind)| (*family, *kind, global[*i as usize]))
-                .collect(),
+            flows_unrecorded: 0,
+            icmp_forwarded: Vec::new(),
             interfaces: self
                 .config
                 .director
@@ -128,6 +181,7 @@ impl Daemon {
                     removed: r.removed,
                 })
             },
-        })
+        };
+        Ok((snapshot, ids))
     }
 }

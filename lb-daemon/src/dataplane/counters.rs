@@ -28,6 +28,51 @@ pub(super) fn walk_flows<T: std::borrow::Borrow<MapData>>(
     Ok(n)
 }
 
+fn sum_counters<T: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<T, Counters>,
+    name: &'static str,
+    id: u32,
+) -> Result<Counters> {
+    let per_cpu = map.get(&id, 0).map_err(map_err(name))?;
+    Ok(per_cpu.iter().fold(Counters::default(), |a, c| Counters {
+        packets: a.packets + c.packets,
+        bytes: a.bytes + c.bytes,
+        new_flows: a.new_flows + c.new_flows,
+    }))
+}
+
+fn global_counters<T: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<T, u64>,
+) -> Result<[u64; stat::COUNT as usize]> {
+    let mut out = [0u64; stat::COUNT as usize];
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = map.get(&(i as u32), 0).map_err(map_err(maps::GLOBAL_STATS))?.iter().sum();
+    }
+    Ok(out)
+}
+
+/// The service, backend and global counters, readable on their own (see
+/// [`Dataplane::counter_reader`]).
+pub struct CounterReader {
+    services: PerCpuArray<MapData, Counters>,
+    backends: PerCpuArray<MapData, Counters>,
+    global: PerCpuArray<MapData, u64>,
+}
+
+impl CounterReader {
+    pub fn service(&self, id: u32) -> Result<Counters> {
+        sum_counters(&self.services, maps::SERVICE_STATS, id)
+    }
+
+    pub fn backend(&self, id: u32) -> Result<Counters> {
+        sum_counters(&self.backends, maps::BACKEND_STATS, id)
+    }
+
+    pub fn global(&self) -> Result<[u64; stat::COUNT as usize]> {
+        global_counters(&self.global)
+    }
+}
+
 /// The connection table, readable on its own (see [`Dataplane::flow_reader`]).
 pub struct FlowReader {
     flows: HashMap<MapData, FlowKey, Flow>,
@@ -85,34 +130,40 @@ impl Dataplane {
         Ok(FlowReader { flows, cpus: possible_cpus(maps::FLOWS)? as u32 })
     }
 
-    pub(super) fn sum_counters(&self, name: &'static str, id: u32) -> Result<Counters> {
-        let map: PerCpuArray<&MapData, Counters> = map_ref(&self.ebpf, name)?;
-        let per_cpu = map.get(&id, 0).map_err(map_err(name))?;
-        Ok(per_cpu.iter().fold(Counters::default(), |a, c| Counters {
-            packets: a.packets + c.packets,
-            bytes: a.bytes + c.bytes,
-            new_flows: a.new_flows + c.new_flows,
-        }))
-    }
-
     /// A service's counters summed over CPUs.
     pub fn service_counters(&self, id: u32) -> Result<Counters> {
-        self.sum_counters(maps::SERVICE_STATS, id)
+        sum_counters(&map_ref(&self.ebpf, maps::SERVICE_STATS)?, maps::SERVICE_STATS, id)
     }
 
     /// A backend's counters summed over CPUs.
     pub fn backend_counters(&self, id: u32) -> Result<Counters> {
-        self.sum_counters(maps::BACKEND_STATS, id)
+        sum_counters(&map_ref(&self.ebpf, maps::BACKEND_STATS)?, maps::BACKEND_STATS, id)
     }
 
     /// XDP action totals and drops by reason (`lb_common::stat` indices), summed over CPUs.
     pub fn global_counters(&self) -> Result<[u64; stat::COUNT as usize]> {
-        let map: PerCpuArray<&MapData, u64> = map_ref(&self.ebpf, maps::GLOBAL_STATS)?;
-        let mut out = [0u64; stat::COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            *slot = map.get(&(i as u32), 0).map_err(map_err(maps::GLOBAL_STATS))?.iter().sum();
-        }
-        Ok(out)
+        global_counters(&map_ref(&self.ebpf, maps::GLOBAL_STATS)?)
+    }
+
+    /// The counter maps on descriptors of their own, readable without this `Dataplane`
+    /// (and whatever lock guards it): a scrape of 100,000 backends reads 100,000 entries.
+    pub fn counter_reader(&self) -> Result<CounterReader> {
+        let own = |name: &'static str| -> Result<aya::maps::Map> {
+            let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
+            let aya::maps::Map::PerCpuArray(data) = map else {
+                return Err(map_err(name)(MapError::InvalidName { name: name.into() }));
+            };
+            let fd =
+                data.fd().as_fd().try_clone_to_owned().map_err(|e| map_err(name)(MapError::IoError(e)))?;
+            aya::maps::Map::from_map_data(MapData::from_fd(fd).map_err(map_err(name))?).map_err(map_err(name))
+        };
+        Ok(CounterReader {
+            services: PerCpuArray::try_from(own(maps::SERVICE_STATS)?)
+                .map_err(map_err(maps::SERVICE_STATS))?,
+            backends: PerCpuArray::try_from(own(maps::BACKEND_STATS)?)
+                .map_err(map_err(maps::BACKEND_STATS))?,
+            global: PerCpuArray::try_from(own(maps::GLOBAL_STATS)?).map_err(map_err(maps::GLOBAL_STATS))?,
+        })
     }
 
     /// A snapshot of the connection table.

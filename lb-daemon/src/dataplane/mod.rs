@@ -38,7 +38,7 @@ mod counters;
 mod ring_memory;
 mod rings;
 
-pub use counters::FlowReader;
+pub use counters::{CounterReader, FlowReader};
 use ring_memory::RingMemory;
 use rings::{RingSpace, Window};
 
