@@ -6,7 +6,8 @@ use super::*;
 /// The config in force and everything derived from it.
 pub struct Daemon {
     pub(super) config_path: PathBuf,
-    pub(super) config: Config,
+    /// Shared, so that a health apply reads it without copying 100,000 backends.
+    pub(super) config: Arc<Config>,
     pub(super) planner: Planner,
     pub(super) plan: Plan,
     pub(super) dataplane: Dataplane,
@@ -45,8 +46,9 @@ pub struct RoutingState {
 
 impl Daemon {
     /// Loads (or adopts) the data path, fills it from the config and attaches it.
-    pub async fn start(config_path: &Path) -> Result<Daemon> {
-        let config = load_config(config_path)?;
+    /// `config` is what `load_config` read from `config_path` (read once: a large site's
+    /// file takes a second to parse).
+    pub async fn start(config_path: &Path, config: Config) -> Result<Daemon> {
         let d = &config.director;
         let dataplane = Dataplane::load(&LoadOptions {
             ring_slots: d.ring_slots,
@@ -83,7 +85,7 @@ impl Daemon {
         let mut daemon = Daemon {
             config_path: config_path.to_owned(),
             plan: Plan::default(),
-            config,
+            config: Arc::new(config),
             planner,
             dataplane,
             neighbours,
@@ -99,7 +101,7 @@ impl Daemon {
             routing_intent: tokio::sync::watch::Sender::new(Intent::default()),
             routing_state: Arc::default(),
         };
-        let config = daemon.config.clone();
+        let config = Arc::clone(&daemon.config);
         // Maps are full before any interface gets the program.
         daemon.apply(&config, true)?;
         daemon.attach_interfaces(&config)?;
@@ -113,12 +115,14 @@ impl Daemon {
     /// `new_config`: the config was (re)loaded, so the health board follows it (which
     /// also ends flap timeouts); otherwise only health or neighbours changed.
     pub(super) fn apply(&mut self, config: &Config, new_config: bool) -> Result<ApplyReport> {
-        // Health enters here, and only here: a down backend is planned as disabled.
-        let mut board = self.board.clone();
-        if new_config {
+        // Health enters here, and only here: a down backend is planned as disabled. A new
+        // config gets a synced copy of the board, kept only if the apply succeeds.
+        let synced = new_config.then(|| {
+            let mut board = self.board.clone();
             board.sync(&config.services, &config.checks);
-        }
-        let services = board.overlay(&config.services);
+            board
+        });
+        let services = synced.as_ref().unwrap_or(&self.board).overlay(&config.services);
         let mut plan = self.planner.plan(&services, &config.marks, &self.neighbours)?;
         plan.state.local_macs = self
             .interface_macs
@@ -138,8 +142,10 @@ impl Daemon {
             self.ids_epoch += 1;
         }
         self.plan = plan;
-        self.config = config.clone();
-        self.board = board;
+        if let Some(board) = synced {
+            self.config = Arc::new(config.clone());
+            self.board = board;
+        }
         let intent = self.routing_intent();
         self.routing_intent.send_if_modified(|current| {
             let changed = *current != intent;
@@ -186,7 +192,9 @@ impl Daemon {
     }
 
     /// Feeds a probe result in; re-plans when a state or a weight changed.
-    pub(super) fn observe(&mut self, result: &ProbeResult) {
+    /// Takes a check's result into the board; says whether a backend's state or weight
+    /// changed (then [`Self::apply_health`] is due).
+    pub(super) fn observe(&mut self, result: &ProbeResult) -> bool {
         // Said once when it starts (every check repeats it), and when it stops.
         let doubted = result.report.doubt.is_some();
         if doubted != self.doubted.contains(&result.key) {
@@ -220,12 +228,15 @@ impl Daemon {
                 tracing::warn!(service = e.service, backend = %e.backend, from, to, check = e.message, "backend state changed");
             }
         }
-        if changed {
-            let config = self.config.clone();
-            match self.apply(&config, false) {
-                Ok(report) => tracing::debug!(?report, "health applied"),
-                Err(e) => tracing::error!(error = %crate::error_chain(&e), "applying a health change"),
-            }
+        changed
+    }
+
+    /// Plans and applies what the board says now.
+    pub(super) fn apply_health(&mut self) {
+        let config = Arc::clone(&self.config);
+        match self.apply(&config, false) {
+            Ok(report) => tracing::debug!(?report, "health applied"),
+            Err(e) => tracing::error!(error = %crate::error_chain(&e), "applying a health change"),
         }
     }
 

@@ -54,13 +54,17 @@ pub(super) fn raise_descriptor_limit() {
     }
 }
 
+/// Check results taken into one health apply at most (a bound on the time the lock is held
+/// for a burst; the rest go into the next).
+const HEALTH_BATCH: usize = 1024;
+
 /// `lb-daemon run`: until SIGTERM or SIGINT.
 pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
     raise_descriptor_limit();
     if let Err(e) = crate::health::children::become_subreaper() {
         tracing::warn!(error = %e, "cannot adopt what checks leave behind (ssh masters): they may outlive the daemon");
     }
-    let config = Config::load(config_path)?;
+    let config = load_config(config_path)?;
     // Bound before the data path is touched: a second daemon must not adopt the maps.
     let control = bind_control_socket(&config.director.control_socket).await?;
     let metrics = tokio::net::TcpListener::bind(config.director.metrics_listen)
@@ -70,7 +74,9 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).map_err(io("installing the SIGTERM handler"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io("installing the SIGINT handler"))?;
 
-    let daemon = Arc::new(Mutex::new(Daemon::start(config_path).await?));
+    let (metrics_listen, control_socket) =
+        (config.director.metrics_listen, config.director.control_socket.clone());
+    let daemon = Arc::new(Mutex::new(Daemon::start(config_path, config).await?));
     let (results_tx, mut results) = tokio::sync::mpsc::channel::<ProbeResult>(1024);
     let mut supervisor = Supervisor::new(results_tx);
     supervisor.reconcile(&lock(&daemon).board.probes());
@@ -88,8 +94,8 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
     let status = lock(&daemon).status_line();
     tracing::info!(
         file = %config_path.display(),
-        metrics = %config.director.metrics_listen,
-        control = %config.director.control_socket.display(),
+        metrics = %metrics_listen,
+        control = %control_socket.display(),
         "{status}; ready"
     );
     notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
@@ -122,7 +128,21 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
                     reloading = Some(tokio::spawn(async move { reload(&daemon).await }));
                 }
             }
-            Some(result) = results.recv() => lock(&daemon).observe(&result),
+            Some(result) = results.recv() => {
+                let mut d = lock(&daemon);
+                let mut changed = d.observe(&result);
+                // Verdicts that arrived meanwhile go into the same apply: a hundred servers
+                // failing together cost one plan over every service, not a hundred.
+                for _ in 0..HEALTH_BATCH {
+                    match results.try_recv() {
+                        Ok(more) => changed |= d.observe(&more),
+                        Err(_) => break,
+                    }
+                }
+                if changed {
+                    d.apply_health();
+                }
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = neighbour_tick.tick() => refresh_neighbours(&daemon, Duration::from_millis(500)).await,
@@ -149,7 +169,7 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
     control_task.abort();
     metrics_task.abort();
     drop(views);
-    let _ = std::fs::remove_file(&config.director.control_socket);
+    let _ = std::fs::remove_file(&control_socket);
     let bpf_dir = lock(&daemon).config.director.bpf_dir.clone();
     drop(daemon);
     match on_exit {

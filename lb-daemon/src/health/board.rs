@@ -76,6 +76,9 @@ pub struct Event {
 #[derive(Clone, Debug, Default)]
 pub struct Board {
     entries: HashMap<(String, IpAddr), Entry>,
+    /// The pairs each probe serves: a result touches those, not every entry (a server
+    /// behind 1,000 services is one probe and 1,000 pairs of 100,000).
+    by_probe: HashMap<ProbeKey, Vec<(String, IpAddr)>>,
     /// Backends an adopted data path was sending traffic to: they start up even where
     /// the check says `initial_state: down`, so that a restart takes none out.
     running_up: HashSet<(ServiceMatch, IpAddr)>,
@@ -135,7 +138,16 @@ impl Board {
                 next.insert(key, entry);
             }
         }
+        let mut by_probe: HashMap<ProbeKey, Vec<(String, IpAddr)>> = HashMap::new();
+        for (key, e) in &next {
+            by_probe.entry(e.probe.clone()).or_default().push(key.clone());
+        }
+        // Results reach a probe's pairs in one order whatever the hash map's.
+        for pairs in by_probe.values_mut() {
+            pairs.sort();
+        }
         self.entries = next;
+        self.by_probe = by_probe;
         // Only the first config after adopting meets the old daemon's backends.
         self.running_up.clear();
     }
@@ -147,9 +159,8 @@ impl Board {
 
     /// The probes the board needs running.
     pub fn probes(&self) -> Vec<ProbeKey> {
-        let mut v: Vec<ProbeKey> = self.entries.values().map(|e| e.probe.clone()).collect();
-        v.sort_by_key(|k| format!("{k:?}"));
-        v.dedup();
+        let mut v: Vec<ProbeKey> = self.by_probe.keys().cloned().collect();
+        v.sort_by_cached_key(|k| format!("{k:?}"));
         v
     }
 
@@ -158,7 +169,9 @@ impl Board {
     pub fn observe(&mut self, result: &ProbeResult, now: Duration) -> (Vec<Event>, bool) {
         let mut events = Vec::new();
         let mut changed = false;
-        for ((service, backend), e) in self.entries.iter_mut().filter(|(_, e)| e.probe == result.key) {
+        let pairs = self.by_probe.get(&result.key).map(Vec::as_slice).unwrap_or_default();
+        for (service, backend) in pairs {
+            let Some(e) = self.entries.get_mut(&(service.clone(), *backend)) else { continue };
             let r = &result.report;
             *e.results.entry(r.outcome.name()).or_default() += 1;
             e.durations.observe(result.took);
