@@ -877,15 +877,16 @@ fn an_apply_that_runs_out_of_ring_space_changes_nothing() -> Result<()> {
     with_env(|env| {
         let syn = tcp4([10, 13, 0, 1], VIP, 47000, 80, TCP_SYN);
         let first = env.forward(&syn)?;
-        // The environment has 18 x 4093 slots; six rings of 4093 are double-buffered.
+        // The environment has 18 x 4093 slots; six rings of 4093 take 6 x 4093 of them, and
+        // a ring of 65537 does not fit in the rest.
         let with_ring = |size| {
             let mut s = services();
             s[0].ring_size = size;
             s
         };
-        let too_big = env.planner.clone().plan(&with_ring(16381), &mark_rules(), &env.neighbours)?;
-        let err = env.dp.apply(&too_big.state).expect_err("16381 x 2 slots do not fit");
-        ensure!(matches!(err, DataplaneError::RingSpace { size: 16381, .. }), "{err}");
+        let too_big = env.planner.clone().plan(&with_ring(65537), &mark_rules(), &env.neighbours)?;
+        let err = env.dp.apply(&too_big.state).expect_err("65537 slots do not fit");
+        ensure!(matches!(err, DataplaneError::RingSpace { size: 65537, .. }), "{err}");
 
         let mut ack = syn.clone();
         ack[14 + 20 + 13] = TCP_ACK;

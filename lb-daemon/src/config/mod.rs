@@ -1,5 +1,7 @@
-//! The YAML configuration: its serde model, and validation into the specs [`crate::plan`]
-//! takes. Every error names the file, line, column and key path of what it refuses.
+//! The YAML configuration: its serde model (`raw`), and validation (`validate`, `check`,
+//! `routing`) into the model ([`crate::model`], `health::spec`, `routing::decl`). It reads
+//! the file and nothing else. Every error names the file, line, column and key path of
+//! what it refuses.
 //!
 //! `configs/lb.example.yaml` documents every key. Parsing uses `serde-saphyr`: it is
 //! maintained, panic-free on hostile input (bounded alias expansion and nesting), refuses
