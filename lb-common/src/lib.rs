@@ -39,6 +39,43 @@ pub mod programs {
     pub const PASS: &str = "lb_pass";
 }
 
+/// The real servers' decapsulation object (`lb-xdp-decap`): `lb-daemon decap attach`
+/// loads it on a real server whose kernel lacks the `ipip`/`ip6_tunnel` modules.
+pub mod decap {
+    /// Layout of the decapsulator's maps; pinned under `maps-v<N>` like the balancer's.
+    pub const MAP_LAYOUT_VERSION: u32 = 1;
+    pub const PROGRAM: &str = "lb_decap";
+    /// `DECAP_LOCAL[AddrKey]`: outer destinations that are this host's (value unused).
+    pub const LOCAL_ADDRS: &str = "DECAP_LOCAL";
+    /// Per-CPU counters, indexed as below.
+    pub const STATS: &str = "DECAP_STATS";
+    pub const MAX_LOCAL_ADDRS: u32 = 256;
+
+    pub const IPIP: u32 = 0;
+    pub const IP6IP6: u32 = 1;
+    pub const IP6_IN_IP4: u32 = 2;
+    pub const IP4_IN_IP6: u32 = 3;
+    pub const PASS_NOT_TUNNEL: u32 = 4;
+    pub const PASS_NOT_LOCAL: u32 = 5;
+    pub const PASS_FRAGMENT: u32 = 6;
+    pub const PASS_MALFORMED: u32 = 7;
+    pub const PASS_OUTER_OPTIONS: u32 = 8;
+    pub const COUNT: u32 = 9;
+
+    /// Counter names as `decap status` and metrics print them.
+    pub const NAMES: [(u32, &str); COUNT as usize] = [
+        (IPIP, "decapsulated_ipv4_in_ipv4"),
+        (IP6IP6, "decapsulated_ipv6_in_ipv6"),
+        (IP6_IN_IP4, "decapsulated_ipv6_in_ipv4"),
+        (IP4_IN_IP6, "decapsulated_ipv4_in_ipv6"),
+        (PASS_NOT_TUNNEL, "passed_not_tunnelled"),
+        (PASS_NOT_LOCAL, "passed_not_addressed_here"),
+        (PASS_FRAGMENT, "passed_outer_fragment"),
+        (PASS_MALFORMED, "passed_malformed"),
+        (PASS_OUTER_OPTIONS, "passed_outer_options"),
+    ];
+}
+
 /// The test and benchmark object (`lb-xdp-test`), which only the tests load.
 pub mod test_object {
     /// Map names.

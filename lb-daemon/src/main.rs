@@ -48,6 +48,15 @@ enum Cmd {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// On a real server: strip the outer header of packets tunnelled to it (IPv4/IPv6 in
+    /// IPv4/IPv6), for kernels without the ipip/ip6_tunnel modules. No config file.
+    Decap {
+        #[command(subcommand)]
+        command: DecapCmd,
+        /// Where the program's link and maps are pinned (a bpf filesystem).
+        #[arg(long, global = true, default_value = lb_daemon::dataplane::decap::DEFAULT_DECAP_DIR)]
+        bpf_dir: PathBuf,
+    },
     /// Load the embedded XDP object into this kernel (verifier included), report, unload.
     /// Attaches nothing and changes no traffic: a pre-deployment check for a kernel.
     Verify {
@@ -58,6 +67,25 @@ enum Cmd {
         #[arg(long, default_value_t = LoadOptions::default().flow_entries)]
         flow_entries: u32,
     },
+}
+
+#[derive(Subcommand)]
+enum DecapCmd {
+    /// Attach to IFACE (again: refresh the addresses it decapsulates for).
+    Attach {
+        iface: String,
+        /// `native` (in the driver) or `generic` (any interface, slower).
+        #[arg(long, default_value = "native", value_parser = ["native", "generic"])]
+        xdp_mode: String,
+        /// Also decapsulate packets tunnelled to this address (repeatable); the
+        /// interface's own addresses always count.
+        #[arg(long = "local")]
+        local: Vec<std::net::IpAddr>,
+    },
+    /// Detach from IFACE (the maps go with the last interface).
+    Detach { iface: String },
+    /// Interfaces, local addresses and counters.
+    Status,
 }
 
 fn init_logging() {
@@ -144,6 +172,22 @@ fn run(cmd: Cmd) -> Result<()> {
             } else {
                 println!("detached from {}; pinned maps removed", detached.join(", "));
             }
+        }
+        Cmd::Decap { command, bpf_dir } => {
+            use lb_daemon::control::decap;
+            let out = match command {
+                DecapCmd::Attach { iface, xdp_mode, local } => {
+                    let mode = if xdp_mode == "generic" {
+                        lb_daemon::model::XdpMode::Generic
+                    } else {
+                        lb_daemon::model::XdpMode::Native
+                    };
+                    decap::attach(&bpf_dir, &iface, mode, &local)?
+                }
+                DecapCmd::Detach { iface } => decap::detach(&bpf_dir, &iface)?,
+                DecapCmd::Status => decap::status(&bpf_dir)?,
+            };
+            println!("{}", out.trim_end());
         }
         Cmd::Verify { ring_slots, flow_entries } => {
             let dp = Dataplane::load(&LoadOptions { ring_slots, flow_entries, pin_dir: None })

@@ -1,4 +1,5 @@
-//! `lb-daemon check`, as an operator or a deploy pipeline calls it: exit status and message.
+//! `lb-daemon check` and `decap`, as an operator or a deploy pipeline calls them: exit
+//! status and message.
 
 use std::process::Command;
 
@@ -74,4 +75,20 @@ fn the_systemd_unit_verifies() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+fn lb(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_lb-daemon")).args(args).output().unwrap()
+}
+
+#[test]
+fn decap_names_a_missing_interface_and_finds_nothing_attached() {
+    let dir = std::env::temp_dir().join(format!("lb-decap-cli-{}", std::process::id()));
+    let out = lb(&["decap", "attach", "nosuch0", "--bpf-dir", dir.to_str().unwrap_or_default()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interface nosuch0 does not exist"), "{out:?}");
+    let out = lb(&["decap", "status", "--bpf-dir", dir.to_str().unwrap_or_default()]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("not attached anywhere"), "{out:?}");
+    assert!(!dir.exists(), "status created {}", dir.display());
 }

@@ -75,7 +75,7 @@ pub fn ptr_at<T>(start: usize, end: usize, offset: usize) -> Option<*const T> {
 }
 
 #[inline(always)]
-fn read_u8(start: usize, end: usize, offset: usize) -> Option<u8> {
+pub fn read_u8(start: usize, end: usize, offset: usize) -> Option<u8> {
     // SAFETY: ptr_at checked that the byte lies inside [start, end).
     ptr_at::<u8>(start, end, offset).map(|p| unsafe { *p })
 }
@@ -91,7 +91,7 @@ fn read_2u8(start: usize, end: usize, offset: usize) -> Option<[u8; 2]> {
 
 /// Reads a big-endian u16 and returns it in host order.
 #[inline(always)]
-fn read_be16(start: usize, end: usize, offset: usize) -> Option<u16> {
+pub fn read_be16(start: usize, end: usize, offset: usize) -> Option<u16> {
     // SAFETY: bounds checked by ptr_at; packet data has no alignment guarantee.
     ptr_at::<u16>(start, end, offset).map(|p| u16::from_be(unsafe { p.read_unaligned() }))
 }
@@ -104,7 +104,7 @@ fn read_raw16(start: usize, end: usize, offset: usize) -> Option<u16> {
 }
 
 #[inline(always)]
-fn read_raw32(start: usize, end: usize, offset: usize) -> Option<u32> {
+pub fn read_raw32(start: usize, end: usize, offset: usize) -> Option<u32> {
     // SAFETY: as read_be16.
     ptr_at::<u32>(start, end, offset).map(|p| unsafe { p.read_unaligned() })
 }

@@ -142,10 +142,3 @@ mod programs {
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
-
-#[cfg(target_arch = "bpf")]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // The verifier proves every path terminates, so no panic is reachable at run time.
-    loop {}
-}

@@ -228,3 +228,50 @@ pub fn ipv6(src: [u8; 16], dst: [u8; 16], l4: L4, opts: Ipv6Opts) -> Vec<u8> {
     f.extend_from_slice(&payload);
     f
 }
+
+/// `inner` (a frame from these builders, untagged) tunnelled over IPv4: its IP packet
+/// behind an outer header from `src` to `dst` (protocol 4 for IPv4 inside, 41 for IPv6; DF
+/// set, TTL 64, `frag` in the flags and offset field), in a frame with the same Ethernet
+/// addresses.
+pub fn in_ipv4(inner: &[u8], src: [u8; 4], dst: [u8; 4], frag: u16) -> Vec<u8> {
+    let packet = &inner[14..];
+    let proto = if packet[0] >> 4 == 6 { 41 } else { 4 };
+    let len = (20 + packet.len()) as u16;
+    let mut h = [0u8; 20];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&len.to_be_bytes());
+    h[6..8].copy_from_slice(&(0x4000 | frag).to_be_bytes());
+    h[8] = 64;
+    h[9] = proto;
+    h[12..16].copy_from_slice(&src);
+    h[16..20].copy_from_slice(&dst);
+    let c = csum::checksum(&h, 0);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = ethernet(None, 0x0800);
+    f.extend_from_slice(&h);
+    f.extend_from_slice(packet);
+    f
+}
+
+/// As [`in_ipv4`], over IPv6 (next header 4 or 41, hop limit 64).
+pub fn in_ipv6(inner: &[u8], src: [u8; 16], dst: [u8; 16]) -> Vec<u8> {
+    let packet = &inner[14..];
+    let next = if packet[0] >> 4 == 6 { 41 } else { 4 };
+    let mut f = ethernet(None, 0x86dd);
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(packet.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[next, 64]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(packet);
+    f
+}
+
+/// `frame` with an 802.1Q tag inserted after its Ethernet addresses.
+pub fn tagged(frame: &[u8], vlan: u16) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&0x8100u16.to_be_bytes());
+    f.extend_from_slice(&vlan.to_be_bytes());
+    f.extend_from_slice(&frame[12..]);
+    f
+}

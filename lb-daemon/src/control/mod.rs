@@ -57,6 +57,8 @@ pub enum ControlError {
     NotRunning { path: PathBuf, source: std::io::Error },
     #[error("interface {0} (director.interfaces) does not exist")]
     NoInterface(String),
+    #[error("interface {0} does not exist")]
+    NoSuchInterface(String),
     #[error("rendering metrics")]
     Metrics(#[from] crate::metrics::MetricsError),
 }
@@ -66,6 +68,7 @@ type Result<T> = std::result::Result<T, ControlError>;
 mod bounded;
 mod conns;
 mod daemon;
+pub mod decap;
 mod metrics_server;
 mod run;
 mod socket;

@@ -35,6 +35,7 @@ use lb_common::{
 mod apply;
 mod attach;
 mod counters;
+pub mod decap;
 mod ring_memory;
 mod rings;
 
@@ -254,6 +255,26 @@ pub struct Dataplane {
     report: LoadReport,
 }
 
+/// The XDP program `name` of `ebpf`.
+fn xdp<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a Xdp> {
+    ebpf.program(name)
+        .ok_or(DataplaneError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
+fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp> {
+    ebpf.program_mut(name)
+        .ok_or(DataplaneError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// Loads the XDP program `name` of `ebpf` into the kernel (the verifier runs here).
+fn load_xdp(ebpf: &mut Ebpf, name: &'static str) -> Result<()> {
+    xdp_mut(ebpf, name)?.load().map_err(|source| DataplaneError::Program { name, source })
+}
+
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { map, source }
 }
@@ -291,12 +312,7 @@ impl Dataplane {
         }
         let mut ebpf = loader.load(OBJECT)?;
         for name in [programs::BALANCER, programs::PASS] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DataplaneError::Program { name, source })?;
-            prog.load().map_err(|source| DataplaneError::Program { name, source })?;
+            load_xdp(&mut ebpf, name)?;
         }
         let capacity = |ebpf: &Ebpf, name: &'static str| -> Result<u32> {
             let map = ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
@@ -452,19 +468,11 @@ impl Dataplane {
 
     /// A loaded program, for attaching elsewhere or for `BPF_PROG_TEST_RUN`.
     pub fn program(&self, name: &'static str) -> Result<&Xdp> {
-        self.ebpf
-            .program(name)
-            .ok_or(DataplaneError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })
+        xdp(&self.ebpf, name)
     }
 
     fn program_mut(&mut self, name: &'static str) -> Result<&mut Xdp> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })
+        xdp_mut(&mut self.ebpf, name)
     }
 }
 
