@@ -124,7 +124,7 @@ pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
 /// Version of the layout of every map's keys and values. Pinned maps are kept under a
 /// directory named after it, so a daemon only ever adopts maps it understands: bump it
 /// whenever a map's key or value type changes meaning or size.
-pub const MAP_LAYOUT_VERSION: u32 = 4;
+pub const MAP_LAYOUT_VERSION: u32 = 5;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -203,7 +203,10 @@ pub struct Backend {
     /// reached through a VLAN device on top of it); zero sends them untagged. A frame's
     /// own tag is replaced by this one, or removed.
     pub vlan: u16,
-    pub _pad: u16,
+    /// Non-zero: the packet goes inside an outer IP header to `addr` (IP-in-IP, or IPv6
+    /// in IPv6), from `DataplaneConfig`'s tunnel source of `addr`'s family.
+    pub tunnel: u8,
+    pub _pad: u8,
 }
 
 /// Connection-table key: the 5-tuple as seen on the wire.
@@ -306,7 +309,10 @@ pub struct DataplaneConfig {
     /// still forwarded by the ring), so that a SYN flood cannot evict established
     /// flows from the connection table. Zero: no limit.
     pub flood_guard_flows_per_sec: u32,
-    pub _pad: u32,
+    /// Outer source of IPv4 tunnel headers (network order); zero: none configured.
+    pub tunnel_source_v4: u32,
+    /// Outer source of IPv6 tunnel headers (network-order words); zero: none configured.
+    pub tunnel_source_v6: [u32; 4],
 }
 
 /// The destination MACs a receiving interface accepts (`LOCAL_MACS[ifindex]`): frames to

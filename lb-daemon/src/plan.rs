@@ -15,8 +15,8 @@ use lb_common::{
 
 use crate::maglev;
 use crate::model::{
-    BackendSpec, BackendState, FallbackAction, MarkRuleSpec, Neighbour, Protocol, RingCandidate, RingError,
-    Scheduler, ServiceMatch, ServiceSpec, addr_of, addr_words, service_key, service_match_of,
+    BackendSpec, BackendState, FallbackAction, Forward, MarkRuleSpec, Neighbour, Protocol, RingCandidate,
+    RingError, Scheduler, ServiceMatch, ServiceSpec, addr_of, addr_words, service_key, service_match_of,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -66,6 +66,9 @@ pub struct DataplaneState {
     pub local_macs: BTreeMap<u32, BTreeSet<[u8; 6]>>,
     /// `DataplaneConfig::flood_guard_flows_per_sec`; zero: no guard.
     pub flood_guard_flows_per_sec: u32,
+    /// Outer sources of tunnel headers (`DataplaneConfig::tunnel_source_*`).
+    pub tunnel_source_v4: u32,
+    pub tunnel_source_v6: [u32; 4],
 }
 
 /// Ids recorded in adopted maps, for [`crate::plan::Planner::seed`].
@@ -273,6 +276,7 @@ impl Planner {
                         // Ids are below MAX_SERVICES (4096).
                         service: id as u16,
                         vlan: n.vlan,
+                        tunnel: u8::from(svc.forward == Forward::Tunnel),
                         _pad: 0,
                     },
                 );
@@ -360,6 +364,7 @@ mod tests {
                 .collect(),
             fallback: None,
             fallback_action: FallbackAction::Drop,
+            forward: Forward::Dr,
         }
     }
 

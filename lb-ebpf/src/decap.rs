@@ -5,7 +5,9 @@
 
 use lb_common::{FAMILY_V4, FAMILY_V6, decap};
 
-use crate::parse::{ETH_P_IP, ETH_P_IPV6, parse_eth, ptr_at, read_be16, read_raw32, read_u8};
+use crate::parse::{
+    ETH_P_IP, ETH_P_IPV6, ipv4_header_sum, parse_eth, ptr_at, read_be16, read_raw32, read_u8,
+};
 
 const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_IPV6: u8 = 41;
@@ -68,9 +70,7 @@ fn plan_inner(start: usize, end: usize) -> Result<Decap, u32> {
             let words = ptr_at::<[u32; 5]>(start, end, l2).ok_or(decap::PASS_MALFORMED)?;
             // SAFETY: bounds checked by ptr_at; packet data has no alignment guarantee.
             let words = unsafe { words.read_unaligned() };
-            let sum = words.iter().fold(0u64, |a, w| a + (w & 0xffff) as u64 + (w >> 16) as u64);
-            let folded = (sum & 0xffff) + (sum >> 16);
-            if (folded & 0xffff) + (folded >> 16) != 0xffff {
+            if ipv4_header_sum(&words) != 0xffff {
                 return Err(decap::PASS_MALFORMED);
             }
             // The kernel would reassemble an outer fragment; here it is left to it.

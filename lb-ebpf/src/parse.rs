@@ -218,8 +218,7 @@ pub fn check_ipv4_header(start: usize, end: usize, p: &Parsed) -> Result<(), u32
         let h = ptr_at::<[u32; 5]>(start, end, l3).ok_or(stat::DROP_TRUNCATED)?;
         // SAFETY: the 20 bytes were bounds-checked by ptr_at; packet data is unaligned.
         let words = unsafe { h.read_unaligned() };
-        let sum = words.iter().fold(0u64, |a, w| a + (w & 0xffff) as u64 + (w >> 16) as u64);
-        return if fold(sum) == 0xffff { Ok(()) } else { Err(stat::DROP_BAD_IP_CHECKSUM) };
+        return if ipv4_header_sum(&words) == 0xffff { Ok(()) } else { Err(stat::DROP_BAD_IP_CHECKSUM) };
     }
     let mut sum: u64 = 0;
     // Options copied out as the checksum loop reads them: parsing them from the stack
@@ -242,6 +241,14 @@ pub fn check_ipv4_header(start: usize, end: usize, p: &Parsed) -> Result<(), u32
         return Err(stat::DROP_BAD_IP_OPTIONS);
     }
     Ok(())
+}
+
+/// The one's-complement sum of a 20-byte IPv4 header read as five words in memory order:
+/// 0xffff when its checksum is right; with a zero checksum field, its complement is the
+/// checksum to store (in the same order).
+#[inline(always)]
+pub fn ipv4_header_sum(words: &[u32; 5]) -> u16 {
+    fold(words.iter().fold(0u64, |a, w| a + (w & 0xffff) as u64 + (w >> 16) as u64)) as u16
 }
 
 /// A one's-complement sum of 16-bit words folded to 16 bits. Byte order does not matter

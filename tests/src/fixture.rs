@@ -66,6 +66,7 @@ pub fn tcp_service(name: &str, vip: IpAddr, port: u16, ring_size: u32, backends:
             .collect(),
         fallback: None,
         fallback_action: FallbackAction::Drop,
+        forward: lb_daemon::model::Forward::Dr,
     }
 }
 

@@ -71,6 +71,7 @@ fn service(
         backends: backends.iter().map(|(a, s)| BackendSpec { addr: ip(a), weight: 100, state: *s }).collect(),
         fallback: None,
         fallback_action: FallbackAction::Drop,
+        forward: lb_daemon::model::Forward::Dr,
     }
 }
 

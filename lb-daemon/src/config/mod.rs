@@ -121,8 +121,6 @@ pub struct Config {
     pub director: Director,
     pub marks: Vec<MarkRuleSpec>,
     pub services: Vec<ServiceSpec>,
-    /// Per service name: how it forwards (for status; only direct routing exists).
-    pub forward: BTreeMap<String, Forward>,
     /// Per service name: how its backends are checked (services without are always up).
     pub checks: BTreeMap<String, HealthCheck>,
     /// Policy routing and VIP routes; `None`: the daemon manages no route or rule.

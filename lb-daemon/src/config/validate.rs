@@ -113,10 +113,9 @@ impl Checker<'_> {
         }
         let mut tally =
             Tally { defined_marks, ring_slots: director.as_ref().map(|d| d.ring_slots), ..Tally::default() };
-        let (mut services, mut forward, mut checks) = (Vec::new(), BTreeMap::new(), BTreeMap::new());
+        let (mut services, mut checks) = (Vec::new(), BTreeMap::new());
         for (i, s) in raw.services.into_iter().enumerate() {
             if let Some((service, check)) = self.service(i, s, &mut tally) {
-                forward.insert(service.name.clone(), Forward::Dr);
                 if let Some(c) = check {
                     checks.insert(service.name.clone(), c);
                 }
@@ -131,7 +130,6 @@ impl Checker<'_> {
             director: director?,
             marks,
             services,
-            forward,
             checks,
             routing: routing.flatten(),
             tls_sources: Vec::new(),
@@ -208,6 +206,7 @@ impl Checker<'_> {
             backends,
             fallback,
             fallback_action,
+            forward: Forward::Dr,
         };
         Some((service, check))
     }

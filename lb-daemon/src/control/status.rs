@@ -130,7 +130,7 @@ impl Daemon {
                 matcher: spec.matcher,
                 scheduler: spec.scheduler,
                 ring_size: spec.ring_size,
-                forward: self.config.forward.get(&spec.name).copied().unwrap_or(crate::model::Forward::Dr),
+                forward: spec.forward,
                 counters: Counters::default(),
                 backends,
             });

@@ -311,7 +311,8 @@ impl Dataplane {
             mark_prefixes_v4: count(FAMILY_V4),
             mark_prefixes_v6: count(FAMILY_V6),
             flood_guard_flows_per_sec: desired.flood_guard_flows_per_sec,
-            _pad: 0,
+            tunnel_source_v4: desired.tunnel_source_v4,
+            tunnel_source_v6: desired.tunnel_source_v6,
         };
         if cfg != self.config {
             let mut map: Array<&mut MapData, DataplaneConfig> = map_mut(&mut self.ebpf, maps::CONFIG)?;

@@ -281,6 +281,7 @@ mod tests {
                 .collect(),
             fallback: None,
             fallback_action: crate::model::FallbackAction::Drop,
+            forward: crate::model::Forward::Dr,
         }
     }
 

@@ -103,6 +103,8 @@ pub struct ServiceSpec {
     pub fallback: Option<IpAddr>,
     /// What happens to new flows while neither a backend nor the fallback can take them.
     pub fallback_action: FallbackAction,
+    /// How packets reach the backends.
+    pub forward: Forward,
 }
 
 /// New flows of a service with nowhere to go.

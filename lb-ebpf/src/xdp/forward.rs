@@ -7,14 +7,22 @@
 //! backend address returns NO_NEIGH whenever the kernel has let an idle entry expire,
 //! which would turn a quiet backend's first packet into a drop.
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{Backend, stat};
-use lb_ebpf::parse::{ETH_P_8021AD, ETH_P_8021Q, VLAN_HLEN, ptr_at, write_mac};
+use lb_common::{Backend, FAMILY_V6, stat};
+use lb_ebpf::parse::{
+    ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, VLAN_HLEN, ipv4_header_sum, ptr_at, write_mac,
+};
 
-use super::maps::EGRESS;
+use super::maps::{CONFIG, EGRESS};
 
 #[inline(always)]
 pub fn direct_route(ctx: &XdpContext, b: &Backend) -> Result<u32, u32> {
     retag(ctx, b.vlan)?;
+    send(ctx, b)
+}
+
+/// New Ethernet addresses, then out of the backend's interface.
+#[inline(always)]
+fn send(ctx: &XdpContext, b: &Backend) -> Result<u32, u32> {
     let start = ctx.data();
     if start + 12 > ctx.data_end() {
         return Err(stat::DROP_TRUNCATED);
@@ -28,6 +36,91 @@ pub fn direct_route(ctx: &XdpContext, b: &Backend) -> Result<u32, u32> {
         return Ok(xdp_action::XDP_TX);
     }
     EGRESS.redirect(b.ifindex, 0).map_err(|_| stat::DROP_NO_EGRESS)
+}
+
+const IPV4_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_IPV6: u8 = 41;
+/// Outer TTL / hop limit: a tunnel crosses a few routers at most.
+const OUTER_TTL: u8 = 64;
+
+/// IP-in-IP (or IPv6 in IPv6, or across families): the packet as the client sent it goes
+/// inside an outer header from the director's tunnel source to the backend's address. The
+/// outer header copies the inner DSCP/ECN and always sets DF (IPv4): a fragmented tunnel
+/// packet would reach a decapsulating XDP program in pieces it cannot join.
+#[inline(always)]
+pub fn tunnel(ctx: &XdpContext, b: &Backend) -> Result<u32, u32> {
+    let cfg = CONFIG.get(0).ok_or(stat::DROP_BACKEND_INVALID)?;
+    let outer_v6 = b.family == FAMILY_V6;
+    let (src_v4, src_v6) = (cfg.tunnel_source_v4, cfg.tunnel_source_v6);
+    if (outer_v6 && src_v6 == [0; 4]) || (!outer_v6 && src_v4 == 0) {
+        return Err(stat::DROP_BACKEND_INVALID);
+    }
+    // The inner packet right after an untagged Ethernet header, then room in front.
+    retag(ctx, 0)?;
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let h = ptr_at::<[u8; 8]>(start, end, ETH_HLEN).ok_or(stat::DROP_TRUNCATED)?;
+    // SAFETY: bounds checked by ptr_at; byte arrays have no alignment requirement.
+    let h = unsafe { h.read_unaligned() };
+    let inner_v6 = h[0] >> 4 == 6;
+    let (inner_len, tos, proto) = if inner_v6 {
+        let payload = u16::from_be_bytes([h[4], h[5]]) as usize;
+        (payload + IPV6_HLEN, (h[0] << 4) | (h[1] >> 4), IPPROTO_IPV6)
+    } else {
+        (u16::from_be_bytes([h[2], h[3]]) as usize, h[1], IPPROTO_IPIP)
+    };
+    let outer = if outer_v6 { IPV6_HLEN } else { IPV4_HLEN };
+    let tag = if b.vlan != 0 { VLAN_HLEN } else { 0 };
+    // SAFETY: a helper call on this program's own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -((outer + tag) as i32)) } != 0 {
+        return Err(stat::DROP_NO_HEADROOM);
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let l3 = ETH_HLEN + tag;
+    if outer_v6 {
+        let at =
+            ptr_at::<[u8; ETH_HLEN + VLAN_HLEN + IPV6_HLEN]>(start, end, 0).ok_or(stat::DROP_TRUNCATED)?;
+        let at = at as usize;
+        let mut w = [0u32; 10];
+        w[0] = (6u32 << 28 | (tos as u32) << 20).to_be();
+        w[1] = ((inner_len as u32) << 16 | (proto as u32) << 8 | OUTER_TTL as u32).to_be();
+        w[2..6].copy_from_slice(&src_v6);
+        w[6..10].copy_from_slice(&b.addr);
+        // SAFETY: the Ethernet header, a tag and 40 bytes were bounds-checked above.
+        unsafe {
+            ((at + l3) as *mut [u32; 10]).write_unaligned(w);
+            ((at + l3 - 2) as *mut u16).write_unaligned(ETH_P_IPV6.to_be());
+        }
+    } else {
+        let at =
+            ptr_at::<[u8; ETH_HLEN + VLAN_HLEN + IPV4_HLEN]>(start, end, 0).ok_or(stat::DROP_TRUNCATED)?;
+        let at = at as usize;
+        let total = (inner_len + IPV4_HLEN) as u32;
+        let mut w = [
+            (0x45u32 << 24 | (tos as u32) << 16 | total).to_be(),
+            0x4000u32.to_be(),
+            ((OUTER_TTL as u32) << 24 | (proto as u32) << 16).to_be(),
+            src_v4,
+            b.addr[0],
+        ];
+        let check = !ipv4_header_sum(&w);
+        // The checksum's 16 bits sit in the third word's second half, in memory order.
+        w[2] |= (check as u32) << 16;
+        // SAFETY: the Ethernet header, a tag and 20 bytes were bounds-checked above.
+        unsafe {
+            ((at + l3) as *mut [u32; 5]).write_unaligned(w);
+            ((at + l3 - 2) as *mut u16).write_unaligned(ETH_P_IP.to_be());
+        }
+    }
+    if tag != 0 {
+        // SAFETY: within the bounds checked above.
+        unsafe {
+            ((start + ETH_HLEN - 2) as *mut [u16; 2])
+                .write_unaligned([ETH_P_8021Q.to_be(), (b.vlan & 0x0fff).to_be()]);
+        }
+    }
+    send(ctx, b)
 }
 
 /// Gives the frame the egress's 802.1Q tag: `vlan`, or none when it is zero. A tag that

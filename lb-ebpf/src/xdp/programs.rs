@@ -92,7 +92,12 @@ fn balance(ctx: &XdpContext) -> u32 {
 #[inline(always)]
 fn forward(ctx: &XdpContext, d: &conntrack::Decision) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    match forward::direct_route(ctx, &d.backend) {
+    let sent = if d.backend.tunnel != 0 {
+        forward::tunnel(ctx, &d.backend)
+    } else {
+        forward::direct_route(ctx, &d.backend)
+    };
+    match sent {
         Ok(action) => {
             stats::forwarded(d.service_id, d.backend_id, len, d.new_flow);
             action

@@ -1,0 +1,165 @@
+//! Tunnel forwarding in the data path (`forward: tunnel` is not accepted by `check` yet):
+//! through `BPF_PROG_TEST_RUN`, a service's packet leaves inside an outer IPv4 or IPv6
+//! header from the director's tunnel source to the backend, byte for byte as an
+//! independent builder makes it, and the decapsulator turns it back into the packet the
+//! client sent.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use anyhow::{Context as _, Result, ensure};
+use lb_daemon::dataplane::decap::Decapsulator;
+use lb_daemon::dataplane::{Dataplane, LoadOptions};
+use lb_daemon::model::{Forward, Neighbour, addr_words};
+use lb_daemon::plan::Planner;
+use lb_ebpf::parse::TCP_SYN;
+use lb_ebpf::testpkt::{self, Ipv4Opts, Ipv6Opts, L4, in_ipv4, in_ipv6, tagged};
+use lb_tests::NetNs;
+use lb_tests::fixture::{XDP_PASS, XDP_TX, tcp_service, test_run, timed_run_xdp};
+
+const DIRECTOR_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0];
+const SOURCE4: [u8; 4] = [10, 1, 0, 1];
+const SOURCE6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+fn v6(last: u8) -> [u8; 16] {
+    let mut a = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    a[15] = last;
+    a
+}
+
+/// The frame a tunnel backend should receive: `inner`'s packet in an outer header, with
+/// the backend's MAC and the director's, and its VLAN tag if it has one.
+fn expected(outer: Vec<u8>, backend_mac: [u8; 6], vlan: u16) -> Vec<u8> {
+    let mut f = outer;
+    f[..6].copy_from_slice(&backend_mac);
+    f[6..12].copy_from_slice(&DIRECTOR_MAC);
+    if vlan != 0 { tagged(&f, vlan) } else { f }
+}
+
+#[test]
+fn a_tunnel_service_sends_its_packets_inside_an_outer_header_the_decapsulator_removes() -> Result<()> {
+    let ns = NetNs::new("tn")?;
+    ns.run(|| {
+        let mut dp =
+            Dataplane::load(&LoadOptions { ring_slots: 8 * 4093, flow_entries: 1024, pin_dir: None })?;
+        let backends4: Vec<IpAddr> = vec![IpAddr::from([10, 1, 0, 11])];
+        let backends6: Vec<IpAddr> = vec![IpAddr::from(v6(11))];
+        let tagged_backends: Vec<IpAddr> = vec![IpAddr::from([10, 1, 0, 21])];
+        // All on loopback (ifindex 1, which BPF_PROG_TEST_RUN's ingress is): XDP_TX.
+        let neighbour = |last: u8, vlan: u16| Neighbour {
+            mac: [2, 0, 0, 0, 2, last],
+            ifindex: 1,
+            if_mac: DIRECTOR_MAC,
+            vlan,
+        };
+        let neighbours: HashMap<IpAddr, Neighbour> = [
+            (backends4[0], neighbour(11, 0)),
+            (backends6[0], neighbour(12, 0)),
+            (tagged_backends[0], neighbour(21, 100)),
+        ]
+        .into();
+        let mut services = vec![
+            tcp_service("v4", "192.0.2.10".parse()?, 80, 4093, &backends4),
+            tcp_service("v6", IpAddr::from(v6(0x10)), 80, 4093, &backends6),
+            tcp_service("v4-in-v6", "192.0.2.11".parse()?, 80, 4093, &backends6),
+            tcp_service("tagged", "192.0.2.12".parse()?, 80, 4093, &tagged_backends),
+        ];
+        for s in &mut services {
+            s.forward = Forward::Tunnel;
+        }
+        let mut plan = Planner::default().plan(&services, &[], &neighbours)?;
+        plan.state.tunnel_source_v4 = addr_words(IpAddr::from(SOURCE4)).1[0];
+        plan.state.tunnel_source_v6 = addr_words(IpAddr::from(SOURCE6)).1;
+        dp.apply(&plan.state)?;
+
+        let syn4 = |vip: [u8; 4]| {
+            testpkt::ipv4([198, 51, 100, 7], vip, L4::tcp(40000, 80, TCP_SYN), Ipv4Opts::default())
+        };
+        let syn6 = testpkt::ipv6(v6(0x77), v6(0x10), L4::tcp(40000, 80, TCP_SYN), Ipv6Opts::default());
+        let tagged_in = testpkt::ipv4(
+            [198, 51, 100, 8],
+            [192, 0, 2, 12],
+            L4::tcp(40001, 80, TCP_SYN),
+            Ipv4Opts { vlan: Some(7), ..Ipv4Opts::default() },
+        );
+        let untagged_in = {
+            let mut f = tagged_in[..12].to_vec();
+            f.extend_from_slice(&tagged_in[16..]);
+            f
+        };
+        let mac = |a: IpAddr| neighbours[&a].mac;
+        // (what, input, inner packet as a frame, expected output)
+        type Row = (&'static str, Vec<u8>, Vec<u8>, Vec<u8>);
+        let rows: Vec<Row> = vec![
+            (
+                "IPv4 in IPv4",
+                syn4([192, 0, 2, 10]),
+                syn4([192, 0, 2, 10]),
+                expected(in_ipv4(&syn4([192, 0, 2, 10]), SOURCE4, [10, 1, 0, 11], 0), mac(backends4[0]), 0),
+            ),
+            (
+                "IPv6 in IPv6",
+                syn6.clone(),
+                syn6.clone(),
+                expected(in_ipv6(&syn6, SOURCE6, v6(11)), mac(backends6[0]), 0),
+            ),
+            (
+                "IPv4 in IPv6",
+                syn4([192, 0, 2, 11]),
+                syn4([192, 0, 2, 11]),
+                expected(in_ipv6(&syn4([192, 0, 2, 11]), SOURCE6, v6(11)), mac(backends6[0]), 0),
+            ),
+            (
+                "a tagged client frame to a backend behind VLAN 100",
+                tagged_in.clone(),
+                untagged_in.clone(),
+                expected(in_ipv4(&untagged_in, SOURCE4, [10, 1, 0, 21], 0), mac(tagged_backends[0]), 100),
+            ),
+        ];
+        let mut decap = Decapsulator::load(None)?;
+        decap.add_local_addrs(&[backends4[0], backends6[0], tagged_backends[0]])?;
+        for (what, input, inner, want) in rows {
+            let (action, out) = test_run(&dp, &input)?;
+            ensure!(action == XDP_TX, "{what}: action {action}");
+            ensure!(out == want, "{what}: got\n{out:02x?}\nwant\n{want:02x?}");
+            // What the real server's decapsulator makes of it: the client's packet, with
+            // the MACs (and tag) it arrived with.
+            let (action, back, _) = timed_run_xdp(decap.program()?, "lb_decap", &out, 1)?;
+            ensure!(action == XDP_PASS, "{what}: decap action {action}");
+            let l2 = if back.len() > 14 && back[12..14] == [0x81, 0x00] { 18 } else { 14 };
+            ensure!(
+                back[l2 - 2..] == inner[12..],
+                "{what}: decapsulated\n{back:02x?}\nclient sent\n{inner:02x?}"
+            );
+        }
+        Ok(())
+    })
+}
+
+#[test]
+fn a_tunnel_backend_without_a_tunnel_source_is_dropped_and_counted() -> Result<()> {
+    let ns = NetNs::new("tz")?;
+    ns.run(|| {
+        let mut dp =
+            Dataplane::load(&LoadOptions { ring_slots: 2 * 4093, flow_entries: 1024, pin_dir: None })?;
+        let backend = IpAddr::from([10, 1, 0, 11]);
+        let n = Neighbour { mac: [2, 0, 0, 0, 2, 11], ifindex: 1, if_mac: DIRECTOR_MAC, vlan: 0 };
+        let mut svc = tcp_service("v4", "192.0.2.10".parse()?, 80, 4093, &[backend]);
+        svc.forward = Forward::Tunnel;
+        let plan = Planner::default().plan(&[svc], &[], &[(backend, n)].into())?;
+        dp.apply(&plan.state)?;
+        let syn = testpkt::ipv4(
+            [198, 51, 100, 7],
+            [192, 0, 2, 10],
+            L4::tcp(40000, 80, TCP_SYN),
+            Ipv4Opts::default(),
+        );
+        let before = dp.global_counters()?[lb_common::stat::DROP_BACKEND_INVALID as usize];
+        let (action, _) = test_run(&dp, &syn)?;
+        ensure!(action == lb_tests::fixture::XDP_DROP, "action {action}");
+        let after = dp.global_counters()?[lb_common::stat::DROP_BACKEND_INVALID as usize];
+        ensure!(after == before + 1, "counted {before} -> {after}");
+        Ok(())
+    })
+    .context("tunnel without a source")
+}
