@@ -502,7 +502,7 @@ mod tests {
         assert_eq!(size_of::<MarkRuleSet>(), 4 + 8 * 44);
         assert_eq!(size_of::<AddrKey>(), 20);
         assert_eq!(size_of::<Counters>(), 24);
-        assert_eq!(size_of::<DataplaneConfig>(), 16);
+        assert_eq!(size_of::<DataplaneConfig>(), 32);
         assert_eq!(size_of::<LocalMacs>(), 4 + 6 * MAX_LOCAL_MACS);
         assert_eq!(size_of::<FloodWindow>(), 16);
     }
