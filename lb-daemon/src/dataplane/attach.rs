@@ -3,6 +3,38 @@
 
 use super::*;
 
+/// The link of attachment `id` as a descriptor this process owns, pinned at `pin` if given
+/// (so that it outlives the process).
+pub(super) fn owned_link(
+    prog: &mut Xdp,
+    id: aya::programs::xdp::XdpLinkId,
+    iface: &str,
+    pin: Option<&Path>,
+) -> Result<FdLink> {
+    let link_err = |reason: String| DataplaneError::PinLink {
+        iface: iface.to_owned(),
+        path: pin.map(Path::to_owned).unwrap_or_default(),
+        reason,
+    };
+    let link =
+        prog.take_link(id).map_err(|source| DataplaneError::Attach { iface: iface.to_owned(), source })?;
+    let fd = FdLink::try_from(link)
+        .map_err(|e| link_err(format!("{e} (the kernel offers no bpf_link for XDP)")))?;
+    match pin {
+        Some(path) => Ok(fd.pin(path).map_err(|e| link_err(crate::error_chain(&e)))?.into()),
+        None => Ok(fd),
+    }
+}
+
+/// Interfaces with a link pinned under `pin_dir`'s `links/`, in name order.
+pub(super) fn linked_interfaces(pin_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(links_dir(pin_dir))
+        .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 impl Dataplane {
     /// Attaches the balancer to `iface` (resolved in the calling thread's network namespace).
     ///
@@ -18,8 +50,6 @@ impl Dataplane {
             return Ok(Attached::Already);
         }
         let pin = links_dir(&dir).join(iface);
-        let link_err =
-            |reason: String| DataplaneError::PinLink { iface: iface.to_owned(), path: pin.clone(), reason };
         let prog = self.program_mut(programs::BALANCER)?;
         let mut reused = false;
         let id = match PinnedLink::from_pin(&pin) {
@@ -51,22 +81,14 @@ impl Dataplane {
                 .attach(iface, mode.aya())
                 .map_err(|source| DataplaneError::Attach { iface: iface.to_owned(), source })?,
         };
-        let link = prog
-            .take_link(id)
-            .map_err(|source| DataplaneError::Attach { iface: iface.to_owned(), source })?;
-        let fd = FdLink::try_from(link)
-            .map_err(|e| link_err(format!("{e} (the kernel offers no bpf_link for XDP)")))?;
-        let fd = if reused { fd } else { fd.pin(&pin).map_err(|e| link_err(crate::error_chain(&e)))?.into() };
+        let fd = owned_link(prog, id, iface, (!reused).then_some(pin.as_path()))?;
         self.links.insert(iface.to_owned(), fd);
         Ok(if reused { Attached::TookOver } else { Attached::New })
     }
 
     /// Interfaces with a link pinned under the pin directory (attached by any daemon run).
     pub fn pinned_interfaces(&self) -> Vec<String> {
-        let Some(dir) = &self.pin_dir else { return Vec::new() };
-        std::fs::read_dir(links_dir(dir))
-            .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
-            .unwrap_or_default()
+        self.pin_dir.as_deref().map(linked_interfaces).unwrap_or_default()
     }
 
     /// Removes every pin under `pin_dir`: links first (the interfaces stop balancing), then

@@ -9,12 +9,14 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::Xdp;
-use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::links::PinnedLink;
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{AddrKey, decap};
 
+use super::attach::{linked_interfaces, owned_link};
 use super::{
-    AyaMode as _, DataplaneError, Result, create_dir, load_xdp, map_err, require_bpffs, xdp, xdp_mut,
+    AyaMode as _, DataplaneError, Result, create_dir, links_dir, load_xdp, map_err, require_bpffs, xdp,
+    xdp_mut,
 };
 use crate::model::{XdpMode, addr_words};
 
@@ -26,10 +28,6 @@ pub const DEFAULT_DECAP_DIR: &str = "/sys/fs/bpf/lb-decap";
 
 fn maps_dir(dir: &Path) -> PathBuf {
     dir.join(format!("maps-v{}", decap::MAP_LAYOUT_VERSION))
-}
-
-fn links_dir(dir: &Path) -> PathBuf {
-    dir.join("links")
 }
 
 /// The loaded decapsulator. With a pin directory its maps are the pinned ones, shared by
@@ -100,18 +98,11 @@ impl Decapsulator {
         if PinnedLink::from_pin(&pin).is_ok() {
             return Ok(false);
         }
-        let link_err =
-            |reason: String| DataplaneError::PinLink { iface: iface.to_owned(), path: pin.clone(), reason };
         let prog = xdp_mut(&mut self.ebpf, decap::PROGRAM)?;
         let id = prog
             .attach(iface, mode.aya())
             .map_err(|source| DataplaneError::Attach { iface: iface.to_owned(), source })?;
-        let link = prog
-            .take_link(id)
-            .map_err(|source| DataplaneError::Attach { iface: iface.to_owned(), source })?;
-        let fd = FdLink::try_from(link)
-            .map_err(|e| link_err(format!("{e} (the kernel offers no bpf_link for XDP)")))?;
-        fd.pin(&pin).map_err(|e| link_err(crate::error_chain(&e)))?;
+        owned_link(prog, id, iface, Some(&pin))?;
         Ok(true)
     }
 
@@ -124,7 +115,7 @@ impl Decapsulator {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(source) => return Err(DataplaneError::Pin { path: pin, source }),
         }
-        if attached(pin_dir).is_empty() {
+        if linked_interfaces(pin_dir).is_empty() {
             for name in [decap::LOCAL_ADDRS, decap::STATS] {
                 let path = maps_dir(pin_dir).join(name);
                 match std::fs::remove_file(&path) {
@@ -160,20 +151,11 @@ impl Decapsulator {
             .collect();
         local_addrs.sort();
         Ok(DecapStatus {
-            interfaces: self.pin_dir.as_deref().map(attached).unwrap_or_default(),
+            interfaces: self.pin_dir.as_deref().map(linked_interfaces).unwrap_or_default(),
             local_addrs,
             counters,
         })
     }
-}
-
-/// Interfaces with a decapsulator link pinned under `pin_dir`.
-fn attached(pin_dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(links_dir(pin_dir))
-        .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
-        .unwrap_or_default();
-    names.sort();
-    names
 }
 
 /// Whether anything is pinned for the decapsulator under `pin_dir`.
