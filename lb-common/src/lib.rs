@@ -124,7 +124,7 @@ pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
 /// Version of the layout of every map's keys and values. Pinned maps are kept under a
 /// directory named after it, so a daemon only ever adopts maps it understands: bump it
 /// whenever a map's key or value type changes meaning or size.
-pub const MAP_LAYOUT_VERSION: u32 = 5;
+pub const MAP_LAYOUT_VERSION: u32 = 6;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -207,6 +207,10 @@ pub struct Backend {
     /// in IPv6), from `DataplaneConfig`'s tunnel source of `addr`'s family.
     pub tunnel: u8,
     pub _pad: u8,
+    /// Tunnel backends: the MTU of the way to `addr` (the route's, else the egress
+    /// device's); an outer packet longer than this is not sent. Zero: no limit known.
+    pub mtu: u16,
+    pub _pad2: u16,
 }
 
 /// Connection-table key: the 5-tuple as seen on the wire.
@@ -313,6 +317,12 @@ pub struct DataplaneConfig {
     pub tunnel_source_v4: u32,
     /// Outer source of IPv6 tunnel headers (network-order words); zero: none configured.
     pub tunnel_source_v6: [u32; 4],
+    /// Host bits of the IPv4 tunnel source prefix (network order): each flow's outer
+    /// source takes these bits from its hash, so that a real server's RSS spreads
+    /// tunnelled flows over its queues. Zero: one source for all.
+    pub tunnel_spread_v4: u32,
+    /// The same for IPv6, over the source's last word.
+    pub tunnel_spread_v6: u32,
 }
 
 /// The destination MACs a receiving interface accepts (`LOCAL_MACS[ifindex]`): frames to
@@ -375,6 +385,9 @@ pub mod stat {
     pub const DROP_MARTIAN_SOURCE: u32 = 22;
     /// No room in front of the frame to push the egress's VLAN tag.
     pub const DROP_NO_HEADROOM: u32 = 23;
+    /// An IPv4 packet without DF that the tunnel header would make longer than the way
+    /// to the backend allows (fragmenting it would leave the decapsulator pieces).
+    pub const DROP_TOO_BIG: u32 = 24;
 
     /// New flows of a service with no backend up, passed to the stack (its
     /// `fallback_action` is `pass`).
@@ -395,10 +408,15 @@ pub mod stat {
     pub const ICMP6_TIME_EXCEEDED: u32 = 54;
     pub const ICMP6_PARAM_PROBLEM: u32 = 55;
 
+    /// "Fragmentation needed" / "packet too big" answers the director sent to clients
+    /// whose packet did not fit the tunnel to its backend.
+    pub const TOO_BIG_SENT_V4: u32 = 56;
+    pub const TOO_BIG_SENT_V6: u32 = 57;
+
     pub const COUNT: u32 = 64;
 
     /// Drop reasons with the names the daemon exports them under.
-    pub const DROP_REASONS: [(u32, &str); 16] = [
+    pub const DROP_REASONS: [(u32, &str); 17] = [
         (DROP_TRUNCATED, "truncated"),
         (DROP_BAD_IHL, "bad_ihl"),
         (DROP_BAD_LENGTH, "bad_length"),
@@ -415,7 +433,11 @@ pub mod stat {
         (DROP_IPV6_RH0, "ipv6_rh0"),
         (DROP_MARTIAN_SOURCE, "martian_source"),
         (DROP_NO_HEADROOM, "no_headroom"),
+        (DROP_TOO_BIG, "too_big"),
     ];
+
+    /// Too-big answers sent, by family as exported.
+    pub const TOO_BIG_SENT: [(u32, &str); 2] = [(TOO_BIG_SENT_V4, "ipv4"), (TOO_BIG_SENT_V6, "ipv6")];
 
     /// Packets passed to the stack on purpose (not merely "not ours"), by reason.
     pub const PASS_REASONS: [(u32, &str); 1] = [(PASS_NO_BACKEND, "no_backend")];
@@ -495,14 +517,14 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<Service>(), 24);
-        assert_eq!(size_of::<Backend>(), 40);
+        assert_eq!(size_of::<Backend>(), 44);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 24);
         assert_eq!(size_of::<MarkRule>(), 44);
         assert_eq!(size_of::<MarkRuleSet>(), 4 + 8 * 44);
         assert_eq!(size_of::<AddrKey>(), 20);
         assert_eq!(size_of::<Counters>(), 24);
-        assert_eq!(size_of::<DataplaneConfig>(), 32);
+        assert_eq!(size_of::<DataplaneConfig>(), 40);
         assert_eq!(size_of::<LocalMacs>(), 4 + 6 * MAX_LOCAL_MACS);
         assert_eq!(size_of::<FloodWindow>(), 16);
     }

@@ -375,6 +375,7 @@ mod tests {
                 counters: Counters { packets: 12, bytes: 3400, new_flows: 2 },
                 backends: vec![BackendSnapshot {
                     addr: "10.0.2.11".parse().unwrap(),
+                    forward: Forward::Dr,
                     weight: 5,
                     status: crate::snapshot::BackendStatus::Active,
                     counters: Counters { packets: 7, bytes: 700, new_flows: 1 },

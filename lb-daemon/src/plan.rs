@@ -66,9 +66,26 @@ pub struct DataplaneState {
     pub local_macs: BTreeMap<u32, BTreeSet<[u8; 6]>>,
     /// `DataplaneConfig::flood_guard_flows_per_sec`; zero: no guard.
     pub flood_guard_flows_per_sec: u32,
-    /// Outer sources of tunnel headers (`DataplaneConfig::tunnel_source_*`).
+    /// Outer sources of tunnel headers and the host bits flows spread over
+    /// (`DataplaneConfig::tunnel_source_*`, `tunnel_spread_*`); see [`DataplaneState::set_tunnel_sources`].
     pub tunnel_source_v4: u32,
     pub tunnel_source_v6: [u32; 4],
+    pub tunnel_spread_v4: u32,
+    pub tunnel_spread_v6: u32,
+}
+
+impl DataplaneState {
+    /// `director.tunnel_source` in the data path's words (network order); a prefix's host
+    /// bits become the spread each flow's hash fills.
+    pub fn set_tunnel_sources(&mut self, v4: Option<ipnet::Ipv4Net>, v6: Option<ipnet::Ipv6Net>) {
+        self.tunnel_source_v4 = v4.map_or(0, |n| u32::from_ne_bytes(n.network().octets()));
+        self.tunnel_spread_v4 = v4.map_or(0, |n| u32::from_ne_bytes(n.hostmask().octets()));
+        self.tunnel_source_v6 = v6.map_or([0; 4], |n| addr_words(IpAddr::V6(n.network())).1);
+        self.tunnel_spread_v6 = v6.map_or(0, |n| {
+            let m = n.hostmask().octets();
+            u32::from_ne_bytes([m[12], m[13], m[14], m[15]])
+        });
+    }
 }
 
 /// Ids recorded in adopted maps, for [`crate::plan::Planner::seed`].
@@ -246,8 +263,12 @@ impl Planner {
             plan.service_ids.insert(svc.name.clone(), id);
             // The fallback comes last and counts only while the others have no weight; it
             // stays up otherwise, so that flows it took finish there (as if drained).
-            let fallback =
-                svc.fallback.map(|addr| BackendSpec { addr, weight: 1, state: BackendState::Active });
+            let fallback = svc.fallback.map(|addr| BackendSpec {
+                addr,
+                weight: 1,
+                state: BackendState::Active,
+                forward: svc.forward,
+            });
             let mut candidates = Vec::new();
             for b in svc.backends.iter().chain(fallback.as_ref()) {
                 let bid = backend_ids[&(svc.matcher, b.addr)];
@@ -263,6 +284,7 @@ impl Planner {
                     ifindex: 0,
                     if_mac: [0; 6],
                     vlan: 0,
+                    mtu: 0,
                 });
                 plan.state.backends.insert(
                     bid,
@@ -276,8 +298,10 @@ impl Planner {
                         // Ids are below MAX_SERVICES (4096).
                         service: id as u16,
                         vlan: n.vlan,
-                        tunnel: u8::from(svc.forward == Forward::Tunnel),
+                        tunnel: u8::from(b.forward == Forward::Tunnel),
                         _pad: 0,
+                        mtu: n.mtu,
+                        _pad2: 0,
                     },
                 );
                 if up {
@@ -342,6 +366,7 @@ mod tests {
                         ifindex: 7,
                         if_mac: [2, 0, 0, 0, 0, 9],
                         vlan: 0,
+                        mtu: 0,
                     },
                 )
             })
@@ -360,7 +385,7 @@ mod tests {
             ring_size: 4093,
             backends: backends
                 .iter()
-                .map(|(a, w, s)| BackendSpec { addr: v4(a), weight: *w, state: *s })
+                .map(|(a, w, s)| BackendSpec { addr: v4(a), weight: *w, state: *s, forward: Forward::Dr })
                 .collect(),
             fallback: None,
             fallback_action: FallbackAction::Drop,

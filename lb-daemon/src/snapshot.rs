@@ -94,6 +94,8 @@ impl BackendStatus {
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackendSnapshot {
     pub addr: IpAddr,
+    /// How packets reach it (a backend may differ from its service).
+    pub forward: Forward,
     pub weight: u32,
     pub status: BackendStatus,
     pub counters: Counters,
@@ -245,7 +247,7 @@ impl Snapshot {
                     out,
                     "  -> {:<28} {:<7} {:>6} {:>10} {:>10} {}",
                     endpoint(b.addr, port),
-                    s.forward.ipvs_name(),
+                    b.forward.ipvs_name(),
                     b.weight,
                     b.active,
                     b.inactive,
@@ -335,6 +337,7 @@ mod tests {
                 counters: Counters::default(),
                 backends: vec![BackendSnapshot {
                     addr: "10.0.2.11".parse().unwrap(),
+                    forward: Forward::Dr,
                     weight: 100,
                     status: BackendStatus::Drain,
                     counters: Counters::default(),

@@ -11,7 +11,7 @@ use lb_daemon::health::spec::CheckKind;
 use lb_daemon::health::spec::HttpCheck;
 use lb_daemon::health::spec::{FlapPolicy, Policy};
 use lb_daemon::model::XdpMode;
-use lb_daemon::model::{BackendState, Protocol, Scheduler, ServiceMatch};
+use lb_daemon::model::{BackendState, Forward, Neighbour, Protocol, Scheduler, ServiceMatch};
 
 const DIRECTOR: &str = "director:\n  interfaces: [eth0]\n";
 
@@ -167,7 +167,17 @@ const MALFORMED: &[(&str, &str, u64, u64, &str, &str)] = &[
     ("undefined mark", "DIRECTORservices:\n  - { name: a, match: { fwmark: 7 } }\n", 4, 33, "services[0].match.fwmark", "fwmark 7 is not defined"),
     ("duplicate fwmark service", "DIRECTORmarks: [{ mark: 1, dst: 192.0.2.0/24 }]\nservices:\n  - { name: a, match: { fwmark: 1 } }\n  - { name: b, match: { fwmark: 1 } }\n", 6, 23, "services[1].match", "fwmark 1 is already the match"),
     ("unknown scheduler", "DIRECTORservices:\n  - { name: a, match: { vip: 192.0.2.1, port: 80 }, scheduler: rr }\n", 4, 64, "services[0].scheduler", "rr"),
-    ("nat forwarding", "DIRECTORservices:\n  - { name: a, match: { vip: 192.0.2.1, port: 80 }, forward: nat }\n", 4, 62, "services[0].forward", "only `dr`"),
+    ("nat forwarding", "DIRECTORservices:\n  - { name: a, match: { vip: 192.0.2.1, port: 80 }, forward: nat }\n", 4, 62, "services[0].forward", "`nat` is not implemented yet"),
+    ("nat forwarding of a backend", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends:\n      - { address: 10.0.0.1, forward: nat }\n", 7, 39, "services[0].backends[0].forward", "`nat` is not implemented yet"),
+    ("tunnel without a source", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    forward: tunnel\n    backends:\n      - { address: 10.0.0.1 }\n", 8, 20, "services[0].backends[0].address", "needs an IPv4 address in `director.tunnel_source`"),
+    ("tunnel without a source of the backend's family", "director:\n  interfaces: [eth0]\n  tunnel_source: [192.0.2.100]\nservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends:\n      - { address: \"2001:db8::1\", forward: tunnel }\n", 8, 20, "services[0].backends[0].address", "needs an IPv6 address"),
+    ("tunnel fallback without a source", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    forward: tunnel\n    fallback: 10.0.0.9\n", 7, 15, "services[0].fallback", "needs an IPv4 address"),
+    ("tunnel port mapping", "director:\n  interfaces: [eth0]\n  tunnel_source: [192.0.2.100]\nservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    forward: tunnel\n    backends:\n      - { address: 10.0.0.1, port: 8080 }\n", 9, 36, "services[0].backends[0].port", "a tunnel keeps the destination port"),
+    ("bad tunnel source", "director:\n  interfaces: [eth0]\n  tunnel_source: [192.0.2]\n", 3, 19, "director.tunnel_source[0]", "not an address or a prefix"),
+    ("two tunnel sources of one family", "director:\n  interfaces: [eth0]\n  tunnel_source: [192.0.2.1, 192.0.2.2]\n", 3, 30, "director.tunnel_source[1]", "a second IPv4 source"),
+    ("tunnel source prefix with host bits", "director:\n  interfaces: [eth0]\n  tunnel_source: [192.0.2.1/28]\n", 3, 19, "director.tunnel_source[0]", "write the prefix as 192.0.2.0/28"),
+    ("tunnel source prefix too wide", "director:\n  interfaces: [eth0]\n  tunnel_source: [10.0.0.0/8]\n", 3, 19, "director.tunnel_source[0]", "at most /16 wide"),
+    ("multicast tunnel source", "director:\n  interfaces: [eth0]\n  tunnel_source: [\"ff02::1\"]\n", 3, 19, "director.tunnel_source[0]", "cannot be the source"),
     ("ring size not prime", "DIRECTORservices:\n  - { name: a, match: { vip: 192.0.2.1, port: 80 }, ring_size: 4096 }\n", 4, 64, "services[0].ring_size", "not a prime"),
     ("ring size too large", "DIRECTORservices:\n  - { name: a, match: { vip: 192.0.2.1, port: 80 }, ring_size: 2000003 }\n", 4, 64, "services[0].ring_size", "out of range"),
     ("rings beyond ring_slots", "director:\n  interfaces: [eth0]\n  ring_slots: 10000\nservices:\n  - { name: a, match: { vip: 192.0.2.1, port: 80 }, ring_size: 4093 }\n  - { name: b, match: { vip: 192.0.2.2, port: 80 }, ring_size: 4093 }\n", 6, 64, "services[1].ring_size", "more than director.ring_slots (10000)"),
@@ -275,7 +285,7 @@ fn the_error_names_file_line_column_and_path() {
     let e = Config::parse("director:\n  interfaces: [eth0]\n  xdp: native\n", "/etc/lb/lb.yaml").unwrap_err();
     assert_eq!(
         e.to_string(),
-        "/etc/lb/lb.yaml:3:3: director.xdp: unknown field `xdp`, expected one of interfaces, xdp_mode, metrics_listen, control_socket, bpf_dir, connection_table_size, ring_slots, accept_macs, flood_guard_flows_per_sec"
+        "/etc/lb/lb.yaml:3:3: director.xdp: unknown field `xdp`, expected one of interfaces, xdp_mode, metrics_listen, control_socket, bpf_dir, connection_table_size, ring_slots, accept_macs, flood_guard_flows_per_sec, tunnel_source"
     );
 }
 
@@ -364,7 +374,6 @@ struct AlertRule {
 
 #[test]
 fn alert_rules_and_dashboard_name_only_metrics_the_daemon_exports() {
-    use lb_daemon::model::Forward;
     use lb_daemon::snapshot::{BackendSnapshot, BackendStatus, ServiceSnapshot, Snapshot};
     let snap = Snapshot {
         services: vec![ServiceSnapshot {
@@ -376,6 +385,7 @@ fn alert_rules_and_dashboard_name_only_metrics_the_daemon_exports() {
             counters: Default::default(),
             backends: vec![BackendSnapshot {
                 addr: "10.1.0.1".parse().unwrap(),
+                forward: Forward::Dr,
                 weight: 1,
                 status: BackendStatus::Active,
                 counters: Default::default(),
@@ -513,4 +523,48 @@ fn a_file_of_more_yaml_nodes_than_the_budget_is_refused_by_name() {
     let yaml = format!("director:\n  interfaces: [{}]\n", vec!["e"; nodes].join(","));
     let e = Config::parse(&yaml, "lb.yaml").unwrap_err().to_string();
     assert!(e.starts_with("lb.yaml:") && e.contains("nodes"), "{e}");
+}
+
+/// `forward: tunnel` per service with a per-backend override (IPVS decides per real
+/// server); a tunnel crosses families; the sources land in the data path's words.
+#[test]
+fn tunnel_services_take_a_per_backend_override_and_cross_families() {
+    let yaml = "director:\n  interfaces: [eth0]\n  tunnel_source: [198.51.100.16/28, \"2001:db8::1\"]\nservices:\n  - name: web\n    match: { vip: 192.0.2.1, port: 80 }\n    forward: tunnel\n    fallback: 10.0.9.9\n    backends:\n      - { address: 10.0.1.1 }\n      - { address: \"2001:db8::11\" }\n      - { address: 10.0.0.5, forward: dr }\n";
+    let config = Config::parse(yaml, "lb.yaml").expect("valid");
+    let web = &config.services[0];
+    assert_eq!(web.forward, Forward::Tunnel);
+    let forwards: Vec<Forward> = web.backends.iter().map(|b| b.forward).collect();
+    assert_eq!(forwards, [Forward::Tunnel, Forward::Tunnel, Forward::Dr]);
+    let mut state = lb_daemon::plan::DataplaneState::default();
+    state.set_tunnel_sources(config.director.tunnel_source_v4, config.director.tunnel_source_v6);
+    assert_eq!(state.tunnel_source_v4, u32::from_ne_bytes([198, 51, 100, 16]));
+    assert_eq!(state.tunnel_spread_v4, u32::from_ne_bytes([0, 0, 0, 15]));
+    assert_eq!(state.tunnel_source_v6, lb_daemon::model::addr_words("2001:db8::1".parse().unwrap()).1);
+    assert_eq!(state.tunnel_spread_v6, 0);
+    // The override is the data path's too: only the tunnel backends get an outer header.
+    let neighbours = web
+        .backends
+        .iter()
+        .map(|b| b.addr)
+        .chain(web.fallback)
+        .map(|a| {
+            (
+                a,
+                Neighbour {
+                    mac: [2, 0, 0, 0, 0, 1],
+                    ifindex: 1,
+                    if_mac: [2, 0, 0, 0, 0, 2],
+                    vlan: 0,
+                    mtu: 1500,
+                },
+            )
+        })
+        .collect();
+    let plan =
+        lb_daemon::plan::Planner::default().plan(&config.services, &config.marks, &neighbours).unwrap();
+    let tunnel: Vec<(std::net::IpAddr, u8)> =
+        plan.backend_ids.iter().map(|((_, addr), id)| (*addr, plan.state.backends[id].tunnel)).collect();
+    for (addr, t) in tunnel {
+        assert_eq!(t, u8::from(addr != "10.0.0.5".parse::<std::net::IpAddr>().unwrap()), "{addr}");
+    }
 }

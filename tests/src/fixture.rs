@@ -62,7 +62,12 @@ pub fn tcp_service(name: &str, vip: IpAddr, port: u16, ring_size: u32, backends:
         ring_size,
         backends: backends
             .iter()
-            .map(|a| BackendSpec { addr: *a, weight: 100, state: BackendState::Active })
+            .map(|a| BackendSpec {
+                addr: *a,
+                weight: 100,
+                state: BackendState::Active,
+                forward: lb_daemon::model::Forward::Dr,
+            })
             .collect(),
         fallback: None,
         fallback_action: FallbackAction::Drop,

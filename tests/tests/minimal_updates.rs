@@ -68,7 +68,7 @@ fn each_config_change_writes_only_what_it_changes() -> Result<()> {
         // All on loopback (ifindex 1): these tests only count writes.
         let neighbours = (1..=6)
             .map(|i| {
-                let n = Neighbour { mac: [2, 0, 0, 0, 0, i], ifindex: 1, if_mac: [2, 0, 0, 0, 1, 0], vlan: 0 };
+                let n = Neighbour { mac: [2, 0, 0, 0, 0, i], ifindex: 1, if_mac: [2, 0, 0, 0, 1, 0], vlan: 0, mtu: 0 };
                 (IpAddr::from([10, 1, 0, i]), n)
             })
             .collect();
@@ -163,7 +163,7 @@ fn a_ring_change_writes_only_the_slots_that_change() -> Result<()> {
         let dp = Dataplane::load(&LoadOptions { ring_slots: 8 * 65537, flow_entries: 1024, pin_dir: None })?;
         let neighbours = (1..=10)
             .map(|i| {
-                let n = Neighbour { mac: [2, 0, 0, 0, 0, i], ifindex: 1, if_mac: [2, 0, 0, 0, 1, 0], vlan: 0 };
+                let n = Neighbour { mac: [2, 0, 0, 0, 0, i], ifindex: 1, if_mac: [2, 0, 0, 0, 1, 0], vlan: 0, mtu: 0 };
                 (IpAddr::from([10, 1, 0, i]), n)
             })
             .collect();

@@ -51,6 +51,7 @@ fn a_tunnel_service_sends_its_packets_inside_an_outer_header_the_decapsulator_re
             ifindex: 1,
             if_mac: DIRECTOR_MAC,
             vlan,
+            mtu: 0,
         };
         let neighbours: HashMap<IpAddr, Neighbour> = [
             (backends4[0], neighbour(11, 0)),
@@ -65,7 +66,7 @@ fn a_tunnel_service_sends_its_packets_inside_an_outer_header_the_decapsulator_re
             tcp_service("tagged", "192.0.2.12".parse()?, 80, 4093, &tagged_backends),
         ];
         for s in &mut services {
-            s.forward = Forward::Tunnel;
+            tunnelled(s);
         }
         let mut plan = Planner::default().plan(&services, &[], &neighbours)?;
         plan.state.tunnel_source_v4 = addr_words(IpAddr::from(SOURCE4)).1[0];
@@ -143,9 +144,9 @@ fn a_tunnel_backend_without_a_tunnel_source_is_dropped_and_counted() -> Result<(
         let mut dp =
             Dataplane::load(&LoadOptions { ring_slots: 2 * 4093, flow_entries: 1024, pin_dir: None })?;
         let backend = IpAddr::from([10, 1, 0, 11]);
-        let n = Neighbour { mac: [2, 0, 0, 0, 2, 11], ifindex: 1, if_mac: DIRECTOR_MAC, vlan: 0 };
+        let n = Neighbour { mac: [2, 0, 0, 0, 2, 11], ifindex: 1, if_mac: DIRECTOR_MAC, vlan: 0, mtu: 0 };
         let mut svc = tcp_service("v4", "192.0.2.10".parse()?, 80, 4093, &[backend]);
-        svc.forward = Forward::Tunnel;
+        tunnelled(&mut svc);
         let plan = Planner::default().plan(&[svc], &[], &[(backend, n)].into())?;
         dp.apply(&plan.state)?;
         let syn = testpkt::ipv4(
@@ -162,4 +163,128 @@ fn a_tunnel_backend_without_a_tunnel_source_is_dropped_and_counted() -> Result<(
         Ok(())
     })
     .context("tunnel without a source")
+}
+
+/// What the director answers a client whose packet does not fit the tunnel: an ICMP error
+/// from the VIP, built independently here, with the Ethernet addresses of the client's
+/// frame swapped. IPv4 answers carry the precedence of network control and IP id 0.
+fn too_big_answer(client_frame: &[u8], answer: Vec<u8>, v6: bool) -> Vec<u8> {
+    let mut f = answer;
+    f[..6].copy_from_slice(&client_frame[6..12]);
+    f[6..12].copy_from_slice(&client_frame[..6]);
+    if !v6 {
+        f[15] = 0xc0;
+        f[18..20].copy_from_slice(&[0, 0]);
+        testpkt::fix_ipv4_checksum(&mut f, 14);
+    }
+    f
+}
+
+#[test]
+fn a_packet_too_big_for_the_tunnel_is_answered_with_the_mtu_the_client_can_use() -> Result<()> {
+    let ns = NetNs::new("tb")?;
+    ns.run(|| {
+        let mut dp =
+            Dataplane::load(&LoadOptions { ring_slots: 8 * 4093, flow_entries: 1024, pin_dir: None })?;
+        let (b4, b6) = (IpAddr::from([10, 1, 0, 11]), IpAddr::from(v6(11)));
+        // The way to both backends has an MTU of 1500 (a route's, as the daemon finds it).
+        let n = |last: u8| Neighbour {
+            mac: [2, 0, 0, 0, 2, last],
+            ifindex: 1,
+            if_mac: DIRECTOR_MAC,
+            vlan: 0,
+            mtu: 1500,
+        };
+        let neighbours: HashMap<IpAddr, Neighbour> = [(b4, n(11)), (b6, n(12))].into();
+        let mut services = vec![
+            tcp_service("v4", "192.0.2.10".parse()?, 80, 4093, &[b4]),
+            tcp_service("v6", IpAddr::from(v6(0x10)), 80, 4093, &[b6]),
+            tcp_service("v4-in-v6", "192.0.2.11".parse()?, 80, 4093, &[b6]),
+        ];
+        services.iter_mut().for_each(tunnelled);
+        let mut plan = Planner::default().plan(&services, &[], &neighbours)?;
+        plan.state.tunnel_source_v4 = addr_words(IpAddr::from(SOURCE4)).1[0];
+        plan.state.tunnel_source_v6 = addr_words(IpAddr::from(SOURCE6)).1;
+        dp.apply(&plan.state)?;
+
+        const DF: u16 = 0x4000;
+        let client = [198, 51, 100, 7];
+        let seg4 = |vip: [u8; 4], payload: usize, frag: u16| {
+            let tcp = L4::Tcp { sport: 40000, dport: 80, flags: lb_ebpf::parse::TCP_ACK, payload };
+            testpkt::ipv4(client, vip, tcp, Ipv4Opts { frag, ..Ipv4Opts::default() })
+        };
+        let seg6 = |payload: usize| {
+            let tcp = L4::Tcp { sport: 40000, dport: 80, flags: lb_ebpf::parse::TCP_ACK, payload };
+            testpkt::ipv6(v6(0x77), v6(0x10), tcp, Ipv6Opts::default())
+        };
+        // 1500-byte packets: 20 (IPv4) or 40 (IPv6) bytes of outer header too many.
+        let big4 = seg4([192, 0, 2, 10], 1460, DF);
+        let big4_in_6 = seg4([192, 0, 2, 11], 1460, DF);
+        let big6 = seg6(1440);
+        let rows = [
+            (
+                "IPv4 with DF: fragmentation needed, next-hop MTU 1480",
+                &big4,
+                too_big_answer(
+                    &big4,
+                    testpkt::icmp4_error([192, 0, 2, 10], client, 3, 4, 1480, &big4[14..], 64),
+                    false,
+                ),
+                lb_common::stat::TOO_BIG_SENT_V4,
+            ),
+            (
+                "IPv4 with DF inside IPv6: fragmentation needed, next-hop MTU 1460",
+                &big4_in_6,
+                too_big_answer(
+                    &big4_in_6,
+                    testpkt::icmp4_error([192, 0, 2, 11], client, 3, 4, 1460, &big4_in_6[14..], 64),
+                    false,
+                ),
+                lb_common::stat::TOO_BIG_SENT_V4,
+            ),
+            (
+                "IPv6: packet too big, MTU 1460",
+                &big6,
+                too_big_answer(
+                    &big6,
+                    testpkt::icmp6_error(v6(0x10), v6(0x77), 2, 0, 1460, &big6[14..], 128),
+                    true,
+                ),
+                lb_common::stat::TOO_BIG_SENT_V6,
+            ),
+        ];
+        for (what, input, want, counter) in rows {
+            let before = dp.global_counters()?[counter as usize];
+            let (action, out) = test_run(&dp, input)?;
+            ensure!(action == XDP_TX, "{what}: action {action}");
+            ensure!(out == want, "{what}: got\n{out:02x?}\nwant\n{want:02x?}");
+            let after = dp.global_counters()?[counter as usize];
+            ensure!(after == before + 1, "{what}: counted {before} -> {after}");
+        }
+
+        // A packet that just fits goes through the tunnel; one without DF that does not is
+        // dropped and counted (fragmenting it would leave the decapsulator pieces).
+        let fits = seg4([192, 0, 2, 10], 1440, DF);
+        let (action, out) = test_run(&dp, &fits)?;
+        ensure!(
+            action == XDP_TX && out.len() == fits.len() + 20,
+            "1480 bytes: action {action}, {} bytes",
+            out.len()
+        );
+        let before = dp.global_counters()?[lb_common::stat::DROP_TOO_BIG as usize];
+        let (action, _) = test_run(&dp, &seg4([192, 0, 2, 10], 1460, 0))?;
+        ensure!(action == lb_tests::fixture::XDP_DROP, "no DF: action {action}");
+        let after = dp.global_counters()?[lb_common::stat::DROP_TOO_BIG as usize];
+        ensure!(after == before + 1, "no DF: counted {before} -> {after}");
+        Ok(())
+    })
+    .context("too big for the tunnel")
+}
+
+/// The service and each of its backends forwarded through a tunnel.
+fn tunnelled(s: &mut lb_daemon::model::ServiceSpec) {
+    s.forward = Forward::Tunnel;
+    for b in &mut s.backends {
+        b.forward = Forward::Tunnel;
+    }
 }

@@ -68,7 +68,15 @@ fn service(
         matcher,
         scheduler,
         ring_size: 4093,
-        backends: backends.iter().map(|(a, s)| BackendSpec { addr: ip(a), weight: 100, state: *s }).collect(),
+        backends: backends
+            .iter()
+            .map(|(a, s)| BackendSpec {
+                addr: ip(a),
+                weight: 100,
+                state: *s,
+                forward: lb_daemon::model::Forward::Dr,
+            })
+            .collect(),
         fallback: None,
         fallback_action: FallbackAction::Drop,
         forward: lb_daemon::model::Forward::Dr,
@@ -124,6 +132,7 @@ fn neighbours(dummy_ifindex: u32) -> HashMap<IpAddr, Neighbour> {
         ifindex,
         if_mac: DIRECTOR_MAC,
         vlan: 0,
+        mtu: 0,
     };
     HashMap::from([
         (ip("10.1.0.11"), on(0x11, 1)),
@@ -173,7 +182,12 @@ impl Env {
         sport: u16,
     ) -> Result<(Vec<ServiceSpec>, Vec<u8>, u32)> {
         let mut more = services();
-        more[0].backends.push(BackendSpec { addr: ip("10.1.0.14"), weight: 300, state: Active });
+        more[0].backends.push(BackendSpec {
+            addr: ip("10.1.0.14"),
+            weight: 300,
+            state: Active,
+            forward: lb_daemon::model::Forward::Dr,
+        });
         let next = self.planner.clone().plan(&more, &mark_rules(), &self.neighbours)?;
         let (syn, before) = (0..=255u8)
             .map(|i| tcp4([10, net, 0, i], VIP, sport, 80, TCP_SYN))

@@ -172,6 +172,10 @@ pub struct Director {
     pub accept_macs: Vec<[u8; 6]>,
     /// New flows per second and CPU recorded in the connection table; zero: no limit.
     pub flood_guard_flows_per_sec: u32,
+    /// Outer sources of tunnel headers, per family: one address (a /32 or /128) or a
+    /// prefix whose host bits each flow draws from its hash.
+    pub tunnel_source_v4: Option<ipnet::Ipv4Net>,
+    pub tunnel_source_v6: Option<ipnet::Ipv6Net>,
 }
 
 /// `s`, or its first [`MAX_QUOTED_CHARS`] characters and how long it really was.

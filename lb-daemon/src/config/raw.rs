@@ -45,6 +45,9 @@ pub(super) struct RawDirector {
     pub(super) accept_macs: Vec<Spanned<String>>,
     #[serde(default)]
     pub(super) flood_guard_flows_per_sec: Option<Spanned<u32>>,
+    /// Outer sources of tunnel headers: an address or a prefix, one per family.
+    #[serde(default)]
+    pub(super) tunnel_source: Vec<Spanned<String>>,
 }
 
 /// `forward:`, named as in keepalived's `lb_kind`.
@@ -234,6 +237,8 @@ pub(super) struct RawBackend {
     pub(super) weight: Option<Spanned<u32>>,
     #[serde(default)]
     pub(super) state: Option<RawBackendState>,
+    #[serde(default)]
+    pub(super) forward: Option<Spanned<RawForward>>,
 }
 
 #[derive(Clone, Copy, Deserialize)]

@@ -15,6 +15,9 @@ pub(super) struct Tally {
     pub(super) ring_slots: Option<u32>,
     pub(super) ring_slots_used: u64,
     pub(super) backends_total: usize,
+    /// Whether `director.tunnel_source` has an IPv4 / IPv6 source (when the director
+    /// section is valid; otherwise tunnel backends are not held against it).
+    pub(super) tunnel_sources: Option<(bool, bool)>,
 }
 
 pub(super) struct Checker<'a> {
@@ -111,8 +114,14 @@ impl Checker<'_> {
                 marks.extend(rules);
             }
         }
-        let mut tally =
-            Tally { defined_marks, ring_slots: director.as_ref().map(|d| d.ring_slots), ..Tally::default() };
+        let mut tally = Tally {
+            defined_marks,
+            ring_slots: director.as_ref().map(|d| d.ring_slots),
+            tunnel_sources: director
+                .as_ref()
+                .map(|d| (d.tunnel_source_v4.is_some(), d.tunnel_source_v6.is_some())),
+            ..Tally::default()
+        };
         let (mut services, mut checks) = (Vec::new(), BTreeMap::new());
         for (i, s) in raw.services.into_iter().enumerate() {
             if let Some((service, check)) = self.service(i, s, &mut tally) {
@@ -155,15 +164,8 @@ impl Checker<'_> {
         if i as u32 >= MAX_SERVICES {
             self.keep::<()>(Err(self.err(&s.name, at("name"), format!("more than {MAX_SERVICES} services"))));
         }
-        if let Some(f) = &s.forward
-            && f.value != RawForward::Dr
-        {
-            self.keep::<()>(Err(self.err(
-                f,
-                at("forward"),
-                "only `dr` (direct routing) is implemented so far",
-            )));
-        }
+        let forward =
+            s.forward.as_ref().map_or(Some(Forward::Dr), |f| self.keep(self.forward(f, at("forward"))));
         let ring_size = self.keep(self.ring_size(&s, i)).unwrap_or(DEFAULT_RING_SIZE);
         // What follows needs the match: its family decides which addresses fit.
         let matcher = self.keep(self.service_match(&s.matcher, i, &tally.defined_marks))?;
@@ -174,10 +176,11 @@ impl Checker<'_> {
                 format!("{matcher} is already the match of services[{first}]"),
             )));
         }
+        let forward = forward?;
         let check = s.check.as_ref().and_then(|c| self.keep(self.check(c, i, &matcher)));
-        let backends = self.keep(self.backends(&s, i, &matcher))?;
+        let backends = self.keep(self.backends(&s, i, &matcher, forward, tally))?;
         let fallback = s.fallback.as_ref().and_then(|f| {
-            self.keep(self.real_server(f, at("fallback"), &matcher).and_then(|addr| {
+            self.keep(self.real_server(f, at("fallback"), &matcher, forward, tally).and_then(|addr| {
                 match backends.iter().position(|b| b.addr == addr) {
                     Some(j) => Err(self.err(
                         f,
@@ -206,7 +209,7 @@ impl Checker<'_> {
             backends,
             fallback,
             fallback_action,
-            forward: Forward::Dr,
+            forward,
         };
         Some((service, check))
     }
@@ -407,9 +410,27 @@ impl Checker<'_> {
             DEFAULT_FLOOD_GUARD_FLOWS_PER_SEC,
             0..=u32::MAX,
         )?;
+        let (mut tunnel_source_v4, mut tunnel_source_v6) = (None, None);
+        for (i, source) in d.tunnel_source.iter().enumerate() {
+            let path = format!("director.tunnel_source[{i}]");
+            match tunnel_source(&source.value).map_err(|msg| self.err(source, path.clone(), msg))? {
+                IpNet::V4(net) if tunnel_source_v4.is_none() => tunnel_source_v4 = Some(net),
+                IpNet::V6(net) if tunnel_source_v6.is_none() => tunnel_source_v6 = Some(net),
+                net => {
+                    let family = if net.addr().is_ipv4() { "IPv4" } else { "IPv6" };
+                    return Err(self.err(
+                        source,
+                        path,
+                        format!("a second {family} source; give one per family"),
+                    ));
+                }
+            }
+        }
         Ok(Director {
             accept_macs,
             flood_guard_flows_per_sec,
+            tunnel_source_v4,
+            tunnel_source_v6,
             interfaces,
             xdp_mode: match d.xdp_mode.unwrap_or(RawXdpMode::Native) {
                 RawXdpMode::Native => XdpMode::Native,
@@ -478,12 +499,24 @@ impl Checker<'_> {
         }
     }
 
-    /// An address that can be a real server of the service (a backend or its fallback).
+    /// A forwarding method the data path implements.
+    pub(super) fn forward(&self, f: &Spanned<RawForward>, path: String) -> Result<Forward, ConfigError> {
+        match f.value {
+            RawForward::Dr => Ok(Forward::Dr),
+            RawForward::Tunnel => Ok(Forward::Tunnel),
+            RawForward::Nat => Err(self.err(f, path, "`nat` is not implemented yet; use `dr` or `tunnel`")),
+        }
+    }
+
+    /// An address that can be a real server of the service (a backend or its fallback),
+    /// reached by `forward`.
     pub(super) fn real_server(
         &self,
         addr: &Spanned<IpAddr>,
         path: String,
         matcher: &ServiceMatch,
+        forward: Forward,
+        tally: &Tally,
     ) -> Result<IpAddr, ConfigError> {
         let a = addr.value;
         if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
@@ -498,6 +531,20 @@ impl Checker<'_> {
                 format!("{a} is the service's own vip: the director would send its traffic to itself"),
             ));
         }
+        if forward == Forward::Tunnel {
+            // Any family inside any other: the outer header is the backend's.
+            return match tally.tunnel_sources {
+                Some((v4, v6)) if !(if a.is_ipv4() { v4 } else { v6 }) => Err(self.err(
+                    addr,
+                    path,
+                    format!(
+                        "{a} is reached through a tunnel, which needs an {} address in `director.tunnel_source`",
+                        if a.is_ipv4() { "IPv4" } else { "IPv6" }
+                    ),
+                )),
+                _ => Ok(a),
+            };
+        }
         if let ServiceMatch::Mark(mark) = matcher {
             self.family_of_mark(addr, path.clone(), *mark, a.is_ipv4())?;
         }
@@ -508,7 +555,7 @@ impl Checker<'_> {
                 addr,
                 path,
                 format!(
-                    "{a} and the vip {vip} are of different address families (direct routing cannot translate)"
+                    "{a} and the vip {vip} are of different address families (direct routing cannot translate; a tunnel can)"
                 ),
             ));
         }
@@ -553,17 +600,31 @@ impl Checker<'_> {
         s: &RawService,
         i: usize,
         matcher: &ServiceMatch,
+        service_forward: Forward,
+        tally: &Tally,
     ) -> Result<Vec<BackendSpec>, ConfigError> {
         let mut out = Vec::new();
         let mut seen: HashMap<IpAddr, usize> = HashMap::new();
         for (j, b) in s.backends.iter().enumerate() {
             let at = |key: &str| format!("services[{i}].backends[{j}].{key}");
-            let addr = self.real_server(&b.address, at("address"), matcher)?;
+            let forward = match &b.forward {
+                Some(f) => self.forward(f, at("forward"))?,
+                None => service_forward,
+            };
+            let addr = self.real_server(&b.address, at("address"), matcher, forward, tally)?;
             if let ServiceMatch::Vip { port, .. } = matcher {
                 if let Some(p) = &b.port
                     && p.value != *port
                 {
-                    return Err(self.err(p, at("port"), format!("direct routing keeps the destination port: the backend must listen on {port}, not {}", p.value)));
+                    let how = if forward == Forward::Tunnel { "a tunnel" } else { "direct routing" };
+                    return Err(self.err(
+                        p,
+                        at("port"),
+                        format!(
+                            "{how} keeps the destination port: the backend must listen on {port}, not {}",
+                            p.value
+                        ),
+                    ));
                 }
             } else if let Some(p) = &b.port {
                 return Err(self.err(
@@ -595,7 +656,7 @@ impl Checker<'_> {
                 RawBackendState::Drain => BackendState::Drain,
                 RawBackendState::Disabled => BackendState::Disabled,
             };
-            out.push(BackendSpec { addr, weight, state });
+            out.push(BackendSpec { addr, weight, state, forward });
         }
         Ok(out)
     }
@@ -615,4 +676,34 @@ impl<T> CloneSpan for Spanned<T> {
     fn clone_span(&self) -> Spanned<()> {
         Spanned { value: (), referenced: self.referenced, defined: self.defined }
     }
+}
+
+/// Widest prefixes a tunnel source may be: the flow hash fills at most 16 host bits (of
+/// IPv6's last word), which is all a receive-side scaling hash needs.
+const MIN_TUNNEL_SOURCE_PREFIX_V4: u8 = 16;
+const MIN_TUNNEL_SOURCE_PREFIX_V6: u8 = 112;
+
+/// `192.0.2.1`, `2001:db8::1` or a prefix such as `198.51.100.0/28`.
+fn tunnel_source(s: &str) -> Result<IpNet, String> {
+    let net = match s.parse::<IpNet>() {
+        Ok(net) => net,
+        Err(_) => IpNet::from(
+            s.parse::<IpAddr>()
+                .map_err(|_| format!("`{s}` is not an address or a prefix (192.0.2.1, 198.51.100.0/28)"))?,
+        ),
+    };
+    let a = net.addr();
+    if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
+        return Err(format!("{a} cannot be the source of packets on the wire"));
+    }
+    if net.addr() != net.network() {
+        return Err(format!("`{s}` has host bits set; write the prefix as {}", net.trunc()));
+    }
+    let min = if a.is_ipv4() { MIN_TUNNEL_SOURCE_PREFIX_V4 } else { MIN_TUNNEL_SOURCE_PREFIX_V6 };
+    if net.prefix_len() < min {
+        return Err(format!(
+            "a tunnel source prefix may be at most /{min} wide (enough for any receive hash)"
+        ));
+    }
+    Ok(net)
 }

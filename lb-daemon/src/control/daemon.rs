@@ -132,6 +132,7 @@ impl Daemon {
             })
             .collect();
         plan.state.flood_guard_flows_per_sec = config.director.flood_guard_flows_per_sec;
+        plan.state.set_tunnel_sources(config.director.tunnel_source_v4, config.director.tunnel_source_v6);
         for (service, addr) in &plan.unresolved {
             if !self.plan.unresolved.contains(&(service.clone(), *addr)) {
                 tracing::warn!(service, backend = %addr, "backend's link-layer address is unknown: it gets no traffic until it answers ARP/ND");

@@ -116,7 +116,7 @@ fn planned(config: Config) -> Result<Config> {
     // Assume every backend resolvable: what is left are the limits planning enforces.
     let resolved: HashMap<IpAddr, Neighbour> = backend_addrs(&config)
         .into_iter()
-        .map(|addr| (addr, Neighbour { mac: [0; 6], ifindex: 1, if_mac: [0; 6], vlan: 0 }))
+        .map(|addr| (addr, Neighbour { mac: [0; 6], ifindex: 1, if_mac: [0; 6], vlan: 0, mtu: 0 }))
         .collect();
     Planner::default().plan(&config.services, &config.marks, &resolved)?;
     Ok(config)

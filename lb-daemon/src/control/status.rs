@@ -90,6 +90,7 @@ impl Daemon {
                 addr,
                 weight: serving as u32,
                 state: BackendState::Active,
+                forward: spec.forward,
             });
             for b in spec.backends.iter().chain(fallback.as_ref()) {
                 let Some(&bid) = self.plan.backend_ids.get(&(spec.name.clone(), b.addr)) else { continue };
@@ -110,6 +111,7 @@ impl Daemon {
                 backend_ids.push(bid);
                 backends.push(BackendSnapshot {
                     addr: b.addr,
+                    forward: b.forward,
                     weight: self.board.weight(&spec.name, b.addr, b.weight),
                     checks: health
                         .map(|h| h.results.iter().map(|(k, v)| (*k, *v)).collect())

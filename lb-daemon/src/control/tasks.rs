@@ -39,6 +39,8 @@ pub(super) async fn reload(daemon: &Arc<Mutex<Daemon>>) {
         let mut config = config;
         config.director = crate::config::Director {
             interfaces: config.director.interfaces.clone(),
+            tunnel_source_v4: config.director.tunnel_source_v4,
+            tunnel_source_v6: config.director.tunnel_source_v6,
             ..d.config.director.clone()
         };
         // As in the periodic refresh: an entry missing from the table now is no reason to

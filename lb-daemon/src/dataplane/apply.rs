@@ -313,6 +313,8 @@ impl Dataplane {
             flood_guard_flows_per_sec: desired.flood_guard_flows_per_sec,
             tunnel_source_v4: desired.tunnel_source_v4,
             tunnel_source_v6: desired.tunnel_source_v6,
+            tunnel_spread_v4: desired.tunnel_spread_v4,
+            tunnel_spread_v6: desired.tunnel_spread_v6,
         };
         if cfg != self.config {
             let mut map: Array<&mut MapData, DataplaneConfig> = map_mut(&mut self.ebpf, maps::CONFIG)?;

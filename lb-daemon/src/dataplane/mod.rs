@@ -441,6 +441,7 @@ impl Dataplane {
                         ifindex: b.ifindex,
                         if_mac: b.src_mac,
                         vlan: b.vlan,
+                        mtu: b.mtu,
                     },
                 ))
             })

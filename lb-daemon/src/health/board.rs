@@ -277,7 +277,12 @@ mod tests {
             ring_size: 7,
             backends: ["10.0.0.1", "10.0.0.2"]
                 .iter()
-                .map(|a| BackendSpec { addr: a.parse().unwrap(), weight: 10, state: BackendState::Active })
+                .map(|a| BackendSpec {
+                    addr: a.parse().unwrap(),
+                    weight: 10,
+                    state: BackendState::Active,
+                    forward: crate::model::Forward::Dr,
+                })
                 .collect(),
             fallback: None,
             fallback_action: crate::model::FallbackAction::Drop,

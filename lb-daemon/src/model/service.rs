@@ -88,6 +88,9 @@ pub struct BackendSpec {
     pub addr: IpAddr,
     pub weight: u32,
     pub state: BackendState,
+    /// How packets reach this backend: the service's `forward`, or the backend's own
+    /// (IPVS decides per real server).
+    pub forward: Forward,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,7 +106,7 @@ pub struct ServiceSpec {
     pub fallback: Option<IpAddr>,
     /// What happens to new flows while neither a backend nor the fallback can take them.
     pub fallback_action: FallbackAction,
-    /// How packets reach the backends.
+    /// How packets reach the backends that do not say otherwise (and the fallback).
     pub forward: Forward,
 }
 
@@ -129,7 +132,8 @@ pub struct MarkRuleSpec {
     pub src: Option<IpNet>,
 }
 
-/// Where a backend is on the link: resolved by the daemon from the neighbour table.
+/// Where a backend's frames go: resolved by the daemon from the neighbour table (direct
+/// routing), or from the route to the backend and its next hop's entry (tunnels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Neighbour {
     pub mac: [u8; 6],
@@ -139,6 +143,9 @@ pub struct Neighbour {
     /// The 802.1Q tag to send with when the neighbour is behind a VLAN device, whose
     /// parent is then `ifindex`; zero for none.
     pub vlan: u16,
+    /// The MTU of the way there (the route's, else the device's); zero when not looked
+    /// up (direct routing leaves packets as long as they came).
+    pub mtu: u16,
 }
 
 /// Forwarding method, named as in keepalived (`lb_kind DR|TUN|NAT`).

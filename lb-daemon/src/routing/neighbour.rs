@@ -170,7 +170,7 @@ async fn resolve_with(
             }
         };
         if let Some(e) = egress {
-            out.insert(addr, Neighbour { mac, ifindex: e.ifindex, if_mac: e.mac, vlan: e.vlan });
+            out.insert(addr, Neighbour { mac, ifindex: e.ifindex, if_mac: e.mac, vlan: e.vlan, mtu: 0 });
         }
     }
     Ok(out)

@@ -12,12 +12,23 @@ use lb_ebpf::parse::{
     ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, VLAN_HLEN, ipv4_header_sum, ptr_at, write_mac,
 };
 
-use super::maps::{CONFIG, EGRESS};
+use super::{
+    maps::{CONFIG, EGRESS},
+    too_big,
+};
+
+/// What became of a packet that was not dropped.
+pub enum Sent {
+    /// On its way to the backend, with this XDP action.
+    Forwarded(u32),
+    /// Turned into an answer to the client (too big for the tunnel), counted under `counter`.
+    Answered { action: u32, counter: u32 },
+}
 
 #[inline(always)]
-pub fn direct_route(ctx: &XdpContext, b: &Backend) -> Result<u32, u32> {
+pub fn direct_route(ctx: &XdpContext, b: &Backend) -> Result<Sent, u32> {
     retag(ctx, b.vlan)?;
-    send(ctx, b)
+    send(ctx, b).map(Sent::Forwarded)
 }
 
 /// New Ethernet addresses, then out of the backend's interface.
@@ -48,19 +59,26 @@ const OUTER_TTL: u8 = 64;
 /// IP-in-IP (or IPv6 in IPv6, or across families): the packet as the client sent it goes
 /// inside an outer header from the director's tunnel source to the backend's address. The
 /// outer header copies the inner DSCP/ECN and always sets DF (IPv4): a fragmented tunnel
-/// packet would reach a decapsulating XDP program in pieces it cannot join.
+/// packet would reach a decapsulating XDP program in pieces it cannot join. A packet the
+/// outer header would make longer than the way to the backend allows is answered with
+/// "too big" instead (see `too_big`). `flow_hash` picks the outer source within a
+/// configured prefix.
 #[inline(always)]
-pub fn tunnel(ctx: &XdpContext, b: &Backend) -> Result<u32, u32> {
+pub fn tunnel(ctx: &XdpContext, b: &Backend, flow_hash: u32) -> Result<Sent, u32> {
     let cfg = CONFIG.get(0).ok_or(stat::DROP_BACKEND_INVALID)?;
     let outer_v6 = b.family == FAMILY_V6;
-    let (src_v4, src_v6) = (cfg.tunnel_source_v4, cfg.tunnel_source_v6);
+    let (mut src_v4, mut src_v6) = (cfg.tunnel_source_v4, cfg.tunnel_source_v6);
     if (outer_v6 && src_v6 == [0; 4]) || (!outer_v6 && src_v4 == 0) {
         return Err(stat::DROP_BACKEND_INVALID);
     }
-    // The inner packet right after an untagged Ethernet header, then room in front.
-    retag(ctx, 0)?;
+    src_v4 |= flow_hash & cfg.tunnel_spread_v4;
+    src_v6[3] |= flow_hash & cfg.tunnel_spread_v6;
     let (start, end) = (ctx.data(), ctx.data_end());
-    let h = ptr_at::<[u8; 8]>(start, end, ETH_HLEN).ok_or(stat::DROP_TRUNCATED)?;
+    let tpid = ptr_at::<u16>(start, end, 12).ok_or(stat::DROP_TRUNCATED)?;
+    // SAFETY: bounds-checked by ptr_at; packet data has no alignment guarantee.
+    let tagged = matches!(u16::from_be(unsafe { tpid.read_unaligned() }), ETH_P_8021Q | ETH_P_8021AD);
+    let l3 = if tagged { ETH_HLEN + VLAN_HLEN } else { ETH_HLEN };
+    let h = ptr_at::<[u8; 8]>(start, end, l3).ok_or(stat::DROP_TRUNCATED)?;
     // SAFETY: bounds checked by ptr_at; byte arrays have no alignment requirement.
     let h = unsafe { h.read_unaligned() };
     let inner_v6 = h[0] >> 4 == 6;
@@ -71,6 +89,17 @@ pub fn tunnel(ctx: &XdpContext, b: &Backend) -> Result<u32, u32> {
         (u16::from_be_bytes([h[2], h[3]]) as usize, h[1], IPPROTO_IPIP)
     };
     let outer = if outer_v6 { IPV6_HLEN } else { IPV4_HLEN };
+    if b.mtu != 0 && inner_len + outer > b.mtu as usize {
+        let counter = too_big::answer(ctx, l3, inner_v6, b.mtu.saturating_sub(outer as u16));
+        return match counter {
+            stat::TOO_BIG_SENT_V4 | stat::TOO_BIG_SENT_V6 => {
+                Ok(Sent::Answered { action: xdp_action::XDP_TX, counter })
+            }
+            reason => Err(reason),
+        };
+    }
+    // The inner packet right after an untagged Ethernet header, then room in front.
+    retag(ctx, 0)?;
     let tag = if b.vlan != 0 { VLAN_HLEN } else { 0 };
     // SAFETY: a helper call on this program's own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -((outer + tag) as i32)) } != 0 {
@@ -120,7 +149,7 @@ pub fn tunnel(ctx: &XdpContext, b: &Backend) -> Result<u32, u32> {
                 .write_unaligned([ETH_P_8021Q.to_be(), (b.vlan & 0x0fff).to_be()]);
         }
     }
-    send(ctx, b)
+    send(ctx, b).map(Sent::Forwarded)
 }
 
 /// Gives the frame the egress's 802.1Q tag: `vlan`, or none when it is zero. A tag that

@@ -6,3 +6,4 @@ mod forward;
 mod maps;
 mod programs;
 mod stats;
+mod too_big;

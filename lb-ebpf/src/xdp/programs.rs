@@ -1,12 +1,13 @@
 //! Entry points.
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{SERVICE_F_ROUND_ROBIN, stat};
+use lb_common::{FlowKey, SERVICE_F_ROUND_ROBIN, stat};
 use lb_ebpf::parse::{self, ParseError, Parsed};
 
 use super::{
     classify,
     conntrack::{self, Decision},
-    forward, stats,
+    forward::{self, Sent},
+    stats,
 };
 
 #[xdp]
@@ -85,21 +86,25 @@ fn balance(ctx: &XdpContext) -> u32 {
             }
         }
     };
-    forward(ctx, &d)
+    forward(ctx, &d, &key)
 }
 
 /// Sends the frame to the decision's backend and counts it there.
 #[inline(always)]
-fn forward(ctx: &XdpContext, d: &conntrack::Decision) -> u32 {
+fn forward(ctx: &XdpContext, d: &conntrack::Decision, key: &FlowKey) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let sent = if d.backend.tunnel != 0 {
-        forward::tunnel(ctx, &d.backend)
+        forward::tunnel(ctx, &d.backend, spread_hash(key))
     } else {
         forward::direct_route(ctx, &d.backend)
     };
     match sent {
-        Ok(action) => {
+        Ok(Sent::Forwarded(action)) => {
             stats::forwarded(d.service_id, d.backend_id, len, d.new_flow);
+            action
+        }
+        Ok(Sent::Answered { action, counter }) => {
+            stats::global(counter);
             action
         }
         Err(reason) => {
@@ -122,7 +127,8 @@ fn icmp_error(ctx: &XdpContext, p: &Parsed) -> u32 {
     if !classify::addressed_to_us(ctx) || parse::check_ipv4_header(ctx.data(), ctx.data_end(), p).is_err() {
         return xdp_action::XDP_PASS;
     }
-    let d = match conntrack::lookup(&conntrack::flow_key(p)) {
+    let key = conntrack::flow_key(p);
+    let d = match conntrack::lookup(&key) {
         Some(d) => d,
         None if svc.flags & SERVICE_F_ROUND_ROBIN != 0 => return xdp_action::XDP_PASS,
         None => match conntrack::pick(p, &svc) {
@@ -130,11 +136,21 @@ fn icmp_error(ctx: &XdpContext, p: &Parsed) -> u32 {
             Err(_) => return xdp_action::XDP_PASS,
         },
     };
-    let action = forward(ctx, &d);
+    let action = forward(ctx, &d, &key);
     if action != xdp_action::XDP_DROP {
         stats::global(p.icmp_error as u32);
     }
     action
+}
+
+/// Bits that differ between a client's flows, for the tunnel source within a prefix: a
+/// real server's receive hash over the outer header then spreads them over its queues.
+/// A multiplicative mix is enough; nothing depends on it beyond spreading.
+#[inline(always)]
+fn spread_hash(key: &FlowKey) -> u32 {
+    let w = key.src[0] ^ key.src[3] ^ ((key.sport as u32) << 16 | key.dport as u32);
+    let h = w.wrapping_mul(0x9e37_79b1);
+    h ^ (h >> 16)
 }
 
 /// Drops and counts under `reason` a frame that is ours; passes anything else untouched.

@@ -77,7 +77,7 @@ fn site(services: usize, backends: usize, ring: u32) -> Result<()> {
     let neighbours: HashMap<IpAddr, Neighbour> = (0..backends)
         .map(|b| {
             let mac = [2, 0, 0, 1, (b >> 8) as u8, b as u8];
-            (real_server(b), Neighbour { mac, ifindex: 1, if_mac: [2, 0, 0, 0, 0, 1], vlan: 0 })
+            (real_server(b), Neighbour { mac, ifindex: 1, if_mac: [2, 0, 0, 0, 0, 1], vlan: 0, mtu: 0 })
         })
         .collect();
     let mut steps = Vec::new();

@@ -98,7 +98,16 @@ fn main() -> Result<()> {
         .iter()
         .enumerate()
         .map(|(i, a)| {
-            (*a, Neighbour { mac: [2, 0, 0, 0, 1, i as u8], ifindex: 1, if_mac: DIRECTOR_MAC, vlan: 0 })
+            (
+                *a,
+                Neighbour {
+                    mac: [2, 0, 0, 0, 1, i as u8],
+                    ifindex: 1,
+                    if_mac: DIRECTOR_MAC,
+                    vlan: 0,
+                    mtu: 0,
+                },
+            )
         })
         .collect();
     let web = tcp_service("web", "192.0.2.10".parse()?, 80, 65537, &backends);
