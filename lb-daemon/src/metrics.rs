@@ -283,6 +283,15 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
     for (family, kind, v) in &snap.icmp_forwarded {
         icmp.with_label_values(&[family, kind]).inc_by(*v);
     }
+    let too_big = counter(
+        &reg,
+        "lb_xdp_too_big_sent_total",
+        "ICMP fragmentation-needed / ICMPv6 packet-too-big answers to clients whose packet did not fit the tunnel to its backend.",
+        &["family"],
+    )?;
+    for (family, v) in &snap.too_big_sent {
+        too_big.with_label_values(&[family]).inc_by(*v);
+    }
     let reloads =
         counter(&reg, "lb_config_reloads_total", "Configuration loads and reloads, by result.", &["result"])?;
     reloads.with_label_values(&["success"]).inc_by(snap.reloads_ok);

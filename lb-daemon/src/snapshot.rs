@@ -146,6 +146,8 @@ pub struct Snapshot {
     pub flows_unrecorded: u64,
     /// ICMP errors about a service's flow forwarded to its backend, by (family, type).
     pub icmp_forwarded: Vec<(&'static str, &'static str, u64)>,
+    /// "Too big" answers to clients whose packet did not fit a tunnel, by family.
+    pub too_big_sent: Vec<(&'static str, u64)>,
     pub interfaces: Vec<(String, XdpMode)>,
     pub reloads_ok: u64,
     pub reloads_failed: u64,

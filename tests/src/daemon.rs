@@ -258,3 +258,19 @@ impl Metrics {
         self.get(series).ok_or_else(|| anyhow!("no series {series} in\n{}", self.0))
     }
 }
+
+/// Runs `lb-daemon decap ARGS --bpf-dir DIR` in `ns` (entering only its network namespace:
+/// `ip netns exec` would mount a /sys without the bpf filesystem); its standard output.
+pub fn decap(ns: &NetNs, dir: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", ns.name()))
+        .arg(binary()?)
+        .arg("decap")
+        .args(args)
+        .arg("--bpf-dir")
+        .arg(dir)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(out.status.success(), "decap {args:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+    Ok(text)
+}

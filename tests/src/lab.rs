@@ -15,7 +15,9 @@ use nix::sys::signal::Signal;
 use crate::daemon::{Daemon, DaemonOptions, Metrics};
 use crate::tcp::{NameServer, fetch_from};
 use crate::test_object::TestPrograms;
-use crate::topology::{DIRECTOR_CLIENT_SIDE, DIRECTOR_IN, DrTopology, Layout, VIP};
+use crate::topology::{
+    DIRECTOR_CLIENT_SIDE, DIRECTOR_IN, DIRECTOR_LAN_SIDE, DrTopology, Layout, ServerPath, VIP,
+};
 
 /// Port of the service on the VIP; the director's own service listens on 8080.
 pub const VIP_PORT: u16 = 80;
@@ -49,12 +51,26 @@ pub struct DrLab {
     /// Config, log and socket of a generated config; removed on drop.
     workdir: Option<PathBuf>,
     connection_table_size: u32,
+    /// Per server behind a router: where `lb-daemon decap` pinned its decapsulator.
+    decap_dirs: Vec<PathBuf>,
 }
 
 /// The `services:` section of the default lab: one VIP, sh, every server at weight 1.
 pub fn web_service(servers: &[IpAddr]) -> String {
     let mut y = format!(
         "services:\n  - name: web\n    match: {{ vip: {VIP}, port: {VIP_PORT}, proto: tcp }}\n    scheduler: sh\n    backends:\n"
+    );
+    for s in servers {
+        y.push_str(&format!("      - {{ address: {s} }}\n"));
+    }
+    y
+}
+
+/// A service of the lab's VIP on `port` whose packets reach `servers` through tunnels,
+/// without the `services:` line (to follow [`web_service`] or another).
+pub fn tunnel_service(name: &str, port: u16, scheduler: &str, servers: &[IpAddr]) -> String {
+    let mut y = format!(
+        "  - name: {name}\n    match: {{ vip: {VIP}, port: {port}, proto: tcp }}\n    scheduler: {scheduler}\n    forward: tunnel\n    backends:\n"
     );
     for s in servers {
         y.push_str(&format!("      - {{ address: {s} }}\n"));
@@ -87,6 +103,16 @@ impl DrLab {
         config: LabConfig,
     ) -> Result<Self> {
         let topo = DrTopology::build_with(servers, client_addrs, layout)?;
+        // Servers behind a router get their packets through tunnels: each strips them
+        // with the shipped decapsulator (the test kernels have no ipip module).
+        let mut decap_dirs = Vec::new();
+        if layout.server_path == ServerPath::Routed {
+            for (ns, iface) in topo.servers.iter().zip(&topo.server_ifs) {
+                let dir = PathBuf::from("/sys/fs/bpf").join(crate::unique_name("lbdecap"));
+                decap_dirs.push(dir.clone());
+                crate::daemon::decap(ns, &dir, &["attach", iface])?;
+            }
+        }
         let name_servers = topo
             .servers
             .iter()
@@ -143,6 +169,10 @@ impl DrLab {
                 trunk.attach_trunk_port(&sw.director_port, to_client, 0)
             })?;
             switch = Some(trunk);
+        }
+        if topo.router.is_none() {
+            // The same for frames the director sends straight back out of `ext0` with
+            // XDP_TX (a too-big answer): without a program there the client never gets them.
             in_namespace(topo.client.name(), || {
                 Ok(pass.attach_pass_through(&topo.client_if, XdpMode::Native)?)
             })?;
@@ -160,6 +190,7 @@ impl DrLab {
             bpf_dir: d.bpf_dir.clone(),
             workdir,
             connection_table_size,
+            decap_dirs,
         };
         lab.wait_resolved()?;
         Ok(lab)
@@ -315,7 +346,8 @@ fn in_namespace(ns: &str, f: impl FnOnce() -> Result<()> + Send) -> Result<()> {
 fn director_yaml(workdir: &Path, bpf_dir: &Path, connection_table_size: u32) -> String {
     format!(
         "director:\n  interfaces: [{DIRECTOR_IN}]\n  xdp_mode: native\n  metrics_listen: 127.0.0.1:9740\n  \
-         control_socket: {}\n  bpf_dir: {}\n  connection_table_size: {connection_table_size}\n  ring_slots: 131072\n",
+         control_socket: {}\n  bpf_dir: {}\n  connection_table_size: {connection_table_size}\n  ring_slots: 131072\n  \
+         tunnel_source: [{DIRECTOR_LAN_SIDE}]\n",
         workdir.join("control.sock").display(),
         bpf_dir.display()
     )
@@ -332,6 +364,11 @@ impl Drop for DrLab {
         }
         if let Some(dir) = &self.workdir {
             let _ = std::fs::remove_dir_all(dir);
+        }
+        for (dir, iface) in self.decap_dirs.iter().zip(&self.topo.server_ifs) {
+            if let Err(e) = lb_daemon::dataplane::decap::Decapsulator::detach(dir, iface) {
+                eprintln!("lab cleanup: {}", lb_daemon::error_chain(&e));
+            }
         }
     }
 }

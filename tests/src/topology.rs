@@ -8,6 +8,14 @@
 //! With [`ClientPath::Router`] a router stands between client and director (clients then
 //! live on 10.0.3.0/24, the router at 10.0.1.2 and 10.0.3.1).
 //!
+//! With [`ServerPath::Routed`] the `lan` namespace is a router instead of a bridge: the
+//! servers live on another subnet behind it, as tunnel backends do:
+//!
+//! ```text
+//!  director ──veth── lan (router: 10.0.2.2 │ br0 10.0.4.1) ──veth── server1..N
+//!  10.0.2.1                                                          10.0.4.11+
+//! ```
+//!
 //! The client routes the VIP via the director. The director's XDP program sends VIP
 //! traffic to a server by rewriting MACs and redirecting into its LAN interface; servers
 //! hold the VIP on loopback (arp_ignore/arp_announce, as with LVS-DR) and answer the
@@ -41,11 +49,33 @@ pub enum ClientPath {
     Router { mtu: u32 },
 }
 
-/// The shape of a lab: how clients reach the director, and whether their IPv4 frames
-/// reach it tagged.
+/// Where the real servers are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServerPath {
+    /// On the director's LAN (a bridge), as direct routing needs.
+    #[default]
+    Lan,
+    /// On another subnet behind a router: reached through tunnels.
+    Routed,
+}
+
+/// The router of [`ServerPath::Routed`], on the director's LAN.
+pub const SERVER_ROUTER: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+/// The router's side of the servers' subnet.
+pub const SERVER_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 4, 1);
+
+/// Real server `i`'s address in a lab whose servers are where `path` says.
+pub fn server_addr(path: ServerPath, i: usize) -> Ipv4Addr {
+    let net = if path == ServerPath::Routed { 4 } else { 2 };
+    Ipv4Addr::new(10, 0, net, 11 + i as u8)
+}
+
+/// The shape of a lab: how clients reach the director, whether their IPv4 frames reach
+/// it tagged, and where the servers are.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Layout {
     pub client_path: ClientPath,
+    pub server_path: ServerPath,
     /// A switch between the clients and the director tags the clients' IPv4 frames with
     /// this 802.1Q VLAN (and strips tags on the way back), as a trunk port would; ARP
     /// stays untagged. It is an XDP program (`lb_test_trunk`) because the test kernels
@@ -86,6 +116,8 @@ pub struct DrTopology {
     pub lan_port: String,
     pub client_addrs: Vec<Ipv4Addr>,
     pub server_addrs: Vec<Ipv4Addr>,
+    /// Each server's interface (in its own namespace).
+    pub server_ifs: Vec<String>,
 }
 
 /// Veth offloads would leave checksums to "hardware" that XDP bypasses, and VLAN tags in
@@ -179,26 +211,40 @@ impl DrTopology {
         let bridge = "br0";
         lan.ip(&["link", "add", bridge, "type", "bridge"])?;
         lan.ip(&["link", "set", bridge, "up"])?;
-        lan.ip(&["link", "set", &lan_port, "master", bridge])?;
+        let routed = layout.server_path == ServerPath::Routed;
+        let gateway = if routed {
+            // The bridge joins only the servers; the director's link is routed to them.
+            lan.ip(&["addr", "add", &format!("{SERVER_ROUTER}/24"), "dev", &lan_port])?;
+            lan.ip(&["addr", "add", &format!("{SERVER_GATEWAY}/24"), "dev", bridge])?;
+            lan.ip(&["route", "add", "default", "via", &DIRECTOR_LAN_SIDE.to_string()])?;
+            lan.sysctl("net.ipv4.ip_forward", "1")?;
+            director.ip(&["route", "add", "10.0.4.0/24", "via", &SERVER_ROUTER.to_string()])?;
+            SERVER_GATEWAY
+        } else {
+            lan.ip(&["link", "set", &lan_port, "master", bridge])?;
+            DIRECTOR_LAN_SIDE
+        };
 
         let mut server_ns = Vec::new();
         let mut server_addrs = Vec::new();
+        let mut server_ifs = Vec::new();
         for i in 0..servers {
             let s = NetNs::new("sv")?;
             let (port, sif) = veth(&lan, &s, "s")?;
             no_offloads(&lan, &port)?;
             no_offloads(&s, &sif)?;
             lan.ip(&["link", "set", &port, "master", bridge])?;
-            let addr = Ipv4Addr::new(10, 0, 2, 11 + i as u8);
+            let addr = server_addr(layout.server_path, i);
             s.ip(&["addr", "add", &format!("{addr}/24"), "dev", &sif])?;
             // On lo a prefix makes every address in it local.
             s.ip(&["addr", "add", &format!("{VIP}/{VIP_PREFIX_LEN}"), "dev", "lo"])?;
-            s.ip(&["route", "add", "default", "via", &DIRECTOR_LAN_SIDE.to_string()])?;
-            // LVS-DR: never answer or announce ARP for the VIP held on loopback.
+            s.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+            // LVS-DR and LVS-TUN: never answer or announce ARP for the VIP held on loopback.
             s.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
             s.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
             server_addrs.push(addr);
             server_ns.push(s);
+            server_ifs.push(sif);
         }
         Ok(DrTopology {
             client,
@@ -213,6 +259,7 @@ impl DrTopology {
             lan_port,
             client_addrs,
             server_addrs,
+            server_ifs,
         })
     }
 }

@@ -4,7 +4,6 @@
 //! datagram sent by the kernel of another namespace reaching a UDP socket on the VIP.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
@@ -12,6 +11,7 @@ use lb_daemon::dataplane::decap::Decapsulator;
 use lb_ebpf::parse::TCP_ACK;
 use lb_ebpf::testpkt::{self, Ipv4Opts, Ipv6Opts, L4, in_ipv4, in_ipv6, tagged};
 use lb_tests::NetNs;
+use lb_tests::daemon::decap;
 use lb_tests::fixture::{XDP_PASS, timed_run_xdp};
 
 const HOST4: [u8; 4] = [10, 2, 0, 2];
@@ -99,21 +99,6 @@ fn tunnelled_frames_come_out_as_their_inner_frame_and_the_rest_passes_untouched(
         ensure!(count(&d, counter)? == before + 1, "{what}: {counter} did not count it");
     }
     Ok(())
-}
-
-/// Runs `lb-daemon decap ...` in `ns`; returns its standard output.
-fn decap(ns: &NetNs, dir: &std::path::Path, args: &[&str]) -> Result<String> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{}", ns.name()))
-        .arg(lb_tests::daemon::binary()?)
-        .arg("decap")
-        .args(args)
-        .arg("--bpf-dir")
-        .arg(dir)
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(out.status.success(), "decap {args:?}: {}{}", text, String::from_utf8_lossy(&out.stderr));
-    Ok(text)
 }
 
 #[test]

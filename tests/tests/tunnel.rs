@@ -1,8 +1,8 @@
-//! Tunnel forwarding in the data path (`forward: tunnel` is not accepted by `check` yet):
-//! through `BPF_PROG_TEST_RUN`, a service's packet leaves inside an outer IPv4 or IPv6
-//! header from the director's tunnel source to the backend, byte for byte as an
-//! independent builder makes it, and the decapsulator turns it back into the packet the
-//! client sent.
+//! Tunnel forwarding. Through `BPF_PROG_TEST_RUN`: a service's packet leaves inside an
+//! outer IPv4 or IPv6 header from the director's tunnel source to the backend, byte for
+//! byte as an independent builder makes it, and the decapsulator turns it back into the
+//! packet the client sent; a packet too big for the way is answered. End to end: real
+//! servers on another subnet behind a router, decapsulating with `lb-daemon decap`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -16,6 +16,9 @@ use lb_ebpf::parse::TCP_SYN;
 use lb_ebpf::testpkt::{self, Ipv4Opts, Ipv6Opts, L4, in_ipv4, in_ipv6, tagged};
 use lb_tests::NetNs;
 use lb_tests::fixture::{XDP_PASS, XDP_TX, tcp_service, test_run, timed_run_xdp};
+use lb_tests::lab::{DrLab, LabConfig, tunnel_service};
+use lb_tests::tcp::EchoServer;
+use lb_tests::topology::{Layout, ServerPath, VIP, server_addr};
 
 const DIRECTOR_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0];
 const SOURCE4: [u8; 4] = [10, 1, 0, 1];
@@ -287,4 +290,103 @@ fn tunnelled(s: &mut lb_daemon::model::ServiceSpec) {
     for b in &mut s.backends {
         b.forward = Forward::Tunnel;
     }
+}
+
+/// The size of the end-to-end upload: far more than any socket buffer, so that the
+/// client's TCP must adapt to the too-big answers to finish it.
+const UPLOAD_BYTES: usize = 10 << 20;
+const UPLOAD_PORT: u16 = 7000;
+
+#[test]
+fn servers_behind_a_router_get_sticky_tunnelled_flows_and_a_big_upload_through_the_too_big_path() -> Result<()>
+{
+    let path = ServerPath::Routed;
+    let servers: Vec<IpAddr> = (0..3).map(|i| IpAddr::V4(server_addr(path, i))).collect();
+    let services = format!(
+        "services:\n{}{}",
+        tunnel_service("web", 80, "sh", &servers),
+        tunnel_service("upload", UPLOAD_PORT, "mh", &servers)
+    );
+    let layout = Layout { server_path: path, ..Layout::default() };
+    let lab = DrLab::start_on(layout, servers.len(), 30, LabConfig::Services(services))?;
+    let status = lab.daemon.status()?;
+    ensure!(status.matches(" Tunnel ").count() == 2 * servers.len(), "{status}");
+
+    // 300 connections from 30 sources: each source sticks to one server, all get a share.
+    let answers =
+        lab.connect_all(10).with_context(|| format!("connecting to the VIP\n{}", lab.daemon.log_text()))?;
+    ensure!(answers.len() == 300, "{} answers", answers.len());
+    let mut by_source: HashMap<IpAddr, std::collections::BTreeSet<String>> = HashMap::new();
+    for (src, server) in &answers {
+        by_source.entry(*src).or_default().insert(server.clone());
+    }
+    ensure!(by_source.values().all(|s| s.len() == 1), "a source moved between servers: {by_source:?}");
+    let used: std::collections::BTreeSet<&String> = by_source.values().flatten().collect();
+    ensure!(used.len() == servers.len(), "servers used: {used:?}");
+
+    // 10 MB through a way whose MTU (1500) leaves no room for the outer header of the
+    // client's full-sized segments: they come back as "fragmentation needed", the client
+    // lowers its path MTU to the VIP, and every byte arrives (echoed back to check).
+    let echo = EchoServer::on_each(&lab.topo.servers, UPLOAD_PORT)?;
+    let src = IpAddr::V4(lab.topo.client_addrs[0]);
+    let echoed = lab
+        .topo
+        .client
+        .run(move || upload(src, std::net::SocketAddr::from((VIP, UPLOAD_PORT))))
+        .with_context(|| {
+            let m = lab.metrics().ok();
+            let v = |k: &str| m.as_ref().and_then(|m| m.value(k).ok());
+            format!(
+                "uploading\n{}\ntoo big sent {:?}, dropped too big {:?}, route {:?}",
+                lab.daemon.status().unwrap_or_default(),
+                v("lb_xdp_too_big_sent_total{family=\"ipv4\"}"),
+                v("lb_xdp_drops_total{reason=\"too_big\"}"),
+                lab.topo.client.ip(&["route", "get", &VIP.to_string()]),
+            )
+        })?;
+    ensure!(echoed == UPLOAD_BYTES, "echoed {echoed} of {UPLOAD_BYTES} bytes");
+    let sent = lab.metrics()?.value("lb_xdp_too_big_sent_total{family=\"ipv4\"}")?;
+    ensure!(sent >= 1.0, "no too-big answer counted");
+    for e in echo {
+        e.stop()?;
+    }
+    Ok(())
+}
+
+/// Sends `UPLOAD_BYTES` of a pattern to `dst` from `src` while reading the echo; returns
+/// how many bytes came back equal to what was sent. Bounded by socket timeouts.
+fn upload(src: IpAddr, dst: std::net::SocketAddr) -> Result<usize> {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&std::net::SocketAddr::new(src, 0).into())?;
+    socket.connect_timeout(&dst.into(), std::time::Duration::from_secs(5))?;
+    let stream: std::net::TcpStream = socket.into();
+    let timeout = Some(std::time::Duration::from_secs(20));
+    stream.set_read_timeout(timeout)?;
+    stream.set_write_timeout(timeout)?;
+    let pattern = |i: usize| (i % 251) as u8;
+    let mut reader = stream.try_clone()?;
+    let echo = std::thread::spawn(move || -> Result<usize> {
+        let mut buf = vec![0u8; 65536];
+        let mut got = 0;
+        while got < UPLOAD_BYTES {
+            let n = reader.read(&mut buf)?;
+            ensure!(n > 0, "closed after {got} bytes");
+            ensure!(
+                buf[..n].iter().enumerate().all(|(i, b)| *b == pattern(got + i)),
+                "corrupted after {got} bytes"
+            );
+            got += n;
+        }
+        Ok(got)
+    });
+    let mut writer = stream;
+    let mut sent = 0;
+    while sent < UPLOAD_BYTES {
+        let n = (UPLOAD_BYTES - sent).min(65536);
+        let part: Vec<u8> = (sent..sent + n).map(pattern).collect();
+        writer.write_all(&part)?;
+        sent += n;
+    }
+    echo.join().map_err(|_| anyhow::anyhow!("the echo reader panicked"))?
 }

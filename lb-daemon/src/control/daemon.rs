@@ -80,7 +80,7 @@ impl Daemon {
             );
         }
         let mut neighbours = dataplane.adopted_neighbours();
-        neighbours.extend(neighbour::resolve(&backend_addrs(&config), RESOLVE_WAIT).await?);
+        neighbours.extend(neighbour::resolve(&backend_targets(&config), RESOLVE_WAIT).await?);
         let interface_macs = neighbour::interface_macs(&config.director.interfaces)?;
         let mut daemon = Daemon {
             config_path: config_path.to_owned(),

@@ -9,7 +9,7 @@
 //! mutex. Slow work (reading the file, resolving neighbours) happens outside the lock; the
 //! lock covers planning and applying, and the map reads of a scrape or status request.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -114,17 +114,24 @@ pub fn check_text(text: &str, file: &str) -> Result<Config> {
 
 fn planned(config: Config) -> Result<Config> {
     // Assume every backend resolvable: what is left are the limits planning enforces.
-    let resolved: HashMap<IpAddr, Neighbour> = backend_addrs(&config)
+    let resolved: HashMap<IpAddr, Neighbour> = backend_targets(&config)
         .into_iter()
-        .map(|addr| (addr, Neighbour { mac: [0; 6], ifindex: 1, if_mac: [0; 6], vlan: 0, mtu: 0 }))
+        .map(|t| (t.addr, Neighbour { mac: [0; 6], ifindex: 1, if_mac: [0; 6], vlan: 0, mtu: 0 }))
         .collect();
     Planner::default().plan(&config.services, &config.marks, &resolved)?;
     Ok(config)
 }
 
-/// Every real server's address (backends and fallbacks), once.
-fn backend_addrs(config: &Config) -> Vec<IpAddr> {
-    let set: BTreeSet<IpAddr> =
-        config.services.iter().flat_map(|s| s.backends.iter().map(|b| b.addr).chain(s.fallback)).collect();
-    set.into_iter().collect()
+/// Every real server (backends and fallbacks) once, with how it is reached. An address
+/// that one service tunnels to and another routes directly is resolved by its route: on
+/// a link that is the same entry, and off a link direct routing could not reach it.
+fn backend_targets(config: &Config) -> Vec<neighbour::Target> {
+    let mut routed: BTreeMap<IpAddr, bool> = BTreeMap::new();
+    for s in &config.services {
+        let fallback = s.fallback.map(|addr| (addr, s.forward));
+        for (addr, forward) in s.backends.iter().map(|b| (b.addr, b.forward)).chain(fallback) {
+            *routed.entry(addr).or_default() |= forward == crate::model::Forward::Tunnel;
+        }
+    }
+    routed.into_iter().map(|(addr, routed)| neighbour::Target { addr, routed }).collect()
 }

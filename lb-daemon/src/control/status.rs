@@ -69,6 +69,7 @@ fn fill_counters(snapshot: &mut Snapshot, ids: &CounterIds, counters: &CounterRe
     snapshot.flows_unrecorded = global[stat::FLOWS_UNRECORDED_FLOOD as usize];
     snapshot.icmp_forwarded =
         stat::ICMP_FORWARDED.iter().map(|(i, family, kind)| (*family, *kind, global[*i as usize])).collect();
+    snapshot.too_big_sent = pick(&stat::TOO_BIG_SENT);
     Ok(())
 }
 
@@ -151,6 +152,7 @@ impl Daemon {
             flood_guard_active_cpus: self.dataplane.flood_guard_active_cpus(now)?,
             flows_unrecorded: 0,
             icmp_forwarded: Vec::new(),
+            too_big_sent: Vec::new(),
             interfaces: self
                 .config
                 .director

@@ -26,8 +26,7 @@ pub(super) async fn reload(daemon: &Arc<Mutex<Daemon>>) {
         }
         // Apply at once with what the neighbour table knows now; servers it does not know
         // yet are resolved after the reload (below), so no reload waits for ARP.
-        let addrs = backend_addrs(&config);
-        let neighbours = neighbour::resolve(&addrs, Duration::ZERO).await?;
+        let neighbours = neighbour::resolve(&backend_targets(&config), Duration::ZERO).await?;
         let interface_macs = neighbour::interface_macs(&config.director.interfaces)?;
         let mut d = lock(daemon);
         d.interface_macs = interface_macs;
@@ -77,7 +76,7 @@ pub(super) async fn reload(daemon: &Arc<Mutex<Daemon>>) {
 pub(super) async fn refresh_neighbours(daemon: &Arc<Mutex<Daemon>>, wait: Duration) {
     let (addrs, interfaces) = {
         let d = lock(daemon);
-        (backend_addrs(&d.config), d.config.director.interfaces.clone())
+        (backend_targets(&d.config), d.config.director.interfaces.clone())
     };
     let found = neighbour::resolve(&addrs, wait).await;
     let macs = neighbour::interface_macs(&interfaces);

@@ -1,9 +1,13 @@
-//! Link-layer addresses of backends, for direct routing.
+//! Link-layer addresses of backends' next hops.
 //!
 //! Direct routing rewrites only the Ethernet header, so each backend must be on a link of
-//! the director. The kernel's neighbour table already knows most of them; for one it does
-//! not, a zero-length UDP datagram to the discard port (9) makes the kernel resolve it
-//! (ARP or neighbour discovery), the way `ping` would, without needing raw sockets.
+//! the director: its own entry in the neighbour table is the next hop. A tunnel backend
+//! may be anywhere the kernel has a route to: the next hop is that route's gateway (or
+//! the backend itself on a link), and the way's MTU (the route's, else the device's)
+//! bounds the packets sent in the tunnel. The kernel's neighbour table already knows
+//! most next hops; for one it does not, a zero-length UDP datagram to the discard port
+//! (9) of the backend makes the kernel resolve it (ARP or neighbour discovery), the way
+//! `ping` would, without needing raw sockets.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -13,6 +17,7 @@ use futures_util::TryStreamExt;
 use rtnetlink::packet_route::{
     link::{InfoData, InfoVlan, LinkAttribute, LinkInfo, VlanProtocol},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteType},
 };
 
 use crate::model::Neighbour;
@@ -65,6 +70,8 @@ struct Egress {
     mac: [u8; 6],
     /// The 802.1Q tag the VLAN device would have added; zero for none.
     vlan: u16,
+    /// The MTU of the interface the neighbour was found on (the VLAN device's own).
+    mtu: u32,
 }
 
 /// The egress for a neighbour on `ifindex`; `None` for an interface without an Ethernet
@@ -81,9 +88,10 @@ async fn egress_of(handle: &rtnetlink::Handle, ifindex: u32) -> Result<Option<Eg
 
 /// The egress of interface `ifindex` from its link attributes (see [`egress_of`]).
 fn egress_from(ifindex: u32, attributes: Vec<LinkAttribute>) -> Option<Egress> {
-    let (mut mac, mut parent, mut vlan, mut qinq) = (None, None, None, false);
+    let (mut mac, mut parent, mut vlan, mut qinq, mut mtu) = (None, None, None, false, 0);
     for a in attributes {
         match a {
+            LinkAttribute::Mtu(m) => mtu = m,
             LinkAttribute::Address(l) if l.len() == 6 => mac = Some([l[0], l[1], l[2], l[3], l[4], l[5]]),
             LinkAttribute::Link(p) => parent = Some(p),
             LinkAttribute::LinkInfo(infos) => {
@@ -103,9 +111,9 @@ fn egress_from(ifindex: u32, attributes: Vec<LinkAttribute>) -> Option<Egress> {
     }
     match (mac?, vlan, parent) {
         (_, Some(_), _) if qinq => None,
-        (mac, Some(vlan), Some(parent)) => Some(Egress { ifindex: parent, mac, vlan }),
+        (mac, Some(vlan), Some(parent)) => Some(Egress { ifindex: parent, mac, vlan, mtu }),
         (_, Some(_), None) => None,
-        (mac, None, _) => Some(Egress { ifindex, mac, vlan: 0 }),
+        (mac, None, _) => Some(Egress { ifindex, mac, vlan: 0, mtu }),
     }
 }
 
@@ -120,39 +128,106 @@ fn poke(addr: IpAddr) {
     }
 }
 
-/// Resolves `addrs` in the calling thread's network namespace, waiting up to `wait` for
-/// addresses the kernel has to ask the network about. Addresses that stay unknown are
-/// absent from the result.
-pub async fn resolve(addrs: &[IpAddr], wait: Duration) -> Result<HashMap<IpAddr, Neighbour>, NeighbourError> {
+/// A real server to resolve, and how it is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Target {
+    pub addr: IpAddr,
+    /// Through a tunnel: by the kernel's route to it (its gateway's link-layer address,
+    /// the way's MTU); otherwise on a link (its own entry).
+    pub routed: bool,
+}
+
+/// Resolves `targets` in the calling thread's network namespace, waiting up to `wait` for
+/// next hops the kernel has to ask the network about. Targets that stay unknown (or, when
+/// routed, have no unicast route) are absent from the result.
+pub async fn resolve(
+    targets: &[Target],
+    wait: Duration,
+) -> Result<HashMap<IpAddr, Neighbour>, NeighbourError> {
     let (conn, handle, _) = rtnetlink::new_connection()?;
     let conn_task = tokio::spawn(conn);
-    let result = resolve_with(&handle, addrs, wait).await;
+    let result = resolve_with(&handle, targets, wait).await;
     conn_task.abort();
     result
 }
 
+/// Where the kernel would send a packet to `addr`: the next hop (the route's gateway, or
+/// `addr` on a link) and the route's MTU, if it sets one. `None` without a unicast route.
+async fn next_hop(handle: &rtnetlink::Handle, addr: IpAddr) -> Result<Option<(IpAddr, u32)>, NeighbourError> {
+    let message = rtnetlink::RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(addr, if addr.is_ipv4() { 32 } else { 128 })
+        .map_err(|e| NeighbourError::Socket(std::io::Error::other(e.to_string())))?
+        .build();
+    let mut routes = handle.route().get(message).execute();
+    let mut found = None;
+    loop {
+        match routes.try_next().await {
+            Ok(Some(route)) => found = hop_of(&route, addr),
+            Ok(None) => break,
+            // No route at all (ENETUNREACH, EHOSTUNREACH): nothing to send to.
+            Err(rtnetlink::Error::NetlinkError(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(found)
+}
+
+/// The next hop and route MTU (zero: the device's) of a route lookup's answer.
+fn hop_of(route: &RouteMessage, addr: IpAddr) -> Option<(IpAddr, u32)> {
+    if route.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let (mut hop, mut mtu) = (addr, 0);
+    for a in &route.attributes {
+        match a {
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => hop = IpAddr::V4(*g),
+            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => hop = IpAddr::V6(*g),
+            RouteAttribute::Metrics(metrics) => {
+                for m in metrics {
+                    if let RouteMetric::Mtu(m) = m {
+                        mtu = *m;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some((hop, mtu))
+}
+
 async fn resolve_with(
     handle: &rtnetlink::Handle,
-    addrs: &[IpAddr],
+    targets: &[Target],
     wait: Duration,
 ) -> Result<HashMap<IpAddr, Neighbour>, NeighbourError> {
     let deadline = tokio::time::Instant::now() + wait;
+    // Each target's next hop (and route MTU); on-link targets are their own.
+    let mut hops: HashMap<IpAddr, (IpAddr, u32)> = HashMap::new();
+    for t in targets {
+        if !t.routed {
+            hops.insert(t.addr, (t.addr, 0));
+        } else if let Some(hop) = next_hop(handle, t.addr).await? {
+            hops.insert(t.addr, hop);
+        }
+    }
     let mut found: HashMap<IpAddr, ([u8; 6], u32)> = HashMap::new();
     let mut poked = false;
     loop {
         let mut dump = handle.neighbours().get().execute();
         while let Some(msg) = dump.try_next().await? {
             if let Some((addr, mac, ifindex)) = entry(&msg)
-                && addrs.contains(&addr)
+                && hops.values().any(|(hop, _)| *hop == addr)
             {
                 found.insert(addr, (mac, ifindex));
             }
         }
-        let missing: Vec<IpAddr> = addrs.iter().filter(|a| !found.contains_key(a)).copied().collect();
+        let missing: Vec<IpAddr> =
+            hops.iter().filter(|(_, (hop, _))| !found.contains_key(hop)).map(|(addr, _)| *addr).collect();
         if missing.is_empty() || tokio::time::Instant::now() >= deadline {
             break;
         }
         if !poked {
+            // A datagram to the target makes the kernel resolve its next hop, whichever.
             missing.iter().for_each(|a| poke(*a));
             poked = true;
         }
@@ -160,7 +235,9 @@ async fn resolve_with(
     }
     let mut egresses: HashMap<u32, Option<Egress>> = HashMap::new();
     let mut out = HashMap::new();
-    for (addr, (mac, ifindex)) in found {
+    for t in targets {
+        let Some(&(hop, route_mtu)) = hops.get(&t.addr) else { continue };
+        let Some(&(mac, ifindex)) = found.get(&hop) else { continue };
         let egress = match egresses.get(&ifindex) {
             Some(e) => *e,
             None => {
@@ -170,7 +247,15 @@ async fn resolve_with(
             }
         };
         if let Some(e) = egress {
-            out.insert(addr, Neighbour { mac, ifindex: e.ifindex, if_mac: e.mac, vlan: e.vlan, mtu: 0 });
+            // Direct routing forwards packets as they came: no MTU of its own to keep. A
+            // route's MTU cannot make the device send longer frames than its own.
+            let mtu = match (t.routed, route_mtu) {
+                (false, _) => 0,
+                (true, 0) => e.mtu,
+                (true, m) => m.min(e.mtu),
+            };
+            let mtu = u16::try_from(mtu).unwrap_or(u16::MAX);
+            out.insert(t.addr, Neighbour { mac, ifindex: e.ifindex, if_mac: e.mac, vlan: e.vlan, mtu });
         }
     }
     Ok(out)
@@ -215,14 +300,14 @@ mod tests {
             9,
             vlan_link(3, vec![InfoVlan::Id(200), InfoVlan::Protocol(VlanProtocol::Ieee8021Q)]),
         );
-        assert_eq!(e, Some(Egress { ifindex: 3, mac: MAC, vlan: 200 }));
+        assert_eq!(e, Some(Egress { ifindex: 3, mac: MAC, vlan: 200, mtu: 0 }));
     }
 
     #[test]
     fn a_plain_interface_is_its_own_untagged_egress() {
         // A veth has IFLA_LINK too (its peer): only VLAN data makes the parent the egress.
         let attrs = vec![LinkAttribute::Address(MAC.to_vec()), LinkAttribute::Link(12)];
-        assert_eq!(egress_from(4, attrs), Some(Egress { ifindex: 4, mac: MAC, vlan: 0 }));
+        assert_eq!(egress_from(4, attrs), Some(Egress { ifindex: 4, mac: MAC, vlan: 0, mtu: 0 }));
         assert_eq!(egress_from(4, vec![LinkAttribute::Link(12)]), None, "no Ethernet address");
     }
 
