@@ -318,6 +318,28 @@ impl DrLab {
         Ok(())
     }
 
+    /// Servers behind a router: gives the director a second link to the router
+    /// (10.0.5.1 - 10.0.5.2), moves the route to the servers' subnet onto it and takes
+    /// the first link's router side down, so that only the new way works. The daemon is
+    /// not told.
+    pub fn reroute_servers(&mut self) -> Result<()> {
+        let (director, router) = (&self.topo.director, &self.topo.lan);
+        let (dir_if, rt_if) = crate::veth(director, router, "rr")?;
+        for (ns, iface) in [(director, &dir_if), (router, &rt_if)] {
+            crate::topology::no_offloads(ns, iface)?;
+        }
+        director.ip(&["addr", "add", "10.0.5.1/24", "dev", &dir_if])?;
+        router.ip(&["addr", "add", "10.0.5.2/24", "dev", &rt_if])?;
+        director.sysctl(&format!("net.ipv4.conf.{dir_if}.rp_filter"), "0")?;
+        let pass = &mut self._pass_through;
+        in_namespace(router.name(), || Ok(pass.attach_pass_through(&rt_if, XdpMode::Native)?))?;
+        director.ip(&["route", "replace", "10.0.4.0/24", "via", "10.0.5.2", "dev", &dir_if])?;
+        router.ip(&["link", "set", &self.topo.lan_port, "down"])?;
+        // The servers' replies (from the VIP, to the clients) return by the new link too.
+        router.ip(&["route", "replace", "default", "via", "10.0.5.1"])?;
+        Ok(())
+    }
+
     /// Stops the name servers; returns how many connections each real server answered
     /// and how many the director's own service answered. The daemon stops on drop.
     pub fn stop_servers(&mut self) -> Result<(Vec<u64>, u64)> {

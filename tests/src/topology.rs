@@ -122,7 +122,7 @@ pub struct DrTopology {
 
 /// Veth offloads would leave checksums to "hardware" that XDP bypasses, and VLAN tags in
 /// packet metadata where XDP does not look.
-fn no_offloads(ns: &NetNs, iface: &str) -> Result<()> {
+pub fn no_offloads(ns: &NetNs, iface: &str) -> Result<()> {
     ns.exec(&[
         "ethtool", "-K", iface, "tx", "off", "tso", "off", "gso", "off", "gro", "off", "txvlan", "off",
         "rxvlan", "off",

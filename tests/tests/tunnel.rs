@@ -390,3 +390,72 @@ fn upload(src: IpAddr, dst: std::net::SocketAddr) -> Result<usize> {
     }
     echo.join().map_err(|_| anyhow::anyhow!("the echo reader panicked"))?
 }
+
+/// The route to the servers moves to another link and gateway; the daemon follows it
+/// without a reload (it watches the kernel's routes), and clients keep getting through.
+#[test]
+fn a_route_change_toward_tunnel_backends_is_followed_without_a_reload() -> Result<()> {
+    let path = ServerPath::Routed;
+    let servers: Vec<IpAddr> = (0..2).map(|i| IpAddr::V4(server_addr(path, i))).collect();
+    let services = format!("services:\n{}", tunnel_service("web", 80, "sh", &servers));
+    let layout = Layout { server_path: path, ..Layout::default() };
+    let mut lab = DrLab::start_on(layout, servers.len(), 4, LabConfig::Services(services))?;
+    ensure!(lab.connect_all(1)?.len() == 4);
+    let reloads = "lb_config_reloads_total{result=\"success\"}";
+    let before = lab.metrics()?.value(reloads)?;
+
+    lab.reroute_servers()?;
+    // Bounded: the daemon's periodic look would find the new way within 10 s too.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let answers = loop {
+        match lab.connect_all(1) {
+            Ok(a) => break a,
+            Err(e) if std::time::Instant::now() > deadline => {
+                return Err(e.context(format!("after the route change\n{}", lab.daemon.log_text())));
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(200)),
+        }
+    };
+    ensure!(answers.len() == 4, "{answers:?}");
+    ensure!(lab.metrics()?.value(reloads)? == before, "the daemon was reloaded");
+    Ok(())
+}
+
+/// A tunnel backend's next hop is its route's gateway, with the route's MTU (else the
+/// device's); a backend without a route stays unresolved; a direct-routing backend is its
+/// own next hop and carries no MTU.
+#[test]
+fn a_routed_target_resolves_to_its_gateway_with_the_way_s_mtu() -> Result<()> {
+    use lb_daemon::routing::neighbour::{Target, resolve};
+    let (host, gateway) = (NetNs::new("nh")?, NetNs::new("gw")?);
+    let (host_if, gw_if) = lb_tests::veth(&host, &gateway, "nh")?;
+    host.ip(&["addr", "add", "10.9.0.1/24", "dev", &host_if])?;
+    gateway.ip(&["addr", "add", "10.9.0.2/24", "dev", &gw_if])?;
+    host.ip(&["route", "add", "10.8.0.0/24", "via", "10.9.0.2", "mtu", "1400"])?;
+    host.ip(&["route", "add", "10.7.0.0/24", "via", "10.9.0.2"])?;
+    let link = gateway.ip(&["-o", "link", "show", "dev", &gw_if])?;
+    let gw_mac = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .context("no MAC in `ip link`")?
+        .to_owned();
+    let target = |a: &str, routed| Target { addr: a.parse().unwrap(), routed };
+    let targets = [
+        target("10.8.0.5", true),
+        target("10.7.0.9", true),
+        target("10.9.0.2", false),
+        target("10.6.0.1", true),
+    ];
+    let found = host.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        Ok(rt.block_on(resolve(&targets, std::time::Duration::from_secs(3)))?)
+    })?;
+    let mac = |a: &str| found.get(&a.parse::<IpAddr>().unwrap()).map(|n| (n.mac, n.mtu));
+    let hex = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    ensure!(mac("10.8.0.5").map(|(m, mtu)| (hex(m), mtu)) == Some((gw_mac.clone(), 1400)), "{found:?}");
+    ensure!(mac("10.7.0.9").map(|(m, mtu)| (hex(m), mtu)) == Some((gw_mac.clone(), 1500)), "{found:?}");
+    ensure!(mac("10.9.0.2").map(|(m, mtu)| (hex(m), mtu)) == Some((gw_mac.clone(), 0)), "{found:?}");
+    ensure!(mac("10.6.0.1").is_none(), "no route, yet resolved: {found:?}");
+    Ok(())
+}

@@ -135,7 +135,7 @@ impl Daemon {
         plan.state.set_tunnel_sources(config.director.tunnel_source_v4, config.director.tunnel_source_v6);
         for (service, addr) in &plan.unresolved {
             if !self.plan.unresolved.contains(&(service.clone(), *addr)) {
-                tracing::warn!(service, backend = %addr, "backend's link-layer address is unknown: it gets no traffic until it answers ARP/ND");
+                tracing::warn!(service, backend = %addr, "backend's next hop is unknown (no route to a tunnel backend, or no ARP/ND answer yet): it gets no traffic until it is found");
             }
         }
         let report = self.dataplane.apply(&plan.state)?;

@@ -38,6 +38,8 @@ const RESOLVE_WAIT: Duration = Duration::from_secs(3);
 /// How often backends' link-layer addresses are looked up again (a server replaced, a
 /// backend that did not answer ARP at start).
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(10);
+/// At most one refresh per this long for route and neighbour changes.
+const NETWORK_CHANGE_QUIET: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {

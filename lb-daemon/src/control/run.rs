@@ -105,6 +105,15 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     let mut neighbour_tick = tokio::time::interval(NEIGHBOUR_REFRESH);
     neighbour_tick.reset();
+    // A route or neighbour change is followed at once; the tick stays for what no event
+    // announces (a next hop that answers ARP only later).
+    let mut network_changes = match neighbour::watch_changes(NETWORK_CHANGE_QUIET) {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot watch route and neighbour changes; following them every {NEIGHBOUR_REFRESH:?}");
+            None
+        }
+    };
     let mut reap_tick = tokio::time::interval(REAP_ORPHANS);
     // Reloads run beside the loop, never in it: SIGTERM is answered whatever a reload is
     // waiting for. A SIGHUP during a reload queues one more, after it.
@@ -146,6 +155,9 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = neighbour_tick.tick() => refresh_neighbours(&daemon, Duration::from_millis(500)).await,
+            Some(()) = async { network_changes.as_mut()?.recv().await }, if network_changes.is_some() => {
+                refresh_neighbours(&daemon, Duration::from_millis(500)).await;
+            }
             // A scan of /proc: off the loop that answers signals.
             _ = reap_tick.tick() => { tokio::task::spawn_blocking(crate::health::children::reap_orphans); }
             _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[sd_notify::NotifyState::Watchdog]),

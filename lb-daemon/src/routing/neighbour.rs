@@ -261,6 +261,34 @@ async fn resolve_with(
     Ok(out)
 }
 
+/// Changes of the kernel's routes, neighbours or links, as a channel that holds one
+/// pending signal: however many changes arrive, the receiver sees one, and at most one
+/// per `quiet` (a refresh that pokes an unresolved next hop causes neighbour changes
+/// itself; this keeps that from becoming a loop). Ends when the receiver is dropped.
+pub fn watch_changes(quiet: Duration) -> Result<tokio::sync::mpsc::Receiver<()>, NeighbourError> {
+    use futures_util::StreamExt as _;
+    use rtnetlink::MulticastGroup;
+    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Route,
+        MulticastGroup::Neigh,
+        MulticastGroup::Link,
+    ])?;
+    let conn_task = tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while messages.next().await.is_some() {
+            match tx.try_send(()) {
+                Ok(()) => tokio::time::sleep(quiet).await,
+                Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {}
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => break,
+            }
+        }
+        conn_task.abort();
+    });
+    Ok(rx)
+}
+
 /// The ifindex and link-layer address of each named interface that exists and has an
 /// Ethernet address; the others are left out (the caller refuses missing interfaces).
 pub fn interface_macs(names: &[String]) -> Result<std::collections::BTreeMap<u32, [u8; 6]>, NeighbourError> {
