@@ -28,6 +28,7 @@ pub mod maps {
     pub const WRR_CURSORS: &str = "WRR_CURSORS";
     pub const LOCAL_MACS: &str = "LOCAL_MACS";
     pub const FLOOD_GUARD: &str = "FLOOD_GUARD";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
 }
 
 /// Program names in the object.
@@ -302,6 +303,39 @@ pub struct AddrKey {
     pub _pad16: u16,
 }
 
+/// `VIP_ADDRS[addr]`: the port (host order) of the only TCP service on the address, in
+/// the low half, and of the only UDP one in the high half, when that service hashes the
+/// source alone (`sh`); zero otherwise. A later fragment, which carries no port, of a
+/// datagram whose first fragment the director did not see is placed by that service's ring.
+pub const fn vip_addr_value(sole_sh_tcp_port: u16, sole_sh_udp_port: u16) -> u32 {
+    sole_sh_tcp_port as u32 | (sole_sh_udp_port as u32) << 16
+}
+
+/// Fragment-table key: what identifies the fragments of one datagram (RFC 791 / 8200).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// The IPv4 identification (16 bits, host order) or the IPv6 fragment header's (32).
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+
+/// Where the first fragment of a datagram went: the later ones follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragEntry {
+    pub service: u32,
+    pub backend: u32,
+}
+
+/// Entries of `FRAGMENTS`: datagrams in flight at once (each entry lives until LRU
+/// eviction; a datagram's fragments arrive within milliseconds).
+pub const FRAGMENT_ENTRIES: u32 = 16384;
+
 /// Data-path switches kept in `CONFIG[0]`, so that work nobody configured costs nothing.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -365,6 +399,8 @@ pub mod stat {
     pub const DROP_TRUNCATED: u32 = 8;
     pub const DROP_BAD_IHL: u32 = 9;
     pub const DROP_BAD_LENGTH: u32 = 10;
+    /// A later fragment of a service's datagram whose first fragment was not seen, for an
+    /// address without a sole `sh` service to place it by (see `FRAG_BY_RING`).
     pub const DROP_FRAGMENT: u32 = 11;
     pub const DROP_BAD_L4_HEADER: u32 = 12;
     pub const DROP_NO_BACKEND: u32 = 13;
@@ -396,6 +432,14 @@ pub mod stat {
     /// New flows forwarded but not recorded because the CPU's new-flow rate was over
     /// `DataplaneConfig::flood_guard_flows_per_sec`.
     pub const FLOWS_UNRECORDED_FLOOD: u32 = 40;
+
+    /// Fragments of services' datagrams: first fragments (scheduled like any packet, then
+    /// recorded in `FRAGMENTS`), later ones that followed a recorded first, and later ones
+    /// placed by the ring of their address's only `sh` service (their first was not seen).
+    /// Later fragments placed by neither are dropped as `fragment`.
+    pub const FRAG_FIRST: u32 = 41;
+    pub const FRAG_FOLLOWED: u32 = 42;
+    pub const FRAG_BY_RING: u32 = 43;
 
     /// ICMP errors that quote a service's flow, forwarded to that flow's backend (it
     /// answered from the VIP, so the error came back to the director), by kind.
@@ -435,6 +479,10 @@ pub mod stat {
         (DROP_NO_HEADROOM, "no_headroom"),
         (DROP_TOO_BIG, "too_big"),
     ];
+
+    /// Fragments forwarded, by outcome as exported.
+    pub const FRAGMENTS: [(u32, &str); 3] =
+        [(FRAG_FIRST, "first"), (FRAG_FOLLOWED, "followed_first"), (FRAG_BY_RING, "by_ring")];
 
     /// Too-big answers sent, by family as exported.
     pub const TOO_BIG_SENT: [(u32, &str); 2] = [(TOO_BIG_SENT_V4, "ipv4"), (TOO_BIG_SENT_V6, "ipv6")];
@@ -527,5 +575,7 @@ mod tests {
         assert_eq!(size_of::<DataplaneConfig>(), 40);
         assert_eq!(size_of::<LocalMacs>(), 4 + 6 * MAX_LOCAL_MACS);
         assert_eq!(size_of::<FloodWindow>(), 16);
+        assert_eq!(size_of::<FragKey>(), 40);
+        assert_eq!(size_of::<FragEntry>(), 8);
     }
 }

@@ -292,6 +292,15 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
     for (family, v) in &snap.too_big_sent {
         too_big.with_label_values(&[family]).inc_by(*v);
     }
+    let fragments = counter(
+        &reg,
+        "lb_xdp_fragments_total",
+        "Fragments of services' datagrams forwarded: first fragments, later ones that followed their first, later ones placed by an sh service's ring.",
+        &["outcome"],
+    )?;
+    for (outcome, v) in &snap.fragments {
+        fragments.with_label_values(&[outcome]).inc_by(*v);
+    }
     let reloads =
         counter(&reg, "lb_config_reloads_total", "Configuration loads and reloads, by result.", &["result"])?;
     reloads.with_label_values(&["success"]).inc_by(snap.reloads_ok);

@@ -148,6 +148,8 @@ pub struct Snapshot {
     pub icmp_forwarded: Vec<(&'static str, &'static str, u64)>,
     /// "Too big" answers to clients whose packet did not fit a tunnel, by family.
     pub too_big_sent: Vec<(&'static str, u64)>,
+    /// Fragments forwarded, by outcome (first, followed_first, by_ring).
+    pub fragments: Vec<(&'static str, u64)>,
     pub interfaces: Vec<(String, XdpMode)>,
     pub reloads_ok: u64,
     pub reloads_failed: u64,

@@ -52,7 +52,17 @@ pub struct Parsed {
     /// are swapped back), `tcp_flags` is zero, and this is the `stat::ICMP_*` counter of
     /// the error's kind.
     pub icmp_error: u8,
+    /// `FRAG_FIRST` for the first fragment of a datagram (its transport header is there,
+    /// its UDP length covers the whole datagram), `FRAG_LATER` for the others (no
+    /// transport header: ports and flags are zero), zero for a whole packet.
+    pub frag: u8,
+    /// The datagram's identification (IPv4: 16 bits; IPv6: the fragment header's 32),
+    /// for fragments.
+    pub frag_id: u32,
 }
+
+pub const FRAG_FIRST: u8 = 1;
+pub const FRAG_LATER: u8 = 2;
 
 /// Why a packet was not turned into a [`Parsed`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +104,13 @@ fn read_2u8(start: usize, end: usize, offset: usize) -> Option<[u8; 2]> {
 pub fn read_be16(start: usize, end: usize, offset: usize) -> Option<u16> {
     // SAFETY: bounds checked by ptr_at; packet data has no alignment guarantee.
     ptr_at::<u16>(start, end, offset).map(|p| u16::from_be(unsafe { p.read_unaligned() }))
+}
+
+/// Reads a big-endian u32 and returns it in host order.
+#[inline(always)]
+pub fn read_be32(start: usize, end: usize, offset: usize) -> Option<u32> {
+    // SAFETY: bounds checked by ptr_at; packet data has no alignment guarantee.
+    ptr_at::<u32>(start, end, offset).map(|p| u32::from_be(unsafe { p.read_unaligned() }))
 }
 
 /// Reads a u16 as it sits on the wire (network order).
@@ -182,21 +199,56 @@ fn parse_ipv4(start: usize, end: usize, l3: usize) -> Result<Parsed, ParseError>
         return Err(malformed(stat::DROP_BAD_LENGTH));
     }
     let frag = read_be16(start, end, l3 + 6).ok_or(ParseError::NotOurs)?;
-    // MF set or a non-zero offset: later fragments carry no ports, so no fragment can be
-    // scheduled consistently with the others.
-    if frag & 0x3fff != 0 {
-        return Err(malformed(stat::DROP_FRAGMENT));
-    }
     let proto = read_u8(start, end, l3 + 9).ok_or(ParseError::NotOurs)?;
     let src0 = read_raw32(start, end, l3 + 12).ok_or(ParseError::NotOurs)?;
-    let mut p = parse_l4(start, end, l3 + ihl, l3 + tot_len, proto, FAMILY_V4, [src0, 0, 0, 0], dst)?;
+    let src = [src0, 0, 0, 0];
+    // A fragment: MF set (the first, offset zero, or a middle one) or an offset.
+    let (offset, more) = (frag & 0x1fff, frag & 0x2000 != 0);
+    if offset != 0 || more {
+        let id = read_be16(start, end, l3 + 4).ok_or(ParseError::NotOurs)? as u32;
+        return fragment(start, end, l3, l3 + ihl, l3 + tot_len, proto, FAMILY_V4, src, dst, offset == 0, id)
+            .map(|p| Parsed { ihl: ihl as u8, ..p });
+    }
+    let mut p = parse_l4(start, end, l3 + ihl, l3 + tot_len, proto, FAMILY_V4, src, dst, false)?;
     p.l3 = l3 as u16;
     p.ihl = ihl as u8;
     Ok(p)
 }
 
+/// A fragment of a TCP or UDP datagram (anything else is the kernel's): the first one
+/// parsed to its ports, a later one to its addresses. `l4` is where the fragment's
+/// payload starts, `ip_end` where the IP packet ends.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn fragment(
+    start: usize,
+    end: usize,
+    l3: usize,
+    l4: usize,
+    ip_end: usize,
+    proto: u8,
+    family: u8,
+    src: [u32; 4],
+    dst: [u32; 4],
+    first: bool,
+    id: u32,
+) -> Result<Parsed, ParseError> {
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Err(ParseError::NotOurs);
+    }
+    let p = if first {
+        Parsed { frag: FRAG_FIRST, ..parse_l4(start, end, l4, ip_end, proto, family, src, dst, true)? }
+    } else {
+        Parsed { family, proto, src, dst, frag: FRAG_LATER, ..Parsed::default() }
+    };
+    Ok(Parsed { l3: l3 as u16, frag_id: id, ..p })
+}
+
 /// IPv4 header words summed as the header checksum covers them, at most 15 (IHL 15).
 const MAX_IPV4_WORDS: usize = 15;
+/// Room for the options' words (at most 10) and past them, up to the largest index the
+/// verifier may assume (15); the words past the options are zero (END).
+const OPTION_WORDS: usize = 16;
 const IPOPT_END: u8 = 0;
 const IPOPT_NOOP: u8 = 1;
 
@@ -223,7 +275,7 @@ pub fn check_ipv4_header(start: usize, end: usize, p: &Parsed) -> Result<(), u32
     let mut sum: u64 = 0;
     // Options copied out as the checksum loop reads them: parsing them from the stack
     // needs no further packet bounds checks.
-    let mut opts = [0u32; MAX_IPV4_WORDS - 5];
+    let mut opts = [0u32; OPTION_WORDS];
     for i in 0..MAX_IPV4_WORDS {
         if i * 4 >= ihl {
             break;
@@ -265,11 +317,14 @@ fn fold(mut sum: u64) -> u64 {
 /// The loop has one path that goes on (NOP is an option of length one) and no iteration
 /// counter, so that the verifier can prune its states instead of walking every sequence.
 #[inline(always)]
-fn ipv4_options_parse(words: &[u32; MAX_IPV4_WORDS - 5], len: usize) -> bool {
+fn ipv4_options_parse(words: &[u32; OPTION_WORDS], len: usize) -> bool {
     // Shifts rather than indexing the word's bytes, which LLVM turns into a pointer OR
     // that the verifier refuses. The words hold network order as loaded (little endian).
+    // LLVM drops the bounds check of `get` that `i < len <= 40` makes redundant, and the
+    // verifier, which widens `i` across iterations, may then see an index up to 15: the
+    // array has room for that (see OPTION_WORDS).
     let byte = |i: usize| -> u8 { words.get(i / 4).map_or(IPOPT_END, |w| (w >> ((i & 3) * 8)) as u8) };
-    let len = len.min(words.len() * 4);
+    let len = len.min((MAX_IPV4_WORDS - 5) * 4);
     let mut i = 0;
     while i < len {
         let kind = byte(i);
@@ -326,6 +381,9 @@ fn parse_ipv6(start: usize, end: usize, l3: usize) -> Result<Parsed, ParseError>
     let src = read_addr6(start, end, l3 + 8).ok_or(ParseError::NotOurs)?;
     let mut next = read_u8(start, end, l3 + 6).ok_or(ParseError::NotOurs)?;
     let mut off = l3 + IPV6_HDR_LEN;
+    // The walk only finds where the transport header is (and whether this is a fragment);
+    // the transport is parsed once, after it, so that its code is not repeated per step.
+    let (mut fragmented, mut first, mut frag_id) = (false, false, 0);
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         if next == NEXTHDR_ROUTING {
             // Type 0 with segments left would make the real server forward the packet on
@@ -345,15 +403,38 @@ fn parse_ipv6(start: usize, end: usize, l3: usize) -> Result<Parsed, ParseError>
                 }
                 _ => return Err(malformed(stat::DROP_TRUNCATED)),
             },
-            NEXTHDR_FRAGMENT => return Err(malformed(stat::DROP_FRAGMENT)),
-            _ => return with_l3(parse_l4(start, end, off, ip_end, next, FAMILY_V6, src, dst), l3),
+            NEXTHDR_FRAGMENT => {
+                // Next header, reserved, offset (13 bits) with M in the lowest bit, id.
+                let (Some([nh, _]), Some(field), Some(id)) = (
+                    read_2u8(start, end, off),
+                    read_be16(start, end, off + 2),
+                    read_be32(start, end, off + 4),
+                ) else {
+                    return Err(malformed(stat::DROP_TRUNCATED));
+                };
+                if off + 8 > ip_end {
+                    return Err(malformed(stat::DROP_TRUNCATED));
+                }
+                next = nh;
+                off += 8;
+                // An atomic fragment (no offset, no M: RFC 6946) is a whole packet.
+                let (offset, more) = (field >> 3, field & 1 != 0);
+                if offset != 0 || more {
+                    (fragmented, first, frag_id) = (true, offset == 0, id);
+                    break;
+                }
+            }
+            _ => break,
         }
+    }
+    if fragmented {
+        return fragment(start, end, l3, off, ip_end, next, FAMILY_V6, src, dst, first, frag_id);
     }
     match next {
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT => {
             Err(malformed(stat::DROP_IPV6_EXT_CHAIN))
         }
-        _ => with_l3(parse_l4(start, end, off, ip_end, next, FAMILY_V6, src, dst), l3),
+        _ => with_l3(parse_l4(start, end, off, ip_end, next, FAMILY_V6, src, dst, false), l3),
     }
 }
 
@@ -364,7 +445,8 @@ fn with_l3(p: Result<Parsed, ParseError>, l3: usize) -> Result<Parsed, ParseErro
 
 /// `ip_end` is the offset where the IP payload ends: Ethernet padding after it must never
 /// be taken for transport header bytes. Reads are still checked against `end`, the frame's
-/// end, because that comparison is the only one the verifier learns bounds from.
+/// end, because that comparison is the only one the verifier learns bounds from. In a
+/// first fragment (`first_fragment`) the UDP length is the whole datagram's.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn parse_l4(
@@ -376,6 +458,7 @@ fn parse_l4(
     family: u8,
     src: [u32; 4],
     dst: [u32; 4],
+    first_fragment: bool,
 ) -> Result<Parsed, ParseError> {
     let malformed = |reason| ParseError::Malformed { reason, family, dst };
     // Read first, against the frame end, then check the IP length on plain offsets.
@@ -407,10 +490,10 @@ fn parse_l4(
     }
     // As the kernel's UDP receive: shorter than its header, or claiming more than the IP
     // payload, is refused (a shorter length with trailing bytes is trimmed, not refused).
-    if proto == PROTO_UDP && (udp_len < 8 || l4 + udp_len > ip_end) {
+    if proto == PROTO_UDP && (udp_len < 8 || (l4 + udp_len > ip_end && !first_fragment)) {
         return Err(malformed(stat::DROP_BAD_UDP_LENGTH));
     }
-    Ok(Parsed { family, proto, src, dst, sport, dport, tcp_flags, l3: 0, ihl: 0, icmp_error: 0 })
+    Ok(Parsed { family, proto, src, dst, sport, dport, tcp_flags, ..Parsed::default() })
 }
 
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -496,10 +579,8 @@ fn parse_icmp_error(
         dst: src,
         sport: dport,
         dport: sport,
-        tcp_flags: 0,
-        l3: 0,
-        ihl: 0,
         icmp_error,
+        ..Parsed::default()
     })
 }
 
@@ -557,16 +638,46 @@ mod tests {
     #[test]
     fn malformed_ipv4_reports_reason_and_destination() {
         let dst = v4([192, 0, 2, 1]);
-        let cases: [(Ipv4Opts, u32); 4] = [
+        let cases: [(Ipv4Opts, u32); 2] = [
             (Ipv4Opts { ihl: Some(4), ..Default::default() }, stat::DROP_BAD_IHL),
             (Ipv4Opts { total_len_extra: 40, ..Default::default() }, stat::DROP_BAD_LENGTH),
-            (Ipv4Opts { frag: 0x0010, ..Default::default() }, stat::DROP_FRAGMENT),
-            (Ipv4Opts { frag: 0x2000, ..Default::default() }, stat::DROP_FRAGMENT),
         ];
         for (opts, reason) in cases {
             let f = testpkt::ipv4([10, 0, 0, 1], [192, 0, 2, 1], L4::tcp(1, 80, TCP_SYN), opts.clone());
             assert_eq!(run(&f), Err(ParseError::Malformed { reason, family: FAMILY_V4, dst }), "{opts:?}");
         }
+    }
+
+    #[test]
+    fn fragments_are_first_with_ports_or_later_without() {
+        let udp = L4::Udp { sport: 5000, dport: 53, payload: 100 };
+        let whole4 = testpkt::ipv4([10, 0, 0, 1], [192, 0, 2, 1], udp.clone(), Ipv4Opts::default());
+        let parts = testpkt::fragments_v4(&whole4, 48, 0x4242);
+        assert_eq!(parts.len(), 3);
+        let first = run(&parts[0]).unwrap();
+        // The first fragment's UDP length covers the whole datagram: not refused.
+        assert_eq!((first.frag, first.frag_id, u16::from_be(first.dport)), (FRAG_FIRST, 0x4242, 53));
+        for later in &parts[1..] {
+            let p = run(later).unwrap();
+            assert_eq!((p.frag, p.frag_id, p.sport, p.dport, p.proto), (FRAG_LATER, 0x4242, 0, 0, 17));
+            assert_eq!((p.l3, p.ihl), (14, 20));
+        }
+        let src6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let dst6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+        let whole6 = testpkt::ipv6(src6, dst6, udp, Ipv6Opts::default());
+        let parts = testpkt::fragments_v6(&whole6, 48, 0x0102_0304);
+        let first = run(&parts[0]).unwrap();
+        assert_eq!((first.frag, first.frag_id, u16::from_be(first.dport)), (FRAG_FIRST, 0x0102_0304, 53));
+        let p = run(&parts[2]).unwrap();
+        assert_eq!((p.frag, p.frag_id, p.dport, p.family), (FRAG_LATER, 0x0102_0304, 0, FAMILY_V6));
+        // A first fragment too short for its transport header is malformed; fragments of
+        // other protocols are the kernel's.
+        let tcp = testpkt::ipv4([10, 0, 0, 1], [192, 0, 2, 1], L4::tcp(1, 80, TCP_ACK), Ipv4Opts::default());
+        let cut = testpkt::fragments_v4(&tcp, 8, 1);
+        assert!(matches!(run(&cut[0]), Err(ParseError::Malformed { reason: stat::DROP_TRUNCATED, .. })));
+        let icmp = L4::Icmp { v6: false, kind: 8, code: 0, rest: [0; 4], body: vec![0; 64] };
+        let ping = testpkt::ipv4([10, 0, 0, 1], [192, 0, 2, 1], icmp, Ipv4Opts::default());
+        assert_eq!(run(&testpkt::fragments_v4(&ping, 32, 1)[1]), Err(ParseError::NotOurs));
     }
 
     #[test]
@@ -611,11 +722,14 @@ mod tests {
         let hbh = Ipv6Opts { ext: vec![NEXTHDR_HOP, NEXTHDR_DEST], ..Default::default() };
         let p2 = run(&testpkt::ipv6(src, dst, L4::tcp(1000, 80, TCP_SYN), hbh)).unwrap();
         assert_eq!(p, p2);
-        let frag = Ipv6Opts { ext: vec![NEXTHDR_FRAGMENT], ..Default::default() };
-        assert!(matches!(
-            run(&testpkt::ipv6(src, dst, L4::tcp(1000, 80, TCP_SYN), frag)),
-            Err(ParseError::Malformed { reason: stat::DROP_FRAGMENT, .. })
-        ));
+        // An atomic fragment (offset 0, no M: RFC 6946) is a whole packet.
+        let mut atomic = testpkt::ipv6(src, dst, L4::tcp(1000, 80, TCP_SYN), Ipv6Opts::default());
+        let l4 = atomic.split_off(54);
+        atomic[20] = NEXTHDR_FRAGMENT;
+        atomic[18..20].copy_from_slice(&((8 + l4.len()) as u16).to_be_bytes());
+        atomic.extend_from_slice(&[6, 0, 0, 0, 0, 0, 0, 9]);
+        atomic.extend_from_slice(&l4);
+        assert_eq!(run(&atomic).unwrap(), p);
         let long = Ipv6Opts { ext: vec![NEXTHDR_DEST; 5], ..Default::default() };
         assert!(matches!(
             run(&testpkt::ipv6(src, dst, L4::tcp(1000, 80, TCP_SYN), long)),

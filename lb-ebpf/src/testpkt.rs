@@ -229,6 +229,51 @@ pub fn ipv6(src: [u8; 16], dst: [u8; 16], l4: L4, opts: Ipv6Opts) -> Vec<u8> {
     f
 }
 
+/// The IPv4 datagram of `frame` (untagged, from these builders) cut as a sender's kernel
+/// cuts it: fragments of at most `size` payload bytes (a multiple of 8), each with the
+/// datagram's header, identification `id`, its offset, MF on all but the last, and its
+/// own total length and checksum.
+pub fn fragments_v4(frame: &[u8], size: usize, id: u16) -> Vec<Vec<u8>> {
+    let ihl = (frame[14] & 0x0f) as usize * 4;
+    let total = u16::from_be_bytes([frame[16], frame[17]]) as usize;
+    let payload = &frame[14 + ihl..14 + total];
+    let chunks: Vec<&[u8]> = payload.chunks(size).collect();
+    let mut out = Vec::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let mut f = frame[..14 + ihl].to_vec();
+        let more = if i + 1 < chunks.len() { 0x2000 } else { 0 };
+        f[16..18].copy_from_slice(&((ihl + chunk.len()) as u16).to_be_bytes());
+        f[18..20].copy_from_slice(&id.to_be_bytes());
+        f[20..22].copy_from_slice(&(more | (i * size / 8) as u16).to_be_bytes());
+        fix_ipv4_checksum(&mut f, 14);
+        f.extend_from_slice(chunk);
+        out.push(f);
+    }
+    out
+}
+
+/// The IPv6 form of [`fragments_v4`]: each fragment carries a fragment header (RFC 8200)
+/// with the datagram's next header, its offset, M on all but the last, and `id`.
+pub fn fragments_v6(frame: &[u8], size: usize, id: u32) -> Vec<Vec<u8>> {
+    let next = frame[20];
+    let payload = &frame[54..];
+    let chunks: Vec<&[u8]> = payload.chunks(size).collect();
+    let mut out = Vec::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let mut f = frame[..54].to_vec();
+        f[18..20].copy_from_slice(&((8 + chunk.len()) as u16).to_be_bytes());
+        f[20] = 44;
+        let more = u16::from(i + 1 < chunks.len());
+        let field = ((i * size / 8) as u16) << 3 | more;
+        f.extend_from_slice(&[next, 0]);
+        f.extend_from_slice(&field.to_be_bytes());
+        f.extend_from_slice(&id.to_be_bytes());
+        f.extend_from_slice(chunk);
+        out.push(f);
+    }
+    out
+}
+
 /// `inner` (a frame from these builders, untagged) tunnelled over IPv4: its IP packet
 /// behind an outer header from `src` to `dst` (protocol 4 for IPv4 inside, 41 for IPv6; DF
 /// set, TTL 64, `frag` in the flags and offset field), in a frame with the same Ethernet

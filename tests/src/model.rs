@@ -5,9 +5,11 @@
 //! The model knows the configuration (services, mark rules, backends, the planned rings)
 //! but not the connection table: with every backend up and no ring change during a fuzz
 //! run, a recorded flow goes where the ring sends it anyway, so the table never changes a
-//! verdict. `wrr` services are outside the model (their ring is dealt in turns).
+//! verdict. `wrr` services are outside the model (their ring is dealt in turns). It does
+//! keep a fragment table: where each datagram's first fragment went.
 
-use std::collections::BTreeSet;
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use lb_common::{SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_ROUND_ROBIN, hash};
@@ -38,6 +40,23 @@ pub struct Model {
     local_macs: Option<BTreeSet<[u8; 6]>>,
     /// The ifindex frames come in on (BPF_PROG_TEST_RUN: loopback).
     ingress: u32,
+    /// (source, destination, IP id, protocol) of each datagram whose first fragment was
+    /// forwarded -> its backend.
+    fragments: RefCell<HashMap<(IpAddr, IpAddr, u32, u8), u32>>,
+}
+
+/// A fragment's place in its datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fragment {
+    None,
+    /// Offset zero, more to come: the transport header is here.
+    First {
+        id: u32,
+    },
+    /// No transport header.
+    Later {
+        id: u32,
+    },
 }
 
 /// A frame's addresses and ports, as far as the model needs them.
@@ -62,11 +81,16 @@ enum Parsed {
         flow: Flow,
         icmp_error: bool,
         ipv4_header: Option<(usize, usize)>,
+        fragment: Fragment,
     },
 }
 
 fn be16(f: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*f.get(at)?, *f.get(at + 1)?]))
+}
+
+fn be32(f: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(f.get(at..at + 4)?.try_into().ok()?))
 }
 
 fn addr4(f: &[u8], at: usize) -> Option<IpAddr> {
@@ -90,11 +114,16 @@ impl Model {
         ingress: u32,
     ) -> Self {
         let local_macs = state.local_macs.get(&ingress).cloned();
-        Model { services, marks, state, local_macs, ingress }
+        Model { services, marks, state, local_macs, ingress, fragments: RefCell::default() }
+    }
+
+    /// Datagrams whose first fragment the model saw forwarded.
+    pub fn fragments_recorded(&self) -> usize {
+        self.fragments.borrow().len()
     }
 
     pub fn predict(&self, f: &[u8]) -> Verdict {
-        let (flow, icmp_error, ipv4_header) = match parse(f) {
+        let (flow, icmp_error, ipv4_header, fragment) = match parse(f) {
             Parsed::NotOurs => return Verdict::Pass,
             Parsed::Malformed { dst } => {
                 return if self.is_service_address(dst) && self.to_us(f) {
@@ -103,8 +132,52 @@ impl Model {
                     Verdict::Pass
                 };
             }
-            Parsed::Packet { flow, icmp_error, ipv4_header } => (flow, icmp_error, ipv4_header),
+            Parsed::Packet { flow, icmp_error, ipv4_header, fragment } => {
+                (flow, icmp_error, ipv4_header, fragment)
+            }
         };
+        if let Fragment::Later { id } = fragment {
+            return self.later_fragment(f, flow, ipv4_header, id);
+        }
+        let verdict = self.whole(f, flow, icmp_error, ipv4_header);
+        if let (Fragment::First { id }, Verdict::Forward { backend, .. }) = (fragment, &verdict) {
+            self.fragments.borrow_mut().insert((flow.src, flow.dst, id, flow.proto), *backend);
+        }
+        verdict
+    }
+
+    /// A later fragment of a service's address: where its first went, else by the ring of
+    /// the address's only `sh` service for its protocol, else dropped.
+    fn later_fragment(&self, f: &[u8], flow: Flow, ipv4_header: Option<(usize, usize)>, id: u32) -> Verdict {
+        if !self.is_service_address(flow.dst) || !self.to_us(f) {
+            return Verdict::Pass;
+        }
+        if !ipv4_header.is_none_or(|(l3, ihl)| ipv4_header_ok(&f[l3..l3 + ihl])) {
+            return Verdict::Drop;
+        }
+        if let Some(&backend) = self.fragments.borrow().get(&(flow.src, flow.dst, id, flow.proto)) {
+            let b = &self.state.backends[&backend];
+            return Verdict::Forward { backend, frame: direct_routed(f, b), tx: b.ifindex == self.ingress };
+        }
+        let proto = if flow.proto == TCP { Protocol::Tcp } else { Protocol::Udp };
+        let on_address: Vec<&ServiceSpec> = self
+            .services
+            .iter()
+            .filter(|s| matches!(s.matcher, ServiceMatch::Vip { addr, proto: p, .. } if addr == flow.dst && p == proto))
+            .collect();
+        let [sole] = on_address[..] else { return Verdict::Drop };
+        let Some(state) = self.state.services.get(&service_key(&sole.matcher)) else { return Verdict::Drop };
+        if state.flags & (SERVICE_F_HASH_TUPLE | SERVICE_F_ROUND_ROBIN) != 0 {
+            return Verdict::Drop;
+        }
+        if martian(flow.src) || self.is_vip(flow.src) || state.ring.is_empty() {
+            return Verdict::Drop;
+        }
+        self.forward(f, &flow, state)
+    }
+
+    /// A packet with its transport header (whole, a first fragment, or an ICMP error).
+    fn whole(&self, f: &[u8], flow: Flow, icmp_error: bool, ipv4_header: Option<(usize, usize)>) -> Verdict {
         let Some(service) = self.service_of(&flow) else { return Verdict::Pass };
         if !self.to_us(f) {
             return Verdict::Pass;
@@ -238,15 +311,55 @@ fn parse_v4(f: &[u8], l3: usize) -> Parsed {
         return Parsed::NotOurs;
     };
     let total = total as usize;
-    if total < ihl || l3 + total > f.len() || frag & 0x3fff != 0 {
+    if total < ihl || l3 + total > f.len() {
         return malformed;
     }
     let ip = &f[..l3 + total];
-    match transport(ip, l3 + ihl, proto, false, src, dst) {
-        Parsed::Packet { flow, icmp_error, .. } => {
-            Parsed::Packet { flow, icmp_error, ipv4_header: Some((l3, ihl)) }
+    let (offset, more) = (frag & 0x1fff, frag & 0x2000 != 0);
+    let fragment = match (offset, more) {
+        (0, false) => Fragment::None,
+        (0, true) => Fragment::First { id: be16(f, l3 + 4).map_or(0, u32::from) },
+        _ => Fragment::Later { id: be16(f, l3 + 4).map_or(0, u32::from) },
+    };
+    match fragmented(ip, l3 + ihl, proto, false, src, dst, fragment) {
+        Parsed::Packet { flow, icmp_error, fragment, .. } => {
+            Parsed::Packet { flow, icmp_error, ipv4_header: Some((l3, ihl)), fragment }
         }
         other => other,
+    }
+}
+
+/// The transport of a packet that may be a fragment: the first parsed with a UDP length
+/// that covers the whole datagram, a later one without transport header; fragments of
+/// anything but TCP and UDP are not ours.
+fn fragmented(
+    ip: &[u8],
+    l4: usize,
+    proto: u8,
+    v6: bool,
+    src: IpAddr,
+    dst: IpAddr,
+    fragment: Fragment,
+) -> Parsed {
+    if fragment == Fragment::None {
+        return transport(ip, l4, proto, v6, src, dst, false);
+    }
+    if proto != TCP && proto != UDP {
+        return Parsed::NotOurs;
+    }
+    match fragment {
+        Fragment::Later { .. } => Parsed::Packet {
+            flow: Flow { v6, proto, src, dst, sport: 0, dport: 0 },
+            icmp_error: false,
+            ipv4_header: None,
+            fragment,
+        },
+        _ => match transport(ip, l4, proto, v6, src, dst, true) {
+            Parsed::Packet { flow, icmp_error, ipv4_header, .. } => {
+                Parsed::Packet { flow, icmp_error, ipv4_header, fragment }
+            }
+            other => other,
+        },
     }
 }
 
@@ -281,18 +394,40 @@ fn parse_v6(f: &[u8], l3: usize) -> Parsed {
                 next = nh;
                 off += (len as usize + 1) * 8;
             }
-            44 => return malformed,
-            _ => return transport(ip, off, next, true, src, dst),
+            44 => {
+                let (Some(&nh), Some(field), Some(id)) = (ip.get(off), be16(ip, off + 2), be32(ip, off + 4))
+                else {
+                    return malformed;
+                };
+                next = nh;
+                off += 8;
+                // An atomic fragment (RFC 6946) is a whole packet; the walk goes on.
+                let fragment = match (field >> 3, field & 1) {
+                    (0, 0) => continue,
+                    (0, _) => Fragment::First { id },
+                    _ => Fragment::Later { id },
+                };
+                return fragmented(ip, off, next, true, src, dst, fragment);
+            }
+            _ => return transport(ip, off, next, true, src, dst, false),
         }
     }
     match next {
         0 | 43 | 60 | 44 => malformed,
-        _ => transport(ip, off, next, true, src, dst),
+        _ => transport(ip, off, next, true, src, dst, false),
     }
 }
 
 /// The transport header at `l4` of `ip` (the frame up to the end of the IP packet).
-fn transport(ip: &[u8], l4: usize, proto: u8, v6: bool, src: IpAddr, dst: IpAddr) -> Parsed {
+fn transport(
+    ip: &[u8],
+    l4: usize,
+    proto: u8,
+    v6: bool,
+    src: IpAddr,
+    dst: IpAddr,
+    first_fragment: bool,
+) -> Parsed {
     let malformed = Parsed::Malformed { dst };
     match proto {
         TCP => {
@@ -303,7 +438,7 @@ fn transport(ip: &[u8], l4: usize, proto: u8, v6: bool, src: IpAddr, dst: IpAddr
         }
         UDP => {
             let Some(len) = be16(ip, l4 + 4) else { return malformed };
-            if len < 8 || l4 + len as usize > ip.len() {
+            if len < 8 || l4 + 8 > ip.len() || (l4 + len as usize > ip.len() && !first_fragment) {
                 return malformed;
             }
         }
@@ -312,7 +447,12 @@ fn transport(ip: &[u8], l4: usize, proto: u8, v6: bool, src: IpAddr, dst: IpAddr
         _ => return Parsed::NotOurs,
     }
     let (Some(sport), Some(dport)) = (be16(ip, l4), be16(ip, l4 + 2)) else { return malformed };
-    Parsed::Packet { flow: Flow { v6, proto, src, dst, sport, dport }, icmp_error: false, ipv4_header: None }
+    Parsed::Packet {
+        flow: Flow { v6, proto, src, dst, sport, dport },
+        icmp_error: false,
+        ipv4_header: None,
+        fragment: Fragment::None,
+    }
 }
 
 /// Destination unreachable, time exceeded, parameter problem (ICMPv4 3, 11, 12; ICMPv6
@@ -348,5 +488,5 @@ fn icmp_error(ip: &[u8], l4: usize, v6: bool, to: IpAddr) -> Parsed {
         return Parsed::NotOurs;
     }
     let flow = Flow { v6, proto, src: dst, dst: src, sport: dport, dport: sport };
-    Parsed::Packet { flow, icmp_error: true, ipv4_header: None }
+    Parsed::Packet { flow, icmp_error: true, ipv4_header: None, fragment: Fragment::None }
 }

@@ -298,19 +298,20 @@ const UPLOAD_BYTES: usize = 10 << 20;
 const UPLOAD_PORT: u16 = 7000;
 
 #[test]
-fn servers_behind_a_router_get_sticky_tunnelled_flows_and_a_big_upload_through_the_too_big_path() -> Result<()>
+fn servers_behind_a_router_get_sticky_tunnelled_flows_a_big_upload_and_fragmented_datagrams() -> Result<()>
 {
     let path = ServerPath::Routed;
     let servers: Vec<IpAddr> = (0..3).map(|i| IpAddr::V4(server_addr(path, i))).collect();
     let services = format!(
-        "services:\n{}{}",
+        "services:\n{}{}{}",
         tunnel_service("web", 80, "sh", &servers),
-        tunnel_service("upload", UPLOAD_PORT, "mh", &servers)
+        tunnel_service("upload", UPLOAD_PORT, "mh", &servers),
+        tunnel_service("datagrams", DATAGRAM_PORT, "mh", &servers).replace("proto: tcp", "proto: udp"),
     );
     let layout = Layout { server_path: path, ..Layout::default() };
     let lab = DrLab::start_on(layout, servers.len(), 30, LabConfig::Services(services))?;
     let status = lab.daemon.status()?;
-    ensure!(status.matches(" Tunnel ").count() == 2 * servers.len(), "{status}");
+    ensure!(status.matches(" Tunnel ").count() == 3 * servers.len(), "{status}");
 
     // 300 connections from 30 sources: each source sticks to one server, all get a share.
     let answers =
@@ -350,7 +351,98 @@ fn servers_behind_a_router_get_sticky_tunnelled_flows_and_a_big_upload_through_t
     for e in echo {
         e.stop()?;
     }
+
+    // UDP datagrams of 3,000 bytes, fragmented by the clients' kernel (their route to the
+    // VIPs allows 1,400-byte packets, which fit the tunnel): each real server's kernel
+    // reassembles them and says how long the datagram was and who it is.
+    let responders = servers_answering_datagrams(&lab.topo.servers)?;
+    lab.topo.client.ip(&["route", "replace", "192.0.2.0/24", "via", "10.0.1.1", "mtu", "1400"])?;
+    let sources: Vec<IpAddr> = lab.topo.client_addrs.iter().take(10).map(|a| IpAddr::V4(*a)).collect();
+    let answers = lab.topo.client.run(move || {
+        let mut answers = Vec::new();
+        for src in sources {
+            let s = std::net::UdpSocket::bind((src, 0))?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            s.connect((VIP, DATAGRAM_PORT))?;
+            for _ in 0..3 {
+                s.send(&[7u8; DATAGRAM_BYTES])?;
+                let mut buf = [0u8; 64];
+                let n = s.recv(&mut buf).context("no answer to a fragmented datagram")?;
+                answers.push((src, String::from_utf8_lossy(&buf[..n]).into_owned()));
+            }
+        }
+        Ok(answers)
+    })
+    .with_context(|| {
+        let m = lab.metrics().map(|m| m.0).unwrap_or_default();
+        let lines: Vec<&str> =
+            m.lines().filter(|l| l.starts_with("lb_xdp_") && !l.ends_with(" 0") && !l.contains("bucket")).collect();
+        let nstat: Vec<String> = lab
+            .topo
+            .servers
+            .iter()
+            .map(|ns| ns.exec(&["nstat", "-az", "IpReasm*", "UdpIn*", "UdpNoPorts", "IpInDelivers", "IpInAddrErrors", "IpInDiscards"]).unwrap_or_default())
+            .collect();
+        format!("fragmented datagrams\n{}\n{}", lines.join("\n"), nstat.join("\n"))
+    })?;
+    drop(responders);
+    let mut by_socket: HashMap<IpAddr, std::collections::BTreeSet<String>> = HashMap::new();
+    for (src, answer) in &answers {
+        let (server, len) = answer.split_once(' ').context("answer")?;
+        ensure!(len == DATAGRAM_BYTES.to_string(), "{server} got {len} bytes of {DATAGRAM_BYTES}");
+        by_socket.entry(*src).or_default().insert(server.to_owned());
+    }
+    ensure!(
+        by_socket.values().all(|s| s.len() == 1),
+        "one flow's datagrams went to several servers: {by_socket:?}"
+    );
+    let m = lab.metrics()?;
+    let (first, followed) = (
+        m.value("lb_xdp_fragments_total{outcome=\"first\"}")?,
+        m.value("lb_xdp_fragments_total{outcome=\"followed_first\"}")?,
+    );
+    ensure!(first >= 30.0 && followed >= 60.0, "fragments: {first} first, {followed} followed");
     Ok(())
+}
+
+const DATAGRAM_PORT: u16 = 5300;
+const DATAGRAM_BYTES: usize = 3000;
+
+/// A UDP responder on every real server: answers each datagram with "NAME LENGTH".
+/// Stops when the returned guard drops.
+fn servers_answering_datagrams(servers: &[NetNs]) -> Result<DatagramResponders> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for (i, ns) in servers.iter().enumerate() {
+        // Bound to the VIP, so that answers come from it (from 0.0.0.0 they would leave
+        // from the server's own address, which the client's connected socket ignores).
+        let socket = ns.run(|| Ok(std::net::UdpSocket::bind((VIP, DATAGRAM_PORT))?))?;
+        socket.set_read_timeout(Some(std::time::Duration::from_millis(100)))?;
+        let stop = std::sync::Arc::clone(&stop);
+        threads.push(std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(format!("server{} {n}", i + 1).as_bytes(), from);
+                }
+            }
+        }));
+    }
+    Ok(DatagramResponders { stop, threads })
+}
+
+struct DatagramResponders {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for DatagramResponders {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Sends `UPLOAD_BYTES` of a pattern to `dst` from `src` while reading the echo; returns

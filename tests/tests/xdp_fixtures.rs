@@ -258,6 +258,9 @@ enum Expect {
     Drop(u32),
     /// Forwarded to the backend the ring of this service predicts, by TX or REDIRECT.
     Forward(ServiceMatch, u32),
+    /// A fragment forwarded by TX where the ring of this service puts its source, counted
+    /// under this `stat::FRAG_*` outcome.
+    Fragment(ServiceMatch, u32),
 }
 
 struct Case {
@@ -449,14 +452,54 @@ fn cases() -> Vec<Case> {
             expect: Expect::Drop(stat::DROP_BAD_LENGTH),
         },
         Case {
-            name: "non-first IPv4 fragment",
+            name: "later IPv4 fragment, its first not seen: by the ring of the VIP's only (sh) TCP service",
             frame: tcp4_with(c, VIP, 80, frag(0x00b9)),
+            expect: Expect::Fragment(web(), stat::FRAG_BY_RING),
+        },
+        Case {
+            name: "first IPv4 fragment (MF): scheduled as a whole packet, and recorded",
+            frame: tcp4_with(c, VIP, 80, frag(0x2000)),
+            expect: Expect::Fragment(web(), stat::FRAG_FIRST),
+        },
+        Case {
+            name: "later IPv4 fragment of that datagram: follows its first",
+            frame: tcp4_with(c, VIP, 80, frag(0x0100)),
+            expect: Expect::Fragment(web(), stat::FRAG_FOLLOWED),
+        },
+        Case {
+            name: "later IPv6 fragment to an mh VIP, its first not seen",
+            frame: testpkt::fragments_v6(
+                &testpkt::ipv6(
+                    [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7],
+                    [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10],
+                    L4::Tcp { sport: 40000, dport: 80, flags: TCP_ACK, payload: 64 },
+                    Ipv6Opts::default(),
+                ),
+                32,
+                9,
+            )[1]
+            .clone(),
             expect: Expect::Drop(stat::DROP_FRAGMENT),
         },
         Case {
-            name: "first IPv4 fragment (MF)",
-            frame: tcp4_with(c, VIP, 80, frag(0x2000)),
+            name: "later IPv4 fragment to a mark rule's prefix, its first not seen",
+            frame: tcp4_with(c, [198, 51, 100, 7], 8000, frag(0x0010)),
             expect: Expect::Drop(stat::DROP_FRAGMENT),
+        },
+        Case {
+            name: "later IPv4 fragment of ICMP to the VIP: the kernel's",
+            frame: testpkt::fragments_v4(
+                &testpkt::ipv4(
+                    c,
+                    VIP,
+                    L4::Icmp { v6: false, kind: 8, code: 0, rest: [0; 4], body: vec![0; 64] },
+                    Ipv4Opts::default(),
+                ),
+                32,
+                3,
+            )[1]
+            .clone(),
+            expect: Expect::Pass,
         },
         Case {
             name: "fragment not for a VIP",
@@ -639,6 +682,12 @@ fn fixtures() -> Result<()> {
                     let id = predicted_backend(&env.plan.state, svc, &case.frame)
                         .ok_or_else(|| anyhow::anyhow!("{}: no prediction", case.name))?;
                     (*action, Some(env.routed(&case.frame, id)))
+                }
+                Expect::Fragment(svc, counter) => {
+                    expected_global[*counter as usize] += 1;
+                    let id = predicted_backend(&env.plan.state, svc, &case.frame)
+                        .ok_or_else(|| anyhow::anyhow!("{}: no prediction", case.name))?;
+                    (XDP_TX, Some(env.routed(&case.frame, id)))
                 }
             };
             expected_global[match want_action {
@@ -1059,13 +1108,108 @@ fn mutated_frames_do_what_the_model_of_the_data_path_says() -> Result<()> {
                 _ => forwarded += 1,
             }
         }
-        println!("{frames} frames: {forwarded} forwarded, {dropped} dropped, {passed} passed");
+        let datagrams = model.fragments_recorded();
+        println!(
+            "{frames} frames: {forwarded} forwarded, {dropped} dropped, {passed} passed; {datagrams} fragmented datagrams recorded"
+        );
+        // Mutated fragment fields must reach the fragment table, or its rules go unchecked.
+        ensure!(datagrams > 0 || frames < 100_000, "no first fragment was forwarded");
         // The mutations must reach every outcome often, or the fuzz proves little.
         let tenth = frames / 20;
         ensure!(
             forwarded > tenth && dropped > tenth && passed > tenth,
             "{forwarded} forwarded, {dropped} dropped, {passed} passed"
         );
+        Ok(())
+    })
+}
+
+/// Fragments of a datagram, IPv4 and IPv6, on services that hash ports (`mh`): in order
+/// they all reach the backend of the datagram's 5-tuple, byte for byte as they came but
+/// for the MACs; an overlapping one follows too; a later fragment before its first is
+/// dropped and counted, and the rest of its datagram then goes on from the first. On an
+/// `sh` service a later fragment before its first reaches the same backend by the ring.
+#[test]
+fn fragments_go_where_their_datagram_s_first_fragment_went() -> Result<()> {
+    with_env(|env| {
+        let udp_mh = ServiceMatch::Vip { addr: ip("192.0.2.50"), port: 5300, proto: Protocol::Udp };
+        let three = [("10.1.0.11", Active), ("10.1.0.12", Active), ("10.1.0.13", Active)];
+        let mut all = services();
+        all.push(service("frag", udp_mh, Scheduler::Mh, &three));
+        env.replan(&all)?;
+        let counter = |env: &Env, i: u32| -> Result<u64> { Ok(env.dp.global_counters()?[i as usize]) };
+        let sent = |env: &Env, frame: &[u8], want: u32, what: &str| -> Result<()> {
+            let (action, out) = test_run(&env.dp, frame)?;
+            ensure!(action == XDP_TX, "{what}: action {action}");
+            ensure!(out == env.routed(frame, want), "{what}: not as it came, or to another backend");
+            Ok(())
+        };
+        let v6 = |last: u8| {
+            let mut a = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            a[15] = last;
+            a
+        };
+        // Whole datagrams of several sources, each cut in three, both families.
+        let mut datagrams = Vec::new();
+        for i in 0..8u8 {
+            let udp = L4::Udp { sport: 40000 + i as u16, dport: 5300, payload: 120 };
+            let whole = testpkt::ipv4([10, 20, 0, i], [192, 0, 2, 50], udp, Ipv4Opts::default());
+            datagrams.push((udp_mh, testpkt::fragments_v4(&whole, 48, 0x100 + i as u16), whole));
+            let tcp = L4::Tcp { sport: 41000 + i as u16, dport: 80, flags: TCP_ACK, payload: 120 };
+            let whole = testpkt::ipv6(v6(0x70 + i), v6(0x10), tcp, Ipv6Opts::default());
+            datagrams.push((web6(), testpkt::fragments_v6(&whole, 48, 0x0200_0000 + i as u32), whole));
+        }
+        let followed = counter(env, stat::FRAG_FOLLOWED)?;
+        for (svc, parts, whole) in &datagrams {
+            ensure!(parts.len() == 3);
+            let want =
+                predicted_backend(&env.plan.state, svc, whole).ok_or_else(|| anyhow::anyhow!("no ring"))?;
+            for (n, part) in parts.iter().enumerate() {
+                sent(env, part, want, &format!("{svc} fragment {n} in order"))?;
+            }
+            // The middle fragment again, its offset one block back: overlapping what the
+            // first carried. The real server's reassembly decides; it goes to the same one.
+            let mut overlapping = parts[1].clone();
+            let (l3, ipv4) = (14, whole[12..14] == [0x08, 0x00]);
+            if ipv4 {
+                let field = u16::from_be_bytes([overlapping[l3 + 6], overlapping[l3 + 7]]) - 1;
+                overlapping[l3 + 6..l3 + 8].copy_from_slice(&field.to_be_bytes());
+                testpkt::fix_ipv4_checksum(&mut overlapping, l3);
+            } else {
+                let at = l3 + 40 + 2;
+                let field = u16::from_be_bytes([overlapping[at], overlapping[at + 1]]) - (1 << 3);
+                overlapping[at..at + 2].copy_from_slice(&field.to_be_bytes());
+            }
+            sent(env, &overlapping, want, &format!("{svc} overlapping fragment"))?;
+        }
+        ensure!(counter(env, stat::FRAG_FOLLOWED)? == followed + 3 * datagrams.len() as u64);
+
+        // Reordered on mh: the last fragment first has nowhere to go; the first then
+        // records the datagram and the others follow it.
+        let udp = L4::Udp { sport: 40999, dport: 5300, payload: 120 };
+        let whole = testpkt::ipv4([10, 20, 1, 1], [192, 0, 2, 50], udp, Ipv4Opts::default());
+        let parts = testpkt::fragments_v4(&whole, 48, 0x999);
+        let want =
+            predicted_backend(&env.plan.state, &udp_mh, &whole).ok_or_else(|| anyhow::anyhow!("no ring"))?;
+        let dropped = counter(env, stat::DROP_FRAGMENT)?;
+        let (action, _) = test_run(&env.dp, &parts[2])?;
+        ensure!(action == XDP_DROP, "mh: a later fragment before its first: action {action}");
+        ensure!(counter(env, stat::DROP_FRAGMENT)? == dropped + 1, "counted as fragment");
+        for (n, part) in parts.iter().enumerate() {
+            sent(env, part, want, &format!("mh reordered, fragment {n} after the first"))?;
+        }
+
+        // Reordered on sh (the VIP's only UDP service): the ring places it by its source.
+        let udp = L4::Udp { sport: 40998, dport: 53, payload: 120 };
+        let whole = testpkt::ipv4([10, 20, 1, 2], VIP, udp, Ipv4Opts::default());
+        let parts = testpkt::fragments_v4(&whole, 48, 0x998);
+        let want =
+            predicted_backend(&env.plan.state, &dns(), &whole).ok_or_else(|| anyhow::anyhow!("no ring"))?;
+        let by_ring = counter(env, stat::FRAG_BY_RING)?;
+        for n in [2, 1, 0] {
+            sent(env, &parts[n], want, &format!("sh reordered, fragment {n}"))?;
+        }
+        ensure!(counter(env, stat::FRAG_BY_RING)? == by_ring + 2, "two placed by the ring");
         Ok(())
     })
 }

@@ -70,6 +70,7 @@ fn fill_counters(snapshot: &mut Snapshot, ids: &CounterIds, counters: &CounterRe
     snapshot.icmp_forwarded =
         stat::ICMP_FORWARDED.iter().map(|(i, family, kind)| (*family, *kind, global[*i as usize])).collect();
     snapshot.too_big_sent = pick(&stat::TOO_BIG_SENT);
+    snapshot.fragments = pick(&stat::FRAGMENTS);
     Ok(())
 }
 
@@ -153,6 +154,7 @@ impl Daemon {
             flows_unrecorded: 0,
             icmp_forwarded: Vec::new(),
             too_big_sent: Vec::new(),
+            fragments: Vec::new(),
             interfaces: self
                 .config
                 .director

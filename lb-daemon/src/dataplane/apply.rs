@@ -233,17 +233,14 @@ impl Dataplane {
     }
 
     pub(super) fn apply_vip_addrs(&mut self, desired: &DataplaneState) -> Result<()> {
-        let wanted: BTreeSet<AddrKey> = desired
-            .services
-            .keys()
-            .filter(|k| k.kind != lb_common::KIND_MARK)
-            .map(|k| AddrKey { addr: k.addr, family: k.kind, _pad8: 0, _pad16: 0 })
-            .collect();
+        let wanted = vip_addr_values(desired);
         let mut map: HashMap<&mut MapData, AddrKey, u32> = map_mut(&mut self.ebpf, maps::VIP_ADDRS)?;
-        for k in wanted.difference(&self.vip_addrs) {
-            map.insert(*k, 1, 0).map_err(map_err(maps::VIP_ADDRS))?;
+        for (k, v) in &wanted {
+            if self.vip_addrs.get(k) != Some(v) {
+                map.insert(*k, *v, 0).map_err(map_err(maps::VIP_ADDRS))?;
+            }
         }
-        for k in self.vip_addrs.difference(&wanted) {
+        for k in self.vip_addrs.keys().filter(|k| !wanted.contains_key(k)) {
             match map.remove(k) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(map_err(maps::VIP_ADDRS)(e)),
@@ -252,7 +249,7 @@ impl Dataplane {
         // Slots for new VIPs are set here, after their services were written; stale slots
         // are cleared after their services left: the filter never hides a live service.
         let slots: BTreeSet<u32> =
-            wanted.iter().map(|k| vip_filter_slot(&k.addr, k.family == FAMILY_V6)).collect();
+            wanted.keys().map(|k| vip_filter_slot(&k.addr, k.family == FAMILY_V6)).collect();
         let mut filter: Array<&mut MapData, u8> = map_mut(&mut self.ebpf, maps::VIP_FILTER)?;
         for &slot in slots.difference(&self.vip_slots) {
             filter.set(slot, 1, 0).map_err(map_err(maps::VIP_FILTER))?;
@@ -356,4 +353,27 @@ impl Dataplane {
         self.local_macs = wanted;
         Ok(())
     }
+}
+
+/// Each VIP address with its `VIP_ADDRS` value (`lb_common::vip_addr_value`): per
+/// protocol, the port of the address's only service, if that service hashes the source
+/// alone (`sh`): later fragments whose first was not seen are placed by its ring.
+fn vip_addr_values(desired: &DataplaneState) -> BTreeMap<AddrKey, u32> {
+    // Per address and protocol: the services' ports and whether each is source-hashed.
+    let mut by_addr: BTreeMap<AddrKey, [Vec<(u16, bool)>; 2]> = BTreeMap::new();
+    for (k, s) in desired.services.iter().filter(|(k, _)| k.kind != lb_common::KIND_MARK) {
+        let key = AddrKey { addr: k.addr, family: k.kind, _pad8: 0, _pad16: 0 };
+        let source_hashed =
+            s.flags & (lb_common::SERVICE_F_HASH_TUPLE | lb_common::SERVICE_F_ROUND_ROBIN) == 0;
+        let proto = usize::from(k.proto != lb_common::PROTO_TCP);
+        by_addr.entry(key).or_default()[proto].push((u16::from_be(k.port), source_hashed));
+    }
+    let sole = |services: &[(u16, bool)]| match services {
+        [(port, true)] => *port,
+        _ => 0,
+    };
+    by_addr
+        .into_iter()
+        .map(|(k, [tcp, udp])| (k, lb_common::vip_addr_value(sole(&tcp), sole(&udp))))
+        .collect()
 }

@@ -124,6 +124,7 @@ const PINNED_MAPS: &[&str] = &[
     maps::WRR_CURSORS,
     maps::LOCAL_MACS,
     maps::FLOOD_GUARD,
+    maps::FRAGMENTS,
 ];
 
 /// Where pinned maps and links live under a pin directory.
@@ -238,7 +239,8 @@ pub struct Dataplane {
     services: BTreeMap<ServiceKey, AppliedService>,
     backends: BTreeMap<u32, Backend>,
     mark_prefixes: BTreeMap<(u8, [u32; 4], u8), MarkRuleSet>,
-    vip_addrs: BTreeSet<AddrKey>,
+    /// `VIP_ADDRS` as written: address -> sole source-hashed ports.
+    vip_addrs: BTreeMap<AddrKey, u32>,
     vip_slots: BTreeSet<u32>,
     egress: BTreeSet<u32>,
     local_macs: BTreeMap<u32, LocalMacs>,
@@ -340,7 +342,7 @@ impl Dataplane {
             services: BTreeMap::new(),
             backends: BTreeMap::new(),
             mark_prefixes: BTreeMap::new(),
-            vip_addrs: BTreeSet::new(),
+            vip_addrs: BTreeMap::new(),
             vip_slots: BTreeSet::new(),
             egress: BTreeSet::new(),
             local_macs: BTreeMap::new(),
@@ -402,9 +404,9 @@ impl Dataplane {
         }
         let vips: HashMap<&MapData, AddrKey, u32> = map_ref(&self.ebpf, maps::VIP_ADDRS)?;
         self.vip_addrs =
-            vips.keys().collect::<std::result::Result<_, _>>().map_err(map_err(maps::VIP_ADDRS))?;
+            vips.iter().collect::<std::result::Result<_, _>>().map_err(map_err(maps::VIP_ADDRS))?;
         self.vip_slots =
-            self.vip_addrs.iter().map(|k| vip_filter_slot(&k.addr, k.family == FAMILY_V6)).collect();
+            self.vip_addrs.keys().map(|k| vip_filter_slot(&k.addr, k.family == FAMILY_V6)).collect();
         let v4: LpmTrie<&MapData, u32, MarkRuleSet> = map_ref(&self.ebpf, maps::MARK_RULES_V4)?;
         for entry in v4.iter() {
             let (key, rules) = entry.map_err(map_err(maps::MARK_RULES_V4))?;

@@ -4,9 +4,10 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, Backend, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig, FloodWindow, Flow,
-    FlowKey, LocalMacs, MAX_ATTACHED_INTERFACES, MAX_BACKENDS, MAX_EGRESS_INTERFACES, MAX_MARK_PREFIXES,
-    MAX_SERVICES, MarkRuleSet, Service, ServiceKey, hash::VIP_FILTER_SLOTS, stat,
+    AddrKey, Backend, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig, FRAGMENT_ENTRIES,
+    FloodWindow, Flow, FlowKey, FragEntry, FragKey, LocalMacs, MAX_ATTACHED_INTERFACES, MAX_BACKENDS,
+    MAX_EGRESS_INTERFACES, MAX_MARK_PREFIXES, MAX_SERVICES, MarkRuleSet, Service, ServiceKey,
+    hash::VIP_FILTER_SLOTS, stat,
 };
 
 /// Per-CPU LRU lists: no cross-CPU lock on insert, at the price of each CPU evicting
@@ -41,7 +42,14 @@ pub static MARK_RULES_V4: LpmTrie<u32, MarkRuleSet> = LpmTrie::with_max_entries(
 #[map]
 pub static MARK_RULES_V6: LpmTrie<[u32; 4], MarkRuleSet> = LpmTrie::with_max_entries(MAX_MARK_PREFIXES, 0);
 
-/// Addresses of exact-match services, for deciding whether a malformed packet was ours.
+/// Datagram (first fragment) -> where it went, for its later fragments. One LRU for all
+/// CPUs: a NIC may hash a datagram's first fragment (with ports) and the later ones
+/// (without) to different queues.
+#[map]
+pub static FRAGMENTS: LruHashMap<FragKey, FragEntry> = LruHashMap::with_max_entries(FRAGMENT_ENTRIES, 0);
+
+/// Addresses of exact-match services, for deciding whether a malformed packet was ours;
+/// the value: see `lb_common::vip_addr_value`.
 #[map]
 pub static VIP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
 

@@ -3,6 +3,7 @@
 mod classify;
 mod conntrack;
 mod forward;
+mod fragments;
 mod maps;
 mod programs;
 mod stats;

@@ -1,13 +1,13 @@
 //! Entry points.
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{FlowKey, SERVICE_F_ROUND_ROBIN, stat};
-use lb_ebpf::parse::{self, ParseError, Parsed};
+use lb_ebpf::parse::{self, FRAG_FIRST, FRAG_LATER, ParseError, Parsed};
 
 use super::{
     classify,
     conntrack::{self, Decision},
     forward::{self, Sent},
-    stats,
+    fragments, stats,
 };
 
 #[xdp]
@@ -27,7 +27,7 @@ pub fn lb_balancer(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
-    let p = match parse::parse(start, end) {
+    let mut p = match parse::parse(start, end) {
         Ok(p) => p,
         Err(ParseError::NotOurs) => return xdp_action::XDP_PASS,
         // A malformed frame's ports cannot be trusted: it is ours if its destination
@@ -42,7 +42,12 @@ fn balance(ctx: &XdpContext) -> u32 {
     if p.icmp_error != 0 {
         return icmp_error(ctx, &p);
     }
-    let maybe_vip = classify::maybe_vip(&p);
+    // A later fragment has no ports: it is a service's if its address is.
+    let later_fragment = p.frag == FRAG_LATER;
+    if later_fragment && !classify::is_service_address(p.family, &p.dst) {
+        return xdp_action::XDP_PASS;
+    }
+    let maybe_vip = later_fragment || classify::maybe_vip(&p);
     // Not a VIP: a mark rule's service, or nothing, and then the packet is the kernel's
     // before any connection-table work.
     let mark_service = if maybe_vip {
@@ -58,35 +63,80 @@ fn balance(ctx: &XdpContext) -> u32 {
     }
     // What the kernel would refuse is refused here too, for a service's packets only.
     if let Err(reason) = parse::check_ipv4_header(start, end, &p) {
-        return drop_if_ours(mark_service.is_some() || classify::lookup_service(&p, true).is_some(), reason);
+        let ours = later_fragment || mark_service.is_some() || classify::lookup_service(&p, true).is_some();
+        return drop_if_ours(ours, reason);
     }
     let key = conntrack::flow_key(&p);
-    // An established flow goes on without its service being looked up. Its source was
-    // checked when its entry was made (the source is part of the key).
-    let d = match conntrack::established(&p, &key) {
-        Some(d) => d,
-        None => {
-            let svc = match mark_service.or_else(|| classify::lookup_service(&p, true)) {
-                Some(svc) => svc,
-                None => return xdp_action::XDP_PASS,
-            };
-            if parse::is_martian_source(p.family, &p.src) || classify::is_vip(p.family, &p.src) {
-                return drop_if_ours(true, stat::DROP_MARTIAN_SOURCE);
-            }
-            match conntrack::schedule(&p, &key, &svc) {
-                Ok(d) => d,
-                Err(reason) => {
-                    stats::global(reason);
-                    return if reason == stat::PASS_NO_BACKEND {
-                        xdp_action::XDP_PASS
-                    } else {
-                        xdp_action::XDP_DROP
-                    };
+    // One way out for every decision below: `forward` is inlined once (twice would not fit
+    // the balancer's stack).
+    let (d, counter) = if later_fragment {
+        match later(&mut p) {
+            Ok(decided) => decided,
+            Err(reason) => return drop_if_ours(true, reason),
+        }
+    } else {
+        // An established flow goes on without its service being looked up. Its source was
+        // checked when its entry was made (the source is part of the key).
+        let d = match conntrack::established(&p, &key) {
+            Some(d) => d,
+            None => {
+                let svc = match mark_service.or_else(|| classify::lookup_service(&p, true)) {
+                    Some(svc) => svc,
+                    None => return xdp_action::XDP_PASS,
+                };
+                if parse::is_martian_source(p.family, &p.src) || classify::is_vip(p.family, &p.src) {
+                    return drop_if_ours(true, stat::DROP_MARTIAN_SOURCE);
+                }
+                match conntrack::schedule(&p, &key, &svc) {
+                    Ok(d) => d,
+                    Err(reason) => {
+                        stats::global(reason);
+                        return if reason == stat::PASS_NO_BACKEND {
+                            xdp_action::XDP_PASS
+                        } else {
+                            xdp_action::XDP_DROP
+                        };
+                    }
                 }
             }
+        };
+        if p.frag == FRAG_FIRST {
+            fragments::record(&p, &d);
+            (d, stat::FRAG_FIRST)
+        } else {
+            (d, 0)
         }
     };
-    forward(ctx, &d, &key)
+    let action = forward(ctx, &d, &key);
+    if counter != 0 { count_if_sent(action, counter) } else { action }
+}
+
+/// A fragment after the first of a service's datagram (addressed to us, its header
+/// checked): where its first went, else by the ring of its address's only `sh` service
+/// (whose port then stands in `p` for the one the fragment does not carry). The decision
+/// and its counter, or the drop reason (`fragment` when neither places it).
+#[inline(always)]
+fn later(p: &mut Parsed) -> Result<(Decision, u32), u32> {
+    if let Some(d) = fragments::follow(p) {
+        return Ok((d, stat::FRAG_FOLLOWED));
+    }
+    let dport = fragments::sole_source_hashed_port(p).ok_or(stat::DROP_FRAGMENT)?;
+    p.dport = dport;
+    if parse::is_martian_source(p.family, &p.src) || classify::is_vip(p.family, &p.src) {
+        return Err(stat::DROP_MARTIAN_SOURCE);
+    }
+    let svc = classify::lookup_service(p, true).ok_or(stat::DROP_FRAGMENT)?;
+    let d = conntrack::pick(p, &svc).map_err(|_| stat::DROP_FRAGMENT)?;
+    Ok((Decision { new_flow: false, ..d }, stat::FRAG_BY_RING))
+}
+
+/// Counts `counter` unless `action` dropped the frame (its drop reason is counted).
+#[inline(always)]
+fn count_if_sent(action: u32, counter: u32) -> u32 {
+    if action != xdp_action::XDP_DROP {
+        stats::global(counter);
+    }
+    action
 }
 
 /// Sends the frame to the decision's backend and counts it there.
@@ -136,11 +186,7 @@ fn icmp_error(ctx: &XdpContext, p: &Parsed) -> u32 {
             Err(_) => return xdp_action::XDP_PASS,
         },
     };
-    let action = forward(ctx, &d, &key);
-    if action != xdp_action::XDP_DROP {
-        stats::global(p.icmp_error as u32);
-    }
-    action
+    count_if_sent(forward(ctx, &d, &key), p.icmp_error as u32)
 }
 
 /// Bits that differ between a client's flows, for the tunnel source within a prefix: a
