@@ -531,7 +531,10 @@ pub struct BenchConfig {
     /// the low half of the IPv4 source address from `i % flows`, so `flows` distinct
     /// 5-tuples are visited in turn.
     pub flows: u32,
-    pub _pad: u32,
+    /// Non-zero: a frame that the previous run put in an outer IPv4 header (protocol 4)
+    /// loses it first, so that a tunnel service sees the client's packet on every run
+    /// (BPF_PROG_TEST_RUN does not restore the frame between runs).
+    pub untunnel: u32,
 }
 
 #[cfg(feature = "user")]

@@ -59,8 +59,12 @@ mod programs {
     /// the target program. Checksums are patched (RFC 1624), so the frames stay valid.
     #[xdp]
     pub fn lb_bench_driver(ctx: XdpContext) -> u32 {
+        let cfg = BENCH_CFG.get(0).copied().unwrap_or_default();
+        if cfg.untunnel != 0 {
+            untunnel(&ctx);
+        }
         let (start, end) = (ctx.data(), ctx.data_end());
-        let flows = BENCH_CFG.get(0).map_or(0, |c| c.flows);
+        let flows = cfg.flows;
         if flows != 0 && start + BENCH_TCP_CHECK + 2 <= end {
             if let Some(state) = BENCH_STATE.get_ptr_mut(0) {
                 // SAFETY: per-CPU slot; the frame offsets were bounds-checked above.
@@ -84,6 +88,43 @@ mod programs {
         // SAFETY: on success the tail call does not return.
         let _ = unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
         xdp_action::XDP_ABORTED
+    }
+
+    /// Removes the outer IPv4 header (protocol 4) the previous run added: the Ethernet
+    /// addresses move forward over it, the EtherType stays IPv4.
+    #[inline(always)]
+    fn untunnel(ctx: &XdpContext) {
+        const OUTER: usize = 20;
+        let (start, end) = (ctx.data(), ctx.data_end());
+        if start + ETH_HLEN + OUTER > end {
+            return;
+        }
+        // SAFETY: the Ethernet header and 20 bytes after it were bounds-checked above.
+        let (ethertype, proto) = unsafe {
+            (
+                u16::from_be((start as *const u8).add(12).cast::<u16>().read_unaligned()),
+                *(start as *const u8).add(ETH_HLEN + 9),
+            )
+        };
+        if ethertype != ETH_P_IP || proto != 4 {
+            return;
+        }
+        // SAFETY: as above; the 12 MAC bytes are copied before the head moves past them.
+        let (dst, src) = unsafe { (parse::read_mac(start), parse::read_mac(start + 6)) };
+        // SAFETY: a helper call on this program's own context.
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, OUTER as i32) } != 0 {
+            return;
+        }
+        let (start, end) = (ctx.data(), ctx.data_end());
+        if start + ETH_HLEN > end {
+            return;
+        }
+        // SAFETY: 14 bytes bounds-checked above.
+        unsafe {
+            parse::write_mac(start, &dst);
+            parse::write_mac(start + 6, &src);
+            (start as *mut u8).add(12).cast::<u16>().write_unaligned(ETH_P_IP.to_be());
+        }
     }
 
     /// The test switch: a trunk port tags IPv4 frames on their way to the director, the other

@@ -76,6 +76,14 @@ pub fn tcp_service(name: &str, vip: IpAddr, port: u16, ring_size: u32, backends:
 }
 
 /// The backend id the Maglev ring of `service` gives a frame, computed independently of
+/// `s` with the service and each of its backends forwarded through a tunnel.
+pub fn tunnelled(s: &mut ServiceSpec) {
+    s.forward = lb_daemon::model::Forward::Tunnel;
+    for b in &mut s.backends {
+        b.forward = lb_daemon::model::Forward::Tunnel;
+    }
+}
+
 /// the data path from the planned ring and the shared flow hash.
 pub fn predicted_backend(state: &DataplaneState, service: &ServiceMatch, frame: &[u8]) -> Option<u32> {
     let start = frame.as_ptr() as usize;

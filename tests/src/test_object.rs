@@ -60,19 +60,20 @@ impl TestPrograms {
     /// flows it cycles through.
     pub fn configure_bench_driver(&mut self, target: &Xdp, flows: u32) -> Result<()> {
         let fd = target.fd().context("the driver's target is not loaded")?.try_clone()?;
-        self.configure_bench_driver_fd(fd, flows)
+        self.configure_bench_driver_fd(fd, flows, false)
     }
 
     /// [`Self::configure_bench_driver`] with the target's descriptor (the floor is in this
     /// object, so a borrow of it cannot be passed in).
-    pub fn configure_bench_driver_fd(&mut self, fd: ProgramFd, flows: u32) -> Result<()> {
+    /// `untunnel`: see `BenchConfig::untunnel`.
+    pub fn configure_bench_driver_fd(&mut self, fd: ProgramFd, flows: u32, untunnel: bool) -> Result<()> {
         let map =
             self.ebpf.map_mut(maps::BENCH_TARGET).ok_or_else(|| anyhow!("no map {}", maps::BENCH_TARGET))?;
         let mut targets: ProgramArray<&mut MapData> = ProgramArray::try_from(map)?;
         targets.set(0, &fd, 0)?;
         let map = self.ebpf.map_mut(maps::BENCH_CFG).ok_or_else(|| anyhow!("no map {}", maps::BENCH_CFG))?;
         let mut cfg: Array<&mut MapData, BenchConfig> = Array::try_from(map)?;
-        cfg.set(0, BenchConfig { flows, _pad: 0 }, 0)?;
+        cfg.set(0, BenchConfig { flows, untunnel: u32::from(untunnel) }, 0)?;
         Ok(())
     }
 }

@@ -10,12 +10,12 @@ use std::net::IpAddr;
 use anyhow::{Context as _, Result, ensure};
 use lb_daemon::dataplane::decap::Decapsulator;
 use lb_daemon::dataplane::{Dataplane, LoadOptions};
-use lb_daemon::model::{Forward, Neighbour, addr_words};
+use lb_daemon::model::{Neighbour, addr_words};
 use lb_daemon::plan::Planner;
 use lb_ebpf::parse::TCP_SYN;
 use lb_ebpf::testpkt::{self, Ipv4Opts, Ipv6Opts, L4, in_ipv4, in_ipv6, tagged};
 use lb_tests::NetNs;
-use lb_tests::fixture::{XDP_PASS, XDP_TX, tcp_service, test_run, timed_run_xdp};
+use lb_tests::fixture::{XDP_PASS, XDP_TX, tcp_service, test_run, timed_run_xdp, tunnelled};
 use lb_tests::lab::{DrLab, LabConfig, tunnel_service};
 use lb_tests::tcp::EchoServer;
 use lb_tests::topology::{Layout, ServerPath, VIP, server_addr};
@@ -284,22 +284,13 @@ fn a_packet_too_big_for_the_tunnel_is_answered_with_the_mtu_the_client_can_use()
     .context("too big for the tunnel")
 }
 
-/// The service and each of its backends forwarded through a tunnel.
-fn tunnelled(s: &mut lb_daemon::model::ServiceSpec) {
-    s.forward = Forward::Tunnel;
-    for b in &mut s.backends {
-        b.forward = Forward::Tunnel;
-    }
-}
-
 /// The size of the end-to-end upload: far more than any socket buffer, so that the
 /// client's TCP must adapt to the too-big answers to finish it.
 const UPLOAD_BYTES: usize = 10 << 20;
 const UPLOAD_PORT: u16 = 7000;
 
 #[test]
-fn servers_behind_a_router_get_sticky_tunnelled_flows_a_big_upload_and_fragmented_datagrams() -> Result<()>
-{
+fn servers_behind_a_router_get_sticky_tunnelled_flows_a_big_upload_and_fragmented_datagrams() -> Result<()> {
     let path = ServerPath::Routed;
     let servers: Vec<IpAddr> = (0..3).map(|i| IpAddr::V4(server_addr(path, i))).collect();
     let services = format!(
@@ -358,33 +349,50 @@ fn servers_behind_a_router_get_sticky_tunnelled_flows_a_big_upload_and_fragmente
     let responders = servers_answering_datagrams(&lab.topo.servers)?;
     lab.topo.client.ip(&["route", "replace", "192.0.2.0/24", "via", "10.0.1.1", "mtu", "1400"])?;
     let sources: Vec<IpAddr> = lab.topo.client_addrs.iter().take(10).map(|a| IpAddr::V4(*a)).collect();
-    let answers = lab.topo.client.run(move || {
-        let mut answers = Vec::new();
-        for src in sources {
-            let s = std::net::UdpSocket::bind((src, 0))?;
-            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-            s.connect((VIP, DATAGRAM_PORT))?;
-            for _ in 0..3 {
-                s.send(&[7u8; DATAGRAM_BYTES])?;
-                let mut buf = [0u8; 64];
-                let n = s.recv(&mut buf).context("no answer to a fragmented datagram")?;
-                answers.push((src, String::from_utf8_lossy(&buf[..n]).into_owned()));
+    let answers = lab
+        .topo
+        .client
+        .run(move || {
+            let mut answers = Vec::new();
+            for src in sources {
+                let s = std::net::UdpSocket::bind((src, 0))?;
+                s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+                s.connect((VIP, DATAGRAM_PORT))?;
+                for _ in 0..3 {
+                    s.send(&[7u8; DATAGRAM_BYTES])?;
+                    let mut buf = [0u8; 64];
+                    let n = s.recv(&mut buf).context("no answer to a fragmented datagram")?;
+                    answers.push((src, String::from_utf8_lossy(&buf[..n]).into_owned()));
+                }
             }
-        }
-        Ok(answers)
-    })
-    .with_context(|| {
-        let m = lab.metrics().map(|m| m.0).unwrap_or_default();
-        let lines: Vec<&str> =
-            m.lines().filter(|l| l.starts_with("lb_xdp_") && !l.ends_with(" 0") && !l.contains("bucket")).collect();
-        let nstat: Vec<String> = lab
-            .topo
-            .servers
-            .iter()
-            .map(|ns| ns.exec(&["nstat", "-az", "IpReasm*", "UdpIn*", "UdpNoPorts", "IpInDelivers", "IpInAddrErrors", "IpInDiscards"]).unwrap_or_default())
-            .collect();
-        format!("fragmented datagrams\n{}\n{}", lines.join("\n"), nstat.join("\n"))
-    })?;
+            Ok(answers)
+        })
+        .with_context(|| {
+            let m = lab.metrics().map(|m| m.0).unwrap_or_default();
+            let lines: Vec<&str> = m
+                .lines()
+                .filter(|l| l.starts_with("lb_xdp_") && !l.ends_with(" 0") && !l.contains("bucket"))
+                .collect();
+            let nstat: Vec<String> = lab
+                .topo
+                .servers
+                .iter()
+                .map(|ns| {
+                    ns.exec(&[
+                        "nstat",
+                        "-az",
+                        "IpReasm*",
+                        "UdpIn*",
+                        "UdpNoPorts",
+                        "IpInDelivers",
+                        "IpInAddrErrors",
+                        "IpInDiscards",
+                    ])
+                    .unwrap_or_default()
+                })
+                .collect();
+            format!("fragmented datagrams\n{}\n{}", lines.join("\n"), nstat.join("\n"))
+        })?;
     drop(responders);
     let mut by_socket: HashMap<IpAddr, std::collections::BTreeSet<String>> = HashMap::new();
     for (src, answer) in &answers {

@@ -25,7 +25,7 @@ use lb_daemon::model::Neighbour;
 use lb_daemon::plan::Planner;
 use lb_ebpf::parse::{TCP_ACK, TCP_SYN};
 use lb_ebpf::testpkt::{self, Ipv4Opts, L4};
-use lb_tests::fixture::{XDP_PASS, XDP_TX, tcp_service, timed_run_xdp};
+use lb_tests::fixture::{XDP_PASS, XDP_TX, tcp_service, timed_run_xdp, tunnelled};
 use lb_tests::test_object::TestPrograms;
 use nix::sched::{CpuSet, sched_setaffinity};
 use nix::unistd::Pid;
@@ -46,6 +46,8 @@ enum Output {
     /// Sent to a backend: its MAC, then the director's, then the rest as the input
     /// (`whole`) or as the driver left it.
     Routed { whole: bool },
+    /// Sent to a backend inside an outer IPv4 header (protocol 4).
+    Tunnelled,
 }
 
 #[derive(Clone)]
@@ -54,6 +56,11 @@ struct Case {
     program: &'static str,
     /// Driver setting before the case runs: `Some(flows)` points the driver at `target`.
     driver: Option<(&'static str, u32)>,
+    /// The driver strips the outer header the previous run added (tunnel cases; set for
+    /// their direct-routing references too, so that both pay for the check).
+    untunnel: bool,
+    /// The service whose new flows are counted.
+    service: &'static str,
     frame: Vec<u8>,
     /// Untimed runs just before each timed one, undoing what other cases did meanwhile
     /// (the new-flow case evicts the others' flows from the LRU table).
@@ -75,6 +82,13 @@ impl Case {
                     && backend_macs.iter().any(|m| out[..6] == *m)
                     && out[6..12] == director_mac
                     && (!whole || out[12..] == input[12..])
+            }
+            Output::Tunnelled => {
+                out.len() == input.len() + 20
+                    && backend_macs.iter().any(|m| out[..6] == *m)
+                    && out[6..12] == director_mac
+                    && out[12..14] == [0x08, 0x00]
+                    && out[14 + 9] == 4
             }
         }
     }
@@ -111,13 +125,18 @@ fn main() -> Result<()> {
         })
         .collect();
     let web = tcp_service("web", "192.0.2.10".parse()?, 80, 65537, &backends);
-    let plan = Planner::default().plan(&[web], &[], &neighbours)?;
+    // The same servers behind a tunnel service.
+    let mut tunnel = tcp_service("tunnel", "192.0.2.11".parse()?, 80, 65537, &backends);
+    tunnelled(&mut tunnel);
+    let mut plan = Planner::default().plan(&[web, tunnel], &[], &neighbours)?;
+    plan.state.set_tunnel_sources(Some("10.1.0.254/32".parse()?), None);
     dp.apply(&plan.state)?;
 
     let frame = |dst: [u8; 4], flags| {
         testpkt::ipv4([10, 0, 0, 1], dst, L4::tcp(40000, 80, flags), Ipv4Opts::default())
     };
     let vip = [192, 0, 2, 10];
+    let tunnel_vip = [192, 0, 2, 11];
     let ack = frame(vip, TCP_ACK);
     let non_vip = frame([192, 0, 2, 99], TCP_ACK);
     let routed = Output::Routed { whole: true };
@@ -128,6 +147,8 @@ fn main() -> Result<()> {
         name: "",
         program: BALANCER,
         driver: None,
+        untunnel: false,
+        service: "web",
         frame: ack.clone(),
         warmup: 0,
         action: XDP_TX,
@@ -168,12 +189,46 @@ fn main() -> Result<()> {
             frame: frame(vip, TCP_SYN),
             output: driven,
             new_flows: Some(repeat),
+            ..base.clone()
+        },
+        // Tunnel against direct routing, both through the driver (which strips the outer
+        // header the previous run added; the direct-routing case pays for the check).
+        Case {
+            name: "ACK, one flow, via driver",
+            program: BENCH_DRIVER,
+            driver: Some((BALANCER, 1)),
+            untunnel: true,
+            warmup: 1,
+            output: driven,
+            new_flows: Some(0),
+            ..base.clone()
+        },
+        Case {
+            name: "tunnel ACK, one flow, via driver",
+            program: BENCH_DRIVER,
+            driver: Some((BALANCER, 1)),
+            untunnel: true,
+            service: "tunnel",
+            frame: frame(tunnel_vip, TCP_ACK),
+            warmup: 1,
+            output: Output::Tunnelled,
+            new_flows: Some(0),
+            ..base.clone()
+        },
+        Case {
+            name: "tunnel SYN of a new flow",
+            program: BENCH_DRIVER,
+            driver: Some((BALANCER, u32::MAX)),
+            untunnel: true,
+            service: "tunnel",
+            frame: frame(tunnel_vip, TCP_SYN),
+            output: Output::Tunnelled,
+            new_flows: Some(repeat),
             ..base
         },
     ];
     // The kernel's own average per run, per case, one per round (integer nanoseconds).
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
-    let service = plan.service_ids["web"];
     let backend_macs: Vec<[u8; 6]> = plan.state.backends.values().map(|b| b.dst_mac).collect();
 
     // One CPU for every run: BPF_PROG_TEST_RUN runs on the calling CPU, and per-CPU maps
@@ -187,7 +242,7 @@ fn main() -> Result<()> {
         for (case, samples) in cases.iter().zip(&mut samples) {
             if let Some((target, flows)) = case.driver {
                 let target = program(&dp, &mut test, target)?.fd()?.try_clone()?;
-                test.configure_bench_driver_fd(target, flows)?;
+                test.configure_bench_driver_fd(target, flows, case.untunnel)?;
             }
             if case.warmup > 0 {
                 timed_run_xdp(
@@ -197,6 +252,7 @@ fn main() -> Result<()> {
                     case.warmup,
                 )?;
             }
+            let service = plan.service_ids[case.service];
             let flows_before = dp.service_counters(service)?.new_flows;
             let prog = program(&dp, &mut test, case.program)?;
             let (action, out, kernel_ns) = timed_run_xdp(prog, case.program, &case.frame, REPEAT)?;
@@ -234,6 +290,14 @@ fn main() -> Result<()> {
             s.iter().copied().fold(f64::INFINITY, f64::min),
             median(&ratios)
         );
+    }
+    // The goal for tunnels: an established ACK at most 1.3x direct routing's.
+    let by_name = |name: &str| cases.iter().position(|c| c.name == name);
+    if let (Some(dr), Some(tun)) =
+        (by_name("ACK, one flow, via driver"), by_name("tunnel ACK, one flow, via driver"))
+    {
+        let ratios: Vec<f64> = samples[tun].iter().zip(&samples[dr]).map(|(t, d)| t / d.max(1.0)).collect();
+        println!("tunnel ACK / direct-routing ACK (same rounds, both via driver): {:.2}", median(&ratios));
     }
     health::run_all()?;
     control::run_all()
