@@ -12,7 +12,7 @@ use lb_daemon::health::{Target, run};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 fn spec(kind: CheckKind) -> CheckSpec {
-    CheckSpec { kind, timeout: Duration::from_secs(2), source: None }
+    CheckSpec { kind, timeout: Duration::from_secs(2), source: None, via_tunnel: None }
 }
 
 #[test]
@@ -20,7 +20,8 @@ fn checks_without_descriptors_blame_the_director() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
     let port = listener.local_addr().expect("address").port();
-    let target = Target { service: "web".into(), addr: IpAddr::from([127, 0, 0, 1]), port: Some(port) };
+    let target =
+        Target { service: "web".into(), addr: IpAddr::from([127, 0, 0, 1]), port: Some(port), tunnel: None };
     let kinds = [
         ("tcp", CheckKind::Tcp { port: None }),
         ("exec", CheckKind::Exec { argv: vec!["/bin/true".into()] }),

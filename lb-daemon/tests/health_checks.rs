@@ -14,11 +14,11 @@ use lb_daemon::health::{Report, Target, run};
 const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 fn target(port: Option<u16>) -> Target {
-    Target { service: "web".into(), addr: LOCAL, port }
+    Target { service: "web".into(), addr: LOCAL, port, tunnel: None }
 }
 
 fn spec(kind: CheckKind, timeout_ms: u64) -> CheckSpec {
-    CheckSpec { kind, timeout: Duration::from_millis(timeout_ms), source: None }
+    CheckSpec { kind, timeout: Duration::from_millis(timeout_ms), source: None, via_tunnel: None }
 }
 
 fn check(kind: CheckKind, port: Option<u16>, timeout_ms: u64) -> (Report, Duration) {

@@ -318,6 +318,17 @@ impl DrLab {
         Ok(())
     }
 
+    /// Servers behind a router: takes real server `i`'s decapsulator away (`lb-daemon decap
+    /// detach`), as a broken real server would have none.
+    pub fn detach_decap(&self, i: usize) -> Result<String> {
+        let (dir, ns, iface) = (
+            self.decap_dirs.get(i).ok_or_else(|| anyhow!("server {i} has no decapsulator"))?,
+            &self.topo.servers[i],
+            &self.topo.server_ifs[i],
+        );
+        crate::daemon::decap(ns, dir, &["detach", iface])
+    }
+
     /// Servers behind a router: gives the director a second link to the router
     /// (10.0.5.1 - 10.0.5.2), moves the route to the servers' subnet onto it and takes
     /// the first link's router side down, so that only the new way works. The daemon is

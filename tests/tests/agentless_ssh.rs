@@ -79,9 +79,13 @@ fn check(director: &NetNs, argv: &[String]) -> Result<Report> {
     let mut full =
         vec!["setpriv".to_owned(), format!("--bounding-set={}", lb_tests::daemon::unit_capabilities()?)];
     full.extend_from_slice(argv);
-    let spec =
-        CheckSpec { kind: CheckKind::Exec { argv: full }, timeout: Duration::from_secs(8), source: None };
-    let target = Target { service: "web".into(), addr: IpAddr::V4(SERVER), port: Some(80) };
+    let spec = CheckSpec {
+        kind: CheckKind::Exec { argv: full },
+        timeout: Duration::from_secs(8),
+        source: None,
+        via_tunnel: None,
+    };
+    let target = Target { service: "web".into(), addr: IpAddr::V4(SERVER), port: Some(80), tunnel: None };
     director.run(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         Ok(rt.block_on(lb_daemon::health::run(&spec, &target)).0)

@@ -16,8 +16,8 @@ fn ping(from: &NetNs, addr: &str, timeout: Duration, parallel: usize) -> Result<
     let addr: IpAddr = addr.parse()?;
     from.run(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let spec = CheckSpec { kind: CheckKind::Icmp, timeout, source: None };
-        let target = Target { service: "ping".into(), addr, port: None };
+        let spec = CheckSpec { kind: CheckKind::Icmp, timeout, source: None, via_tunnel: None };
+        let target = Target { service: "ping".into(), addr, port: None, tunnel: None };
         Ok(rt.block_on(async {
             let all = (0..parallel).map(|_| run(&spec, &target));
             futures_util::future::join_all(all).await.into_iter().map(|(r, _)| r).collect()

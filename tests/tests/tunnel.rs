@@ -67,6 +67,7 @@ fn a_tunnel_service_sends_its_packets_inside_an_outer_header_the_decapsulator_re
             tcp_service("v6", IpAddr::from(v6(0x10)), 80, 4093, &backends6),
             tcp_service("v4-in-v6", "192.0.2.11".parse()?, 80, 4093, &backends6),
             tcp_service("tagged", "192.0.2.12".parse()?, 80, 4093, &tagged_backends),
+            tcp_service("v6-in-v4", IpAddr::from(v6(0x11)), 80, 4093, &backends4),
         ];
         for s in &mut services {
             tunnelled(s);
@@ -80,6 +81,7 @@ fn a_tunnel_service_sends_its_packets_inside_an_outer_header_the_decapsulator_re
             testpkt::ipv4([198, 51, 100, 7], vip, L4::tcp(40000, 80, TCP_SYN), Ipv4Opts::default())
         };
         let syn6 = testpkt::ipv6(v6(0x77), v6(0x10), L4::tcp(40000, 80, TCP_SYN), Ipv6Opts::default());
+        let syn6_to_11 = testpkt::ipv6(v6(0x77), v6(0x11), L4::tcp(40000, 80, TCP_SYN), Ipv6Opts::default());
         let tagged_in = testpkt::ipv4(
             [198, 51, 100, 8],
             [192, 0, 2, 12],
@@ -112,6 +114,12 @@ fn a_tunnel_service_sends_its_packets_inside_an_outer_header_the_decapsulator_re
                 syn4([192, 0, 2, 11]),
                 syn4([192, 0, 2, 11]),
                 expected(in_ipv6(&syn4([192, 0, 2, 11]), SOURCE6, v6(11)), mac(backends6[0]), 0),
+            ),
+            (
+                "IPv6 in IPv4",
+                syn6_to_11.clone(),
+                syn6_to_11.clone(),
+                expected(in_ipv4(&syn6_to_11, SOURCE4, [10, 1, 0, 11], 0), mac(backends4[0]), 0),
             ),
             (
                 "a tagged client frame to a backend behind VLAN 100",
@@ -410,6 +418,15 @@ fn servers_behind_a_router_get_sticky_tunnelled_flows_a_big_upload_and_fragmente
         m.value("lb_xdp_fragments_total{outcome=\"followed_first\"}")?,
     );
     ensure!(first >= 30.0 && followed >= 60.0, "fragments: {first} first, {followed} followed");
+
+    // A kill -9 and a restart: the new daemon adopts the maps, every source still reaches
+    // the server it had.
+    let mut lab = lab;
+    lab.daemon.kill9()?;
+    lab.daemon.restart(&lab.topo.director)?;
+    for (src, server) in lab.connect_all(1)? {
+        ensure!(by_source[&src].contains(&server), "{src} moved to {server} across the restart");
+    }
     Ok(())
 }
 
@@ -557,5 +574,59 @@ fn a_routed_target_resolves_to_its_gateway_with_the_way_s_mtu() -> Result<()> {
     ensure!(mac("10.7.0.9").map(|(m, mtu)| (hex(m), mtu)) == Some((gw_mac.clone(), 1500)), "{found:?}");
     ensure!(mac("10.9.0.2").map(|(m, mtu)| (hex(m), mtu)) == Some((gw_mac.clone(), 0)), "{found:?}");
     ensure!(mac("10.6.0.1").is_none(), "no route, yet resolved: {found:?}");
+    Ok(())
+}
+
+/// `check.via_tunnel`: the probe goes through the tunnel like clients' packets, so a real
+/// server whose decapsulation broke is taken out; a plain check of its address, beside,
+/// keeps passing (the server itself is fine), which is why the tunnel check exists.
+#[test]
+fn a_via_tunnel_check_takes_out_a_real_server_that_stopped_decapsulating() -> Result<()> {
+    let path = ServerPath::Routed;
+    let servers: Vec<IpAddr> = (0..2).map(|i| IpAddr::V4(server_addr(path, i))).collect();
+    let check = |via: bool| {
+        format!(
+            "    check: {{ type: tcp, via_tunnel: {via}, interval: 500ms, timeout: 400ms, rise: 1, fall: 1 }}\n"
+        )
+    };
+    let services = format!(
+        "services:\n{}{}{}{}",
+        tunnel_service("through", 80, "sh", &servers),
+        check(true),
+        tunnel_service("plain", UPLOAD_PORT, "sh", &servers),
+        check(false),
+    );
+    let layout = Layout { server_path: path, ..Layout::default() };
+    let lab = DrLab::start_on(layout, servers.len(), 4, LabConfig::Services(services))?;
+    let _echo = EchoServer::on_each(&lab.topo.servers, UPLOAD_PORT)?;
+    // Bounded waits: checks run every 500 ms, one verdict changes a state.
+    let wait_for = |what: &str, want: &dyn Fn(&str) -> bool| -> Result<String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let status = lab.daemon.status()?;
+            if want(&status) {
+                return Ok(status);
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("{what}:\n{status}\n{}", lab.daemon.log_text());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    let row = |status: &str, addr: IpAddr, port: u16| -> String {
+        let endpoint = format!("{addr}:{port}");
+        status.lines().find(|l| l.contains(&endpoint)).unwrap_or_default().to_owned()
+    };
+    let (a, b) = (servers[0], servers[1]);
+    wait_for("both servers up through the tunnel", &|s| {
+        row(s, a, 80).ends_with("active") && row(s, b, 80).ends_with("active")
+    })?;
+    let detached = lab.detach_decap(0)?;
+    ensure!(detached.contains("detached"), "{detached}");
+    let status =
+        wait_for("the server without a decapsulator taken out", &|s| row(s, a, 80).ends_with("down"))?;
+    ensure!(row(&status, b, 80).ends_with("active"), "{status}");
+    ensure!(row(&status, a, UPLOAD_PORT).ends_with("active"), "the plain check should not notice:\n{status}");
+    ensure!(status.contains("no answer within"), "the reason shown:\n{status}");
     Ok(())
 }

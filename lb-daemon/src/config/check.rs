@@ -9,6 +9,7 @@ impl Checker<'_> {
         c: &RawCheck,
         i: usize,
         matcher: &ServiceMatch,
+        tally: &Tally,
     ) -> Result<HealthCheck, ConfigError> {
         let at = |key: &str| format!("services[{i}].check.{key}");
         let kind = c.kind.value;
@@ -244,8 +245,12 @@ impl Checker<'_> {
                 ServiceMatch::Vip { .. } => {}
             }
         }
+        let via_tunnel = match &c.via_tunnel {
+            Some(v) if v.value => Some(self.via_tunnel(c, v, i, matcher, tally)?),
+            _ => None,
+        };
         Ok(HealthCheck {
-            spec: CheckSpec { kind, timeout, source: c.source.as_ref().map(|s| s.value) },
+            spec: CheckSpec { kind, timeout, source: c.source.as_ref().map(|s| s.value), via_tunnel },
             interval,
             jitter,
             policy: Policy { rise, fall, fall_within, flap },
@@ -253,6 +258,53 @@ impl Checker<'_> {
             start_down: matches!(c.initial_state, Some(RawInitialState::Down)),
             keep_flows: matches!(c.on_down, Some(RawOnDown::Keep)),
             on_change,
+        })
+    }
+
+    /// `via_tunnel: true`: a `tcp` check of a VIP service; the address the real servers
+    /// answer the probe to (`source`, else the director's tunnel source of the VIP's
+    /// family).
+    fn via_tunnel(
+        &self,
+        c: &RawCheck,
+        v: &Spanned<bool>,
+        i: usize,
+        matcher: &ServiceMatch,
+        tally: &Tally,
+    ) -> Result<IpAddr, ConfigError> {
+        let at = format!("services[{i}].check.via_tunnel");
+        if !matches!(c.kind.value, RawCheckType::Tcp) {
+            return Err(self.err(
+                v,
+                at,
+                "only tcp checks go through the tunnel (a SYN to the VIP, encapsulated)",
+            ));
+        }
+        let ServiceMatch::Vip { addr: vip, .. } = matcher else {
+            return Err(self.err(
+                v,
+                at,
+                "a fwmark service has no VIP to send the check to through the tunnel",
+            ));
+        };
+        if let Some(src) = &c.source {
+            return Ok(src.value);
+        }
+        let source = match tally.tunnel_sources {
+            Some((v4, _)) if vip.is_ipv4() => v4.map(|n| IpAddr::V4(n.network())),
+            Some((_, v6)) => v6.map(|n| IpAddr::V6(n.network())),
+            // The director section has an error of its own: nothing to hold against this.
+            None => Some(*vip),
+        };
+        source.ok_or_else(|| {
+            self.err(
+                v,
+                at,
+                format!(
+                    "the check needs an address the real servers answer to: set `source`, or an {} `director.tunnel_source`",
+                    if vip.is_ipv4() { "IPv4" } else { "IPv6" }
+                ),
+            )
         })
     }
 }

@@ -164,6 +164,8 @@ pub(super) struct RawCheck {
     #[serde(default)]
     pub(super) source: Option<Spanned<IpAddr>>,
     #[serde(default)]
+    pub(super) via_tunnel: Option<Spanned<bool>>,
+    #[serde(default)]
     pub(super) warning_weight_percent: Option<Spanned<u32>>,
     #[serde(default)]
     pub(super) initial_state: Option<RawInitialState>,

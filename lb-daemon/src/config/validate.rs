@@ -15,9 +15,9 @@ pub(super) struct Tally {
     pub(super) ring_slots: Option<u32>,
     pub(super) ring_slots_used: u64,
     pub(super) backends_total: usize,
-    /// Whether `director.tunnel_source` has an IPv4 / IPv6 source (when the director
-    /// section is valid; otherwise tunnel backends are not held against it).
-    pub(super) tunnel_sources: Option<(bool, bool)>,
+    /// `director.tunnel_source`'s IPv4 and IPv6 sources (when the director section is
+    /// valid; otherwise tunnel backends are not held against it).
+    pub(super) tunnel_sources: Option<(Option<ipnet::Ipv4Net>, Option<ipnet::Ipv6Net>)>,
 }
 
 pub(super) struct Checker<'a> {
@@ -117,9 +117,7 @@ impl Checker<'_> {
         let mut tally = Tally {
             defined_marks,
             ring_slots: director.as_ref().map(|d| d.ring_slots),
-            tunnel_sources: director
-                .as_ref()
-                .map(|d| (d.tunnel_source_v4.is_some(), d.tunnel_source_v6.is_some())),
+            tunnel_sources: director.as_ref().map(|d| (d.tunnel_source_v4, d.tunnel_source_v6)),
             ..Tally::default()
         };
         let (mut services, mut checks) = (Vec::new(), BTreeMap::new());
@@ -177,7 +175,7 @@ impl Checker<'_> {
             )));
         }
         let forward = forward?;
-        let check = s.check.as_ref().and_then(|c| self.keep(self.check(c, i, &matcher)));
+        let check = s.check.as_ref().and_then(|c| self.keep(self.check(c, i, &matcher, tally)));
         let backends = self.keep(self.backends(&s, i, &matcher, forward, tally))?;
         let fallback = s.fallback.as_ref().and_then(|f| {
             self.keep(self.real_server(f, at("fallback"), &matcher, forward, tally).and_then(|addr| {
@@ -534,7 +532,7 @@ impl Checker<'_> {
         if forward == Forward::Tunnel {
             // Any family inside any other: the outer header is the backend's.
             return match tally.tunnel_sources {
-                Some((v4, v6)) if !(if a.is_ipv4() { v4 } else { v6 }) => Err(self.err(
+                Some((v4, v6)) if !(if a.is_ipv4() { v4.is_some() } else { v6.is_some() }) => Err(self.err(
                     addr,
                     path,
                     format!(

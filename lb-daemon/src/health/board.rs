@@ -10,8 +10,8 @@ use std::time::Duration;
 use super::spec::HealthCheck;
 use super::state::{Health, Outcome, Tracker, Transition};
 use super::supervisor::{ProbeKey, ProbeResult};
-use super::{Report, Target};
-use crate::model::{BackendState, MAX_WEIGHT, ServiceMatch, ServiceSpec};
+use super::{Report, Target, TunnelPath};
+use crate::model::{BackendState, Forward, MAX_WEIGHT, ServiceMatch, ServiceSpec};
 
 #[derive(Clone, Debug)]
 pub struct Entry {
@@ -106,7 +106,14 @@ impl Board {
         for svc in services {
             let Some(check) = checks.get(&svc.name) else { continue };
             for b in &svc.backends {
-                let target = Target { service: svc.name.clone(), addr: b.addr, port: port_of(&svc.matcher) };
+                let tunnel = match (check.spec.via_tunnel, svc.matcher) {
+                    (Some(source), ServiceMatch::Vip { addr: vip, .. }) if b.forward == Forward::Tunnel => {
+                        Some(TunnelPath { vip, source })
+                    }
+                    _ => None,
+                };
+                let target =
+                    Target { service: svc.name.clone(), addr: b.addr, port: port_of(&svc.matcher), tunnel };
                 let probe = ProbeKey::new(check, target);
                 let key = (svc.name.clone(), b.addr);
                 let entry = match self.entries.remove(&key) {
@@ -296,6 +303,7 @@ mod tests {
                 kind: CheckKind::Tcp { port: None },
                 timeout: Duration::from_secs(1),
                 source: None,
+                via_tunnel: None,
             },
             interval: Duration::from_secs(2),
             jitter: Duration::ZERO,

@@ -190,7 +190,8 @@ mod tests {
 
     #[test]
     fn placeholders_fill_single_arguments() {
-        let t = Target { service: "web".into(), addr: "10.1.0.7".parse().unwrap(), port: Some(80) };
+        let t =
+            Target { service: "web".into(), addr: "10.1.0.7".parse().unwrap(), port: Some(80), tunnel: None };
         let argv: Vec<String> =
             ["ssh", "check@{backend}", "--svc={service} {port}", "$LB_BACKEND"].map(String::from).to_vec();
         assert_eq!(expand(&argv, &t), ["ssh", "check@10.1.0.7", "--svc=web 80", "$LB_BACKEND"]);

@@ -65,8 +65,9 @@ fn open(addr: IpAddr) -> Result<(Socket, bool), ProbeError> {
     }
 }
 
-/// The internet checksum (RFC 1071) of an ICMPv4 message.
-fn checksum(data: &[u8]) -> u16 {
+/// The internet checksum (RFC 1071) of an ICMPv4 message (and of the headers the tunnel
+/// probe writes).
+pub(super) fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 =
         data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]))).sum();
     while sum >> 16 != 0 {

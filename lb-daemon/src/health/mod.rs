@@ -15,6 +15,7 @@ pub mod state;
 pub mod supervisor;
 pub mod tcp;
 pub mod tls;
+pub mod tunnel;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -93,6 +94,16 @@ pub struct Target {
     pub addr: IpAddr,
     /// The service's port (checks connect here unless they name another).
     pub port: Option<u16>,
+    /// A tunnel backend checked through its tunnel (`check.via_tunnel`).
+    pub tunnel: Option<TunnelPath>,
+}
+
+/// How a check reaches a tunnel backend through its tunnel: to the VIP, from `source`
+/// (an address of the director the real server answers to).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TunnelPath {
+    pub vip: IpAddr,
+    pub source: IpAddr,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,9 +122,12 @@ fn endpoint(target: &Target, port: Option<u16>) -> Result<SocketAddr, CheckError
 pub async fn run(spec: &CheckSpec, target: &Target) -> (Report, Duration) {
     let started = Instant::now();
     let report = match &spec.kind {
-        CheckKind::Tcp { port } => match endpoint(target, *port) {
-            Ok(addr) => tcp::check(addr, spec.source, spec.timeout).await,
-            Err(e) => Report { outcome: Outcome::Unknown, weight: None, message: e.to_string(), doubt: None },
+        CheckKind::Tcp { port } => match (endpoint(target, *port), &target.tunnel) {
+            (Ok(addr), Some(path)) => tunnel::check(path, target.addr, addr.port(), spec.timeout).await,
+            (Ok(addr), None) => tcp::check(addr, spec.source, spec.timeout).await,
+            (Err(e), _) => {
+                Report { outcome: Outcome::Unknown, weight: None, message: e.to_string(), doubt: None }
+            }
         },
         CheckKind::Http(h) => match endpoint(target, h.port) {
             Ok(addr) => http::check(h, addr, spec.source, spec.timeout).await,

@@ -20,6 +20,9 @@ pub struct CheckSpec {
     pub timeout: Duration,
     /// Local address to connect from (a director with several addresses on the LAN).
     pub source: Option<IpAddr>,
+    /// `check.via_tunnel`: tunnel backends are checked through their tunnel, the probe
+    /// sent from this address (the one real servers answer to).
+    pub via_tunnel: Option<IpAddr>,
 }
 
 /// A service's health check: what to run, how often, and how results become states.

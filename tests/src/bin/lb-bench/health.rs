@@ -85,8 +85,9 @@ fn in_namespace() -> Result<()> {
             kind: CheckKind::Tcp { port: Some(addr.port()) },
             timeout: Duration::from_secs(5),
             source: None,
+            via_tunnel: None,
         };
-        let target = Target { service: "bench".into(), addr: addr.ip(), port: None };
+        let target = Target { service: "bench".into(), addr: addr.ip(), port: None, tunnel: None };
         run(&spec, &target).await.0.outcome == Outcome::Ok
     };
     // One untimed batch each: the first connections pay for growing kernel tables.
