@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt as _, TryStreamExt};
 use rtnetlink::packet_route::{
     link::{InfoData, InfoVlan, LinkAttribute, LinkInfo, VlanProtocol},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
@@ -195,28 +195,42 @@ fn hop_of(route: &RouteMessage, addr: IpAddr) -> Option<(IpAddr, u32)> {
     Some((hop, mtu))
 }
 
+/// Route lookups in flight at once.
+const ROUTE_LOOKUPS_AT_ONCE: usize = 64;
+
 async fn resolve_with(
     handle: &rtnetlink::Handle,
     targets: &[Target],
     wait: Duration,
 ) -> Result<HashMap<IpAddr, Neighbour>, NeighbourError> {
     let deadline = tokio::time::Instant::now() + wait;
-    // Each target's next hop (and route MTU); on-link targets are their own.
-    let mut hops: HashMap<IpAddr, (IpAddr, u32)> = HashMap::new();
-    for t in targets {
-        if !t.routed {
-            hops.insert(t.addr, (t.addr, 0));
-        } else if let Some(hop) = next_hop(handle, t.addr).await? {
-            hops.insert(t.addr, hop);
+    // Each target's next hop (and route MTU); on-link targets are their own. Route
+    // lookups go out many at a time: a farm of tunnel backends asks one per backend.
+    let mut hops: HashMap<IpAddr, (IpAddr, u32)> =
+        targets.iter().filter(|t| !t.routed).map(|t| (t.addr, (t.addr, 0))).collect();
+    // Owned addresses and handles: a spawned refresh needs a future free of borrows.
+    let routed: Vec<IpAddr> = targets.iter().filter(|t| t.routed).map(|t| t.addr).collect();
+    let mut lookups = futures_util::stream::iter(routed)
+        .map(|addr| {
+            let handle = handle.clone();
+            async move { next_hop(&handle, addr).await.map(|hop| (addr, hop)) }
+        })
+        .buffer_unordered(ROUTE_LOOKUPS_AT_ONCE);
+    while let Some((addr, hop)) = lookups.try_next().await? {
+        if let Some(hop) = hop {
+            hops.insert(addr, hop);
         }
     }
+    // Neighbour entries are matched against this set: a table of many entries and a farm
+    // of many backends must not multiply.
+    let wanted: std::collections::HashSet<IpAddr> = hops.values().map(|(hop, _)| *hop).collect();
     let mut found: HashMap<IpAddr, ([u8; 6], u32)> = HashMap::new();
     let mut poked = false;
     loop {
         let mut dump = handle.neighbours().get().execute();
         while let Some(msg) = dump.try_next().await? {
             if let Some((addr, mac, ifindex)) = entry(&msg)
-                && hops.values().any(|(hop, _)| *hop == addr)
+                && wanted.contains(&addr)
             {
                 found.insert(addr, (mac, ifindex));
             }
