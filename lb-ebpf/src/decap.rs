@@ -6,12 +6,9 @@
 use lb_common::{FAMILY_V4, FAMILY_V6, decap};
 
 use crate::parse::{
-    ETH_P_IP, ETH_P_IPV6, ipv4_header_sum, parse_eth, ptr_at, read_be16, read_raw32, read_u8,
+    ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPV6_HDR_LEN, ipv4_header_sum, parse_eth, ptr_at,
+    read_be16, read_raw32, read_u8,
 };
-
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
-const IPV6_HDR_LEN: usize = 40;
 
 /// What to do with a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -19,7 +19,11 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-const IPV6_HDR_LEN: usize = 40;
+pub const IPV4_HDR_LEN: usize = 20;
+pub const IPV6_HDR_LEN: usize = 40;
+/// IP-in-IP: the protocol numbers of an inner IPv4 and an inner IPv6 packet.
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_IPV6: u8 = 41;
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
 const NEXTHDR_FRAGMENT: u8 = 44;
@@ -496,16 +500,16 @@ fn parse_l4(
     Ok(Parsed { family, proto, src, dst, sport, dport, tcp_flags, ..Parsed::default() })
 }
 
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_FRAG_NEEDED_CODE: u8 = 4;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED_CODE: u8 = 4;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
 const ICMPV6_DEST_UNREACH: u8 = 1;
-const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 const ICMPV6_TIME_EXCEEDED: u8 = 3;
 const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
 /// Type, code, checksum and four bytes (unused, or the next-hop MTU) before the quote.
-const ICMP_HDR_LEN: usize = 8;
+pub const ICMP_HDR_LEN: usize = 8;
 
 /// The counter of an ICMP error kind that quotes the packet that caused it; `None` for
 /// every other message (echo, redirects, neighbour discovery...).

@@ -9,7 +9,8 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{Backend, FAMILY_V6, stat};
 use lb_ebpf::parse::{
-    ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, VLAN_HLEN, ipv4_header_sum, ptr_at, write_mac,
+    ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HDR_LEN,
+    IPV6_HDR_LEN, VLAN_HLEN, ipv4_header_sum, ptr_at, write_mac,
 };
 
 use super::{
@@ -49,10 +50,6 @@ fn send(ctx: &XdpContext, b: &Backend) -> Result<u32, u32> {
     EGRESS.redirect(b.ifindex, 0).map_err(|_| stat::DROP_NO_EGRESS)
 }
 
-const IPV4_HLEN: usize = 20;
-const IPV6_HLEN: usize = 40;
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
 /// Outer TTL / hop limit: a tunnel crosses a few routers at most.
 const OUTER_TTL: u8 = 64;
 
@@ -84,11 +81,11 @@ pub fn tunnel(ctx: &XdpContext, b: &Backend, flow_hash: u32) -> Result<Sent, u32
     let inner_v6 = h[0] >> 4 == 6;
     let (inner_len, tos, proto) = if inner_v6 {
         let payload = u16::from_be_bytes([h[4], h[5]]) as usize;
-        (payload + IPV6_HLEN, (h[0] << 4) | (h[1] >> 4), IPPROTO_IPV6)
+        (payload + IPV6_HDR_LEN, (h[0] << 4) | (h[1] >> 4), IPPROTO_IPV6)
     } else {
         (u16::from_be_bytes([h[2], h[3]]) as usize, h[1], IPPROTO_IPIP)
     };
-    let outer = if outer_v6 { IPV6_HLEN } else { IPV4_HLEN };
+    let outer = if outer_v6 { IPV6_HDR_LEN } else { IPV4_HDR_LEN };
     if b.mtu != 0 && inner_len + outer > b.mtu as usize {
         let counter = too_big::answer(ctx, l3, inner_v6, b.mtu.saturating_sub(outer as u16));
         return match counter {
@@ -109,7 +106,7 @@ pub fn tunnel(ctx: &XdpContext, b: &Backend, flow_hash: u32) -> Result<Sent, u32
     let l3 = ETH_HLEN + tag;
     if outer_v6 {
         let at =
-            ptr_at::<[u8; ETH_HLEN + VLAN_HLEN + IPV6_HLEN]>(start, end, 0).ok_or(stat::DROP_TRUNCATED)?;
+            ptr_at::<[u8; ETH_HLEN + VLAN_HLEN + IPV6_HDR_LEN]>(start, end, 0).ok_or(stat::DROP_TRUNCATED)?;
         let at = at as usize;
         let mut w = [0u32; 10];
         w[0] = (6u32 << 28 | (tos as u32) << 20).to_be();
@@ -123,9 +120,9 @@ pub fn tunnel(ctx: &XdpContext, b: &Backend, flow_hash: u32) -> Result<Sent, u32
         }
     } else {
         let at =
-            ptr_at::<[u8; ETH_HLEN + VLAN_HLEN + IPV4_HLEN]>(start, end, 0).ok_or(stat::DROP_TRUNCATED)?;
+            ptr_at::<[u8; ETH_HLEN + VLAN_HLEN + IPV4_HDR_LEN]>(start, end, 0).ok_or(stat::DROP_TRUNCATED)?;
         let at = at as usize;
-        let total = (inner_len + IPV4_HLEN) as u32;
+        let total = (inner_len + IPV4_HDR_LEN) as u32;
         let mut w = [
             (0x45u32 << 24 | (tos as u32) << 16 | total).to_be(),
             0x4000u32.to_be(),

@@ -10,14 +10,12 @@ use aya_ebpf::{
     helpers::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::stat;
-use lb_ebpf::parse::{ETH_P_IP, ETH_P_IPV6, ptr_at};
+use lb_common::{PROTO_ICMP, PROTO_ICMPV6, stat};
+use lb_ebpf::parse::{
+    ETH_P_IP, ETH_P_IPV6, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED_CODE, ICMP_HDR_LEN, ICMPV6_PACKET_TOO_BIG,
+    IPV4_HDR_LEN, IPV6_HDR_LEN, ptr_at,
+};
 
-const IPV4_HLEN: usize = 20;
-const IPV6_HLEN: usize = 40;
-const ICMP_HLEN: usize = 8;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
 /// How much of the client's packet is quoted: its IP header and the ports and sequence
 /// number after it, which is what the client's kernel matches the error to a socket by.
 pub const QUOTE_V4: usize = 64;
@@ -25,9 +23,6 @@ pub const QUOTE_V6: usize = 128;
 /// IPv4 ICMP errors go out with the precedence of network control, as Linux's do.
 const TOS_INTERNET_CONTROL: u8 = 0xc0;
 const ICMP_TTL: u8 = 64;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_FRAG_NEEDED: u8 = 4;
-const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 
 /// Answers the client whose packet (its IP header at `l3`) is too big for an `mtu`-byte
 /// inner packet. Returns the counter of what happened: `TOO_BIG_SENT_V4`/`_V6` when the
@@ -50,18 +45,18 @@ fn answer_in_place(ctx: &XdpContext, l3: usize, inner_v6: bool, mtu: u16) -> Res
     let proto_at = if inner_v6 { 6 } else { 9 };
     let proto = lb_ebpf::parse::read_u8(start, end, l3 + proto_at).ok_or(stat::DROP_TRUNCATED)?;
     if inner_v6 {
-        if proto == IPPROTO_ICMPV6 {
+        if proto == PROTO_ICMPV6 {
             return Err(stat::DROP_TOO_BIG);
         }
-        grow(ctx, l3, IPV6_HLEN + ICMP_HLEN, QUOTE_V6)?;
+        grow(ctx, l3, IPV6_HDR_LEN + ICMP_HDR_LEN, QUOTE_V6)?;
         write_v6(ctx, l3, mtu)?;
         Ok(stat::TOO_BIG_SENT_V6)
     } else {
         let flags = lb_ebpf::parse::read_u8(start, end, l3 + 6).ok_or(stat::DROP_TRUNCATED)?;
-        if flags & 0x40 == 0 || proto == IPPROTO_ICMP {
+        if flags & 0x40 == 0 || proto == PROTO_ICMP {
             return Err(stat::DROP_TOO_BIG);
         }
-        grow(ctx, l3, IPV4_HLEN + ICMP_HLEN, QUOTE_V4)?;
+        grow(ctx, l3, IPV4_HDR_LEN + ICMP_HDR_LEN, QUOTE_V4)?;
         write_v4(ctx, l3, mtu)?;
         Ok(stat::TOO_BIG_SENT_V4)
     }
@@ -101,7 +96,8 @@ fn grow(ctx: &XdpContext, l3: usize, room: usize, quote: usize) -> Result<(), u3
     // The old link-layer header is now `room` bytes in: its addresses come back swapped,
     // a VLAN tag as it was (the EtherType is written with the new IP header).
     let (start, end) = (ctx.data(), ctx.data_end());
-    let at = ptr_at::<[u8; IPV6_HLEN + ICMP_HLEN + 18]>(start, end, 0).ok_or(stat::DROP_TRUNCATED)? as usize;
+    let at =
+        ptr_at::<[u8; IPV6_HDR_LEN + ICMP_HDR_LEN + 18]>(start, end, 0).ok_or(stat::DROP_TRUNCATED)? as usize;
     // SAFETY: room + 18 bytes were bounds-checked above (room is 28 or 48); room > 18, so
     // the old header and the new one do not overlap.
     unsafe {
@@ -140,17 +136,19 @@ fn fold(mut sum: u64) -> u16 {
 #[inline(always)]
 fn write_v4(ctx: &XdpContext, l3: usize, mtu: u16) -> Result<(), u32> {
     let (start, end) = (ctx.data(), ctx.data_end());
-    const ALL: usize = 2 + IPV4_HLEN + ICMP_HLEN + IPV4_HLEN;
+    const ALL: usize = 2 + IPV4_HDR_LEN + ICMP_HDR_LEN + IPV4_HDR_LEN;
     let at = ptr_at::<[u8; ALL]>(start, end, l3 - 2).ok_or(stat::DROP_TRUNCATED)? as usize + 2;
-    let quoted = at + IPV4_HLEN + ICMP_HLEN;
-    let total = (IPV4_HLEN + ICMP_HLEN + QUOTE_V4) as u32;
+    let quoted = at + IPV4_HDR_LEN + ICMP_HDR_LEN;
+    let total = (IPV4_HDR_LEN + ICMP_HDR_LEN + QUOTE_V4) as u32;
     let first = [
         (0x45u32 << 24 | (TOS_INTERNET_CONTROL as u32) << 16 | total).to_be(),
         0,
-        ((ICMP_TTL as u32) << 24 | (IPPROTO_ICMP as u32) << 16).to_be(),
+        ((ICMP_TTL as u32) << 24 | (PROTO_ICMP as u32) << 16).to_be(),
     ];
-    let icmp =
-        [((ICMP_DEST_UNREACH as u32) << 24 | (ICMP_FRAG_NEEDED as u32) << 16).to_be(), (mtu as u32).to_be()];
+    let icmp = [
+        ((ICMP_DEST_UNREACH as u32) << 24 | (ICMP_FRAG_NEEDED_CODE as u32) << 16).to_be(),
+        (mtu as u32).to_be(),
+    ];
     // SAFETY: the EtherType, both IP headers and the ICMP header were bounds-checked above.
     unsafe {
         ((at - 2) as *mut u16).write_unaligned(ETH_P_IP.to_be());
@@ -158,14 +156,14 @@ fn write_v4(ctx: &XdpContext, l3: usize, mtu: u16) -> Result<(), u32> {
         // From the address the client sent to, back to the client.
         copy(quoted + 16, at + 12, 4);
         copy(quoted + 12, at + 16, 4);
-        ((at + IPV4_HLEN) as *mut [u32; 2]).write_unaligned(icmp);
+        ((at + IPV4_HDR_LEN) as *mut [u32; 2]).write_unaligned(icmp);
     }
-    let ip_check = !fold(sum::<IPV4_HLEN>(start, end, l3)?);
+    let ip_check = !fold(sum::<IPV4_HDR_LEN>(start, end, l3)?);
     // SAFETY: inside the IP header checked above.
     unsafe { ((at + 10) as *mut u16).write_unaligned(ip_check) };
-    let check = !fold(sum::<{ ICMP_HLEN + QUOTE_V4 }>(start, end, l3 + IPV4_HLEN)?);
+    let check = !fold(sum::<{ ICMP_HDR_LEN + QUOTE_V4 }>(start, end, l3 + IPV4_HDR_LEN)?);
     // SAFETY: inside the ICMP header checked above.
-    unsafe { ((at + IPV4_HLEN + 2) as *mut u16).write_unaligned(check) };
+    unsafe { ((at + IPV4_HDR_LEN + 2) as *mut u16).write_unaligned(check) };
     Ok(())
 }
 
@@ -173,12 +171,12 @@ fn write_v4(ctx: &XdpContext, l3: usize, mtu: u16) -> Result<(), u32> {
 #[inline(always)]
 fn write_v6(ctx: &XdpContext, l3: usize, mtu: u16) -> Result<(), u32> {
     let (start, end) = (ctx.data(), ctx.data_end());
-    const ALL: usize = 2 + IPV6_HLEN + ICMP_HLEN + IPV6_HLEN;
+    const ALL: usize = 2 + IPV6_HDR_LEN + ICMP_HDR_LEN + IPV6_HDR_LEN;
     let at = ptr_at::<[u8; ALL]>(start, end, l3 - 2).ok_or(stat::DROP_TRUNCATED)? as usize + 2;
-    let quoted = at + IPV6_HLEN + ICMP_HLEN;
-    let payload = (ICMP_HLEN + QUOTE_V6) as u32;
+    let quoted = at + IPV6_HDR_LEN + ICMP_HDR_LEN;
+    let payload = (ICMP_HDR_LEN + QUOTE_V6) as u32;
     let first =
-        [(6u32 << 28).to_be(), (payload << 16 | (IPPROTO_ICMPV6 as u32) << 8 | ICMP_TTL as u32).to_be()];
+        [(6u32 << 28).to_be(), (payload << 16 | (PROTO_ICMPV6 as u32) << 8 | ICMP_TTL as u32).to_be()];
     let icmp = [((ICMPV6_PACKET_TOO_BIG as u32) << 24).to_be(), (mtu as u32).to_be()];
     // SAFETY: the EtherType, both IPv6 headers and the ICMPv6 header were bounds-checked.
     unsafe {
@@ -186,14 +184,14 @@ fn write_v6(ctx: &XdpContext, l3: usize, mtu: u16) -> Result<(), u32> {
         (at as *mut [u32; 2]).write_unaligned(first);
         copy(quoted + 24, at + 8, 16);
         copy(quoted + 8, at + 24, 16);
-        ((at + IPV6_HLEN) as *mut [u32; 2]).write_unaligned(icmp);
+        ((at + IPV6_HDR_LEN) as *mut [u32; 2]).write_unaligned(icmp);
     }
     // The pseudo-header: both addresses (the header's last 32 bytes), the length, 58.
     let pseudo = sum::<32>(start, end, l3 + 8)?
         + ((payload as u16).to_be() as u64)
-        + ((IPPROTO_ICMPV6 as u16).to_be() as u64);
-    let check = !fold(pseudo + sum::<{ ICMP_HLEN + QUOTE_V6 }>(start, end, l3 + IPV6_HLEN)?);
+        + ((PROTO_ICMPV6 as u16).to_be() as u64);
+    let check = !fold(pseudo + sum::<{ ICMP_HDR_LEN + QUOTE_V6 }>(start, end, l3 + IPV6_HDR_LEN)?);
     // SAFETY: inside the ICMPv6 header checked above.
-    unsafe { ((at + IPV6_HLEN + 2) as *mut u16).write_unaligned(check) };
+    unsafe { ((at + IPV6_HDR_LEN + 2) as *mut u16).write_unaligned(check) };
     Ok(())
 }
