@@ -20,6 +20,21 @@ fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<In
     Ok(c)
 }
 
+/// A counter family with one label, one series per `(label value, count)`.
+fn counter_by(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[(&str, u64)],
+) -> Result<(), MetricsError> {
+    let c = counter(reg, name, help, &[label])?;
+    for (value, n) in values {
+        c.with_label_values(&[value]).inc_by(*n);
+    }
+    Ok(())
+}
+
 fn gauge(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, MetricsError> {
     let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
     reg.register(Box::new(g.clone()))?;
@@ -221,25 +236,27 @@ fn write_service_families(out: &mut String, snap: &Snapshot) {
 /// The text exposition format (version 0.0.4).
 pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
     let reg = Registry::new();
-    let actions =
-        counter(&reg, "lb_xdp_actions_total", "Verdicts of the XDP program, all packets.", &["action"])?;
-    for (name, v) in &snap.actions {
-        actions.with_label_values(&[name]).inc_by(*v);
-    }
-    let drops =
-        counter(&reg, "lb_xdp_drops_total", "Packets dropped by the XDP program, by reason.", &["reason"])?;
-    for (name, v) in &snap.drops {
-        drops.with_label_values(&[name]).inc_by(*v);
-    }
-    let passes = counter(
+    counter_by(
+        &reg,
+        "lb_xdp_actions_total",
+        "Verdicts of the XDP program, all packets.",
+        "action",
+        &snap.actions,
+    )?;
+    counter_by(
+        &reg,
+        "lb_xdp_drops_total",
+        "Packets dropped by the XDP program, by reason.",
+        "reason",
+        &snap.drops,
+    )?;
+    counter_by(
         &reg,
         "lb_xdp_passes_total",
         "Service packets handed to the director's stack on purpose, by reason (no_backend: fallback_action pass).",
-        &["reason"],
+        "reason",
+        &snap.passes,
     )?;
-    for (name, v) in &snap.passes {
-        passes.with_label_values(&[name]).inc_by(*v);
-    }
     let entries = IntGauge::new("lb_connection_table_entries", "Entries in the connection table (any age).")?;
     entries.set(snap.flow_entries as i64);
     reg.register(Box::new(entries))?;
@@ -283,24 +300,20 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
     for (family, kind, v) in &snap.icmp_forwarded {
         icmp.with_label_values(&[family, kind]).inc_by(*v);
     }
-    let too_big = counter(
+    counter_by(
         &reg,
         "lb_xdp_too_big_sent_total",
         "ICMP fragmentation-needed / ICMPv6 packet-too-big answers to clients whose packet did not fit the tunnel to its backend.",
-        &["family"],
+        "family",
+        &snap.too_big_sent,
     )?;
-    for (family, v) in &snap.too_big_sent {
-        too_big.with_label_values(&[family]).inc_by(*v);
-    }
-    let fragments = counter(
+    counter_by(
         &reg,
         "lb_xdp_fragments_total",
         "Fragments of services' datagrams forwarded: first fragments, later ones that followed their first, later ones placed by an sh service's ring.",
-        &["outcome"],
+        "outcome",
+        &snap.fragments,
     )?;
-    for (outcome, v) in &snap.fragments {
-        fragments.with_label_values(&[outcome]).inc_by(*v);
-    }
     let reloads =
         counter(&reg, "lb_config_reloads_total", "Configuration loads and reloads, by result.", &["result"])?;
     reloads.with_label_values(&["success"]).inc_by(snap.reloads_ok);
