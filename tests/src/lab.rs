@@ -318,6 +318,30 @@ impl DrLab {
         Ok(())
     }
 
+    /// Waits (bounded) until `lb-daemon status` shows `backend` of `service` in `state`.
+    pub fn wait_state(&self, service: &str, backend: &str, state: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut status = String::new();
+        while Instant::now() < deadline {
+            status = self.daemon.status()?;
+            let mut in_service = false;
+            for line in status.lines() {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                if matches!(cols.first(), Some(&"TCP")) {
+                    in_service = line.ends_with(&format!("({service})"));
+                } else if in_service
+                    && cols.first() == Some(&"->")
+                    && cols.get(1).is_some_and(|a| a.starts_with(backend))
+                    && cols.last() == Some(&state)
+                {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("{service} {backend} never became {state}:\n{status}\n{}", self.daemon.log_text())
+    }
+
     /// Servers behind a router: takes real server `i`'s decapsulator away (`lb-daemon decap
     /// detach`), as a broken real server would have none.
     pub fn detach_decap(&self, i: usize) -> Result<String> {

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Result, ensure};
 use lb_tests::lab::{DrLab, LabConfig, VIP_PORT};
 use lb_tests::tcp::{Conversations, EchoServer, NameServer};
 use lb_tests::topology::VIP;
@@ -28,30 +28,6 @@ fn services(log: &std::path::Path) -> String {
         "services:\n  - name: web\n    match: {{ vip: {VIP}, port: {VIP_PORT} }}\n    check: {hook}\n    backends:\n{backends}\
          \x20 - name: echo\n    match: {{ vip: {VIP}, port: {ECHO_PORT} }}\n    check: {CHECK}\n    backends:\n{backends}"
     )
-}
-
-/// Waits (bounded) until `lb-daemon status` shows `backend` of `service` in `state`.
-fn wait_state(lab: &DrLab, service: &str, backend: &str, state: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut status = String::new();
-    while Instant::now() < deadline {
-        status = lab.daemon.status()?;
-        let mut in_service = false;
-        for line in status.lines() {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if matches!(cols.first(), Some(&"TCP")) {
-                in_service = line.ends_with(&format!("({service})"));
-            } else if in_service
-                && cols.first() == Some(&"->")
-                && cols.get(1).is_some_and(|a| a.starts_with(backend))
-                && cols.last() == Some(&state)
-            {
-                return Ok(());
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("{service} {backend} never became {state}:\n{status}\n{}", lab.daemon.log_text())
 }
 
 #[test]
@@ -79,8 +55,8 @@ fn a_server_whose_service_stops_leaves_and_returns_while_others_keep_their_conne
 
     let stopped = Instant::now();
     lab.stop_server(0)?;
-    wait_state(&lab, "web", "10.0.2.11", "down")?;
-    wait_state(&lab, "echo", "10.0.2.11", "down")?;
+    lab.wait_state("web", "10.0.2.11", "down")?;
+    lab.wait_state("echo", "10.0.2.11", "down")?;
     // Reported, not asserted (no timing in tests): fall x interval is 400 ms here, and the
     // state machine's tests pin the change to the fall-th failure.
     eprintln!("server1 seen down {:?} after its service stopped", stopped.elapsed());
@@ -100,7 +76,7 @@ fn a_server_whose_service_stops_leaves_and_returns_while_others_keep_their_conne
     ensure!(status.contains("last check: connecting to 10.0.2.11:80"), "{status}");
 
     lab.start_server(0)?;
-    wait_state(&lab, "web", "10.0.2.11", "active")?;
+    lab.wait_state("web", "10.0.2.11", "active")?;
     let after: BTreeMap<IpAddr, String> = lab.connect_all(1)?.into_iter().collect();
     ensure!(after == before, "after it came back, sources go where they went at first");
 
@@ -166,16 +142,16 @@ fn with_every_server_down_the_fallback_answers_and_pass_reaches_the_director() -
 
     let before: BTreeSet<String> = lab.connect_all(1)?.into_iter().map(|(_, s)| s).collect();
     ensure!(!before.contains("server3"), "the fallback took a connection while backends were up: {before:?}");
-    wait_state(&lab, "web", "10.0.2.13", "standby")?;
+    lab.wait_state("web", "10.0.2.13", "standby")?;
 
     lab.stop_server(0)?;
     lab.stop_server(1)?;
-    wait_state(&lab, "web", "10.0.2.11", "down")?;
-    wait_state(&lab, "web", "10.0.2.12", "down")?;
-    wait_state(&lab, "web", "10.0.2.13", "fallback")?;
+    lab.wait_state("web", "10.0.2.11", "down")?;
+    lab.wait_state("web", "10.0.2.12", "down")?;
+    lab.wait_state("web", "10.0.2.13", "fallback")?;
     let during: BTreeSet<String> = lab.connect_all(1)?.into_iter().map(|(_, s)| s).collect();
     ensure!(during == BTreeSet::from(["server3".to_string()]), "with all down: {during:?}");
-    wait_state(&lab, "closed", "10.0.2.11", "down")?;
+    lab.wait_state("closed", "10.0.2.11", "down")?;
     let m = lab.metrics()?;
     let passed_before = m.value("lb_xdp_passes_total{reason=\"no_backend\"}")?;
     ensure!(
@@ -187,8 +163,8 @@ fn with_every_server_down_the_fallback_answers_and_pass_reaches_the_director() -
     ensure!(m.value("lb_backend_state{backend=\"10.0.2.13\",service=\"web\",state=\"fallback\"}")? == 1.0);
 
     lab.start_server(1)?;
-    wait_state(&lab, "web", "10.0.2.12", "active")?;
-    wait_state(&lab, "web", "10.0.2.13", "standby")?;
+    lab.wait_state("web", "10.0.2.12", "active")?;
+    lab.wait_state("web", "10.0.2.13", "standby")?;
     let after: BTreeSet<String> = lab.connect_all(1)?.into_iter().map(|(_, s)| s).collect();
     ensure!(after == BTreeSet::from(["server2".to_string()]), "the returning server takes them: {after:?}");
     ensure!(local.stop()? == 1, "the director answered exactly the one passed connection");
@@ -211,14 +187,14 @@ fn initial_state_down_holds_new_backends_but_spares_what_a_restart_finds_serving
         )
     };
     let mut lab = DrLab::start_with(3, 10, LabConfig::Services(web("", &[11, 12])))?;
-    wait_state(&lab, "web", "10.0.2.11", "active")?;
-    wait_state(&lab, "web", "10.0.2.12", "active")?;
+    lab.wait_state("web", "10.0.2.11", "active")?;
+    lab.wait_state("web", "10.0.2.12", "active")?;
 
     lab.write_services(&web(", initial_state: down", &[11, 12, 13]))?;
     lab.daemon.kill9()?;
     lab.daemon.restart(&lab.topo.director)?;
     ensure!(lab.daemon.log_text().contains("adopted the running data path"), "{}", lab.daemon.log_text());
-    wait_state(&lab, "web", "10.0.2.13", "down")?;
+    lab.wait_state("web", "10.0.2.13", "down")?;
     let status = lab.daemon.status()?;
     for spared in ["10.0.2.11", "10.0.2.12"] {
         ensure!(

@@ -599,34 +599,17 @@ fn a_via_tunnel_check_takes_out_a_real_server_that_stopped_decapsulating() -> Re
     let layout = Layout { server_path: path, ..Layout::default() };
     let lab = DrLab::start_on(layout, servers.len(), 4, LabConfig::Services(services))?;
     let _echo = EchoServer::on_each(&lab.topo.servers, UPLOAD_PORT)?;
-    // Bounded waits: checks run every 500 ms, one verdict changes a state.
-    let wait_for = |what: &str, want: &dyn Fn(&str) -> bool| -> Result<String> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        loop {
-            let status = lab.daemon.status()?;
-            if want(&status) {
-                return Ok(status);
-            }
-            if std::time::Instant::now() > deadline {
-                anyhow::bail!("{what}:\n{status}\n{}", lab.daemon.log_text());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-    };
-    let row = |status: &str, addr: IpAddr, port: u16| -> String {
-        let endpoint = format!("{addr}:{port}");
-        status.lines().find(|l| l.contains(&endpoint)).unwrap_or_default().to_owned()
-    };
-    let (a, b) = (servers[0], servers[1]);
-    wait_for("both servers up through the tunnel", &|s| {
-        row(s, a, 80).ends_with("active") && row(s, b, 80).ends_with("active")
-    })?;
+    let (a, b) = (format!("{}:80", servers[0]), format!("{}:80", servers[1]));
+    lab.wait_state("through", &a, "active")?;
+    lab.wait_state("through", &b, "active")?;
     let detached = lab.detach_decap(0)?;
     ensure!(detached.contains("detached"), "{detached}");
-    let status =
-        wait_for("the server without a decapsulator taken out", &|s| row(s, a, 80).ends_with("down"))?;
-    ensure!(row(&status, b, 80).ends_with("active"), "{status}");
-    ensure!(row(&status, a, UPLOAD_PORT).ends_with("active"), "the plain check should not notice:\n{status}");
+    lab.wait_state("through", &a, "down")?;
+    let status = lab.daemon.status()?;
+    let row = |endpoint: &str| status.lines().find(|l| l.contains(endpoint)).unwrap_or_default().to_owned();
+    ensure!(row(&b).ends_with("active"), "{status}");
+    let plain = format!("{}:{UPLOAD_PORT}", servers[0]);
+    ensure!(row(&plain).ends_with("active"), "the plain check should not notice:\n{status}");
     ensure!(status.contains("no answer within"), "the reason shown:\n{status}");
     Ok(())
 }
