@@ -29,6 +29,9 @@ pub mod maps {
     pub const LOCAL_MACS: &str = "LOCAL_MACS";
     pub const FLOOD_GUARD: &str = "FLOOD_GUARD";
     pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const NAT_REPLIES: &str = "NAT_REPLIES";
+    pub const NAT_PROGRAMS: &str = "NAT_PROGRAMS";
+    pub const NAT_JOBS: &str = "NAT_JOBS";
 }
 
 /// Program names in the object.
@@ -38,6 +41,15 @@ pub mod programs {
     /// Returns XDP_PASS. Attached to the peer of a veth that receives XDP_REDIRECT or
     /// XDP_TX frames, which the kernel requires before it delivers them.
     pub const PASS: &str = "lb_pass";
+    /// Translates masqueraded backends' replies back to the VIP. Not attached: the
+    /// balancer tail-calls it (`NAT_PROGRAMS[NAT_REPLY_SLOT]`) for packets that are not a
+    /// service's, so one program per interface serves both directions.
+    pub const NAT_REPLY: &str = "lb_nat_reply";
+    pub const NAT_REPLY_SLOT: u32 = 0;
+    /// Rewrites a client's packet for its NAT backend, as the balancer decided
+    /// (`NAT_JOBS`); entered by the balancer's tail call (`NAT_PROGRAMS[NAT_FORWARD_SLOT]`).
+    pub const NAT_FORWARD: &str = "lb_nat_forward";
+    pub const NAT_FORWARD_SLOT: u32 = 1;
 }
 
 /// The real servers' decapsulation object (`lb-xdp-decap`): `lb-daemon decap attach`
@@ -207,11 +219,35 @@ pub struct Backend {
     /// Non-zero: the packet goes inside an outer IP header to `addr` (IP-in-IP, or IPv6
     /// in IPv6), from `DataplaneConfig`'s tunnel source of `addr`'s family.
     pub tunnel: u8,
-    pub _pad: u8,
+    /// `NAT_MASQ`: the destination becomes `addr` (and `port`), and the backend's replies,
+    /// which route through the director, are translated back (`NAT_REPLIES`). Zero (what
+    /// maps of older daemons hold here) leaves the packet's addresses alone.
+    pub nat: u8,
     /// Tunnel backends: the MTU of the way to `addr` (the route's, else the egress
     /// device's); an outer packet longer than this is not sent. Zero: no limit known.
     pub mtu: u16,
-    pub _pad2: u16,
+    /// NAT backends: the destination port packets get (network order); zero keeps the
+    /// packet's (the service's port, or a fwmark service's matched one).
+    pub port: u16,
+}
+
+/// `Backend::nat`: masquerading (LVS `-m`, keepalived `lb_kind NAT`).
+pub const NAT_MASQ: u8 = 1;
+
+/// What the balancer decided for a packet to a NAT backend, handed to the translator it
+/// tail-calls (`NAT_JOBS[0]`, per CPU): a tail call keeps the rewrite's code out of the
+/// balancer's verification and stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatJob {
+    /// The flow as the client sends it (recorded for the backend's replies).
+    pub key: FlowKey,
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// Non-zero: a flow just scheduled, whose replies must be recorded.
+    pub new_flow: u32,
+    /// A `stat::FRAG_*` counter to count once the packet is sent; zero: none.
+    pub counter: u32,
 }
 
 /// Connection-table key: the 5-tuple as seen on the wire.
@@ -243,6 +279,16 @@ pub const FLOW_UDP: u16 = 5;
 pub const FLOW_MIDSTREAM: u16 = 6;
 /// How long a mid-stream flow must go on before it counts as established.
 pub const MIDSTREAM_CONFIRM_NS: u64 = 1_000_000_000;
+/// NAT flows, whose replies the director sees too: the server answered the SYN
+/// (SYN-ACK); the client's ACK then makes the flow established.
+pub const FLOW_SYN_RECV: u16 = 7;
+/// A NAT flow's SYN, not answered yet: unlike `FLOW_SYN_SENT` (direct routing, where the
+/// client's ACK is all the director sees of the handshake) the client's segments leave
+/// it as it is until the server's SYN-ACK.
+pub const FLOW_NAT_SYN_SENT: u16 = 9;
+/// NAT flows: the server sent FIN first (`FLOW_FIN` is the client's FIN); the other
+/// side's FIN, or a RST from either, closes the flow.
+pub const FLOW_FIN_SERVER: u16 = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -424,6 +470,12 @@ pub mod stat {
     /// An IPv4 packet without DF that the tunnel header would make longer than the way
     /// to the backend allows (fragmenting it would leave the decapsulator pieces).
     pub const DROP_TOO_BIG: u32 = 24;
+    /// A packet to a NAT backend, or a NAT backend's reply, whose TTL / hop limit would
+    /// reach zero at the director (which routes it, so it decrements it).
+    pub const DROP_TTL_EXPIRED: u32 = 25;
+    /// A NAT backend's reply for which the director's kernel has no route to the client
+    /// (or forwarding is disabled: `net.ipv4.ip_forward`, `net.ipv6.conf.all.forwarding`).
+    pub const DROP_NAT_NO_ROUTE: u32 = 26;
 
     /// New flows of a service with no backend up, passed to the stack (its
     /// `fallback_action` is `pass`).
@@ -440,6 +492,13 @@ pub mod stat {
     pub const FRAG_FIRST: u32 = 41;
     pub const FRAG_FOLLOWED: u32 = 42;
     pub const FRAG_BY_RING: u32 = 43;
+
+    /// NAT backends' replies translated back to the VIP and sent to the client's next hop.
+    pub const NAT_REPLY_SENT: u32 = 44;
+    /// Replies translated, then handed to the kernel to forward, because its neighbour
+    /// table had no entry for the client's next hop yet (or the reply is longer than that
+    /// route's MTU): the kernel resolves it (or answers "too big") where XDP cannot.
+    pub const NAT_REPLY_TO_STACK: u32 = 45;
 
     /// ICMP errors that quote a service's flow, forwarded to that flow's backend (it
     /// answered from the VIP, so the error came back to the director), by kind.
@@ -460,7 +519,7 @@ pub mod stat {
     pub const COUNT: u32 = 64;
 
     /// Drop reasons with the names the daemon exports them under.
-    pub const DROP_REASONS: [(u32, &str); 17] = [
+    pub const DROP_REASONS: [(u32, &str); 19] = [
         (DROP_TRUNCATED, "truncated"),
         (DROP_BAD_IHL, "bad_ihl"),
         (DROP_BAD_LENGTH, "bad_length"),
@@ -478,7 +537,12 @@ pub mod stat {
         (DROP_MARTIAN_SOURCE, "martian_source"),
         (DROP_NO_HEADROOM, "no_headroom"),
         (DROP_TOO_BIG, "too_big"),
+        (DROP_TTL_EXPIRED, "ttl_expired"),
+        (DROP_NAT_NO_ROUTE, "nat_no_route"),
     ];
+
+    /// NAT replies translated, by where they went as exported.
+    pub const NAT_REPLIES: [(u32, &str); 2] = [(NAT_REPLY_SENT, "sent"), (NAT_REPLY_TO_STACK, "to_stack")];
 
     /// Fragments forwarded, by outcome as exported.
     pub const FRAGMENTS: [(u32, &str); 3] =
@@ -555,6 +619,7 @@ mod pod {
     unsafe impl aya::Pod for super::LocalMacs {}
     unsafe impl aya::Pod for super::FloodWindow {}
     unsafe impl aya::Pod for super::TrunkPort {}
+    unsafe impl aya::Pod for super::NatJob {}
 }
 
 #[cfg(test)]
@@ -580,5 +645,6 @@ mod tests {
         assert_eq!(size_of::<FloodWindow>(), 16);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<FragEntry>(), 8);
+        assert_eq!(size_of::<NatJob>(), 40 + 16);
     }
 }

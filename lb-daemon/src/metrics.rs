@@ -406,6 +406,7 @@ mod tests {
                 counters: Counters { packets: 12, bytes: 3400, new_flows: 2 },
                 backends: vec![BackendSnapshot {
                     addr: "10.0.2.11".parse().unwrap(),
+                    port: None,
                     forward: Forward::Dr,
                     weight: 5,
                     status: crate::snapshot::BackendStatus::Active,

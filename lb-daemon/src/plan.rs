@@ -10,7 +10,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use lb_common::{
     BACKEND_DOWN, BACKEND_UP, Backend, MAX_BACKENDS, MAX_MARK_RULES_PER_PREFIX, MAX_SERVICES, MarkRule,
-    MarkRuleSet, SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_ROUND_ROBIN, ServiceKey,
+    MarkRuleSet, NAT_MASQ, SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_ROUND_ROBIN,
+    ServiceKey,
 };
 
 use crate::maglev;
@@ -268,6 +269,7 @@ impl Planner {
                 weight: 1,
                 state: BackendState::Active,
                 forward: svc.forward,
+                port: None,
             });
             let mut candidates = Vec::new();
             for b in svc.backends.iter().chain(fallback.as_ref()) {
@@ -299,9 +301,9 @@ impl Planner {
                         service: id as u16,
                         vlan: n.vlan,
                         tunnel: u8::from(b.forward == Forward::Tunnel),
-                        _pad: 0,
+                        nat: if b.forward == Forward::Nat { NAT_MASQ } else { 0 },
                         mtu: n.mtu,
-                        _pad2: 0,
+                        port: b.port.map_or(0, u16::to_be),
                     },
                 );
                 if up {
@@ -385,7 +387,13 @@ mod tests {
             ring_size: 4093,
             backends: backends
                 .iter()
-                .map(|(a, w, s)| BackendSpec { addr: v4(a), weight: *w, state: *s, forward: Forward::Dr })
+                .map(|(a, w, s)| BackendSpec {
+                    addr: v4(a),
+                    weight: *w,
+                    state: *s,
+                    forward: Forward::Dr,
+                    port: None,
+                })
                 .collect(),
             fallback: None,
             fallback_action: FallbackAction::Drop,

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use lb_common::{Counters, FLOW_ESTABLISHED, FLOW_MIDSTREAM, FLOW_UDP, Flow};
+use lb_common::{Counters, FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_MIDSTREAM, FLOW_UDP, Flow};
 
 use crate::model::{Forward, Scheduler, ServiceMatch, XdpMode};
 
@@ -16,6 +16,9 @@ use crate::model::{Forward, Scheduler, ServiceMatch, XdpMode};
 pub const TCP_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(900);
 pub const TCP_OTHER_TIMEOUT: Duration = Duration::from_secs(120);
 pub const UDP_TIMEOUT: Duration = Duration::from_secs(300);
+/// A connection closed by a RST, or by FINs from both sides (which only NAT flows show the
+/// director): IPVS's CLOSE timeout.
+pub const TCP_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a connection-table entry counts as, as `ipvsadm` counts them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +45,7 @@ pub fn classify(flow: &Flow, now_ns: u64) -> Option<ConnKind> {
         FLOW_MIDSTREAM => return None,
         FLOW_ESTABLISHED => (ConnKind::Active, TCP_ESTABLISHED_TIMEOUT),
         FLOW_UDP => (ConnKind::Inactive, UDP_TIMEOUT),
+        FLOW_CLOSED => (ConnKind::Inactive, TCP_CLOSE_TIMEOUT),
         _ => (ConnKind::Inactive, TCP_OTHER_TIMEOUT),
     };
     (age <= timeout).then_some(kind)
@@ -94,6 +98,8 @@ impl BackendStatus {
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackendSnapshot {
     pub addr: IpAddr,
+    /// A NAT backend's own port (`None`: the service's).
+    pub port: Option<u16>,
     /// How packets reach it (a backend may differ from its service).
     pub forward: Forward,
     pub weight: u32,
@@ -250,7 +256,7 @@ impl Snapshot {
                 let _ = writeln!(
                     out,
                     "  -> {:<28} {:<7} {:>6} {:>10} {:>10} {}",
-                    endpoint(b.addr, port),
+                    endpoint(b.addr, b.port.or(port)),
                     b.forward.ipvs_name(),
                     b.weight,
                     b.active,
@@ -296,6 +302,8 @@ mod tests {
         assert_eq!(classify(&flow(FLOW_ESTABLISHED, s(901)), now), None);
         assert_eq!(classify(&flow(FLOW_SYN_SENT, s(5)), now), Some(ConnKind::Inactive));
         assert_eq!(classify(&flow(FLOW_FIN, s(121)), now), None);
+        assert_eq!(classify(&flow(FLOW_CLOSED, s(9)), now), Some(ConnKind::Inactive));
+        assert_eq!(classify(&flow(FLOW_CLOSED, s(11)), now), None, "closed connections go quickly");
         assert_eq!(classify(&flow(FLOW_UDP, s(299)), now), Some(ConnKind::Inactive));
         // A stamp from the future (another CPU's clock read) is fresh, not ancient.
         assert_eq!(classify(&flow(FLOW_ESTABLISHED, now + 5), now), Some(ConnKind::Active));
@@ -341,6 +349,7 @@ mod tests {
                 counters: Counters::default(),
                 backends: vec![BackendSnapshot {
                     addr: "10.0.2.11".parse().unwrap(),
+                    port: None,
                     forward: Forward::Dr,
                     weight: 100,
                     status: BackendStatus::Drain,

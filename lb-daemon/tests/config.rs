@@ -167,8 +167,7 @@ const MALFORMED: &[(&str, &str, u64, u64, &str, &str)] = &[
     ("undefined mark", "DIRECTORservices:\n  - { name: a, match: { fwmark: 7 } }\n", 4, 33, "services[0].match.fwmark", "fwmark 7 is not defined"),
     ("duplicate fwmark service", "DIRECTORmarks: [{ mark: 1, dst: 192.0.2.0/24 }]\nservices:\n  - { name: a, match: { fwmark: 1 } }\n  - { name: b, match: { fwmark: 1 } }\n", 6, 23, "services[1].match", "fwmark 1 is already the match"),
     ("unknown scheduler", "DIRECTORservices:\n  - { name: a, match: { vip: 192.0.2.1, port: 80 }, scheduler: rr }\n", 4, 64, "services[0].scheduler", "rr"),
-    ("nat forwarding", "DIRECTORservices:\n  - { name: a, match: { vip: 192.0.2.1, port: 80 }, forward: nat }\n", 4, 62, "services[0].forward", "`nat` is not implemented yet"),
-    ("nat forwarding of a backend", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends:\n      - { address: 10.0.0.1, forward: nat }\n", 7, 39, "services[0].backends[0].forward", "`nat` is not implemented yet"),
+    ("nat backend of the other family", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends:\n      - { address: \"2001:db8::1\", forward: nat }\n", 7, 20, "services[0].backends[0].address", "masquerading cannot translate"),
     ("tunnel without a source", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    forward: tunnel\n    backends:\n      - { address: 10.0.0.1 }\n", 8, 20, "services[0].backends[0].address", "needs an IPv4 address in `director.tunnel_source`"),
     ("tunnel without a source of the backend's family", "director:\n  interfaces: [eth0]\n  tunnel_source: [192.0.2.100]\nservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends:\n      - { address: \"2001:db8::1\", forward: tunnel }\n", 8, 20, "services[0].backends[0].address", "needs an IPv6 address"),
     ("tunnel fallback without a source", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    forward: tunnel\n    fallback: 10.0.0.9\n", 7, 15, "services[0].fallback", "needs an IPv4 address"),
@@ -388,6 +387,7 @@ fn alert_rules_and_dashboard_name_only_metrics_the_daemon_exports() {
             counters: Default::default(),
             backends: vec![BackendSnapshot {
                 addr: "10.1.0.1".parse().unwrap(),
+                port: None,
                 forward: Forward::Dr,
                 weight: 1,
                 status: BackendStatus::Active,
@@ -572,4 +572,17 @@ fn tunnel_services_take_a_per_backend_override_and_cross_families() {
     for (addr, t) in tunnel {
         assert_eq!(t, u8::from(addr != "10.0.0.5".parse::<std::net::IpAddr>().unwrap()), "{addr}");
     }
+}
+
+/// `forward: nat` (LVS `-m`): a backend may listen on its own port, for VIP services and
+/// fwmark ones alike; one without a port keeps the packet's.
+#[test]
+fn masquerading_backends_may_map_ports() {
+    let yaml = "director:\n  interfaces: [eth0]\nmarks:\n  - { mark: 1, dst: 192.0.2.1/32, ports: [80, 443] }\nservices:\n  - name: web\n    match: { vip: 192.0.2.1, port: 80 }\n    forward: nat\n    backends:\n      - { address: 10.0.2.11, port: 8080 }\n      - { address: 10.0.2.12 }\n      - { address: 10.0.2.13, port: 80, forward: dr }\n  - name: both\n    match: { fwmark: 1 }\n    scheduler: sh\n    forward: nat\n    backends:\n      - { address: 10.0.2.11 }\n";
+    let config = lb_daemon::control::check_text(yaml, "lb.yaml").expect("valid");
+    let web = &config.services[0];
+    let got: Vec<(Forward, Option<u16>)> = web.backends.iter().map(|b| (b.forward, b.port)).collect();
+    assert_eq!(got, [(Forward::Nat, Some(8080)), (Forward::Nat, None), (Forward::Dr, None)]);
+    assert_eq!(config.services[1].backends[0].forward, Forward::Nat);
+    assert_eq!(Forward::Nat.ipvs_name(), "Masq");
 }

@@ -50,6 +50,9 @@ pub struct Parsed {
     /// to be a service's.
     pub l3: u16,
     pub ihl: u8,
+    /// Offset of the transport header in the frame (of the ICMP header for an ICMP
+    /// error); zero for a later fragment, which has none.
+    pub l4: u16,
     /// Non-zero for an ICMP error that quotes a packet of a TCP/UDP flow addressed from the
     /// ICMP message's own destination: then the fields above describe that flow as the
     /// client sends it (the quoted packet went the other way, so its addresses and ports
@@ -497,7 +500,7 @@ fn parse_l4(
     if proto == PROTO_UDP && (udp_len < 8 || (l4 + udp_len > ip_end && !first_fragment)) {
         return Err(malformed(stat::DROP_BAD_UDP_LENGTH));
     }
-    Ok(Parsed { family, proto, src, dst, sport, dport, tcp_flags, ..Parsed::default() })
+    Ok(Parsed { family, proto, src, dst, sport, dport, tcp_flags, l4: l4 as u16, ..Parsed::default() })
 }
 
 pub const ICMP_DEST_UNREACH: u8 = 3;
@@ -584,6 +587,7 @@ fn parse_icmp_error(
         sport: dport,
         dport: sport,
         icmp_error,
+        l4: l4 as u16,
         ..Parsed::default()
     })
 }

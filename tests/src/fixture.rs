@@ -67,6 +67,7 @@ pub fn tcp_service(name: &str, vip: IpAddr, port: u16, ring_size: u32, backends:
                 weight: 100,
                 state: BackendState::Active,
                 forward: lb_daemon::model::Forward::Dr,
+                port: None,
             })
             .collect(),
         fallback: None,

@@ -75,6 +75,7 @@ fn service(
                 weight: 100,
                 state: *s,
                 forward: lb_daemon::model::Forward::Dr,
+                port: None,
             })
             .collect(),
         fallback: None,
@@ -187,6 +188,7 @@ impl Env {
             weight: 300,
             state: Active,
             forward: lb_daemon::model::Forward::Dr,
+            port: None,
         });
         let next = self.planner.clone().plan(&more, &mark_rules(), &self.neighbours)?;
         let (syn, before) = (0..=255u8)

@@ -59,6 +59,16 @@ pub(super) enum RawForward {
     Nat,
 }
 
+impl From<RawForward> for crate::model::Forward {
+    fn from(f: RawForward) -> Self {
+        match f {
+            RawForward::Dr => Self::Dr,
+            RawForward::Tunnel => Self::Tunnel,
+            RawForward::Nat => Self::Nat,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(super) enum RawXdpMode {

@@ -162,8 +162,7 @@ impl Checker<'_> {
         if i as u32 >= MAX_SERVICES {
             self.keep::<()>(Err(self.err(&s.name, at("name"), format!("more than {MAX_SERVICES} services"))));
         }
-        let forward =
-            s.forward.as_ref().map_or(Some(Forward::Dr), |f| self.keep(self.forward(f, at("forward"))));
+        let forward = s.forward.as_ref().map_or(Forward::Dr, |f| f.value.into());
         let ring_size = self.keep(self.ring_size(&s, i)).unwrap_or(DEFAULT_RING_SIZE);
         // What follows needs the match: its family decides which addresses fit.
         let matcher = self.keep(self.service_match(&s.matcher, i, &tally.defined_marks))?;
@@ -174,7 +173,6 @@ impl Checker<'_> {
                 format!("{matcher} is already the match of services[{first}]"),
             )));
         }
-        let forward = forward?;
         let check = s.check.as_ref().and_then(|c| self.keep(self.check(c, i, &matcher, tally)));
         let backends = self.keep(self.backends(&s, i, &matcher, forward, tally))?;
         let fallback = s.fallback.as_ref().and_then(|f| {
@@ -497,15 +495,6 @@ impl Checker<'_> {
         }
     }
 
-    /// A forwarding method the data path implements.
-    pub(super) fn forward(&self, f: &Spanned<RawForward>, path: String) -> Result<Forward, ConfigError> {
-        match f.value {
-            RawForward::Dr => Ok(Forward::Dr),
-            RawForward::Tunnel => Ok(Forward::Tunnel),
-            RawForward::Nat => Err(self.err(f, path, "`nat` is not implemented yet; use `dr` or `tunnel`")),
-        }
-    }
-
     /// An address that can be a real server of the service (a backend or its fallback),
     /// reached by `forward`.
     pub(super) fn real_server(
@@ -553,7 +542,7 @@ impl Checker<'_> {
                 addr,
                 path,
                 format!(
-                    "{a} and the vip {vip} are of different address families (direct routing cannot translate; a tunnel can)"
+                    "{a} and the vip {vip} are of different address families (direct routing and masquerading cannot translate; a tunnel can)"
                 ),
             ));
         }
@@ -584,7 +573,7 @@ impl Checker<'_> {
                 at,
                 path,
                 format!(
-                    "an {} address, but fwmark {mark} matches only {} destinations (direct routing cannot translate)",
+                    "an {} address, but fwmark {mark} matches only {} destinations (only a tunnel carries one family in the other)",
                     family(ipv4),
                     family(!ipv4)
                 ),
@@ -605,32 +594,34 @@ impl Checker<'_> {
         let mut seen: HashMap<IpAddr, usize> = HashMap::new();
         for (j, b) in s.backends.iter().enumerate() {
             let at = |key: &str| format!("services[{i}].backends[{j}].{key}");
-            let forward = match &b.forward {
-                Some(f) => self.forward(f, at("forward"))?,
-                None => service_forward,
-            };
+            let forward = b.forward.as_ref().map_or(service_forward, |f| f.value.into());
             let addr = self.real_server(&b.address, at("address"), matcher, forward, tally)?;
-            if let ServiceMatch::Vip { port, .. } = matcher {
-                if let Some(p) = &b.port
-                    && p.value != *port
-                {
+            // Masquerading rewrites the destination anyway, port included; the other
+            // methods deliver the client's packet as it was sent.
+            let port = match (&b.port, matcher) {
+                (Some(p), _) if forward == Forward::Nat => Some(p.value),
+                (Some(p), ServiceMatch::Vip { port, .. }) if p.value != *port => {
                     let how = if forward == Forward::Tunnel { "a tunnel" } else { "direct routing" };
                     return Err(self.err(
                         p,
                         at("port"),
                         format!(
-                            "{how} keeps the destination port: the backend must listen on {port}, not {}",
+                            "{how} keeps the destination port: the backend must listen on {port}, not {} \
+                             (`forward: nat` maps ports)",
                             p.value
                         ),
                     ));
                 }
-            } else if let Some(p) = &b.port {
-                return Err(self.err(
-                    p,
-                    at("port"),
-                    "a fwmark service keeps each packet's destination port; leave `port` out",
-                ));
-            }
+                (Some(_), ServiceMatch::Vip { .. }) | (None, _) => None,
+                (Some(p), ServiceMatch::Mark(_)) => {
+                    return Err(self.err(
+                        p,
+                        at("port"),
+                        "a fwmark service keeps each packet's destination port unless it masquerades \
+                         (`forward: nat`); leave `port` out",
+                    ));
+                }
+            };
             if let Some(first) = seen.insert(addr, j) {
                 return Err(self.err(
                     &b.address,
@@ -654,7 +645,7 @@ impl Checker<'_> {
                 RawBackendState::Drain => BackendState::Drain,
                 RawBackendState::Disabled => BackendState::Disabled,
             };
-            out.push(BackendSpec { addr, weight, state, forward });
+            out.push(BackendSpec { addr, weight, state, forward, port });
         }
         Ok(out)
     }

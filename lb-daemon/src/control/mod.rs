@@ -132,7 +132,9 @@ fn backend_targets(config: &Config) -> Vec<neighbour::Target> {
     for s in &config.services {
         let fallback = s.fallback.map(|addr| (addr, s.forward));
         for (addr, forward) in s.backends.iter().map(|b| (b.addr, b.forward)).chain(fallback) {
-            *routed.entry(addr).or_default() |= forward == crate::model::Forward::Tunnel;
+            // NAT backends too: masquerading routes, and a private network behind a
+            // router works as well as one on a link of the director.
+            *routed.entry(addr).or_default() |= forward != crate::model::Forward::Dr;
         }
     }
     routed.into_iter().map(|(addr, routed)| neighbour::Target { addr, routed }).collect()

@@ -93,6 +93,7 @@ impl Daemon {
                 weight: serving as u32,
                 state: BackendState::Active,
                 forward: spec.forward,
+                port: None,
             });
             for b in spec.backends.iter().chain(fallback.as_ref()) {
                 let Some(&bid) = self.plan.backend_ids.get(&(spec.name.clone(), b.addr)) else { continue };
@@ -113,6 +114,7 @@ impl Daemon {
                 backend_ids.push(bid);
                 backends.push(BackendSnapshot {
                     addr: b.addr,
+                    port: b.port,
                     forward: b.forward,
                     weight: self.board.weight(&spec.name, b.addr, b.weight),
                     checks: health

@@ -7,6 +7,12 @@ impl Dataplane {
     /// Makes the maps equal to `desired`, writing only the differences.
     pub fn apply(&mut self, desired: &DataplaneState) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
+        // The translator is in before the first NAT flow can start, and out only once no
+        // backend is a NAT one.
+        let nat = desired.backends.values().any(|b| b.nat != 0);
+        if nat {
+            self.set_nat_slots(true)?;
+        }
         self.add_egress(&desired.egress_ifindexes)?;
         self.apply_backends(desired, &mut report)?;
         self.apply_services(desired, &mut report)?;
@@ -15,7 +21,37 @@ impl Dataplane {
         self.apply_local_macs(desired)?;
         self.remove_backends(desired, &mut report)?;
         self.remove_egress(&desired.egress_ifindexes)?;
+        if !nat {
+            self.set_nat_slots(false)?;
+        }
         Ok(report)
+    }
+
+    /// Fills or empties the balancer's tail-call slots for NAT: empty, packets that are not
+    /// a service's pass at the cost of one failed tail call.
+    fn set_nat_slots(&mut self, filled: bool) -> Result<()> {
+        if self.nat_slots == Some(filled) {
+            return Ok(());
+        }
+        for (slot, name) in [
+            (programs::NAT_FORWARD_SLOT, programs::NAT_FORWARD),
+            (programs::NAT_REPLY_SLOT, programs::NAT_REPLY),
+        ] {
+            let program = xdp(&self.ebpf, name)?
+                .fd()
+                .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            let mut slots: ProgramArray<&mut MapData> = map_mut(&mut self.ebpf, maps::NAT_PROGRAMS)?;
+            let res = if filled { slots.set(slot, &program, 0) } else { slots.clear_index(&slot) };
+            match res {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                // Emptying an empty slot.
+                Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) => {}
+                Err(e) => return Err(map_err(maps::NAT_PROGRAMS)(e)),
+            }
+        }
+        self.nat_slots = Some(filled);
+        Ok(())
     }
 
     /// New egress interfaces go in before any backend refers to them.

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray,
+        Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, ProgramArray,
         lpm_trie::{Key, LpmTrie},
         xdp::XdpMapError,
     },
@@ -125,6 +125,12 @@ const PINNED_MAPS: &[&str] = &[
     maps::LOCAL_MACS,
     maps::FLOOD_GUARD,
     maps::FRAGMENTS,
+    maps::NAT_REPLIES,
+    // Pinned, its slot outlives the process (a prog array is emptied when its last user
+    // reference goes): a killed daemon's data path goes on translating replies.
+    maps::NAT_PROGRAMS,
+    // Shared by an old balancer and a new translator while an upgrade swaps programs.
+    maps::NAT_JOBS,
 ];
 
 /// Where pinned maps and links live under a pin directory.
@@ -245,6 +251,9 @@ pub struct Dataplane {
     egress: BTreeSet<u32>,
     local_macs: BTreeMap<u32, LocalMacs>,
     config: DataplaneConfig,
+    /// Whether `NAT_PROGRAMS` holds this process's translators; `None` until the first
+    /// apply (pinned slots may hold an earlier daemon's).
+    nat_slots: Option<bool>,
     /// Last service generation handed out (never zero once used).
     last_generation: u32,
     /// `RINGS`, mapped into this process.
@@ -296,7 +305,10 @@ impl Dataplane {
             }
         }
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(maps::RINGS, opts.ring_slots).map_max_entries(maps::FLOWS, opts.flow_entries);
+        loader
+            .map_max_entries(maps::RINGS, opts.ring_slots)
+            .map_max_entries(maps::FLOWS, opts.flow_entries)
+            .map_max_entries(maps::NAT_REPLIES, opts.flow_entries);
         let mut adopted = false;
         if let Some(dir) = &opts.pin_dir {
             // Checked on the closest existing ancestor first: mkdir on, say, a sysfs
@@ -313,7 +325,7 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(OBJECT)?;
-        for name in [programs::BALANCER, programs::PASS] {
+        for name in [programs::BALANCER, programs::PASS, programs::NAT_REPLY, programs::NAT_FORWARD] {
             load_xdp(&mut ebpf, name)?;
         }
         let capacity = |ebpf: &Ebpf, name: &'static str| -> Result<u32> {
@@ -347,6 +359,7 @@ impl Dataplane {
             egress: BTreeSet::new(),
             local_macs: BTreeMap::new(),
             config: DataplaneConfig::default(),
+            nat_slots: None,
             last_generation: 0,
             // Pinned maps may be an earlier daemon's, whatever was adopted: only a map this
             // process created without pinning is known to be zero.

@@ -112,8 +112,9 @@ impl Board {
                     }
                     _ => None,
                 };
-                let target =
-                    Target { service: svc.name.clone(), addr: b.addr, port: port_of(&svc.matcher), tunnel };
+                // A NAT backend is checked where its traffic goes (VIP:80 -> RS:8080).
+                let port = b.port.or(port_of(&svc.matcher));
+                let target = Target { service: svc.name.clone(), addr: b.addr, port, tunnel };
                 let probe = ProbeKey::new(check, target);
                 let key = (svc.name.clone(), b.addr);
                 let entry = match self.entries.remove(&key) {
@@ -289,6 +290,7 @@ mod tests {
                     weight: 10,
                     state: BackendState::Active,
                     forward: crate::model::Forward::Dr,
+                    port: None,
                 })
                 .collect(),
             fallback: None,

@@ -91,6 +91,9 @@ pub struct BackendSpec {
     /// How packets reach this backend: the service's `forward`, or the backend's own
     /// (IPVS decides per real server).
     pub forward: Forward,
+    /// NAT backends: the port the service's packets are sent to (VIP:80 -> RS:8080);
+    /// `None` keeps each packet's own. Other methods leave ports as they are.
+    pub port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

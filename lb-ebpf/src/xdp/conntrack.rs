@@ -2,9 +2,9 @@
 //! that backend is up; a new one (or one whose backend went down) is hashed onto the ring.
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns};
 use lb_common::{
-    BACKEND_UP, Backend, FAMILY_V6, FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_FIN, FLOW_MIDSTREAM, FLOW_SYN_SENT,
-    FLOW_UDP, Flow, FlowKey, MIDSTREAM_CONFIRM_NS, PROTO_TCP, SERVICE_F_HASH_TUPLE,
-    SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_ROUND_ROBIN, Service,
+    BACKEND_UP, Backend, FAMILY_V6, FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_FIN, FLOW_FIN_SERVER, FLOW_MIDSTREAM,
+    FLOW_NAT_SYN_SENT, FLOW_SYN_RECV, FLOW_SYN_SENT, FLOW_UDP, Flow, FlowKey, MIDSTREAM_CONFIRM_NS,
+    PROTO_TCP, SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_ROUND_ROBIN, Service,
     hash::{source_hash, tuple_hash},
     stat,
 };
@@ -45,22 +45,64 @@ fn is_syn(p: &Parsed) -> bool {
     p.proto == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & TCP_ACK == 0
 }
 
-/// TCP state after a segment with `flags`, from what the director sees (client side only).
+/// TCP state after a client's segment with `flags`. Under direct routing that half is
+/// all the director sees, so the client's ACK after its SYN makes the flow established.
+/// A NAT flow starts in `FLOW_NAT_SYN_SENT` instead, which only the server's SYN-ACK
+/// (`server_segment`) moves on, to `FLOW_SYN_RECV`, which the client's ACK completes.
+/// One function for both: a branch on the forwarding method here would double the
+/// states the balancer's verification explores.
 #[inline(always)]
 fn next_tcp_state(state: u16, flags: u8) -> u16 {
     if flags & TCP_RST != 0 {
         FLOW_CLOSED
     } else if flags & TCP_FIN != 0 {
-        FLOW_FIN
+        if state == FLOW_FIN_SERVER || state == FLOW_CLOSED { FLOW_CLOSED } else { FLOW_FIN }
     } else if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
         if state == 0 { FLOW_SYN_SENT } else { state }
     } else if state == 0 {
         // No handshake seen: real (a restart, a failover) or junk; time tells.
         FLOW_MIDSTREAM
-    } else if state == FLOW_SYN_SENT {
+    } else if state == FLOW_SYN_RECV || state == FLOW_SYN_SENT {
         FLOW_ESTABLISHED
     } else {
         state
+    }
+}
+
+/// A new NAT flow's SYN waits for the server's answer (see `next_tcp_state`).
+#[inline(always)]
+pub fn nat_syn(key: &FlowKey) {
+    if let Some(f) = FLOWS.get_ptr_mut(key) {
+        // SAFETY: as in `server_segment`.
+        let f = unsafe { &mut *f };
+        if f.state == FLOW_SYN_SENT {
+            f.state = FLOW_NAT_SYN_SENT;
+        }
+    }
+}
+
+/// A NAT flow's state after the server's segment with `flags`: its SYN-ACK answers the
+/// client's SYN, its FIN closes its half (the flow once the client's is closed too), a
+/// RST ends the flow.
+#[inline(always)]
+pub fn server_segment(f: *mut Flow, flags: u8) {
+    // SAFETY: an LRU element, valid for this program run (RCU); see `established`.
+    let f = unsafe { &mut *f };
+    let state = f.state;
+    let next = if flags & TCP_RST != 0 {
+        FLOW_CLOSED
+    } else if flags & TCP_FIN != 0 {
+        if state == FLOW_FIN || state == FLOW_CLOSED { FLOW_CLOSED } else { FLOW_FIN_SERVER }
+    } else if flags & TCP_SYN != 0 && flags & TCP_ACK != 0 && state == FLOW_NAT_SYN_SENT {
+        FLOW_SYN_RECV
+    } else {
+        state
+    };
+    if next != state {
+        f.state = next;
+    }
+    if state != FLOW_MIDSTREAM {
+        f.last_seen_ns = now();
     }
 }
 
@@ -106,7 +148,7 @@ pub fn established(p: &Parsed, key: &FlowKey) -> Option<Decision> {
     // are other CPUs touching the same flow, which RSS makes rare and which can only
     // race on a timestamp or a state word.
     let f = unsafe { &mut *f };
-    if is_syn(p) && (f.state == FLOW_FIN || f.state == FLOW_CLOSED) {
+    if is_syn(p) && (f.state == FLOW_FIN || f.state == FLOW_FIN_SERVER || f.state == FLOW_CLOSED) {
         return None;
     }
     let now = now();

@@ -154,7 +154,7 @@ pub fn tunnel(ctx: &XdpContext, b: &Backend, flow_hash: u32) -> Result<Sent, u32
 /// tagged frame. The MACs are rewritten after this, so pushing or popping a tag only moves
 /// the frame's start by four bytes and writes the tag; a rewritten tag keeps its priority.
 #[inline(always)]
-fn retag(ctx: &XdpContext, vlan: u16) -> Result<(), u32> {
+pub(super) fn retag(ctx: &XdpContext, vlan: u16) -> Result<(), u32> {
     let (start, end) = (ctx.data(), ctx.data_end());
     let tpid = ptr_at::<u16>(start, end, 12).ok_or(stat::DROP_TRUNCATED)? as *mut u16;
     // SAFETY: bounds-checked by ptr_at; packet data has no alignment guarantee.

@@ -1,12 +1,12 @@
 //! Every map of the object. Sizes are defaults; the daemon may override them at load time.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
     AddrKey, Backend, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig, FRAGMENT_ENTRIES,
     FloodWindow, Flow, FlowKey, FragEntry, FragKey, LocalMacs, MAX_ATTACHED_INTERFACES, MAX_BACKENDS,
-    MAX_EGRESS_INTERFACES, MAX_MARK_PREFIXES, MAX_SERVICES, MarkRuleSet, Service, ServiceKey,
+    MAX_EGRESS_INTERFACES, MAX_MARK_PREFIXES, MAX_SERVICES, MarkRuleSet, NatJob, Service, ServiceKey,
     hash::VIP_FILTER_SLOTS, stat,
 };
 
@@ -85,3 +85,19 @@ pub static LOCAL_MACS: HashMap<u32, LocalMacs> = HashMap::with_max_entries(MAX_A
 /// Per CPU: the current one-second window of new flows, for the flood guard.
 #[map]
 pub static FLOOD_GUARD: PerCpuArray<FloodWindow> = PerCpuArray::with_max_entries(1, 0);
+
+/// A NAT backend's reply (its 5-tuple as the backend sends it) -> the flow's key as the
+/// client sends it. Sized as `FLOWS` by default, whose entries it mirrors.
+#[map]
+pub static NAT_REPLIES: LruHashMap<FlowKey, FlowKey> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// The NAT translators the balancer tail-calls (`programs::NAT_REPLY_SLOT`,
+/// `NAT_FORWARD_SLOT`), filled while some backend is a NAT one. With the reply slot empty
+/// the tail call falls through and a packet that is not a service's passes.
+#[map]
+pub static NAT_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
+/// Per CPU: the balancer's decision for the packet it hands to `lb_nat_forward`.
+#[map]
+pub static NAT_JOBS: PerCpuArray<NatJob> = PerCpuArray::with_max_entries(1, 0);

@@ -5,6 +5,7 @@ mod conntrack;
 mod forward;
 mod fragments;
 mod maps;
+mod nat;
 mod programs;
 mod stats;
 mod too_big;

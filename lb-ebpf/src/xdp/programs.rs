@@ -1,18 +1,36 @@
 //! Entry points.
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{FlowKey, SERVICE_F_ROUND_ROBIN, stat};
+use lb_common::{FlowKey, SERVICE_F_ROUND_ROBIN, programs::NAT_REPLY_SLOT, stat};
 use lb_ebpf::parse::{self, FRAG_FIRST, FRAG_LATER, ParseError, Parsed};
 
 use super::{
     classify,
     conntrack::{self, Decision},
     forward::{self, Sent},
-    fragments, stats,
+    fragments,
+    maps::NAT_PROGRAMS,
+    nat, stats,
 };
 
 #[xdp]
 pub fn lb_balancer(ctx: XdpContext) -> u32 {
-    let action = balance(&ctx);
+    counted(balance(&ctx))
+}
+
+/// Entered by the balancer's tail call (`not_a_service`), never attached.
+#[xdp]
+pub fn lb_nat_reply(ctx: XdpContext) -> u32 {
+    counted(nat::reply(&ctx))
+}
+
+/// Entered by the balancer's tail call (`nat::hand_over`), never attached.
+#[xdp]
+pub fn lb_nat_forward(ctx: XdpContext) -> u32 {
+    counted(nat::forward(&ctx))
+}
+
+#[inline(always)]
+fn counted(action: u32) -> u32 {
     let index = match action {
         xdp_action::XDP_DROP => stat::ACTION_DROP,
         xdp_action::XDP_PASS => stat::ACTION_PASS,
@@ -22,6 +40,16 @@ pub fn lb_balancer(ctx: XdpContext) -> u32 {
     };
     stats::global(index);
     action
+}
+
+/// A packet that is not a service's may be a NAT backend's reply: the reply translator
+/// takes it when some backend is a NAT one (its slot is filled), else it passes. A tail
+/// call, so that the translator's stack is not the balancer's.
+#[inline(always)]
+fn not_a_service(ctx: &XdpContext) -> u32 {
+    // SAFETY: control returns here only when the slot is empty.
+    unsafe { NAT_PROGRAMS.tail_call(ctx, NAT_REPLY_SLOT) };
+    xdp_action::XDP_PASS
 }
 
 #[inline(always)]
@@ -55,7 +83,7 @@ fn balance(ctx: &XdpContext) -> u32 {
     } else {
         match classify::lookup_service(&p, false) {
             Some(svc) => Some(svc),
-            None => return xdp_action::XDP_PASS,
+            None => return not_a_service(ctx),
         }
     };
     if !classify::addressed_to_us(ctx) {
@@ -82,7 +110,7 @@ fn balance(ctx: &XdpContext) -> u32 {
             None => {
                 let svc = match mark_service.or_else(|| classify::lookup_service(&p, true)) {
                     Some(svc) => svc,
-                    None => return xdp_action::XDP_PASS,
+                    None => return not_a_service(ctx),
                 };
                 if parse::is_martian_source(p.family, &p.src) || classify::is_vip(p.family, &p.src) {
                     return drop_if_ours(true, stat::DROP_MARTIAN_SOURCE);
@@ -107,8 +135,7 @@ fn balance(ctx: &XdpContext) -> u32 {
             (d, 0)
         }
     };
-    let action = forward(ctx, &d, &key);
-    if counter != 0 { count_if_sent(action, counter) } else { action }
+    forward(ctx, &d, &key, counter)
 }
 
 /// A fragment after the first of a service's datagram (addressed to us, its header
@@ -139,16 +166,19 @@ fn count_if_sent(action: u32, counter: u32) -> u32 {
     action
 }
 
-/// Sends the frame to the decision's backend and counts it there.
+/// Sends the frame to the decision's backend and counts it there, and under `counter`
+/// too unless that is zero.
 #[inline(always)]
-fn forward(ctx: &XdpContext, d: &conntrack::Decision, key: &FlowKey) -> u32 {
+fn forward(ctx: &XdpContext, d: &conntrack::Decision, key: &FlowKey, counter: u32) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let sent = if d.backend.tunnel != 0 {
         forward::tunnel(ctx, &d.backend, spread_hash(key))
+    } else if d.backend.nat != 0 {
+        return nat::hand_over(ctx, d, key, counter);
     } else {
         forward::direct_route(ctx, &d.backend)
     };
-    match sent {
+    let action = match sent {
         Ok(Sent::Forwarded(action)) => {
             stats::forwarded(d.service_id, d.backend_id, len, d.new_flow);
             action
@@ -161,7 +191,8 @@ fn forward(ctx: &XdpContext, d: &conntrack::Decision, key: &FlowKey) -> u32 {
             stats::global(reason);
             xdp_action::XDP_DROP
         }
-    }
+    };
+    if counter != 0 { count_if_sent(action, counter) } else { action }
 }
 
 /// An ICMP error about a service's flow (`p` is that flow, as the client sends it) goes
@@ -172,7 +203,7 @@ fn forward(ctx: &XdpContext, d: &conntrack::Decision, key: &FlowKey) -> u32 {
 #[inline(always)]
 fn icmp_error(ctx: &XdpContext, p: &Parsed) -> u32 {
     let Some(svc) = classify::lookup_service(p, classify::maybe_vip(p)) else {
-        return xdp_action::XDP_PASS;
+        return not_a_service(ctx);
     };
     if !classify::addressed_to_us(ctx) || parse::check_ipv4_header(ctx.data(), ctx.data_end(), p).is_err() {
         return xdp_action::XDP_PASS;
@@ -186,7 +217,12 @@ fn icmp_error(ctx: &XdpContext, p: &Parsed) -> u32 {
             Err(_) => return xdp_action::XDP_PASS,
         },
     };
-    count_if_sent(forward(ctx, &d, &key), p.icmp_error as u32)
+    // An error about a NAT flow quotes the backend's address, which the client never saw
+    // nor the backend the client's: without translating the quote it helps neither.
+    if d.backend.nat != 0 {
+        return xdp_action::XDP_PASS;
+    }
+    forward(ctx, &d, &key, p.icmp_error as u32)
 }
 
 /// Bits that differ between a client's flows, for the tunnel source within a prefix: a

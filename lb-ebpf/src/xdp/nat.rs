@@ -1,0 +1,358 @@
+//! Masquerading (LVS `-m`): the client's packet goes to the backend's own address (and
+//! port), and the backend, whose route back to the client runs through the director,
+//! has its replies translated back to the VIP here.
+//!
+//! Both directions rewrite one address and one port and patch the checksums for the
+//! words that changed (RFC 1624): the IPv4 header's, and the transport's, which covers
+//! the addresses through its pseudo-header. The director routes these packets, so it
+//! decrements their TTL (hop limit) as a router does.
+//!
+//! Replies are found through `NAT_REPLIES`, written when a flow to a NAT backend is
+//! scheduled: (backend, backend port, client, client port) -> the flow's key as the
+//! client sends it, which is also the key of its `FLOWS` entry, whose state the reply's
+//! flags move on (the director sees both halves of the conversation).
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, xdp_action,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect},
+    programs::XdpContext,
+};
+use lb_common::{FAMILY_V6, FlowKey, NAT_MASQ, PROTO_TCP, PROTO_UDP, programs::NAT_FORWARD_SLOT, stat};
+use lb_ebpf::{
+    csum::{update16, update32},
+    parse::{self, ETH_HLEN, TCP_ACK, TCP_SYN, ptr_at, read_u8, write_mac},
+};
+
+use super::{
+    classify,
+    conntrack::{self, Decision, flow_key},
+    forward::Sent,
+    maps::{BACKENDS, FLOWS, NAT_JOBS, NAT_PROGRAMS, NAT_REPLIES, SERVICE_GENERATIONS},
+    stats,
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// The balancer's way to a NAT backend: its decision goes into this CPU's `NAT_JOBS`
+/// slot and the translator (`lb_nat_forward`) takes the packet over. Returns only when
+/// it could not (no translator loaded: the packet is dropped).
+#[inline(always)]
+pub fn hand_over(ctx: &XdpContext, d: &Decision, key: &FlowKey, counter: u32) -> u32 {
+    if stash(d, key, counter) != 0 {
+        // SAFETY: control returns here only when the slot is empty. The tail call stays
+        // in the balancer's own frame: from a subprogram it would be refused (the
+        // balancer's stack is above the 256 bytes the verifier then allows).
+        unsafe { NAT_PROGRAMS.tail_call(ctx, NAT_FORWARD_SLOT) };
+    }
+    stats::global(stat::DROP_BACKEND_INVALID);
+    xdp_action::XDP_DROP
+}
+
+/// Writes the job into this CPU's slot, field by field (a whole `NatJob` built first
+/// would take 64 bytes of the balancer's nearly full stack). Non-zero when written.
+#[inline(never)]
+fn stash(d: &Decision, key: &FlowKey, counter: u32) -> u32 {
+    let Some(job) = NAT_JOBS.get_ptr_mut(0) else { return 0 };
+    // SAFETY: this CPU's own slot; nothing else runs on this CPU until the translator
+    // has read it.
+    let job = unsafe { &mut *job };
+    job.key.src = key.src;
+    job.key.dst = key.dst;
+    job.key.sport = key.sport;
+    job.key.dport = key.dport;
+    job.key.proto = key.proto;
+    job.key.family = key.family;
+    job.key._pad = 0;
+    job.service_id = d.service_id;
+    job.backend_id = d.backend_id;
+    job.new_flow = d.new_flow as u32;
+    job.counter = counter;
+    1
+}
+
+/// `lb_nat_forward`: the client's packet, addressed to the VIP, rewritten for the NAT
+/// backend the balancer chose (destination address, and port when the backend has one),
+/// recorded for the backend's replies when the flow is new, and sent on.
+#[inline(always)]
+pub fn forward(ctx: &XdpContext) -> u32 {
+    let Some(job) = NAT_JOBS.get_ptr(0) else {
+        stats::global(stat::DROP_BACKEND_INVALID);
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: this CPU's slot, written by the balancer just before the tail call.
+    let job = unsafe { *job };
+    let Some(b) = BACKENDS.get(job.backend_id).copied() else {
+        stats::global(stat::DROP_BACKEND_INVALID);
+        return xdp_action::XDP_DROP;
+    };
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let len = (end - start) as u64;
+    // Parsed again rather than handed over: carrying the transport header's offset
+    // through the balancer multiplies the states its verification explores.
+    let (l4, proto, flags) = match parse::parse(start, end) {
+        Ok(p) => (p.l4 as usize, p.proto, p.tcp_flags),
+        Err(_) => {
+            stats::global(stat::DROP_BACKEND_INVALID);
+            return xdp_action::XDP_DROP;
+        }
+    };
+    if job.new_flow != 0 && proto == PROTO_TCP && flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        conntrack::nat_syn(&job.key);
+    }
+    if let Err(reason) = translate(ctx, l4, b.family == FAMILY_V6, Side::Destination, &b.addr, b.port) {
+        stats::global(reason);
+        return xdp_action::XDP_DROP;
+    }
+    if job.new_flow != 0 {
+        let key = &job.key;
+        let reply = FlowKey {
+            src: b.addr,
+            dst: key.src,
+            sport: if b.port != 0 { b.port } else { key.dport },
+            dport: key.sport,
+            proto: key.proto,
+            family: key.family,
+            _pad: 0,
+        };
+        // A full table evicts its least recent entry; a reply that finds none is the
+        // kernel's, as a reply of no flow is.
+        let _ = NAT_REPLIES.insert(&reply, key, 0);
+    }
+    match super::forward::direct_route(ctx, &b) {
+        Ok(Sent::Forwarded(action)) => {
+            stats::forwarded(job.service_id, job.backend_id, len, job.new_flow != 0);
+            if job.counter != 0 {
+                stats::global(job.counter);
+            }
+            action
+        }
+        Ok(Sent::Answered { action, counter }) => {
+            stats::global(counter);
+            action
+        }
+        Err(reason) => {
+            stats::global(reason);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Source,
+    Destination,
+}
+
+/// Sets the packet's source or destination address to `addr` and, when `port` is
+/// non-zero and there is a transport header, that side's port; decrements the TTL (hop
+/// limit), and patches the checksums.
+#[inline(always)]
+fn translate(
+    ctx: &XdpContext,
+    l4: usize,
+    v6: bool,
+    side: Side,
+    addr: &[u32; 4],
+    port: u16,
+) -> Result<(), u32> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let (l3, _) = parse::parse_eth(start, end).ok_or(stat::DROP_TRUNCATED)?;
+    // Masked for the verifier: a header offset, below any frame length.
+    let l4 = l4 & 0x3fff;
+    let proto = read_u8(start, end, l3 + if v6 { 6 } else { 9 }).ok_or(stat::DROP_TRUNCATED)?;
+    // The transport checksum's offset; zero: none to patch (a later fragment, or an IPv4
+    // UDP datagram sent without one).
+    let mut l4_check = match proto {
+        PROTO_TCP if l4 != 0 => l4 + 16,
+        PROTO_UDP if l4 != 0 => l4 + 6,
+        _ => 0,
+    };
+    let mut check = 0u16;
+    if l4_check != 0 {
+        check = raw16(start, end, l4_check)?;
+        if proto == PROTO_UDP && check == 0 && !v6 {
+            l4_check = 0;
+        }
+    }
+    if v6 {
+        let hop = read_u8(start, end, l3 + 7).ok_or(stat::DROP_TRUNCATED)?;
+        if hop <= 1 {
+            return Err(stat::DROP_TTL_EXPIRED);
+        }
+        let at = l3 + if side == Side::Source { 8 } else { 24 };
+        let a = ptr_at::<[u32; 4]>(start, end, at).ok_or(stat::DROP_TRUNCATED)? as *mut [u32; 4];
+        // SAFETY: bounds-checked by ptr_at; packet data has no alignment guarantee.
+        let old = unsafe { a.read_unaligned() };
+        for i in 0..4 {
+            check = update32(check, old[i], addr[i]);
+        }
+        // SAFETY: as above; the hop limit byte was read through the same check.
+        unsafe {
+            a.write_unaligned(*addr);
+            ((start + l3 + 7) as *mut u8).write(hop - 1);
+        }
+    } else {
+        let h = ptr_at::<[u8; 20]>(start, end, l3).ok_or(stat::DROP_TRUNCATED)? as usize;
+        let at = h + if side == Side::Source { 12 } else { 16 };
+        // SAFETY: the 20 bytes of the fixed header were bounds-checked above.
+        unsafe {
+            let ttl_proto = (h + 8) as *mut u16;
+            let old_ttl_proto = ttl_proto.read_unaligned();
+            let ttl = (h + 8) as *mut u8;
+            if ttl.read() <= 1 {
+                return Err(stat::DROP_TTL_EXPIRED);
+            }
+            ttl.write(ttl.read() - 1);
+            let old = (at as *const u32).read_unaligned();
+            (at as *mut u32).write_unaligned(addr[0]);
+            let ip_check = (h + 10) as *mut u16;
+            let c = update16(ip_check.read_unaligned(), old_ttl_proto, ttl_proto.read_unaligned());
+            ip_check.write_unaligned(update32(c, old, addr[0]));
+            check = update32(check, old, addr[0]);
+        }
+    }
+    if port != 0 && l4 != 0 {
+        let p = ptr_at::<u16>(start, end, l4 + if side == Side::Source { 0 } else { 2 })
+            .ok_or(stat::DROP_TRUNCATED)? as *mut u16;
+        // SAFETY: bounds-checked by ptr_at.
+        unsafe {
+            check = update16(check, p.read_unaligned(), port);
+            p.write_unaligned(port);
+        }
+    }
+    if l4_check != 0 {
+        // A UDP checksum that comes out zero is sent as all ones (zero means none).
+        if proto == PROTO_UDP && check == 0 {
+            check = 0xffff;
+        }
+        let c = ptr_at::<u16>(start, end, l4_check).ok_or(stat::DROP_TRUNCATED)? as *mut u16;
+        // SAFETY: bounds-checked by ptr_at.
+        unsafe { c.write_unaligned(check) };
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn raw16(start: usize, end: usize, at: usize) -> Result<u16, u32> {
+    let p = ptr_at::<u16>(start, end, at).ok_or(stat::DROP_TRUNCATED)?;
+    // SAFETY: bounds-checked by ptr_at; packet data has no alignment guarantee.
+    Ok(unsafe { p.read_unaligned() })
+}
+
+/// A packet that is not a service's, seen by the balancer: the reply of a NAT flow is
+/// translated back to its VIP and sent toward the client; anything else passes.
+#[inline(always)]
+pub fn reply(ctx: &XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let Ok(p) = parse::parse(start, end) else {
+        return xdp_action::XDP_PASS;
+    };
+    // Fragmented replies and ICMP errors are left to the kernel.
+    if p.frag != 0 || p.icmp_error != 0 || !classify::addressed_to_us(ctx) {
+        return xdp_action::XDP_PASS;
+    }
+    let Some(flow) = NAT_REPLIES.get_ptr(&flow_key(&p)) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: the element stays valid for this program run (RCU); copied once, so that
+    // the lookups below use a stable key.
+    let flow = unsafe { *flow };
+    let Some(f) = FLOWS.get_ptr_mut(&flow) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: the element stays valid for this program run (RCU); fields are read once.
+    let (service, generation, backend_id) = unsafe { ((*f).service, (*f).service_generation, (*f).backend) };
+    // The flow must still be this backend's: one moved elsewhere (its backend went down)
+    // or a service since removed leaves a stale reverse entry behind.
+    if SERVICE_GENERATIONS.get(service).copied() != Some(generation) {
+        return xdp_action::XDP_PASS;
+    }
+    let Some(b) = BACKENDS.get(backend_id) else {
+        return xdp_action::XDP_PASS;
+    };
+    if b.nat != NAT_MASQ || b.addr != p.src {
+        return xdp_action::XDP_PASS;
+    }
+    if let Err(reason) = parse::check_ipv4_header(start, end, &p) {
+        stats::global(reason);
+        return xdp_action::XDP_DROP;
+    }
+    if p.proto == PROTO_TCP {
+        conntrack::server_segment(f, p.tcp_flags);
+    }
+    let v6 = p.family == FAMILY_V6;
+    if let Err(reason) = translate(ctx, p.l4 as usize, v6, Side::Source, &flow.dst, flow.dport) {
+        stats::global(reason);
+        return xdp_action::XDP_DROP;
+    }
+    toward_client(ctx, &flow, v6)
+}
+
+/// Sends a translated reply to the client's next hop as the kernel's routing and
+/// neighbour tables give it (`bpf_fib_lookup`). Without a neighbour entry (or for a
+/// reply longer than the route allows) the kernel forwards the frame itself.
+#[inline(always)]
+fn toward_client(ctx: &XdpContext, flow: &FlowKey, v6: bool) -> u32 {
+    // The client's side is untagged: a tag the reply came with is the backends' VLAN's.
+    if super::forward::retag(ctx, 0).is_err() {
+        stats::global(stat::DROP_NO_HEADROOM);
+        return xdp_action::XDP_DROP;
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    // SAFETY: all-zero is a valid value of this plain C struct.
+    let mut fib: aya_ebpf::bindings::bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.l4_protocol = flow.proto;
+    fib.sport = flow.dport;
+    fib.dport = flow.sport;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    let ip_len = if v6 {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = flow.dst;
+        fib.__bindgen_anon_4.ipv6_dst = flow.src;
+        parse::read_be16(start, end, ETH_HLEN + 4).map(|n| n + 40)
+    } else {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = flow.dst[0];
+        fib.__bindgen_anon_4.ipv4_dst = flow.src[0];
+        fib.__bindgen_anon_2.tos = read_u8(start, end, ETH_HLEN + 1).unwrap_or(0);
+        parse::read_be16(start, end, ETH_HLEN + 2)
+    };
+    fib.__bindgen_anon_1.tot_len = ip_len.unwrap_or(0);
+    // SAFETY: a helper call on this program's context with a stack buffer of its size.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut fib,
+            core::mem::size_of::<aya_ebpf::bindings::bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            stats::global(stat::NAT_REPLY_TO_STACK);
+            return xdp_action::XDP_PASS;
+        }
+        _ => {
+            stats::global(stat::DROP_NAT_NO_ROUTE);
+            return xdp_action::XDP_DROP;
+        }
+    }
+    if start + 12 > end {
+        stats::global(stat::DROP_TRUNCATED);
+        return xdp_action::XDP_DROP;
+    }
+    // SAFETY: the 12 bytes of Ethernet addresses were bounds-checked above.
+    unsafe {
+        write_mac(start, &fib.dmac);
+        write_mac(start + 6, &fib.smac);
+    }
+    stats::global(stat::NAT_REPLY_SENT);
+    if fib.ifindex == ctx.ingress_ifindex() as u32 {
+        return xdp_action::XDP_TX;
+    }
+    // SAFETY: a plain helper call.
+    unsafe { bpf_redirect(fib.ifindex, 0) as u32 }
+}
