@@ -104,6 +104,8 @@ pub struct Ipv4Opts {
     pub total_len_extra: usize,
     /// Flags and fragment offset field, host order.
     pub frag: u16,
+    /// Time to live; `None`: 64.
+    pub ttl: Option<u8>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -111,6 +113,8 @@ pub struct Ipv6Opts {
     pub vlan: Option<u16>,
     /// Extension header types in order, 8 bytes each.
     pub ext: Vec<u8>,
+    /// Hop limit; `None`: 64.
+    pub hop_limit: Option<u8>,
 }
 
 fn ethernet(vlan: Option<u16>, ethertype: u16) -> Vec<u8> {
@@ -152,7 +156,7 @@ pub fn ipv4(src: [u8; 4], dst: [u8; 4], l4: L4, opts: Ipv4Opts) -> Vec<u8> {
     h.extend_from_slice(&tot.to_be_bytes());
     h.extend_from_slice(&0x1c46u16.to_be_bytes());
     h.extend_from_slice(&opts.frag.to_be_bytes());
-    h.extend_from_slice(&[64, l4.proto(), 0, 0]);
+    h.extend_from_slice(&[opts.ttl.unwrap_or(64), l4.proto(), 0, 0]);
     h.extend_from_slice(&src);
     h.extend_from_slice(&dst);
     h.extend(std::iter::repeat_n(1u8, opts.options));
@@ -221,7 +225,7 @@ pub fn ipv6(src: [u8; 16], dst: [u8; 16], l4: L4, opts: Ipv6Opts) -> Vec<u8> {
     let plen = (ext.len() + payload.len()) as u16;
     f.extend_from_slice(&[0x60, 0, 0, 0]);
     f.extend_from_slice(&plen.to_be_bytes());
-    f.extend_from_slice(&[first, 64]);
+    f.extend_from_slice(&[first, opts.hop_limit.unwrap_or(64)]);
     f.extend_from_slice(&src);
     f.extend_from_slice(&dst);
     f.extend_from_slice(&ext);

@@ -997,7 +997,7 @@ fn fuzz_seeds() -> Vec<Vec<u8>> {
         CLIENT6,
         MARKED_NET6,
         L4::tcp(5003, 443, TCP_ACK),
-        Ipv6Opts { vlan: Some(7), ext: vec![0] },
+        Ipv6Opts { vlan: Some(7), ext: vec![0], ..Ipv6Opts::default() },
     ));
     seeds.push(tcp4([10, 20, 0, 4], TAGGED_VIP, 5004, 80, TCP_SYN));
     seeds
