@@ -314,6 +314,13 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
         "outcome",
         &snap.fragments,
     )?;
+    counter_by(
+        &reg,
+        "lb_xdp_nat_replies_total",
+        "NAT backends' replies translated back to their VIP: sent to the client's next hop, or handed to the kernel to forward (no neighbour entry yet, or longer than the route's MTU).",
+        "outcome",
+        &snap.nat_replies,
+    )?;
     let reloads =
         counter(&reg, "lb_config_reloads_total", "Configuration loads and reloads, by result.", &["result"])?;
     reloads.with_label_values(&["success"]).inc_by(snap.reloads_ok);

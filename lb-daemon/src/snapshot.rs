@@ -156,6 +156,8 @@ pub struct Snapshot {
     pub too_big_sent: Vec<(&'static str, u64)>,
     /// Fragments forwarded, by outcome (first, followed_first, by_ring).
     pub fragments: Vec<(&'static str, u64)>,
+    /// NAT backends' replies translated, by where they went.
+    pub nat_replies: Vec<(&'static str, u64)>,
     pub interfaces: Vec<(String, XdpMode)>,
     pub reloads_ok: u64,
     pub reloads_failed: u64,

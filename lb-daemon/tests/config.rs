@@ -409,6 +409,7 @@ fn alert_rules_and_dashboard_name_only_metrics_the_daemon_exports() {
         icmp_forwarded: vec![("ipv4", "fragmentation_needed", 0)],
         too_big_sent: vec![("ipv4", 0)],
         fragments: vec![("first", 0)],
+        nat_replies: vec![("sent", 0)],
         flow_entries_per_cpu: vec![0, 0],
         last_reload_success: Some(0.0),
         ..Default::default()

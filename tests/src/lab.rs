@@ -16,12 +16,15 @@ use crate::daemon::{Daemon, DaemonOptions, Metrics};
 use crate::tcp::{NameServer, fetch_from};
 use crate::test_object::TestPrograms;
 use crate::topology::{
-    DIRECTOR_CLIENT_SIDE, DIRECTOR_IN, DIRECTOR_LAN_SIDE, DrTopology, Layout, ServerPath, VIP,
+    DIRECTOR_CLIENT_SIDE, DIRECTOR_IN, DIRECTOR_LAN_SIDE, DIRECTOR_OUT, DrTopology, Layout, ServerPath, VIP,
 };
 
 /// Port of the service on the VIP; the director's own service listens on 8080.
 pub const VIP_PORT: u16 = 80;
 pub const DIRECTOR_PORT: u16 = 8080;
+/// Where masqueraded real servers ([`Layout::masqueraded`]) serve the VIP's port 80:
+/// the director maps the port (`VIP:80 -> RS:8080`).
+pub const NAT_SERVER_PORT: u16 = 8080;
 
 /// Where the daemon's config comes from.
 pub enum LabConfig {
@@ -53,6 +56,10 @@ pub struct DrLab {
     connection_table_size: u32,
     /// Per server behind a router: where `lb-daemon decap` pinned its decapsulator.
     decap_dirs: Vec<PathBuf>,
+    /// The port the real servers' name servers listen on.
+    server_port: u16,
+    /// `director.interfaces` of a generated config.
+    interfaces: String,
 }
 
 /// The `services:` section of the default lab: one VIP, sh, every server at weight 1.
@@ -113,12 +120,23 @@ impl DrLab {
                 crate::daemon::decap(ns, &dir, &["attach", iface])?;
             }
         }
+        let server_port = if layout.masqueraded { NAT_SERVER_PORT } else { VIP_PORT };
+        // Masqueraded servers answer through the director: it translates on the LAN too.
+        let interfaces = if layout.masqueraded {
+            format!("[{DIRECTOR_IN}, {DIRECTOR_OUT}]")
+        } else {
+            format!("[{DIRECTOR_IN}]")
+        };
         let name_servers = topo
             .servers
             .iter()
             .enumerate()
             .map(|(i, ns)| {
-                NameServer::start(ns, SocketAddr::from(([0, 0, 0, 0], VIP_PORT)), &format!("server{}", i + 1))
+                NameServer::start(
+                    ns,
+                    SocketAddr::from(([0, 0, 0, 0], server_port)),
+                    &format!("server{}", i + 1),
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         let own_service =
@@ -140,7 +158,7 @@ impl DrLab {
                 let path = dir.join("lb.yaml");
                 std::fs::write(
                     &path,
-                    format!("{}{services}", director_yaml(&dir, &bpf, connection_table_size)),
+                    format!("{}{services}", director_yaml(&dir, &bpf, connection_table_size, &interfaces)),
                 )?;
                 (path, Some(dir))
             }
@@ -191,6 +209,8 @@ impl DrLab {
             workdir,
             connection_table_size,
             decap_dirs,
+            server_port,
+            interfaces,
         };
         lab.wait_resolved()?;
         Ok(lab)
@@ -224,7 +244,7 @@ impl DrLab {
     /// Replaces the services of a generated config (the director section stays).
     pub fn write_services(&self, services: &str) -> Result<()> {
         let dir = self.workdir.as_ref().ok_or_else(|| anyhow!("the lab runs a fixed file"))?;
-        let director = director_yaml(dir, &self.bpf_dir, self.connection_table_size);
+        let director = director_yaml(dir, &self.bpf_dir, self.connection_table_size, &self.interfaces);
         std::fs::write(self.config_path()?, format!("{director}{services}"))?;
         Ok(())
     }
@@ -312,8 +332,8 @@ impl DrLab {
     /// Starts real server `i`'s service on port 80 again.
     pub fn start_server(&mut self, i: usize) -> Result<()> {
         let ns = self.topo.servers.get(i).ok_or_else(|| anyhow!("no server {i}"))?;
-        let s =
-            NameServer::start(ns, SocketAddr::from(([0, 0, 0, 0], VIP_PORT)), &format!("server{}", i + 1))?;
+        let port = self.server_port;
+        let s = NameServer::start(ns, SocketAddr::from(([0, 0, 0, 0], port)), &format!("server{}", i + 1))?;
         self.servers[i] = Some(s);
         Ok(())
     }
@@ -400,9 +420,9 @@ fn in_namespace(ns: &str, f: impl FnOnce() -> Result<()> + Send) -> Result<()> {
     })
 }
 
-fn director_yaml(workdir: &Path, bpf_dir: &Path, connection_table_size: u32) -> String {
+fn director_yaml(workdir: &Path, bpf_dir: &Path, connection_table_size: u32, interfaces: &str) -> String {
     format!(
-        "director:\n  interfaces: [{DIRECTOR_IN}]\n  xdp_mode: native\n  metrics_listen: 127.0.0.1:9740\n  \
+        "director:\n  interfaces: {interfaces}\n  xdp_mode: native\n  metrics_listen: 127.0.0.1:9740\n  \
          control_socket: {}\n  bpf_dir: {}\n  connection_table_size: {connection_table_size}\n  ring_slots: 131072\n  \
          tunnel_source: [{DIRECTOR_LAN_SIDE}]\n",
         workdir.join("control.sock").display(),

@@ -81,6 +81,9 @@ pub struct Layout {
     /// stays untagged. It is an XDP program (`lb_test_trunk`) because the test kernels
     /// have no VLAN devices. Only with `ClientPath::Direct`.
     pub client_vlan: Option<u16>,
+    /// Masquerading real servers (`forward: nat`): no VIP on their loopback, nothing
+    /// else but their default route through the director.
+    pub masqueraded: bool,
 }
 
 /// The tagging switch of [`Layout::client_vlan`]: its namespace and its two ports.
@@ -236,12 +239,15 @@ impl DrTopology {
             lan.ip(&["link", "set", &port, "master", bridge])?;
             let addr = server_addr(layout.server_path, i);
             s.ip(&["addr", "add", &format!("{addr}/24"), "dev", &sif])?;
-            // On lo a prefix makes every address in it local.
-            s.ip(&["addr", "add", &format!("{VIP}/{VIP_PREFIX_LEN}"), "dev", "lo"])?;
             s.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
-            // LVS-DR and LVS-TUN: never answer or announce ARP for the VIP held on loopback.
-            s.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
-            s.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
+            if !layout.masqueraded {
+                // On lo a prefix makes every address in it local.
+                s.ip(&["addr", "add", &format!("{VIP}/{VIP_PREFIX_LEN}"), "dev", "lo"])?;
+                // LVS-DR and LVS-TUN: never answer or announce ARP for the VIP held on
+                // loopback.
+                s.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
+                s.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
+            }
             server_addrs.push(addr);
             server_ns.push(s);
             server_ifs.push(sif);

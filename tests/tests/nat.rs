@@ -84,8 +84,28 @@ fn with_env(f: impl FnOnce(&mut Env) -> Result<()> + Send + 'static) -> Result<(
         vec!["link", "set", "lo", "up"],
         vec!["addr", "add", "203.0.113.1/24", "dev", CLIENT_LINK],
         vec!["addr", "add", "2001:db8:c::1/64", "dev", CLIENT_LINK, "nodad"],
-        vec!["neigh", "add", "203.0.113.7", "lladdr", "02:00:00:00:07:07", "dev", CLIENT_LINK, "nud", "permanent"],
-        vec!["neigh", "add", "2001:db8:c::7", "lladdr", "02:00:00:00:07:07", "dev", CLIENT_LINK, "nud", "permanent"],
+        vec![
+            "neigh",
+            "add",
+            "203.0.113.7",
+            "lladdr",
+            "02:00:00:00:07:07",
+            "dev",
+            CLIENT_LINK,
+            "nud",
+            "permanent",
+        ],
+        vec![
+            "neigh",
+            "add",
+            "2001:db8:c::7",
+            "lladdr",
+            "02:00:00:00:07:07",
+            "dev",
+            CLIENT_LINK,
+            "nud",
+            "permanent",
+        ],
     ] {
         ns.ip(&cmd)?;
     }
@@ -93,7 +113,8 @@ fn with_env(f: impl FnOnce(&mut Env) -> Result<()> + Send + 'static) -> Result<(
     ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
     let link_mac = mac_of(&ns, CLIENT_LINK)?;
     ns.run(move || {
-        let mut dp = Dataplane::load(&LoadOptions { ring_slots: 8 * 4093, flow_entries: 1024, pin_dir: None })?;
+        let mut dp =
+            Dataplane::load(&LoadOptions { ring_slots: 8 * 4093, flow_entries: 1024, pin_dir: None })?;
         let neighbour = |mac| Neighbour { mac, ifindex: 1, if_mac: DIRECTOR_MAC, vlan: 0, mtu: 0 };
         let neighbours: HashMap<IpAddr, Neighbour> = [
             (IpAddr::from(BACKEND), neighbour(BACKEND_MAC)),
@@ -120,7 +141,8 @@ fn with_macs(mut f: Vec<u8>, dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
     f
 }
 
-const ROUTED: Ipv4Opts = Ipv4Opts { vlan: None, options: 0, ihl: None, total_len_extra: 0, frag: 0, ttl: Some(63) };
+const ROUTED: Ipv4Opts =
+    Ipv4Opts { vlan: None, options: 0, ihl: None, total_len_extra: 0, frag: 0, ttl: Some(63) };
 
 fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8, opts: Ipv4Opts) -> Vec<u8> {
     testpkt::ipv4(src, dst, L4::Tcp { sport, dport, flags, payload: 10 }, opts)
@@ -259,7 +281,194 @@ fn a_nat_flow_follows_the_handshake_and_both_fins() -> Result<()> {
         test_run(&env.dp, &tcp4(BACKEND, CLIENT, 8080, port, TCP_RST, Ipv4Opts::default()))?;
         ensure!(env.state(port)? == FLOW_CLOSED, "RST");
         // The reverse index is keyed by the backend's own port: it is what replies carry.
-        ensure!(env.plan.state.backends.values().all(|b| b.port == 8080u16.to_be() || b.port == 5353u16.to_be()));
+        ensure!(
+            env.plan.state.backends.values().all(|b| b.port == 8080u16.to_be() || b.port == 5353u16.to_be())
+        );
         Ok(())
     })
+}
+
+// ---- End to end: masqueraded real servers in namespaces ----------------------------
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lb_tests::lab::{DrLab, LabConfig, NAT_SERVER_PORT, VIP_PORT};
+use lb_tests::tcp::{Conversations, EchoServer, NameServer, fetch_from};
+use lb_tests::topology::{Layout, VIP as LAB_VIP};
+
+const LAB_SERVERS: usize = 3;
+const ECHO_PORT: u16 = 7000;
+/// The echo service's VIP port, mapped to `ECHO_PORT` on the servers.
+const ECHO_VIP_PORT: u16 = 7100;
+
+fn nat_layout() -> Layout {
+    Layout { masqueraded: true, ..Layout::default() }
+}
+
+fn server_addrs() -> Vec<IpAddr> {
+    (0..LAB_SERVERS).map(|i| IpAddr::from([10, 0, 2, 11 + i as u8])).collect()
+}
+
+/// `web` (VIP:80 -> :8080) and `echo` (VIP:7100 -> :7000), both masquerading, checked
+/// by TCP on the backends' own ports; `weights` per server; `disabled` takes one out.
+fn nat_services(weights: [u32; LAB_SERVERS], disabled: Option<usize>) -> String {
+    let check = "    check: { type: tcp, interval: 300ms, timeout: 250ms, rise: 1, fall: 2 }\n";
+    let mut y = String::from("services:\n");
+    for (name, vip_port, port) in [("web", VIP_PORT, NAT_SERVER_PORT), ("echo", ECHO_VIP_PORT, ECHO_PORT)] {
+        y.push_str(&format!(
+            "  - name: {name}\n    match: {{ vip: {LAB_VIP}, port: {vip_port}, proto: tcp }}\n    scheduler: sh\n    forward: nat\n{check}    backends:\n"
+        ));
+        for (i, a) in server_addrs().iter().enumerate() {
+            let state = if disabled == Some(i) { ", state: disabled" } else { "" };
+            y.push_str(&format!("      - {{ address: {a}, port: {port}, weight: {}{state} }}\n", weights[i]));
+        }
+    }
+    y
+}
+
+/// Sources grouped by the one server that answered them; fails if a source saw two.
+fn by_source(answers: &[(IpAddr, String)]) -> Result<HashMap<IpAddr, String>> {
+    let mut seen: HashMap<IpAddr, String> = HashMap::new();
+    for (src, server) in answers {
+        ensure!(server.starts_with("server"), "{src} got {server:?}");
+        if let Some(first) = seen.insert(*src, server.clone()) {
+            ensure!(first == *server, "{src} was answered by {first} and by {server}");
+        }
+    }
+    Ok(seen)
+}
+
+#[test]
+fn masqueraded_servers_answer_300_connections_from_30_sources_through_a_port_mapping() -> Result<()> {
+    let lab =
+        DrLab::start_on(nat_layout(), LAB_SERVERS, 30, LabConfig::Services(nat_services([1; 3], None)))?;
+    // The real servers hold no VIP: only the director's translation can make this work.
+    for s in &lab.topo.servers {
+        let addrs = s.ip(&["-4", "addr", "show"])?;
+        ensure!(!addrs.contains(&LAB_VIP.to_string()), "a server holds the VIP:\n{addrs}");
+    }
+    lab.wait_state("web", "10.0.2.11:8080", "active")?;
+    let answers = lab.connect_all(10)?;
+    ensure!(answers.len() == 300);
+    let sticky = by_source(&answers)?;
+    let used: std::collections::HashSet<&String> = sticky.values().collect();
+    ensure!(used.len() == LAB_SERVERS, "30 sources used only {used:?}");
+
+    let status = lab.daemon.status()?;
+    ensure!(status.contains("10.0.2.11:8080") && status.contains("Masq"), "{status}");
+    let m = lab.metrics()?;
+    let sent = m.value("lb_xdp_nat_replies_total{outcome=\"sent\"}")?;
+    ensure!(sent >= 300.0 * 3.0, "replies translated: {sent}");
+
+    // Without a neighbour entry for the client the kernel forwards the translated reply
+    // (and resolves the client); the connection does not notice.
+    lab.topo.director.ip(&["neigh", "flush", "dev", "ext0"])?;
+    let answers = lab.connect_all(1)?;
+    by_source(&answers)?;
+    let to_stack = lab.metrics()?.value("lb_xdp_nat_replies_total{outcome=\"to_stack\"}")?;
+    ensure!(to_stack >= 1.0, "no reply went through the kernel after the flush");
+    Ok(())
+}
+
+#[test]
+fn nat_connections_survive_50_reloads_and_kill_9_and_a_backend_going_down_moves_only_its_own() -> Result<()> {
+    let mut lab =
+        DrLab::start_on(nat_layout(), LAB_SERVERS, 10, LabConfig::Services(nat_services([1; 3], None)))?;
+    let echo = EchoServer::on_each(&lab.topo.servers, ECHO_PORT)?;
+    lab.wait_state("echo", "10.0.2.13:7000", "active")?;
+    // Which server each source reaches (the web service hashes sources the same way).
+    let sticky = by_source(&lab.connect_all(1)?)?;
+    let (on_first, elsewhere): (Vec<IpAddr>, Vec<IpAddr>) =
+        lab.topo.client_addrs.iter().map(|a| IpAddr::V4(*a)).partition(|a| sticky[a] == "server1");
+    ensure!(!on_first.is_empty() && !elsewhere.is_empty(), "{sticky:?}");
+    let dst: SocketAddr = (LAB_VIP, ECHO_VIP_PORT).into();
+    let start = |sources: Vec<IpAddr>, count| {
+        Conversations::start(&lab.topo.client, sources, dst, count, Duration::from_millis(100), 10_000)
+    };
+    let staying = start(elsewhere, 40)?;
+    let moving = start(on_first, 10)?;
+    ensure!(staying.wait_rounds(3, Duration::from_secs(10)), "no exchange: {:?}", staying.stop());
+
+    for i in 0..50u32 {
+        let weights = [1 + i % 5, 1 + (i + 2) % 7, 1 + (i + 4) % 3];
+        lab.write_services(&nat_services(weights, None))?;
+        ensure!(lab.reload()?, "reload {i} failed:\n{}", lab.daemon.log_text());
+        ensure!(!staying.finished() && !moving.finished(), "connections broke at reload {i}");
+    }
+    ensure!(staying.wait_rounds(2, Duration::from_secs(10)), "after the reloads: {:?}", staying.stop());
+
+    // Both directions' maps are pinned: with no daemon at all the replies still go back.
+    lab.daemon.kill9()?;
+    ensure!(staying.wait_rounds(5, Duration::from_secs(10)), "stopped with the daemon: {:?}", staying.stop());
+    lab.write_services(&nat_services([1; 3], None))?;
+    lab.daemon.restart(&lab.topo.director)?;
+    ensure!(staying.wait_rounds(5, Duration::from_secs(10)), "broke over the restart: {:?}", staying.stop());
+    ensure!(moving.wait_rounds(2, Duration::from_secs(10)), "broke over the restart: {:?}", moving.stop());
+
+    // server1 goes: its own connections move (and break, their server is gone), the others
+    // go on.
+    lab.write_services(&nat_services([1; 3], Some(0)))?;
+    ensure!(lab.reload()?);
+    ensure!(staying.wait_rounds(5, Duration::from_secs(10)), "others broke: {:?}", staying.stop());
+    let moved = moving.stop();
+    ensure!(moved.is_err(), "server1's connections went on without it: {moved:?}");
+    let report = staying.stop()?;
+    ensure!(report.exchanges == report.rounds * 40, "{report:?}");
+    for e in echo {
+        e.stop()?;
+    }
+    // New connections from server1's sources land elsewhere; the others stay put.
+    let after = by_source(&lab.connect_all(1)?)?;
+    for (src, server) in &after {
+        if sticky[src] == "server1" {
+            ensure!(server != "server1", "{src} still reached server1");
+        } else {
+            ensure!(*server == sticky[src], "{src} moved from {} to {server}", sticky[src]);
+        }
+    }
+    Ok(())
+}
+
+/// The classic LVS scenario: `ipvsadm -A -f 1 -s sh` with `-m` real servers, the mark
+/// covering two ports of the VIP (http and https, say): a client sticks to one server on
+/// both, ports unchanged.
+#[test]
+fn an_fwmark_service_over_two_ports_masquerades_with_source_stickiness() -> Result<()> {
+    let (http, https) = (8081u16, 8443u16);
+    let mut y =
+        format!("marks:\n  - {{ mark: 1, dst: {LAB_VIP}/32, proto: tcp, ports: [{http}, {https}] }}\n");
+    y.push_str("services:\n  - name: fwm1\n    match: { fwmark: 1 }\n    scheduler: sh\n    forward: nat\n    backends:\n");
+    for a in server_addrs() {
+        y.push_str(&format!("      - {{ address: {a} }}\n"));
+    }
+    let lab = DrLab::start_on(nat_layout(), LAB_SERVERS, 20, LabConfig::Services(y))?;
+    let mut servers = Vec::new();
+    for (i, ns) in lab.topo.servers.iter().enumerate() {
+        for port in [http, https] {
+            servers.push(NameServer::start(
+                ns,
+                SocketAddr::from(([0, 0, 0, 0], port)),
+                &format!("server{}", i + 1),
+            )?);
+        }
+    }
+    let sources: Vec<IpAddr> = lab.topo.client_addrs.iter().map(|a| IpAddr::V4(*a)).collect();
+    let answers = lab.topo.client.run(move || {
+        let mut out = Vec::new();
+        for src in sources {
+            for port in [http, https, http] {
+                out.push((src, fetch_from(src, (LAB_VIP, port).into())?));
+            }
+        }
+        Ok(out)
+    })?;
+    let sticky = by_source(&answers)?;
+    let used: std::collections::HashSet<&String> = sticky.values().collect();
+    ensure!(used.len() >= 2, "20 sources used only {used:?}");
+    ensure!(lab.daemon.status()?.contains("Masq"));
+    for s in servers {
+        s.stop()?;
+    }
+    Ok(())
 }

@@ -71,6 +71,7 @@ fn fill_counters(snapshot: &mut Snapshot, ids: &CounterIds, counters: &CounterRe
         stat::ICMP_FORWARDED.iter().map(|(i, family, kind)| (*family, *kind, global[*i as usize])).collect();
     snapshot.too_big_sent = pick(&stat::TOO_BIG_SENT);
     snapshot.fragments = pick(&stat::FRAGMENTS);
+    snapshot.nat_replies = pick(&stat::NAT_REPLIES);
     Ok(())
 }
 
@@ -157,6 +158,7 @@ impl Daemon {
             icmp_forwarded: Vec::new(),
             too_big_sent: Vec::new(),
             fragments: Vec::new(),
+            nat_replies: Vec::new(),
             interfaces: self
                 .config
                 .director
