@@ -50,6 +50,11 @@ pub mod programs {
     /// (`NAT_JOBS`); entered by the balancer's tail call (`NAT_PROGRAMS[NAT_FORWARD_SLOT]`).
     pub const NAT_FORWARD: &str = "lb_nat_forward";
     pub const NAT_FORWARD_SLOT: u32 = 1;
+    /// Translates an ICMP error about a NAT flow that came from the clients' side (a
+    /// router's "too big" about a reply) for the flow's backend; entered by the
+    /// balancer's tail call (`NAT_PROGRAMS[NAT_ICMP_SLOT]`).
+    pub const NAT_ICMP: &str = "lb_nat_icmp";
+    pub const NAT_ICMP_SLOT: u32 = 2;
 }
 
 /// The real servers' decapsulation object (`lb-xdp-decap`): `lb-daemon decap attach`

@@ -288,6 +288,132 @@ fn a_nat_flow_follows_the_handshake_and_both_fins() -> Result<()> {
     })
 }
 
+/// ICMP errors about NAT flows, both ways, with their quotes translated: the backend's
+/// "port unreachable" reaches the client about the packet the client sent (to the VIP),
+/// and a client-side router's "fragmentation needed" / "packet too big" about a reply
+/// reaches the backend about the packet the backend sent.
+#[test]
+fn icmp_errors_about_nat_flows_are_translated_with_their_quotes() -> Result<()> {
+    const ROUTER: [u8; 4] = [198, 51, 100, 1];
+    with_env(|env| {
+        let d = ROUTED;
+        let plain = Ipv4Opts::default();
+        let udp = |src, dst, sport, dport, opts| testpkt::ipv4(src, dst, L4::udp(sport, dport), opts);
+        // The flows exist first.
+        test_run(&env.dp, &udp(CLIENT, VIP, 41000, 53, plain.clone()))?;
+        test_run(&env.dp, &tcp4(CLIENT, VIP, 40000, 80, TCP_SYN, plain.clone()))?;
+        test_run(&env.dp, &tcp6(client6(), vip6(), 40000, 80, TCP_SYN, 64))?;
+
+        // The backend's port unreachable about the query it got (quoted whole: 28 bytes
+        // hold the UDP checksum); the client's kernel matches it to its socket only if it
+        // quotes what the client sent.
+        let got = udp(CLIENT, BACKEND, 41000, 5353, d.clone());
+        let sent = udp(CLIENT, VIP, 41000, 53, d.clone());
+        let unreachable = |from, quoted: &[u8], opts: Ipv4Opts| {
+            let mut f = testpkt::icmp4_error(from, CLIENT, 3, 3, 0, &quoted[14..], 28);
+            if opts.ttl.is_some() {
+                f[14 + 8] = 63;
+                testpkt::fix_ipv4_checksum(&mut f, 14);
+            }
+            f
+        };
+        env.expect(
+            "port unreachable from the backend",
+            &unreachable(BACKEND, &got, plain.clone()),
+            XDP_REDIRECT,
+            &env.to_client(unreachable(VIP, &sent, d.clone())),
+        )?;
+
+        // A router on the clients' side: the reply was too big for its next link. The
+        // quote (576 bytes of a 1400-byte segment) holds the TCP checksum, patched too.
+        let reply = |src, sport| tcp4_sized(src, CLIENT, sport, 40000, TCP_ACK, 1400);
+        let frag_needed = |to, quoted: &[u8], ttl: u8| {
+            let mut f = testpkt::icmp4_error(ROUTER, to, 3, 4, 1400, &quoted[14..], 576);
+            f[14 + 8] = ttl;
+            testpkt::fix_ipv4_checksum(&mut f, 14);
+            f
+        };
+        env.expect(
+            "fragmentation needed about a reply",
+            &frag_needed(VIP, &reply(VIP, 80), 64),
+            XDP_TX,
+            &env.to_backend(frag_needed(BACKEND, &reply(BACKEND, 8080), 63)),
+        )?;
+        // The same with a quote cut before the TCP checksum (8 bytes after the header).
+        let short = |to, quoted: &[u8], ttl: u8| {
+            let mut f = testpkt::icmp4_error(ROUTER, to, 3, 4, 1400, &quoted[14..], 28);
+            f[14 + 8] = ttl;
+            testpkt::fix_ipv4_checksum(&mut f, 14);
+            f
+        };
+        let (_, out) = test_run(&env.dp, &short(VIP, &reply(VIP, 80), 64))?;
+        let mut want = env.to_backend(short(BACKEND, &reply(BACKEND, 8080), 63));
+        ensure!(out.len() == want.len(), "short quote: length");
+        // The quote ends before the checksum, so only the ICMP checksum can tell: the
+        // frame must be what a fresh computation over the translated quote gives.
+        let icmp = 14 + 20;
+        want[icmp + 2..icmp + 4].copy_from_slice(&[0, 0]);
+        let c = lb_ebpf::csum::checksum(&want[icmp..], 0);
+        want[icmp + 2..icmp + 4].copy_from_slice(&c.to_be_bytes());
+        ensure!(out == want, "short quote: got\n{out:02x?}\nwant\n{want:02x?}");
+
+        // IPv6: packet too big about a reply, and the backend's port unreachable.
+        let router6 = v6(0x98, 1);
+        let reply6 = |src, sport| {
+            let opts = Ipv6Opts { hop_limit: Some(63), ..Ipv6Opts::default() };
+            testpkt::ipv6(
+                src,
+                client6(),
+                L4::Tcp { sport, dport: 40000, flags: TCP_ACK, payload: 1400 },
+                opts,
+            )
+        };
+        let ptb = |to, quoted: &[u8], hop: u8| {
+            let mut f = testpkt::icmp6_error(router6, to, 2, 0, 1280, &quoted[14..], 1232);
+            f[14 + 7] = hop;
+            f
+        };
+        env.expect(
+            "IPv6 packet too big about a reply",
+            &ptb(vip6(), &reply6(vip6(), 80), 64),
+            XDP_TX,
+            &with_macs(ptb(backend6(), &reply6(backend6(), 8080), 63), BACKEND6_MAC, DIRECTOR_MAC),
+        )?;
+        let got6 = tcp6(client6(), backend6(), 40000, 8080, TCP_SYN, 63);
+        let sent6 = tcp6(client6(), vip6(), 40000, 80, TCP_SYN, 63);
+        let unreachable6 = |from, quoted: &[u8], hop: u8| {
+            let mut f = testpkt::icmp6_error(from, client6(), 1, 4, 0, &quoted[14..], 1232);
+            f[14 + 7] = hop;
+            f
+        };
+        env.expect(
+            "IPv6 port unreachable from the backend",
+            &unreachable6(backend6(), &got6, 64),
+            XDP_REDIRECT,
+            &env.to_client(unreachable6(vip6(), &sent6, 63)),
+        )?;
+        let counters = env.dp.global_counters()?;
+        for (counter, n) in [
+            (stat::ICMP_DEST_UNREACH, 1),
+            (stat::ICMP_FRAG_NEEDED, 2),
+            (stat::ICMP6_PACKET_TOO_BIG, 1),
+            (stat::ICMP6_DEST_UNREACH, 1),
+        ] {
+            ensure!(counters[counter as usize] == n, "counter {counter}: {}", counters[counter as usize]);
+        }
+        Ok(())
+    })
+}
+
+fn tcp4_sized(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8, payload: usize) -> Vec<u8> {
+    testpkt::ipv4(
+        src,
+        dst,
+        L4::Tcp { sport, dport, flags, payload },
+        Ipv4Opts { ttl: Some(63), ..Ipv4Opts::default() },
+    )
+}
+
 // ---- End to end: masqueraded real servers in namespaces ----------------------------
 
 use std::net::SocketAddr;

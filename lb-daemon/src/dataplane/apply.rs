@@ -35,6 +35,7 @@ impl Dataplane {
         }
         for (slot, name) in [
             (programs::NAT_FORWARD_SLOT, programs::NAT_FORWARD),
+            (programs::NAT_ICMP_SLOT, programs::NAT_ICMP),
             (programs::NAT_REPLY_SLOT, programs::NAT_REPLY),
         ] {
             let program = xdp(&self.ebpf, name)?

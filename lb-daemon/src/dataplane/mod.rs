@@ -325,7 +325,13 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(OBJECT)?;
-        for name in [programs::BALANCER, programs::PASS, programs::NAT_REPLY, programs::NAT_FORWARD] {
+        for name in [
+            programs::BALANCER,
+            programs::PASS,
+            programs::NAT_REPLY,
+            programs::NAT_FORWARD,
+            programs::NAT_ICMP,
+        ] {
             load_xdp(&mut ebpf, name)?;
         }
         let capacity = |ebpf: &Ebpf, name: &'static str| -> Result<u32> {

@@ -138,6 +138,19 @@ pub fn lookup(key: &FlowKey) -> Option<Decision> {
     Some(Decision { service_id, backend_id, backend: b, new_flow: false })
 }
 
+/// Where an ICMP error about a service's flow (`p` is that flow, as the client sends it)
+/// goes: the recorded flow's backend, else the one the ring gives, as for a mid-stream
+/// packet. Nothing is recorded: an error says nothing about the connection. A
+/// round-robin ring says nothing about where an unrecorded flow went.
+#[inline(always)]
+pub fn about_error(p: &Parsed, key: &FlowKey, svc: &Service) -> Option<Decision> {
+    match lookup(key) {
+        Some(d) => Some(d),
+        None if svc.flags & SERVICE_F_ROUND_ROBIN != 0 => None,
+        None => pick(p, svc).ok().map(|d| Decision { new_flow: false, ..d }),
+    }
+}
+
 /// The decision for a packet of a flow already in the table, if that flow may go on (see
 /// `live_entry`) and the packet is not a new SYN on a closed tuple (a new connection
 /// reusing the ports, to be scheduled afresh).

@@ -93,10 +93,10 @@ pub static NAT_REPLIES: LruHashMap<FlowKey, FlowKey> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 /// The NAT translators the balancer tail-calls (`programs::NAT_REPLY_SLOT`,
-/// `NAT_FORWARD_SLOT`), filled while some backend is a NAT one. With the reply slot empty
+/// `NAT_FORWARD_SLOT`, `NAT_ICMP_SLOT`), filled while some backend is a NAT one. With the reply slot empty
 /// the tail call falls through and a packet that is not a service's passes.
 #[map]
-pub static NAT_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+pub static NAT_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(3, 0);
 
 /// Per CPU: the balancer's decision for the packet it hands to `lb_nat_forward`.
 #[map]

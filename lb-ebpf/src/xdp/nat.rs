@@ -21,7 +21,7 @@ use aya_ebpf::{
 use lb_common::{FAMILY_V6, FlowKey, NAT_MASQ, PROTO_TCP, PROTO_UDP, programs::NAT_FORWARD_SLOT, stat};
 use lb_ebpf::{
     csum::{update16, update32},
-    parse::{self, ETH_HLEN, TCP_ACK, TCP_SYN, ptr_at, read_u8, write_mac},
+    parse::{self, ETH_HLEN, ICMP_HDR_LEN, IPV6_HDR_LEN, TCP_ACK, TCP_SYN, ptr_at, read_u8, write_mac},
 };
 
 use super::{
@@ -98,12 +98,12 @@ pub fn forward(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_DROP;
         }
     };
-    if job.new_flow != 0 && proto == PROTO_TCP && flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        conntrack::nat_syn(&job.key);
-    }
     if let Err(reason) = translate(ctx, l4, b.family == FAMILY_V6, Side::Destination, &b.addr, b.port) {
         stats::global(reason);
         return xdp_action::XDP_DROP;
+    }
+    if job.new_flow != 0 && proto == PROTO_TCP && flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        conntrack::nat_syn(&job.key);
     }
     if job.new_flow != 0 {
         let key = &job.key;
@@ -139,10 +139,230 @@ pub fn forward(ctx: &XdpContext) -> u32 {
     }
 }
 
+/// `lb_nat_icmp`: an ICMP error from the clients' side about a NAT flow's reply (a
+/// router's "fragmentation needed" to the VIP), which the balancer found is a NAT
+/// backend's: to that backend, about the packet as the backend sent it.
+#[inline(always)]
+pub fn error_to_backend(ctx: &XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let Ok(p) = parse::parse(start, end) else {
+        return xdp_action::XDP_PASS;
+    };
+    if p.icmp_error == 0 {
+        return xdp_action::XDP_PASS;
+    }
+    let Some(svc) = classify::lookup_service(&p, classify::maybe_vip(&p)) else {
+        return xdp_action::XDP_PASS;
+    };
+    let key = flow_key(&p);
+    let Some(d) = conntrack::about_error(&p, &key, &svc) else {
+        return xdp_action::XDP_PASS;
+    };
+    let b = d.backend;
+    if b.nat == 0 {
+        return xdp_action::XDP_PASS;
+    }
+    let len = (end - start) as u64;
+    if let Err(reason) =
+        translate_icmp(ctx, p.l4 as usize, b.family == FAMILY_V6, Side::Destination, &b.addr, b.port)
+    {
+        stats::global(reason);
+        return xdp_action::XDP_DROP;
+    }
+    match super::forward::direct_route(ctx, &b) {
+        Ok(Sent::Forwarded(action)) => {
+            stats::forwarded(d.service_id, d.backend_id, len, false);
+            stats::global(p.icmp_error as u32);
+            action
+        }
+        Ok(Sent::Answered { action, counter }) => {
+            stats::global(counter);
+            action
+        }
+        Err(reason) => {
+            stats::global(reason);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Side {
     Source,
     Destination,
+}
+
+impl Side {
+    fn other(self) -> Side {
+        match self {
+            Side::Source => Side::Destination,
+            Side::Destination => Side::Source,
+        }
+    }
+}
+
+/// An ICMP error about a NAT flow (its ICMP header at `icmp`): the quoted packet's
+/// address and port on the side opposite `outer` become `addr` and `port` (when
+/// non-zero), as does the outer header's `outer` address, whose TTL (hop limit) goes
+/// down by one. Every checksum that covers a changed word is patched: the quoted IPv4
+/// header's, the quoted transport checksum when the quote holds it, the outer IPv4
+/// header's, and the ICMP checksum (with its IPv6 pseudo-header). The quote is what the
+/// other side sent, translated as its packets are: a backend's "port unreachable" about
+/// `client -> RS:8080` reaches the client about `client -> VIP:80`.
+#[inline(always)]
+fn translate_icmp(
+    ctx: &XdpContext,
+    icmp: usize,
+    v6: bool,
+    outer: Side,
+    addr: &[u32; 4],
+    port: u16,
+) -> Result<(), u32> {
+    let inner = outer.other();
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let (l3, _) = parse::parse_eth(start, end).ok_or(stat::DROP_TRUNCATED)?;
+    // Masked for the verifier: header offsets, below any frame length.
+    let icmp = icmp & 0x3fff;
+    let quote = icmp + ICMP_HDR_LEN;
+    let mut ic = raw16(start, end, icmp + 2)?;
+    // The quoted IP header's address. Two-byte reads: at a variable offset a one-byte
+    // bounds check compiles to a form the verifier learns no range from.
+    let (inner_l4, proto) = if v6 {
+        let [next, _] = two_bytes(start, end, quote + 6)?;
+        (quote + IPV6_HDR_LEN, next)
+    } else {
+        let [vhl, _] = two_bytes(start, end, quote)?;
+        let [_, proto] = two_bytes(start, end, quote + 8)?;
+        (quote + ((vhl & 0x0f) as usize * 4), proto)
+    };
+    let old_inner = swap_addr(start, end, quote, v6, inner, addr)?;
+    for i in 0..4 {
+        ic = update32(ic, old_inner[i], addr[i]);
+    }
+    if !v6 {
+        let c = ptr_at::<u16>(start, end, quote + 10).ok_or(stat::DROP_TRUNCATED)? as *mut u16;
+        // SAFETY: bounds-checked by ptr_at.
+        unsafe {
+            let old = c.read_unaligned();
+            let new = update32(old, old_inner[0], addr[0]);
+            c.write_unaligned(new);
+            ic = update16(ic, old, new);
+        }
+    }
+    // The quoted port; the parser saw both ports, so they are there.
+    let mut old_port = port;
+    if port != 0 {
+        let p = ptr_at::<u16>(start, end, inner_l4 + if inner == Side::Source { 0 } else { 2 })
+            .ok_or(stat::DROP_TRUNCATED)? as *mut u16;
+        // SAFETY: bounds-checked by ptr_at.
+        unsafe {
+            old_port = p.read_unaligned();
+            p.write_unaligned(port);
+        }
+        ic = update16(ic, old_port, port);
+    }
+    // The quoted transport checksum, when the quote is long enough to hold it (a UDP one
+    // of zero over IPv4 means none).
+    let quoted_check = match proto {
+        PROTO_TCP => inner_l4 + 16,
+        PROTO_UDP => inner_l4 + 6,
+        _ => 0,
+    };
+    if quoted_check != 0
+        && let Some(c) = ptr_at::<u16>(start, end, quoted_check)
+    {
+        let c = c as *mut u16;
+        // SAFETY: bounds-checked by ptr_at.
+        let old = unsafe { c.read_unaligned() };
+        if !(proto == PROTO_UDP && old == 0 && !v6) {
+            let mut new = old;
+            for i in 0..4 {
+                new = update32(new, old_inner[i], addr[i]);
+            }
+            new = update16(new, old_port, port);
+            if proto == PROTO_UDP && new == 0 {
+                new = 0xffff;
+            }
+            // SAFETY: as above.
+            unsafe { c.write_unaligned(new) };
+            ic = update16(ic, old, new);
+        }
+    }
+    // The outer header; ICMPv6's checksum covers its addresses, ICMP's does not.
+    let old_outer = swap_addr(start, end, l3, v6, outer, addr)?;
+    if v6 {
+        for i in 0..4 {
+            ic = update32(ic, old_outer[i], addr[i]);
+        }
+    }
+    let c = ptr_at::<u16>(start, end, icmp + 2).ok_or(stat::DROP_TRUNCATED)? as *mut u16;
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe { c.write_unaligned(ic) };
+    routed(start, end, l3, v6, &old_outer, addr)
+}
+
+/// Sets `side`'s address of the IP header at `ip` to `addr`; returns the old one (IPv4
+/// in the first word, the rest zero, as `addr`'s).
+#[inline(always)]
+fn swap_addr(
+    start: usize,
+    end: usize,
+    ip: usize,
+    v6: bool,
+    side: Side,
+    addr: &[u32; 4],
+) -> Result<[u32; 4], u32> {
+    if v6 {
+        let at = ip + if side == Side::Source { 8 } else { 24 };
+        let a = ptr_at::<[u32; 4]>(start, end, at).ok_or(stat::DROP_TRUNCATED)? as *mut [u32; 4];
+        // SAFETY: bounds-checked by ptr_at; packet data has no alignment guarantee.
+        unsafe {
+            let old = a.read_unaligned();
+            a.write_unaligned(*addr);
+            Ok(old)
+        }
+    } else {
+        let at = ip + if side == Side::Source { 12 } else { 16 };
+        let a = ptr_at::<u32>(start, end, at).ok_or(stat::DROP_TRUNCATED)? as *mut u32;
+        // SAFETY: as above.
+        unsafe {
+            let old = a.read_unaligned();
+            a.write_unaligned(addr[0]);
+            Ok([old, 0, 0, 0])
+        }
+    }
+}
+
+/// The IP header at `l3`, whose address changed from `old` to `new`, as a router passes
+/// it on: TTL (hop limit) down by one, the IPv4 header checksum patched for both.
+#[inline(always)]
+fn routed(start: usize, end: usize, l3: usize, v6: bool, old: &[u32; 4], new: &[u32; 4]) -> Result<(), u32> {
+    if v6 {
+        let hop = ptr_at::<u8>(start, end, l3 + 7).ok_or(stat::DROP_TRUNCATED)? as *mut u8;
+        // SAFETY: bounds-checked by ptr_at.
+        unsafe {
+            if hop.read() <= 1 {
+                return Err(stat::DROP_TTL_EXPIRED);
+            }
+            hop.write(hop.read() - 1);
+        }
+        return Ok(());
+    }
+    let h = ptr_at::<[u8; 20]>(start, end, l3).ok_or(stat::DROP_TRUNCATED)? as usize;
+    // SAFETY: the 20 bytes of the fixed header were bounds-checked above.
+    unsafe {
+        let ttl_proto = (h + 8) as *mut u16;
+        let old_ttl_proto = ttl_proto.read_unaligned();
+        let ttl = (h + 8) as *mut u8;
+        if ttl.read() <= 1 {
+            return Err(stat::DROP_TTL_EXPIRED);
+        }
+        ttl.write(ttl.read() - 1);
+        let ip_check = (h + 10) as *mut u16;
+        let c = update16(ip_check.read_unaligned(), old_ttl_proto, ttl_proto.read_unaligned());
+        ip_check.write_unaligned(update32(c, old[0], new[0]));
+    }
+    Ok(())
 }
 
 /// Sets the packet's source or destination address to `addr` and, when `port` is
@@ -176,43 +396,16 @@ fn translate(
             l4_check = 0;
         }
     }
-    if v6 {
-        let hop = read_u8(start, end, l3 + 7).ok_or(stat::DROP_TRUNCATED)?;
-        if hop <= 1 {
-            return Err(stat::DROP_TTL_EXPIRED);
-        }
-        let at = l3 + if side == Side::Source { 8 } else { 24 };
-        let a = ptr_at::<[u32; 4]>(start, end, at).ok_or(stat::DROP_TRUNCATED)? as *mut [u32; 4];
-        // SAFETY: bounds-checked by ptr_at; packet data has no alignment guarantee.
-        let old = unsafe { a.read_unaligned() };
-        for i in 0..4 {
-            check = update32(check, old[i], addr[i]);
-        }
-        // SAFETY: as above; the hop limit byte was read through the same check.
-        unsafe {
-            a.write_unaligned(*addr);
-            ((start + l3 + 7) as *mut u8).write(hop - 1);
-        }
-    } else {
-        let h = ptr_at::<[u8; 20]>(start, end, l3).ok_or(stat::DROP_TRUNCATED)? as usize;
-        let at = h + if side == Side::Source { 12 } else { 16 };
-        // SAFETY: the 20 bytes of the fixed header were bounds-checked above.
-        unsafe {
-            let ttl_proto = (h + 8) as *mut u16;
-            let old_ttl_proto = ttl_proto.read_unaligned();
-            let ttl = (h + 8) as *mut u8;
-            if ttl.read() <= 1 {
-                return Err(stat::DROP_TTL_EXPIRED);
-            }
-            ttl.write(ttl.read() - 1);
-            let old = (at as *const u32).read_unaligned();
-            (at as *mut u32).write_unaligned(addr[0]);
-            let ip_check = (h + 10) as *mut u16;
-            let c = update16(ip_check.read_unaligned(), old_ttl_proto, ttl_proto.read_unaligned());
-            ip_check.write_unaligned(update32(c, old, addr[0]));
-            check = update32(check, old, addr[0]);
-        }
+    // The TTL first: a packet that dies here is dropped before anything changed.
+    let ttl = read_u8(start, end, l3 + if v6 { 7 } else { 8 }).ok_or(stat::DROP_TRUNCATED)?;
+    if ttl <= 1 {
+        return Err(stat::DROP_TTL_EXPIRED);
     }
+    let old = swap_addr(start, end, l3, v6, side, addr)?;
+    for i in 0..4 {
+        check = update32(check, old[i], addr[i]);
+    }
+    routed(start, end, l3, v6, &old, addr)?;
     if port != 0 && l4 != 0 {
         let p = ptr_at::<u16>(start, end, l4 + if side == Side::Source { 0 } else { 2 })
             .ok_or(stat::DROP_TRUNCATED)? as *mut u16;
@@ -235,6 +428,13 @@ fn translate(
 }
 
 #[inline(always)]
+fn two_bytes(start: usize, end: usize, at: usize) -> Result<[u8; 2], u32> {
+    let p = ptr_at::<[u8; 2]>(start, end, at).ok_or(stat::DROP_TRUNCATED)?;
+    // SAFETY: bounds-checked by ptr_at; byte arrays have no alignment requirement.
+    Ok(unsafe { p.read_unaligned() })
+}
+
+#[inline(always)]
 fn raw16(start: usize, end: usize, at: usize) -> Result<u16, u32> {
     let p = ptr_at::<u16>(start, end, at).ok_or(stat::DROP_TRUNCATED)?;
     // SAFETY: bounds-checked by ptr_at; packet data has no alignment guarantee.
@@ -249,8 +449,8 @@ pub fn reply(ctx: &XdpContext) -> u32 {
     let Ok(p) = parse::parse(start, end) else {
         return xdp_action::XDP_PASS;
     };
-    // Fragmented replies and ICMP errors are left to the kernel.
-    if p.frag != 0 || p.icmp_error != 0 || !classify::addressed_to_us(ctx) {
+    // Fragmented replies are left to the kernel.
+    if p.frag != 0 || !classify::addressed_to_us(ctx) {
         return xdp_action::XDP_PASS;
     }
     let Some(flow) = NAT_REPLIES.get_ptr(&flow_key(&p)) else {
@@ -279,15 +479,27 @@ pub fn reply(ctx: &XdpContext) -> u32 {
         stats::global(reason);
         return xdp_action::XDP_DROP;
     }
-    if p.proto == PROTO_TCP {
-        conntrack::server_segment(f, p.tcp_flags);
-    }
     let v6 = p.family == FAMILY_V6;
-    if let Err(reason) = translate(ctx, p.l4 as usize, v6, Side::Source, &flow.dst, flow.dport) {
+    // An ICMP error from the backend's side (its "port unreachable", a router's "too
+    // big") quotes the client's packet as the backend got it; it says nothing about the
+    // connection's state.
+    let translated = if p.icmp_error != 0 {
+        translate_icmp(ctx, p.l4 as usize, v6, Side::Source, &flow.dst, flow.dport)
+    } else {
+        if p.proto == PROTO_TCP {
+            conntrack::server_segment(f, p.tcp_flags);
+        }
+        translate(ctx, p.l4 as usize, v6, Side::Source, &flow.dst, flow.dport)
+    };
+    if let Err(reason) = translated {
         stats::global(reason);
         return xdp_action::XDP_DROP;
     }
-    toward_client(ctx, &flow, v6)
+    let action = toward_client(ctx, &flow, v6);
+    if p.icmp_error != 0 && action != xdp_action::XDP_DROP {
+        stats::global(p.icmp_error as u32);
+    }
+    action
 }
 
 /// Sends a translated reply to the client's next hop as the kernel's routing and

@@ -1,6 +1,10 @@
 //! Entry points.
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{FlowKey, SERVICE_F_ROUND_ROBIN, programs::NAT_REPLY_SLOT, stat};
+use lb_common::{
+    FlowKey,
+    programs::{NAT_ICMP_SLOT, NAT_REPLY_SLOT},
+    stat,
+};
 use lb_ebpf::parse::{self, FRAG_FIRST, FRAG_LATER, ParseError, Parsed};
 
 use super::{
@@ -27,6 +31,12 @@ pub fn lb_nat_reply(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lb_nat_forward(ctx: XdpContext) -> u32 {
     counted(nat::forward(&ctx))
+}
+
+/// Entered by the balancer's tail call (`icmp_error`), never attached.
+#[xdp]
+pub fn lb_nat_icmp(ctx: XdpContext) -> u32 {
+    counted(nat::error_to_backend(&ctx))
 }
 
 #[inline(always)]
@@ -209,17 +219,15 @@ fn icmp_error(ctx: &XdpContext, p: &Parsed) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let key = conntrack::flow_key(p);
-    let d = match conntrack::lookup(&key) {
-        Some(d) => d,
-        None if svc.flags & SERVICE_F_ROUND_ROBIN != 0 => return xdp_action::XDP_PASS,
-        None => match conntrack::pick(p, &svc) {
-            Ok(d) => Decision { new_flow: false, ..d },
-            Err(_) => return xdp_action::XDP_PASS,
-        },
+    let Some(d) = conntrack::about_error(p, &key, &svc) else {
+        return xdp_action::XDP_PASS;
     };
-    // An error about a NAT flow quotes the backend's address, which the client never saw
-    // nor the backend the client's: without translating the quote it helps neither.
+    // A NAT flow's error is translated by a program of its own, which finds the flow
+    // again: handing the decision over from here costs the balancer's verification
+    // more than it has to spare.
     if d.backend.nat != 0 {
+        // SAFETY: control returns here only when the slot is empty.
+        unsafe { NAT_PROGRAMS.tail_call(ctx, NAT_ICMP_SLOT) };
         return xdp_action::XDP_PASS;
     }
     forward(ctx, &d, &key, p.icmp_error as u32)
