@@ -32,6 +32,8 @@ pub mod maps {
     pub const NAT_REPLIES: &str = "NAT_REPLIES";
     pub const NAT_PROGRAMS: &str = "NAT_PROGRAMS";
     pub const NAT_JOBS: &str = "NAT_JOBS";
+    pub const FULLNAT_POOL: &str = "FULLNAT_POOL";
+    pub const FULLNAT_SOURCES: &str = "FULLNAT_SOURCES";
 }
 
 /// Program names in the object.
@@ -55,6 +57,9 @@ pub mod programs {
     /// balancer's tail call (`NAT_PROGRAMS[NAT_ICMP_SLOT]`).
     pub const NAT_ICMP: &str = "lb_nat_icmp";
     pub const NAT_ICMP_SLOT: u32 = 2;
+    /// Translates a full-NAT backend's reply; entered by `lb_nat_reply`'s tail call.
+    pub const NAT_FULL_REPLY: &str = "lb_fullnat_reply";
+    pub const NAT_FULL_REPLY_SLOT: u32 = 3;
 }
 
 /// The real servers' decapsulation object (`lb-xdp-decap`): `lb-daemon decap attach`
@@ -238,6 +243,41 @@ pub struct Backend {
 
 /// `Backend::nat`: masquerading (LVS `-m`, keepalived `lb_kind NAT`).
 pub const NAT_MASQ: u8 = 1;
+/// `Backend::nat`: full NAT: the source becomes an address and port of the director's
+/// pool (`FULLNAT_POOL`) too, so that replies come back to the director whatever the
+/// real server's routes.
+pub const NAT_FULL: u8 = 2;
+
+/// The director's full-NAT source addresses (`FULLNAT_POOL[0]`), as the tunnel sources
+/// of `DataplaneConfig`: a base per family and the host bits a flow's hash fills.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FullNatPool {
+    /// Network order; zero: no IPv4 pool.
+    pub v4: u32,
+    pub spread_v4: u32,
+    /// Network-order words; zero: no IPv6 pool.
+    pub v6: [u32; 4],
+    /// Host bits of the IPv6 pool, over the last word.
+    pub spread_v6: u32,
+}
+
+/// Where a full-NAT flow's packets come from toward its backend (`FULLNAT_SOURCES`,
+/// keyed by the flow as the client sends it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FullNatSource {
+    pub addr: [u32; 4],
+    /// Network order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Source ports a full-NAT flow may get: the unprivileged range, whole, so that 64,512
+/// flows to one backend port fit on each pool address.
+pub const FULLNAT_PORT_MIN: u16 = 1024;
+/// Candidate ports tried for a new full-NAT flow before it is dropped (`nat_no_port`).
+pub const FULLNAT_PORT_TRIES: u32 = 16;
 
 /// What the balancer decided for a packet to a NAT backend, handed to the translator it
 /// tail-calls (`NAT_JOBS[0]`, per CPU): a tail call keeps the rewrite's code out of the
@@ -481,6 +521,9 @@ pub mod stat {
     /// A NAT backend's reply for which the director's kernel has no route to the client
     /// (or forwarding is disabled: `net.ipv4.ip_forward`, `net.ipv6.conf.all.forwarding`).
     pub const DROP_NAT_NO_ROUTE: u32 = 26;
+    /// A new full-NAT flow for which none of the source ports tried was free toward its
+    /// backend (the pool is too small for the flows to that backend port).
+    pub const DROP_NAT_NO_PORT: u32 = 27;
 
     /// New flows of a service with no backend up, passed to the stack (its
     /// `fallback_action` is `pass`).
@@ -524,7 +567,7 @@ pub mod stat {
     pub const COUNT: u32 = 64;
 
     /// Drop reasons with the names the daemon exports them under.
-    pub const DROP_REASONS: [(u32, &str); 19] = [
+    pub const DROP_REASONS: [(u32, &str); 20] = [
         (DROP_TRUNCATED, "truncated"),
         (DROP_BAD_IHL, "bad_ihl"),
         (DROP_BAD_LENGTH, "bad_length"),
@@ -544,6 +587,7 @@ pub mod stat {
         (DROP_TOO_BIG, "too_big"),
         (DROP_TTL_EXPIRED, "ttl_expired"),
         (DROP_NAT_NO_ROUTE, "nat_no_route"),
+        (DROP_NAT_NO_PORT, "nat_no_port"),
     ];
 
     /// NAT replies translated, by where they went as exported.
@@ -625,6 +669,8 @@ mod pod {
     unsafe impl aya::Pod for super::FloodWindow {}
     unsafe impl aya::Pod for super::TrunkPort {}
     unsafe impl aya::Pod for super::NatJob {}
+    unsafe impl aya::Pod for super::FullNatPool {}
+    unsafe impl aya::Pod for super::FullNatSource {}
 }
 
 #[cfg(test)]
@@ -651,5 +697,7 @@ mod tests {
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<FragEntry>(), 8);
         assert_eq!(size_of::<NatJob>(), 40 + 16);
+        assert_eq!(size_of::<FullNatPool>(), 28);
+        assert_eq!(size_of::<FullNatSource>(), 20);
     }
 }

@@ -9,9 +9,9 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use lb_common::{
-    BACKEND_DOWN, BACKEND_UP, Backend, MAX_BACKENDS, MAX_MARK_RULES_PER_PREFIX, MAX_SERVICES, MarkRule,
-    MarkRuleSet, NAT_MASQ, SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_ROUND_ROBIN,
-    ServiceKey,
+    BACKEND_DOWN, BACKEND_UP, Backend, FullNatPool, MAX_BACKENDS, MAX_MARK_RULES_PER_PREFIX, MAX_SERVICES,
+    MarkRule, MarkRuleSet, NAT_FULL, NAT_MASQ, SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY,
+    SERVICE_F_ROUND_ROBIN, ServiceKey,
 };
 
 use crate::maglev;
@@ -73,19 +73,36 @@ pub struct DataplaneState {
     pub tunnel_source_v6: [u32; 4],
     pub tunnel_spread_v4: u32,
     pub tunnel_spread_v6: u32,
+    /// `FULLNAT_POOL[0]`: `director.fullnat_source`; see [`DataplaneState::set_fullnat_sources`].
+    pub fullnat_pool: FullNatPool,
+}
+
+/// Source prefixes as the data path holds them (network order): each family's base and
+/// the host bits a flow's hash fills (IPv6: of the last word).
+fn source_words(v4: Option<ipnet::Ipv4Net>, v6: Option<ipnet::Ipv6Net>) -> (u32, u32, [u32; 4], u32) {
+    (
+        v4.map_or(0, |n| u32::from_ne_bytes(n.network().octets())),
+        v4.map_or(0, |n| u32::from_ne_bytes(n.hostmask().octets())),
+        v6.map_or([0; 4], |n| addr_words(IpAddr::V6(n.network())).1),
+        v6.map_or(0, |n| {
+            let m = n.hostmask().octets();
+            u32::from_ne_bytes([m[12], m[13], m[14], m[15]])
+        }),
+    )
 }
 
 impl DataplaneState {
+    /// `director.fullnat_source` in the data path's words, as [`Self::set_tunnel_sources`].
+    pub fn set_fullnat_sources(&mut self, v4: Option<ipnet::Ipv4Net>, v6: Option<ipnet::Ipv6Net>) {
+        let (v4, spread_v4, v6, spread_v6) = source_words(v4, v6);
+        self.fullnat_pool = FullNatPool { v4, spread_v4, v6, spread_v6 };
+    }
+
     /// `director.tunnel_source` in the data path's words (network order); a prefix's host
     /// bits become the spread each flow's hash fills.
     pub fn set_tunnel_sources(&mut self, v4: Option<ipnet::Ipv4Net>, v6: Option<ipnet::Ipv6Net>) {
-        self.tunnel_source_v4 = v4.map_or(0, |n| u32::from_ne_bytes(n.network().octets()));
-        self.tunnel_spread_v4 = v4.map_or(0, |n| u32::from_ne_bytes(n.hostmask().octets()));
-        self.tunnel_source_v6 = v6.map_or([0; 4], |n| addr_words(IpAddr::V6(n.network())).1);
-        self.tunnel_spread_v6 = v6.map_or(0, |n| {
-            let m = n.hostmask().octets();
-            u32::from_ne_bytes([m[12], m[13], m[14], m[15]])
-        });
+        (self.tunnel_source_v4, self.tunnel_spread_v4, self.tunnel_source_v6, self.tunnel_spread_v6) =
+            source_words(v4, v6);
     }
 }
 
@@ -301,7 +318,11 @@ impl Planner {
                         service: id as u16,
                         vlan: n.vlan,
                         tunnel: u8::from(b.forward == Forward::Tunnel),
-                        nat: if b.forward == Forward::Nat { NAT_MASQ } else { 0 },
+                        nat: match b.forward {
+                            Forward::Nat => NAT_MASQ,
+                            Forward::FullNat => NAT_FULL,
+                            Forward::Dr | Forward::Tunnel => 0,
+                        },
                         mtu: n.mtu,
                         port: b.port.map_or(0, u16::to_be),
                     },

@@ -26,6 +26,9 @@ const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 7, 7];
 const CLIENT_LINK: &str = "natc0";
 
 const VIP: [u8; 4] = [192, 0, 2, 10];
+/// The full-NAT service's VIP, and the director's full-NAT source.
+const FULL_VIP: [u8; 4] = [192, 0, 2, 11];
+const POOL: [u8; 4] = [198, 51, 100, 50];
 const BACKEND: [u8; 4] = [10, 2, 0, 11];
 const CLIENT: [u8; 4] = [203, 0, 113, 7];
 
@@ -45,23 +48,30 @@ fn client6() -> [u8; 16] {
     v6(0xc, 7)
 }
 
-/// `VIP:80 -> 10.2.0.11:8080` (TCP), `VIP:53 -> 10.2.0.11:5353` (UDP), and
-/// `[2001:db8::10]:80 -> [2001:db8:2::11]:8080`.
+/// `VIP:80 -> 10.2.0.11:8080` (TCP), `VIP:53 -> 10.2.0.11:5353` (UDP),
+/// `[2001:db8::10]:80 -> [2001:db8:2::11]:8080`, and by full NAT
+/// `FULL_VIP:80 -> 10.2.0.11:8080` from `POOL`.
 fn services() -> Vec<ServiceSpec> {
-    let nat = |mut s: ServiceSpec, port: u16| {
-        s.forward = Forward::Nat;
+    let with = |mut s: ServiceSpec, port: u16, forward| {
+        s.forward = forward;
         for b in &mut s.backends {
-            b.forward = Forward::Nat;
+            b.forward = forward;
             b.port = Some(port);
         }
         s
     };
+    let nat = |s, port| with(s, port, Forward::Nat);
     let mut dns = tcp_service("dns", IpAddr::from(VIP), 53, 4093, &[IpAddr::from(BACKEND)]);
     dns.matcher = ServiceMatch::Vip { addr: IpAddr::from(VIP), port: 53, proto: Protocol::Udp };
     vec![
         nat(tcp_service("web", IpAddr::from(VIP), 80, 4093, &[IpAddr::from(BACKEND)]), 8080),
         nat(dns, 5353),
         nat(tcp_service("web6", IpAddr::from(vip6()), 80, 4093, &[IpAddr::from(backend6())]), 8080),
+        with(
+            tcp_service("full", IpAddr::from(FULL_VIP), 80, 4093, &[IpAddr::from(BACKEND)]),
+            8080,
+            Forward::FullNat,
+        ),
     ]
 }
 
@@ -114,7 +124,8 @@ fn with_env(f: impl FnOnce(&mut Env) -> Result<()> + Send + 'static) -> Result<(
     let link_mac = mac_of(&ns, CLIENT_LINK)?;
     ns.run(move || {
         let mut dp =
-            Dataplane::load(&LoadOptions { ring_slots: 8 * 4093, flow_entries: 1024, pin_dir: None })?;
+            // Room for the full-NAT test's 10,000 flows in every table.
+            Dataplane::load(&LoadOptions { ring_slots: 8 * 4093, flow_entries: 65536, pin_dir: None })?;
         let neighbour = |mac| Neighbour { mac, ifindex: 1, if_mac: DIRECTOR_MAC, vlan: 0, mtu: 0 };
         let neighbours: HashMap<IpAddr, Neighbour> = [
             (IpAddr::from(BACKEND), neighbour(BACKEND_MAC)),
@@ -123,6 +134,7 @@ fn with_env(f: impl FnOnce(&mut Env) -> Result<()> + Send + 'static) -> Result<(
         .into();
         let mut plan = Planner::default().plan(&services(), &[], &neighbours)?;
         plan.state.local_macs.insert(1, [testpkt::DIRECTOR_MAC].into_iter().collect());
+        plan.state.set_fullnat_sources(Some(format!("{}/32", IpAddr::from(POOL)).parse()?), None);
         dp.apply(&plan.state)?;
         f(&mut Env { dp, plan, link_mac })
     })
@@ -412,6 +424,96 @@ fn tcp4_sized(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8, pay
         L4::Tcp { sport, dport, flags, payload },
         Ipv4Opts { ttl: Some(63), ..Ipv4Opts::default() },
     )
+}
+
+/// Full NAT: the backend sees the flow come from the pool, whatever its routes; its
+/// reply, addressed to the pool, goes back to the client from the VIP.
+#[test]
+fn full_nat_rewrites_both_addresses_and_its_replies_come_back_to_the_pool() -> Result<()> {
+    with_env(|env| {
+        let syn = tcp4(CLIENT, FULL_VIP, 40000, 80, TCP_SYN, Ipv4Opts::default());
+        let (action, out) = test_run(&env.dp, &syn)?;
+        ensure!(action == XDP_TX, "SYN: action {action}");
+        let port = u16::from_be_bytes([out[14 + 20], out[14 + 21]]);
+        ensure!(port >= lb_common::FULLNAT_PORT_MIN, "source port {port}");
+        let want = env.to_backend(tcp4(POOL, BACKEND, port, 8080, TCP_SYN, ROUTED));
+        ensure!(out == want, "SYN: got\n{out:02x?}\nwant\n{want:02x?}");
+        // A retransmitted SYN keeps its source, or the server would see two connections.
+        ensure!(test_run(&env.dp, &syn)?.1 == want, "the retransmitted SYN got another source");
+        env.expect(
+            "SYN-ACK to the pool, back to the client",
+            &tcp4(BACKEND, POOL, 8080, port, TCP_SYN | TCP_ACK, Ipv4Opts::default()),
+            XDP_REDIRECT,
+            &env.to_client(tcp4(FULL_VIP, CLIENT, 80, 40000, TCP_SYN | TCP_ACK, ROUTED)),
+        )?;
+        env.expect(
+            "the client's ACK",
+            &tcp4(CLIENT, FULL_VIP, 40000, 80, TCP_ACK, Ipv4Opts::default()),
+            XDP_TX,
+            &env.to_backend(tcp4(POOL, BACKEND, port, 8080, TCP_ACK, ROUTED)),
+        )?;
+        ensure!(env.state(40000)? == FLOW_ESTABLISHED);
+        // A reply to another pool port is no flow's.
+        let stray = tcp4(BACKEND, POOL, 8080, port ^ 1, TCP_ACK, Ipv4Opts::default());
+        env.expect("a reply to a port no flow holds", &stray, XDP_PASS, &stray)?;
+
+        // ICMP errors, both ways. A router on the backends' side: "fragmentation needed"
+        // to the pool about the director's packet reaches the client, from the VIP, about
+        // the client's own packet.
+        const ROUTER: [u8; 4] = [10, 2, 0, 1];
+        let frag_needed = |from, to, quoted: Vec<u8>, ttl: u8| {
+            let mut f = testpkt::icmp4_error(from, to, 3, 4, 1400, &quoted[14..], 576);
+            f[14 + 8] = ttl;
+            testpkt::fix_ipv4_checksum(&mut f, 14);
+            f
+        };
+        let sized = |src, dst, sport, dport| tcp4_sized(src, dst, sport, dport, TCP_ACK, 1400);
+        env.expect(
+            "fragmentation needed on the backends' side",
+            &frag_needed(ROUTER, POOL, sized(POOL, BACKEND, port, 8080), 64),
+            XDP_REDIRECT,
+            &env.to_client(frag_needed(FULL_VIP, CLIENT, sized(CLIENT, FULL_VIP, 40000, 80), 63)),
+        )?;
+        // A router on the clients' side: about the reply, to the backend, from the pool.
+        env.expect(
+            "fragmentation needed on the clients' side",
+            &frag_needed([198, 51, 100, 1], FULL_VIP, sized(FULL_VIP, CLIENT, 80, 40000), 64),
+            XDP_TX,
+            &env.to_backend(frag_needed(POOL, BACKEND, sized(BACKEND, POOL, 8080, port), 63)),
+        )?;
+        Ok(())
+    })
+}
+
+/// 10,000 flows at once from one client address to one backend port: each gets a pool
+/// port no other flow to that backend holds (its replies could not be told apart), and
+/// each one's reply finds its way back to it.
+#[test]
+fn full_nat_gives_10000_concurrent_flows_from_one_client_distinct_ports() -> Result<()> {
+    with_env(|env| {
+        let mut ports = Vec::with_capacity(10_000);
+        let mut seen = std::collections::HashSet::new();
+        for sport in 1..=10_000u16 {
+            let syn = tcp4(CLIENT, FULL_VIP, sport, 80, TCP_SYN, Ipv4Opts::default());
+            let (action, out) = test_run(&env.dp, &syn)?;
+            ensure!(action == XDP_TX, "flow {sport}: action {action}");
+            ensure!(out[14 + 12..14 + 16] == POOL, "flow {sport}: source {:?}", &out[14 + 12..14 + 16]);
+            let port = u16::from_be_bytes([out[14 + 20], out[14 + 21]]);
+            ensure!(seen.insert(port), "flow {sport} got port {port}, already another flow's");
+            ports.push((sport, port));
+        }
+        ensure!(env.dp.global_counters()?[stat::DROP_NAT_NO_PORT as usize] == 0);
+        for (sport, port) in ports.into_iter().step_by(97) {
+            let reply = tcp4(BACKEND, POOL, 8080, port, TCP_ACK, Ipv4Opts::default());
+            env.expect(
+                "a reply of one of the 10,000",
+                &reply,
+                XDP_REDIRECT,
+                &env.to_client(tcp4(FULL_VIP, CLIENT, 80, sport, TCP_ACK, ROUTED)),
+            )?;
+        }
+        Ok(())
+    })
 }
 
 // ---- End to end: masqueraded real servers in namespaces ----------------------------

@@ -176,6 +176,10 @@ pub struct Director {
     /// prefix whose host bits each flow draws from its hash.
     pub tunnel_source_v4: Option<ipnet::Ipv4Net>,
     pub tunnel_source_v6: Option<ipnet::Ipv6Net>,
+    /// Sources of full-NAT flows, per family: one address or a prefix whose host bits
+    /// each flow draws from its hash; the director must own them (replies come to them).
+    pub fullnat_source_v4: Option<ipnet::Ipv4Net>,
+    pub fullnat_source_v6: Option<ipnet::Ipv6Net>,
 }
 
 /// `s`, or its first [`MAX_QUOTED_CHARS`] characters and how long it really was.

@@ -48,6 +48,10 @@ pub(super) struct RawDirector {
     /// Outer sources of tunnel headers: an address or a prefix, one per family.
     #[serde(default)]
     pub(super) tunnel_source: Vec<Spanned<String>>,
+    /// Sources of full-NAT flows: an address or a prefix the director owns, one per
+    /// family.
+    #[serde(default)]
+    pub(super) fullnat_source: Vec<Spanned<String>>,
 }
 
 /// `forward:`, named as in keepalived's `lb_kind`.
@@ -57,6 +61,7 @@ pub(super) enum RawForward {
     Dr,
     Tunnel,
     Nat,
+    Fullnat,
 }
 
 impl From<RawForward> for crate::model::Forward {
@@ -65,6 +70,7 @@ impl From<RawForward> for crate::model::Forward {
             RawForward::Dr => Self::Dr,
             RawForward::Tunnel => Self::Tunnel,
             RawForward::Nat => Self::Nat,
+            RawForward::Fullnat => Self::FullNat,
         }
     }
 }

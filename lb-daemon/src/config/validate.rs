@@ -18,6 +18,8 @@ pub(super) struct Tally {
     /// `director.tunnel_source`'s IPv4 and IPv6 sources (when the director section is
     /// valid; otherwise tunnel backends are not held against it).
     pub(super) tunnel_sources: Option<(Option<ipnet::Ipv4Net>, Option<ipnet::Ipv6Net>)>,
+    /// `director.fullnat_source`'s, likewise.
+    pub(super) fullnat_sources: Option<(Option<ipnet::Ipv4Net>, Option<ipnet::Ipv6Net>)>,
 }
 
 pub(super) struct Checker<'a> {
@@ -118,6 +120,7 @@ impl Checker<'_> {
             defined_marks,
             ring_slots: director.as_ref().map(|d| d.ring_slots),
             tunnel_sources: director.as_ref().map(|d| (d.tunnel_source_v4, d.tunnel_source_v6)),
+            fullnat_sources: director.as_ref().map(|d| (d.fullnat_source_v4, d.fullnat_source_v6)),
             ..Tally::default()
         };
         let (mut services, mut checks) = (Vec::new(), BTreeMap::new());
@@ -406,27 +409,15 @@ impl Checker<'_> {
             DEFAULT_FLOOD_GUARD_FLOWS_PER_SEC,
             0..=u32::MAX,
         )?;
-        let (mut tunnel_source_v4, mut tunnel_source_v6) = (None, None);
-        for (i, source) in d.tunnel_source.iter().enumerate() {
-            let path = format!("director.tunnel_source[{i}]");
-            match tunnel_source(&source.value).map_err(|msg| self.err(source, path.clone(), msg))? {
-                IpNet::V4(net) if tunnel_source_v4.is_none() => tunnel_source_v4 = Some(net),
-                IpNet::V6(net) if tunnel_source_v6.is_none() => tunnel_source_v6 = Some(net),
-                net => {
-                    let family = if net.addr().is_ipv4() { "IPv4" } else { "IPv6" };
-                    return Err(self.err(
-                        source,
-                        path,
-                        format!("a second {family} source; give one per family"),
-                    ));
-                }
-            }
-        }
+        let (tunnel_source_v4, tunnel_source_v6) = self.sources(&d.tunnel_source, "tunnel_source")?;
+        let (fullnat_source_v4, fullnat_source_v6) = self.sources(&d.fullnat_source, "fullnat_source")?;
         Ok(Director {
             accept_macs,
             flood_guard_flows_per_sec,
             tunnel_source_v4,
             tunnel_source_v6,
+            fullnat_source_v4,
+            fullnat_source_v6,
             interfaces,
             xdp_mode: match d.xdp_mode.unwrap_or(RawXdpMode::Native) {
                 RawXdpMode::Native => XdpMode::Native,
@@ -495,6 +486,31 @@ impl Checker<'_> {
         }
     }
 
+    /// `director.<key>`: at most one address or prefix per family.
+    fn sources(
+        &self,
+        list: &[Spanned<String>],
+        key: &str,
+    ) -> Result<(Option<ipnet::Ipv4Net>, Option<ipnet::Ipv6Net>), ConfigError> {
+        let (mut v4, mut v6) = (None, None);
+        for (i, source) in list.iter().enumerate() {
+            let path = format!("director.{key}[{i}]");
+            match source_prefix(&source.value).map_err(|msg| self.err(source, path.clone(), msg))? {
+                IpNet::V4(net) if v4.is_none() => v4 = Some(net),
+                IpNet::V6(net) if v6.is_none() => v6 = Some(net),
+                net => {
+                    let family = if net.addr().is_ipv4() { "IPv4" } else { "IPv6" };
+                    return Err(self.err(
+                        source,
+                        path,
+                        format!("a second {family} source; give one per family"),
+                    ));
+                }
+            }
+        }
+        Ok((v4, v6))
+    }
+
     /// An address that can be a real server of the service (a backend or its fallback),
     /// reached by `forward`.
     pub(super) fn real_server(
@@ -516,6 +532,19 @@ impl Checker<'_> {
                 addr,
                 path,
                 format!("{a} is the service's own vip: the director would send its traffic to itself"),
+            ));
+        }
+        if forward == Forward::FullNat
+            && let Some((v4, v6)) = tally.fullnat_sources
+            && !(if a.is_ipv4() { v4.is_some() } else { v6.is_some() })
+        {
+            return Err(self.err(
+                addr,
+                path,
+                format!(
+                    "{a} is reached by full NAT, which needs an {} address of the director in `director.fullnat_source`",
+                    if a.is_ipv4() { "IPv4" } else { "IPv6" }
+                ),
             ));
         }
         if forward == Forward::Tunnel {
@@ -542,7 +571,7 @@ impl Checker<'_> {
                 addr,
                 path,
                 format!(
-                    "{a} and the vip {vip} are of different address families (direct routing and masquerading cannot translate; a tunnel can)"
+                    "{a} and the vip {vip} are of different address families (direct routing and NAT keep the family; a tunnel can carry one in the other)"
                 ),
             ));
         }
@@ -599,7 +628,7 @@ impl Checker<'_> {
             // Masquerading rewrites the destination anyway, port included; the other
             // methods deliver the client's packet as it was sent.
             let port = match (&b.port, matcher) {
-                (Some(p), _) if forward == Forward::Nat => Some(p.value),
+                (Some(p), _) if matches!(forward, Forward::Nat | Forward::FullNat) => Some(p.value),
                 (Some(p), ServiceMatch::Vip { port, .. }) if p.value != *port => {
                     let how = if forward == Forward::Tunnel { "a tunnel" } else { "direct routing" };
                     return Err(self.err(
@@ -667,13 +696,14 @@ impl<T> CloneSpan for Spanned<T> {
     }
 }
 
-/// Widest prefixes a tunnel source may be: the flow hash fills at most 16 host bits (of
-/// IPv6's last word), which is all a receive-side scaling hash needs.
+/// Widest prefixes a tunnel or full-NAT source may be: the flow hash fills at most 16 host
+/// bits (of IPv6's last word), which is all a receive-side scaling hash needs, and 65,536
+/// addresses of 64,512 ports each are more flows than any connection table holds.
 const MIN_TUNNEL_SOURCE_PREFIX_V4: u8 = 16;
 const MIN_TUNNEL_SOURCE_PREFIX_V6: u8 = 112;
 
 /// `192.0.2.1`, `2001:db8::1` or a prefix such as `198.51.100.0/28`.
-fn tunnel_source(s: &str) -> Result<IpNet, String> {
+fn source_prefix(s: &str) -> Result<IpNet, String> {
     let net = match s.parse::<IpNet>() {
         Ok(net) => net,
         Err(_) => IpNet::from(
@@ -691,7 +721,7 @@ fn tunnel_source(s: &str) -> Result<IpNet, String> {
     let min = if a.is_ipv4() { MIN_TUNNEL_SOURCE_PREFIX_V4 } else { MIN_TUNNEL_SOURCE_PREFIX_V6 };
     if net.prefix_len() < min {
         return Err(format!(
-            "a tunnel source prefix may be at most /{min} wide (enough for any receive hash)"
+            "a source prefix may be at most /{min} wide (enough for any receive hash, and 65,536 addresses)"
         ));
     }
     Ok(net)

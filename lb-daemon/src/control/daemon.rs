@@ -133,6 +133,7 @@ impl Daemon {
             .collect();
         plan.state.flood_guard_flows_per_sec = config.director.flood_guard_flows_per_sec;
         plan.state.set_tunnel_sources(config.director.tunnel_source_v4, config.director.tunnel_source_v6);
+        plan.state.set_fullnat_sources(config.director.fullnat_source_v4, config.director.fullnat_source_v6);
         for (service, addr) in &plan.unresolved {
             if !self.plan.unresolved.contains(&(service.clone(), *addr)) {
                 tracing::warn!(service, backend = %addr, "backend's next hop is unknown (no route to a tunnel backend, or no ARP/ND answer yet): it gets no traffic until it is found");

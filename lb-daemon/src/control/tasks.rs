@@ -40,6 +40,8 @@ pub(super) async fn reload(daemon: &Arc<Mutex<Daemon>>) {
             interfaces: config.director.interfaces.clone(),
             tunnel_source_v4: config.director.tunnel_source_v4,
             tunnel_source_v6: config.director.tunnel_source_v6,
+            fullnat_source_v4: config.director.fullnat_source_v4,
+            fullnat_source_v6: config.director.fullnat_source_v6,
             ..d.config.director.clone()
         };
         // As in the periodic refresh: an entry missing from the table now is no reason to

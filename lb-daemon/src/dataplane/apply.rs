@@ -13,6 +13,12 @@ impl Dataplane {
         if nat {
             self.set_nat_slots(true)?;
         }
+        // The pool before the backends that take their sources from it.
+        if self.fullnat_pool != Some(desired.fullnat_pool) {
+            let mut map: Array<&mut MapData, FullNatPool> = map_mut(&mut self.ebpf, maps::FULLNAT_POOL)?;
+            map.set(0, desired.fullnat_pool, 0).map_err(map_err(maps::FULLNAT_POOL))?;
+            self.fullnat_pool = Some(desired.fullnat_pool);
+        }
         self.add_egress(&desired.egress_ifindexes)?;
         self.apply_backends(desired, &mut report)?;
         self.apply_services(desired, &mut report)?;
@@ -36,6 +42,7 @@ impl Dataplane {
         for (slot, name) in [
             (programs::NAT_FORWARD_SLOT, programs::NAT_FORWARD),
             (programs::NAT_ICMP_SLOT, programs::NAT_ICMP),
+            (programs::NAT_FULL_REPLY_SLOT, programs::NAT_FULL_REPLY),
             (programs::NAT_REPLY_SLOT, programs::NAT_REPLY),
         ] {
             let program = xdp(&self.ebpf, name)?

@@ -27,9 +27,9 @@ use aya::{
 };
 use lb_common::{
     AddrKey, Backend, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig, FAMILY_V4,
-    FAMILY_V6, FloodWindow, Flow, FlowKey, LocalMacs, MAP_LAYOUT_VERSION, MAX_ATTACHED_INTERFACES,
-    MAX_BACKENDS, MAX_LOCAL_MACS, MAX_SERVICES, MarkRuleSet, Service, ServiceKey, hash::vip_filter_slot,
-    maps, programs, stat,
+    FAMILY_V6, FloodWindow, Flow, FlowKey, FullNatPool, LocalMacs, MAP_LAYOUT_VERSION,
+    MAX_ATTACHED_INTERFACES, MAX_BACKENDS, MAX_LOCAL_MACS, MAX_SERVICES, MarkRuleSet, Service, ServiceKey,
+    hash::vip_filter_slot, maps, programs, stat,
 };
 
 mod apply;
@@ -131,6 +131,8 @@ const PINNED_MAPS: &[&str] = &[
     maps::NAT_PROGRAMS,
     // Shared by an old balancer and a new translator while an upgrade swaps programs.
     maps::NAT_JOBS,
+    maps::FULLNAT_POOL,
+    maps::FULLNAT_SOURCES,
 ];
 
 /// Where pinned maps and links live under a pin directory.
@@ -254,6 +256,8 @@ pub struct Dataplane {
     /// Whether `NAT_PROGRAMS` holds this process's translators; `None` until the first
     /// apply (pinned slots may hold an earlier daemon's).
     nat_slots: Option<bool>,
+    /// `FULLNAT_POOL[0]` as this process wrote it; `None` until the first apply.
+    fullnat_pool: Option<FullNatPool>,
     /// Last service generation handed out (never zero once used).
     last_generation: u32,
     /// `RINGS`, mapped into this process.
@@ -308,7 +312,8 @@ impl Dataplane {
         loader
             .map_max_entries(maps::RINGS, opts.ring_slots)
             .map_max_entries(maps::FLOWS, opts.flow_entries)
-            .map_max_entries(maps::NAT_REPLIES, opts.flow_entries);
+            .map_max_entries(maps::NAT_REPLIES, opts.flow_entries)
+            .map_max_entries(maps::FULLNAT_SOURCES, opts.flow_entries);
         let mut adopted = false;
         if let Some(dir) = &opts.pin_dir {
             // Checked on the closest existing ancestor first: mkdir on, say, a sysfs
@@ -331,6 +336,7 @@ impl Dataplane {
             programs::NAT_REPLY,
             programs::NAT_FORWARD,
             programs::NAT_ICMP,
+            programs::NAT_FULL_REPLY,
         ] {
             load_xdp(&mut ebpf, name)?;
         }
@@ -366,6 +372,7 @@ impl Dataplane {
             local_macs: BTreeMap::new(),
             config: DataplaneConfig::default(),
             nat_slots: None,
+            fullnat_pool: None,
             last_generation: 0,
             // Pinned maps may be an earlier daemon's, whatever was adopted: only a map this
             // process created without pinning is known to be zero.

@@ -151,12 +151,14 @@ pub struct Neighbour {
     pub mtu: u16,
 }
 
-/// Forwarding method, named as in keepalived (`lb_kind DR|TUN|NAT`).
+/// Forwarding method, named as in keepalived (`lb_kind DR|TUN|NAT`), and full NAT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Forward {
     Dr,
     Tunnel,
     Nat,
+    /// The source is translated too, to an address of `director.fullnat_source`.
+    FullNat,
 }
 
 impl Forward {
@@ -166,6 +168,8 @@ impl Forward {
             Forward::Dr => "Route",
             Forward::Tunnel => "Tunnel",
             Forward::Nat => "Masq",
+            // Not an IPVS method; named as the full-NAT patches of LVS name it.
+            Forward::FullNat => "FullNat",
         }
     }
 }

@@ -5,9 +5,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, Backend, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig, FRAGMENT_ENTRIES,
-    FloodWindow, Flow, FlowKey, FragEntry, FragKey, LocalMacs, MAX_ATTACHED_INTERFACES, MAX_BACKENDS,
-    MAX_EGRESS_INTERFACES, MAX_MARK_PREFIXES, MAX_SERVICES, MarkRuleSet, NatJob, Service, ServiceKey,
-    hash::VIP_FILTER_SLOTS, stat,
+    FloodWindow, Flow, FlowKey, FragEntry, FragKey, FullNatPool, FullNatSource, LocalMacs,
+    MAX_ATTACHED_INTERFACES, MAX_BACKENDS, MAX_EGRESS_INTERFACES, MAX_MARK_PREFIXES, MAX_SERVICES,
+    MarkRuleSet, NatJob, Service, ServiceKey, hash::VIP_FILTER_SLOTS, stat,
 };
 
 /// Per-CPU LRU lists: no cross-CPU lock on insert, at the price of each CPU evicting
@@ -93,11 +93,21 @@ pub static NAT_REPLIES: LruHashMap<FlowKey, FlowKey> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 /// The NAT translators the balancer tail-calls (`programs::NAT_REPLY_SLOT`,
-/// `NAT_FORWARD_SLOT`, `NAT_ICMP_SLOT`), filled while some backend is a NAT one. With the reply slot empty
+/// `NAT_FORWARD_SLOT`, `NAT_ICMP_SLOT`, and `NAT_FULL_REPLY_SLOT` which the reply one calls), filled while some backend is a NAT one. With the reply slot empty
 /// the tail call falls through and a packet that is not a service's passes.
 #[map]
-pub static NAT_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(3, 0);
+pub static NAT_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(4, 0);
 
 /// Per CPU: the balancer's decision for the packet it hands to `lb_nat_forward`.
 #[map]
 pub static NAT_JOBS: PerCpuArray<NatJob> = PerCpuArray::with_max_entries(1, 0);
+
+/// `FULLNAT_POOL[0]`: the director's full-NAT source addresses.
+#[map]
+pub static FULLNAT_POOL: Array<FullNatPool> = Array::with_max_entries(1, 0);
+
+/// A full-NAT flow (as the client sends it) -> the pool address and port it goes to its
+/// backend from. Sized as `FLOWS` by default.
+#[map]
+pub static FULLNAT_SOURCES: LruHashMap<FlowKey, FullNatSource> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, BPF_F_NO_COMMON_LRU);

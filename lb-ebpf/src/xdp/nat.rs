@@ -13,22 +13,34 @@
 //! flags move on (the director sees both halves of the conversation).
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, xdp_action,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
+        xdp_action,
     },
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::{FAMILY_V6, FlowKey, NAT_MASQ, PROTO_TCP, PROTO_UDP, programs::NAT_FORWARD_SLOT, stat};
+use lb_common::{
+    Backend, FAMILY_V6, FULLNAT_PORT_MIN, FULLNAT_PORT_TRIES, Flow, FlowKey, FullNatSource, NAT_FULL,
+    NAT_MASQ, PROTO_TCP, PROTO_UDP,
+    hash::tuple_hash,
+    programs::{NAT_FORWARD_SLOT, NAT_FULL_REPLY_SLOT},
+    stat,
+};
 use lb_ebpf::{
     csum::{update16, update32},
-    parse::{self, ETH_HLEN, ICMP_HDR_LEN, IPV6_HDR_LEN, TCP_ACK, TCP_SYN, ptr_at, read_u8, write_mac},
+    parse::{
+        self, ETH_HLEN, ICMP_HDR_LEN, IPV6_HDR_LEN, Parsed, TCP_ACK, TCP_SYN, ptr_at, read_u8, write_mac,
+    },
 };
 
 use super::{
     classify,
     conntrack::{self, Decision, flow_key},
     forward::Sent,
-    maps::{BACKENDS, FLOWS, NAT_JOBS, NAT_PROGRAMS, NAT_REPLIES, SERVICE_GENERATIONS},
+    maps::{
+        BACKENDS, FLOWS, FULLNAT_POOL, FULLNAT_SOURCES, NAT_JOBS, NAT_PROGRAMS, NAT_REPLIES,
+        SERVICE_GENERATIONS,
+    },
     stats,
 };
 
@@ -98,14 +110,26 @@ pub fn forward(ctx: &XdpContext) -> u32 {
             return xdp_action::XDP_DROP;
         }
     };
-    if let Err(reason) = translate(ctx, l4, b.family == FAMILY_V6, Side::Destination, &b.addr, b.port) {
+    let v6 = b.family == FAMILY_V6;
+    if let Err(reason) = translate(ctx, l4, v6, Side::Destination, &b.addr, b.port, true) {
         stats::global(reason);
         return xdp_action::XDP_DROP;
+    }
+    if b.nat == NAT_FULL {
+        let mut source = FullNatSource::default();
+        if fullnat_source(&job.key, &b, &mut source) == 0 {
+            stats::global(stat::DROP_NAT_NO_PORT);
+            return xdp_action::XDP_DROP;
+        }
+        if let Err(reason) = translate(ctx, l4, v6, Side::Source, &source.addr, source.port, false) {
+            stats::global(reason);
+            return xdp_action::XDP_DROP;
+        }
     }
     if job.new_flow != 0 && proto == PROTO_TCP && flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         conntrack::nat_syn(&job.key);
     }
-    if job.new_flow != 0 {
+    if job.new_flow != 0 && b.nat == NAT_MASQ {
         let key = &job.key;
         let reply = FlowKey {
             src: b.addr,
@@ -139,6 +163,70 @@ pub fn forward(ctx: &XdpContext) -> u32 {
     }
 }
 
+/// The pool address and port a full-NAT flow goes to its backend from: the one it has,
+/// else a new one. A new one is a pool address and a port drawn from the flow's hash,
+/// then the next candidates, each claimed by inserting the reply's key into
+/// `NAT_REPLIES` only if no flow holds it (BPF_NOEXIST): the map itself is the
+/// collision check, atomic across CPUs, with no port ranges to share out and nothing
+/// to release (a closed flow's key leaves with LRU eviction). Only replies must be told
+/// apart, so a port is unique per backend address and port, not per pool address.
+///
+/// A call of its own (into `out`; non-zero when found): its loop of map updates inlined
+/// in the translator leaves LLVM short of registers, and what it then emits the verifier
+/// refuses.
+#[inline(never)]
+fn fullnat_source(key: &FlowKey, b: &Backend, out: &mut FullNatSource) -> u32 {
+    match find_fullnat_source(key, b) {
+        Some(s) => {
+            *out = s;
+            1
+        }
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn find_fullnat_source(key: &FlowKey, b: &Backend) -> Option<FullNatSource> {
+    if let Some(s) = FULLNAT_SOURCES.get_ptr(key) {
+        // SAFETY: the element stays valid for this program run (RCU).
+        return Some(unsafe { *s });
+    }
+    let pool = FULLNAT_POOL.get(0)?;
+    let v6 = key.family == FAMILY_V6;
+    let h = tuple_hash(&key.src, &key.dst, key.sport, key.dport, key.proto, v6);
+    let spread = h.rotate_left(16);
+    let addr = if v6 {
+        [pool.v6[0], pool.v6[1], pool.v6[2], pool.v6[3] | (spread & pool.spread_v6)]
+    } else {
+        [pool.v4 | (spread & pool.spread_v4), 0, 0, 0]
+    };
+    if addr == [0; 4] {
+        return None;
+    }
+    let span = (u16::MAX - FULLNAT_PORT_MIN) as u32 + 1;
+    let mut reply = FlowKey {
+        src: b.addr,
+        dst: addr,
+        sport: if b.port != 0 { b.port } else { key.dport },
+        dport: 0,
+        proto: key.proto,
+        family: key.family,
+        _pad: 0,
+    };
+    for i in 0..FULLNAT_PORT_TRIES {
+        // A prime stride: the candidates of flows whose hashes are close do not queue up
+        // behind each other.
+        let port = (FULLNAT_PORT_MIN as u32 + h.wrapping_add(i.wrapping_mul(7919)) % span) as u16;
+        reply.dport = port.to_be();
+        if NAT_REPLIES.insert(&reply, key, BPF_NOEXIST as u64).is_ok() {
+            let source = FullNatSource { addr, port: reply.dport, _pad: 0 };
+            let _ = FULLNAT_SOURCES.insert(key, &source, 0);
+            return Some(source);
+        }
+    }
+    None
+}
+
 /// `lb_nat_icmp`: an ICMP error from the clients' side about a NAT flow's reply (a
 /// router's "fragmentation needed" to the VIP), which the balancer found is a NAT
 /// backend's: to that backend, about the packet as the backend sent it.
@@ -163,9 +251,25 @@ pub fn error_to_backend(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let len = (end - start) as u64;
-    if let Err(reason) =
-        translate_icmp(ctx, p.l4 as usize, b.family == FAMILY_V6, Side::Destination, &b.addr, b.port)
-    {
+    let (l4, v6) = (p.l4 as usize, b.family == FAMILY_V6);
+    // Full NAT: the backend sent the quoted packet to the pool, and hears of the error
+    // from the director's pool address (the client's side is not its to know).
+    let mut source = FullNatSource::default();
+    if b.nat == NAT_FULL {
+        let Some(s) = FULLNAT_SOURCES.get_ptr(&key) else {
+            return xdp_action::XDP_PASS;
+        };
+        // SAFETY: the element stays valid for this program run (RCU).
+        source = unsafe { *s };
+    }
+    let translated = translate_icmp(ctx, l4, v6, Side::Destination, &b.addr, b.port, true).and_then(|()| {
+        if b.nat == NAT_FULL {
+            translate_icmp(ctx, l4, v6, Side::Source, &source.addr, source.port, false)
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(reason) = translated {
         stats::global(reason);
         return xdp_action::XDP_DROP;
     }
@@ -217,6 +321,7 @@ fn translate_icmp(
     outer: Side,
     addr: &[u32; 4],
     port: u16,
+    hop: bool,
 ) -> Result<(), u32> {
     let inner = outer.other();
     let (start, end) = (ctx.data(), ctx.data_end());
@@ -298,7 +403,7 @@ fn translate_icmp(
     let c = ptr_at::<u16>(start, end, icmp + 2).ok_or(stat::DROP_TRUNCATED)? as *mut u16;
     // SAFETY: bounds-checked by ptr_at.
     unsafe { c.write_unaligned(ic) };
-    routed(start, end, l3, v6, &old_outer, addr)
+    routed(start, end, l3, v6, &old_outer, addr, hop)
 }
 
 /// Sets `side`'s address of the IP header at `ip` to `addr`; returns the old one (IPv4
@@ -333,41 +438,56 @@ fn swap_addr(
     }
 }
 
-/// The IP header at `l3`, whose address changed from `old` to `new`, as a router passes
-/// it on: TTL (hop limit) down by one, the IPv4 header checksum patched for both.
+/// The IP header at `l3`, whose address changed from `old` to `new`: the IPv4 header
+/// checksum patched for it and, with `hop`, the TTL (hop limit) down by one as a router
+/// passes the packet on.
 #[inline(always)]
-fn routed(start: usize, end: usize, l3: usize, v6: bool, old: &[u32; 4], new: &[u32; 4]) -> Result<(), u32> {
+fn routed(
+    start: usize,
+    end: usize,
+    l3: usize,
+    v6: bool,
+    old: &[u32; 4],
+    new: &[u32; 4],
+    hop: bool,
+) -> Result<(), u32> {
     if v6 {
-        let hop = ptr_at::<u8>(start, end, l3 + 7).ok_or(stat::DROP_TRUNCATED)? as *mut u8;
-        // SAFETY: bounds-checked by ptr_at.
-        unsafe {
-            if hop.read() <= 1 {
-                return Err(stat::DROP_TTL_EXPIRED);
+        if hop {
+            let limit = ptr_at::<u8>(start, end, l3 + 7).ok_or(stat::DROP_TRUNCATED)? as *mut u8;
+            // SAFETY: bounds-checked by ptr_at.
+            unsafe {
+                if limit.read() <= 1 {
+                    return Err(stat::DROP_TTL_EXPIRED);
+                }
+                limit.write(limit.read() - 1);
             }
-            hop.write(hop.read() - 1);
         }
         return Ok(());
     }
     let h = ptr_at::<[u8; 20]>(start, end, l3).ok_or(stat::DROP_TRUNCATED)? as usize;
     // SAFETY: the 20 bytes of the fixed header were bounds-checked above.
     unsafe {
-        let ttl_proto = (h + 8) as *mut u16;
-        let old_ttl_proto = ttl_proto.read_unaligned();
-        let ttl = (h + 8) as *mut u8;
-        if ttl.read() <= 1 {
-            return Err(stat::DROP_TTL_EXPIRED);
-        }
-        ttl.write(ttl.read() - 1);
         let ip_check = (h + 10) as *mut u16;
-        let c = update16(ip_check.read_unaligned(), old_ttl_proto, ttl_proto.read_unaligned());
+        let mut c = ip_check.read_unaligned();
+        if hop {
+            let ttl_proto = (h + 8) as *mut u16;
+            let old_ttl_proto = ttl_proto.read_unaligned();
+            let ttl = (h + 8) as *mut u8;
+            if ttl.read() <= 1 {
+                return Err(stat::DROP_TTL_EXPIRED);
+            }
+            ttl.write(ttl.read() - 1);
+            c = update16(c, old_ttl_proto, ttl_proto.read_unaligned());
+        }
         ip_check.write_unaligned(update32(c, old[0], new[0]));
     }
     Ok(())
 }
 
 /// Sets the packet's source or destination address to `addr` and, when `port` is
-/// non-zero and there is a transport header, that side's port; decrements the TTL (hop
-/// limit), and patches the checksums.
+/// non-zero and there is a transport header, that side's port, and patches the
+/// checksums; with `hop`, decrements the TTL (hop limit) too, as a router does (once per
+/// packet, however many of its addresses change).
 #[inline(always)]
 fn translate(
     ctx: &XdpContext,
@@ -376,6 +496,7 @@ fn translate(
     side: Side,
     addr: &[u32; 4],
     port: u16,
+    hop: bool,
 ) -> Result<(), u32> {
     let (start, end) = (ctx.data(), ctx.data_end());
     let (l3, _) = parse::parse_eth(start, end).ok_or(stat::DROP_TRUNCATED)?;
@@ -398,14 +519,14 @@ fn translate(
     }
     // The TTL first: a packet that dies here is dropped before anything changed.
     let ttl = read_u8(start, end, l3 + if v6 { 7 } else { 8 }).ok_or(stat::DROP_TRUNCATED)?;
-    if ttl <= 1 {
+    if hop && ttl <= 1 {
         return Err(stat::DROP_TTL_EXPIRED);
     }
     let old = swap_addr(start, end, l3, v6, side, addr)?;
     for i in 0..4 {
         check = update32(check, old[i], addr[i]);
     }
-    routed(start, end, l3, v6, &old, addr)?;
+    routed(start, end, l3, v6, &old, addr, hop)?;
     if port != 0 && l4 != 0 {
         let p = ptr_at::<u16>(start, end, l4 + if side == Side::Source { 0 } else { 2 })
             .ok_or(stat::DROP_TRUNCATED)? as *mut u16;
@@ -445,57 +566,110 @@ fn raw16(start: usize, end: usize, at: usize) -> Result<u16, u32> {
 /// translated back to its VIP and sent toward the client; anything else passes.
 #[inline(always)]
 pub fn reply(ctx: &XdpContext) -> u32 {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let Ok(p) = parse::parse(start, end) else {
-        return xdp_action::XDP_PASS;
+    let r = match reply_of(ctx) {
+        Ok(r) => r,
+        Err(action) => return action,
     };
+    if r.full {
+        // SAFETY: control returns here only when the slot is empty.
+        unsafe { NAT_PROGRAMS.tail_call(ctx, NAT_FULL_REPLY_SLOT) };
+        stats::global(stat::DROP_BACKEND_INVALID);
+        return xdp_action::XDP_DROP;
+    }
+    back_to_client(ctx, &r, false)
+}
+
+/// `lb_fullnat_reply`: a full-NAT backend's reply, addressed to the pool, from the VIP to
+/// the client. A program of its own: both rewrites inlined in one program are more
+/// states than the verifier explores.
+#[inline(always)]
+pub fn fullnat_reply(ctx: &XdpContext) -> u32 {
+    match reply_of(ctx) {
+        Ok(r) if r.full => back_to_client(ctx, &r, true),
+        Ok(_) => xdp_action::XDP_PASS,
+        Err(action) => action,
+    }
+}
+
+/// A NAT flow's reply, as `reply_of` found it.
+struct ReplyOf {
+    p: Parsed,
+    /// The flow as the client sends it.
+    flow: FlowKey,
+    entry: *mut Flow,
+    /// Its backend is a full-NAT one.
+    full: bool,
+}
+
+/// The NAT flow a packet (or an ICMP error about one) from a backend belongs to, or what
+/// to do with the packet when there is none: pass it (it is the kernel's), or drop it
+/// (counted).
+#[inline(always)]
+fn reply_of(ctx: &XdpContext) -> Result<ReplyOf, u32> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let p = parse::parse(start, end).map_err(|_| xdp_action::XDP_PASS)?;
     // Fragmented replies are left to the kernel.
     if p.frag != 0 || !classify::addressed_to_us(ctx) {
-        return xdp_action::XDP_PASS;
+        return Err(xdp_action::XDP_PASS);
     }
-    let Some(flow) = NAT_REPLIES.get_ptr(&flow_key(&p)) else {
-        return xdp_action::XDP_PASS;
-    };
+    let flow = NAT_REPLIES.get_ptr(&flow_key(&p)).ok_or(xdp_action::XDP_PASS)?;
     // SAFETY: the element stays valid for this program run (RCU); copied once, so that
     // the lookups below use a stable key.
     let flow = unsafe { *flow };
-    let Some(f) = FLOWS.get_ptr_mut(&flow) else {
-        return xdp_action::XDP_PASS;
-    };
+    let entry = FLOWS.get_ptr_mut(&flow).ok_or(xdp_action::XDP_PASS)?;
     // SAFETY: the element stays valid for this program run (RCU); fields are read once.
-    let (service, generation, backend_id) = unsafe { ((*f).service, (*f).service_generation, (*f).backend) };
+    let (service, generation, backend_id) =
+        unsafe { ((*entry).service, (*entry).service_generation, (*entry).backend) };
     // The flow must still be this backend's: one moved elsewhere (its backend went down)
     // or a service since removed leaves a stale reverse entry behind.
     if SERVICE_GENERATIONS.get(service).copied() != Some(generation) {
-        return xdp_action::XDP_PASS;
+        return Err(xdp_action::XDP_PASS);
     }
-    let Some(b) = BACKENDS.get(backend_id) else {
-        return xdp_action::XDP_PASS;
-    };
-    if b.nat != NAT_MASQ || b.addr != p.src {
-        return xdp_action::XDP_PASS;
+    let b = BACKENDS.get(backend_id).ok_or(xdp_action::XDP_PASS)?;
+    if b.nat == 0 || b.addr != p.src {
+        return Err(xdp_action::XDP_PASS);
     }
     if let Err(reason) = parse::check_ipv4_header(start, end, &p) {
         stats::global(reason);
-        return xdp_action::XDP_DROP;
+        return Err(xdp_action::XDP_DROP);
     }
+    Ok(ReplyOf { p, flow, entry, full: b.nat == NAT_FULL })
+}
+
+/// The reply translated back (source: the VIP and its port; with `full`, destination:
+/// the client and its port) and sent toward the client. An ICMP error from the
+/// backend's side (its "port unreachable", a router's "too big") has its quote
+/// translated the same way and says nothing about the connection's state.
+#[inline(always)]
+fn back_to_client(ctx: &XdpContext, r: &ReplyOf, full: bool) -> u32 {
+    let (p, flow) = (&r.p, &r.flow);
     let v6 = p.family == FAMILY_V6;
-    // An ICMP error from the backend's side (its "port unreachable", a router's "too
-    // big") quotes the client's packet as the backend got it; it says nothing about the
-    // connection's state.
+    let l4 = p.l4 as usize;
     let translated = if p.icmp_error != 0 {
-        translate_icmp(ctx, p.l4 as usize, v6, Side::Source, &flow.dst, flow.dport)
+        translate_icmp(ctx, l4, v6, Side::Source, &flow.dst, flow.dport, true).and_then(|()| {
+            if full {
+                translate_icmp(ctx, l4, v6, Side::Destination, &flow.src, flow.sport, false)
+            } else {
+                Ok(())
+            }
+        })
     } else {
         if p.proto == PROTO_TCP {
-            conntrack::server_segment(f, p.tcp_flags);
+            conntrack::server_segment(r.entry, p.tcp_flags);
         }
-        translate(ctx, p.l4 as usize, v6, Side::Source, &flow.dst, flow.dport)
+        translate(ctx, l4, v6, Side::Source, &flow.dst, flow.dport, true).and_then(|()| {
+            if full {
+                translate(ctx, l4, v6, Side::Destination, &flow.src, flow.sport, false)
+            } else {
+                Ok(())
+            }
+        })
     };
     if let Err(reason) = translated {
         stats::global(reason);
         return xdp_action::XDP_DROP;
     }
-    let action = toward_client(ctx, &flow, v6);
+    let action = toward_client(ctx, flow, v6);
     if p.icmp_error != 0 && action != xdp_action::XDP_DROP {
         stats::global(p.icmp_error as u32);
     }

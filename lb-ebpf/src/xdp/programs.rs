@@ -33,6 +33,12 @@ pub fn lb_nat_forward(ctx: XdpContext) -> u32 {
     counted(nat::forward(&ctx))
 }
 
+/// Entered by `lb_nat_reply`'s tail call for full-NAT flows, never attached.
+#[xdp]
+pub fn lb_fullnat_reply(ctx: XdpContext) -> u32 {
+    counted(nat::fullnat_reply(&ctx))
+}
+
 /// Entered by the balancer's tail call (`icmp_error`), never attached.
 #[xdp]
 pub fn lb_nat_icmp(ctx: XdpContext) -> u32 {
