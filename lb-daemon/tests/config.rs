@@ -172,6 +172,9 @@ const MALFORMED: &[(&str, &str, u64, u64, &str, &str)] = &[
     ("tunnel without a source of the backend's family", "director:\n  interfaces: [eth0]\n  tunnel_source: [192.0.2.100]\nservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends:\n      - { address: \"2001:db8::1\", forward: tunnel }\n", 8, 20, "services[0].backends[0].address", "needs an IPv6 address"),
     ("tunnel fallback without a source", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    forward: tunnel\n    fallback: 10.0.0.9\n", 7, 15, "services[0].fallback", "needs an IPv4 address"),
     ("tunnel port mapping", "director:\n  interfaces: [eth0]\n  tunnel_source: [192.0.2.100]\nservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    forward: tunnel\n    backends:\n      - { address: 10.0.0.1, port: 8080 }\n", 9, 36, "services[0].backends[0].port", "a tunnel keeps the destination port"),
+    ("full NAT without a source", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    forward: fullnat\n    backends:\n      - { address: 10.0.0.1 }\n", 8, 20, "services[0].backends[0].address", "needs an IPv4 address of the director in `director.fullnat_source`"),
+    ("full NAT across families", "director:\n  interfaces: [eth0]\n  fullnat_source: [198.51.100.1, \"2001:db8::1\"]\nservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends:\n      - { address: \"2001:db8::5\", forward: fullnat }\n", 8, 20, "services[0].backends[0].address", "NAT keep the family"),
+    ("two full-NAT sources of one family", "director:\n  interfaces: [eth0]\n  fullnat_source: [192.0.2.1, 192.0.2.2]\n", 3, 31, "director.fullnat_source[1]", "a second IPv4 source"),
     ("bad tunnel source", "director:\n  interfaces: [eth0]\n  tunnel_source: [192.0.2]\n", 3, 19, "director.tunnel_source[0]", "not an address or a prefix"),
     ("two tunnel sources of one family", "director:\n  interfaces: [eth0]\n  tunnel_source: [192.0.2.1, 192.0.2.2]\n", 3, 30, "director.tunnel_source[1]", "a second IPv4 source"),
     ("tunnel source prefix with host bits", "director:\n  interfaces: [eth0]\n  tunnel_source: [192.0.2.1/28]\n", 3, 19, "director.tunnel_source[0]", "write the prefix as 192.0.2.0/28"),
@@ -287,7 +290,7 @@ fn the_error_names_file_line_column_and_path() {
     let e = Config::parse("director:\n  interfaces: [eth0]\n  xdp: native\n", "/etc/lb/lb.yaml").unwrap_err();
     assert_eq!(
         e.to_string(),
-        "/etc/lb/lb.yaml:3:3: director.xdp: unknown field `xdp`, expected one of interfaces, xdp_mode, metrics_listen, control_socket, bpf_dir, connection_table_size, ring_slots, accept_macs, flood_guard_flows_per_sec, tunnel_source"
+        "/etc/lb/lb.yaml:3:3: director.xdp: unknown field `xdp`, expected one of interfaces, xdp_mode, metrics_listen, control_socket, bpf_dir, connection_table_size, ring_slots, accept_macs, flood_guard_flows_per_sec, tunnel_source, fullnat_source"
     );
 }
 
@@ -586,4 +589,16 @@ fn masquerading_backends_may_map_ports() {
     assert_eq!(got, [(Forward::Nat, Some(8080)), (Forward::Nat, None), (Forward::Dr, None)]);
     assert_eq!(config.services[1].backends[0].forward, Forward::Nat);
     assert_eq!(Forward::Nat.ipvs_name(), "Masq");
+}
+
+/// `forward: fullnat` with `director.fullnat_source` (a prefix: each flow draws an
+/// address from it); a full-NAT backend may map ports as a masquerading one.
+#[test]
+fn full_nat_backends_take_their_source_from_the_director() {
+    let yaml = "director:\n  interfaces: [eth0]\n  fullnat_source: [198.51.100.16/28]\nservices:\n  - name: web\n    match: { vip: 192.0.2.1, port: 80 }\n    forward: fullnat\n    backends:\n      - { address: 10.9.0.11, port: 8080 }\n";
+    let config = lb_daemon::control::check_text(yaml, "lb.yaml").expect("valid");
+    assert_eq!(config.director.fullnat_source_v4, Some("198.51.100.16/28".parse().unwrap()));
+    let b = &config.services[0].backends[0];
+    assert_eq!((b.forward, b.port), (Forward::FullNat, Some(8080)));
+    assert_eq!(Forward::FullNat.ipvs_name(), "FullNat");
 }

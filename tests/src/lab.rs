@@ -25,6 +25,9 @@ pub const DIRECTOR_PORT: u16 = 8080;
 /// Where masqueraded real servers ([`Layout::masqueraded`]) serve the VIP's port 80:
 /// the director maps the port (`VIP:80 -> RS:8080`).
 pub const NAT_SERVER_PORT: u16 = 8080;
+/// The director's full-NAT source in labs of NAT servers (on its LAN link, which the
+/// servers' side reaches without any route to the clients).
+pub const FULLNAT_SOURCE: &str = "10.0.2.100";
 
 /// Where the daemon's config comes from.
 pub enum LabConfig {
@@ -58,8 +61,10 @@ pub struct DrLab {
     decap_dirs: Vec<PathBuf>,
     /// The port the real servers' name servers listen on.
     server_port: u16,
-    /// `director.interfaces` of a generated config.
+    /// `director.interfaces` of a generated config, and lines added to its director
+    /// section.
     interfaces: String,
+    director_extra: String,
 }
 
 /// The `services:` section of the default lab: one VIP, sh, every server at weight 1.
@@ -122,10 +127,12 @@ impl DrLab {
         }
         let server_port = if layout.masqueraded { NAT_SERVER_PORT } else { VIP_PORT };
         // Masqueraded servers answer through the director: it translates on the LAN too.
-        let interfaces = if layout.masqueraded {
-            format!("[{DIRECTOR_IN}, {DIRECTOR_OUT}]")
+        let (interfaces, director_extra) = if layout.masqueraded {
+            // The full-NAT source is the director's own address.
+            topo.director.ip(&["addr", "add", &format!("{FULLNAT_SOURCE}/32"), "dev", DIRECTOR_OUT])?;
+            (format!("[{DIRECTOR_IN}, {DIRECTOR_OUT}]"), format!("  fullnat_source: [{FULLNAT_SOURCE}]\n"))
         } else {
-            format!("[{DIRECTOR_IN}]")
+            (format!("[{DIRECTOR_IN}]"), String::new())
         };
         let name_servers = topo
             .servers
@@ -158,7 +165,7 @@ impl DrLab {
                 let path = dir.join("lb.yaml");
                 std::fs::write(
                     &path,
-                    format!("{}{services}", director_yaml(&dir, &bpf, connection_table_size, &interfaces)),
+                    format!("{}{services}", director_yaml(&dir, &bpf, connection_table_size, &interfaces, &director_extra)),
                 )?;
                 (path, Some(dir))
             }
@@ -211,6 +218,7 @@ impl DrLab {
             decap_dirs,
             server_port,
             interfaces,
+            director_extra,
         };
         lab.wait_resolved()?;
         Ok(lab)
@@ -244,7 +252,7 @@ impl DrLab {
     /// Replaces the services of a generated config (the director section stays).
     pub fn write_services(&self, services: &str) -> Result<()> {
         let dir = self.workdir.as_ref().ok_or_else(|| anyhow!("the lab runs a fixed file"))?;
-        let director = director_yaml(dir, &self.bpf_dir, self.connection_table_size, &self.interfaces);
+        let director = director_yaml(dir, &self.bpf_dir, self.connection_table_size, &self.interfaces, &self.director_extra);
         std::fs::write(self.config_path()?, format!("{director}{services}"))?;
         Ok(())
     }
@@ -420,11 +428,17 @@ fn in_namespace(ns: &str, f: impl FnOnce() -> Result<()> + Send) -> Result<()> {
     })
 }
 
-fn director_yaml(workdir: &Path, bpf_dir: &Path, connection_table_size: u32, interfaces: &str) -> String {
+fn director_yaml(
+    workdir: &Path,
+    bpf_dir: &Path,
+    connection_table_size: u32,
+    interfaces: &str,
+    extra: &str,
+) -> String {
     format!(
         "director:\n  interfaces: {interfaces}\n  xdp_mode: native\n  metrics_listen: 127.0.0.1:9740\n  \
          control_socket: {}\n  bpf_dir: {}\n  connection_table_size: {connection_table_size}\n  ring_slots: 131072\n  \
-         tunnel_source: [{DIRECTOR_LAN_SIDE}]\n",
+         tunnel_source: [{DIRECTOR_LAN_SIDE}]\n{extra}",
         workdir.join("control.sock").display(),
         bpf_dir.display()
     )

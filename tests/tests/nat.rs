@@ -700,3 +700,32 @@ fn an_fwmark_service_over_two_ports_masquerades_with_source_stickiness() -> Resu
     }
     Ok(())
 }
+
+/// Full NAT: real servers on another subnet behind a router that has no route to the
+/// clients at all (nor do they): only the director's pool address is reachable from
+/// them, so every answer must come back through it.
+#[test]
+fn full_nat_servers_without_a_route_to_the_clients_answer_300_connections() -> Result<()> {
+    let layout = Layout { masqueraded: true, server_path: lb_tests::topology::ServerPath::Routed, ..Layout::default() };
+    let servers: Vec<IpAddr> = (0..LAB_SERVERS).map(|i| IpAddr::from([10, 0, 4, 11 + i as u8])).collect();
+    let mut y = format!(
+        "services:\n  - name: web\n    match: {{ vip: {LAB_VIP}, port: {VIP_PORT}, proto: tcp }}\n    scheduler: sh\n    forward: fullnat\n    check: {{ type: tcp, interval: 300ms, timeout: 250ms }}\n    backends:\n"
+    );
+    for s in &servers {
+        y.push_str(&format!("      - {{ address: {s}, port: {NAT_SERVER_PORT} }}\n"));
+    }
+    let lab = DrLab::start_on(layout, LAB_SERVERS, 30, LabConfig::Services(y))?;
+    // The servers' side knows the director's LAN, where the pool is, and nothing else.
+    lab.topo.lan.ip(&["route", "del", "default"])?;
+    let routes = lab.topo.lan.ip(&["route", "show"])?;
+    ensure!(!routes.contains("default") && !routes.contains("10.0.1."), "{routes}");
+    lab.wait_state("web", "10.0.4.13:8080", "active")?;
+    let answers = lab.connect_all(10)?;
+    ensure!(answers.len() == 300);
+    let sticky = by_source(&answers)?;
+    let used: std::collections::HashSet<&String> = sticky.values().collect();
+    ensure!(used.len() == LAB_SERVERS, "30 sources used only {used:?}");
+    let status = lab.daemon.status()?;
+    ensure!(status.contains("10.0.4.11:8080") && status.contains("FullNat"), "{status}");
+    Ok(())
+}
