@@ -34,6 +34,7 @@ pub mod maps {
     pub const NAT_JOBS: &str = "NAT_JOBS";
     pub const FULLNAT_POOL: &str = "FULLNAT_POOL";
     pub const FULLNAT_SOURCES: &str = "FULLNAT_SOURCES";
+    pub const NAT_SOURCE_FILTER: &str = "NAT_SOURCE_FILTER";
 }
 
 /// Program names in the object.
@@ -106,6 +107,7 @@ pub mod test_object {
         pub const BENCH_CFG: &str = "BENCH_CFG";
         pub const BENCH_TARGET: &str = "BENCH_TARGET";
         pub const TRUNK_PORTS: &str = "TRUNK_PORTS";
+        pub const BENCH_FRAME: &str = "BENCH_FRAME";
     }
 
     /// Program names.
@@ -648,7 +650,15 @@ pub struct BenchConfig {
     /// loses it first, so that a tunnel service sees the client's packet on every run
     /// (BPF_PROG_TEST_RUN does not restore the frame between runs).
     pub untunnel: u32,
+    /// Non-zero: the frame is overwritten with `BENCH_FRAME[0]` first (its
+    /// `BENCH_FRAME_LEN` bytes), so that a case whose program rewrites addresses (NAT)
+    /// sees the same packet on every run.
+    pub restore: u32,
 }
+
+/// Length of the frame the benchmark driver restores: Ethernet, IPv4, TCP and 2 bytes of
+/// payload, in whole words.
+pub const BENCH_FRAME_LEN: usize = 56;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -13,7 +13,7 @@ mod programs {
         maps::{Array, HashMap, PerCpuArray, ProgramArray},
         programs::XdpContext,
     };
-    use lb_common::{BenchConfig, TrunkPort};
+    use lb_common::{BENCH_FRAME_LEN, BenchConfig, TrunkPort};
     use lb_ebpf::{
         csum,
         parse::{self, ETH_HLEN, ETH_P_8021Q, ETH_P_IP, VLAN_HLEN},
@@ -24,6 +24,10 @@ mod programs {
 
     #[map]
     static BENCH_STATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+    /// The frame `BenchConfig::restore` puts back before each run.
+    #[map]
+    static BENCH_FRAME: Array<[u32; BENCH_FRAME_LEN / 4]> = Array::with_max_entries(1, 0);
 
     /// Slot 0: the program under test, from the production object (tail calls cross objects).
     #[map]
@@ -63,6 +67,9 @@ mod programs {
         if cfg.untunnel != 0 {
             untunnel(&ctx);
         }
+        if cfg.restore != 0 {
+            restore(&ctx);
+        }
         let (start, end) = (ctx.data(), ctx.data_end());
         let flows = cfg.flows;
         if flows != 0 && start + BENCH_TCP_CHECK + 2 <= end {
@@ -88,6 +95,18 @@ mod programs {
         // SAFETY: on success the tail call does not return.
         let _ = unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
         xdp_action::XDP_ABORTED
+    }
+
+    /// Puts the configured frame back (a NAT case's previous run rewrote it).
+    #[inline(always)]
+    fn restore(ctx: &XdpContext) {
+        let (start, end) = (ctx.data(), ctx.data_end());
+        let Some(frame) = BENCH_FRAME.get(0) else { return };
+        if start + BENCH_FRAME_LEN > end {
+            return;
+        }
+        // SAFETY: BENCH_FRAME_LEN bytes bounds-checked above; packet data is unaligned.
+        unsafe { (start as *mut [u32; BENCH_FRAME_LEN / 4]).write_unaligned(*frame) };
     }
 
     /// Removes the outer IPv4 header (protocol 4) the previous run added: the Ethernet

@@ -165,7 +165,10 @@ impl DrLab {
                 let path = dir.join("lb.yaml");
                 std::fs::write(
                     &path,
-                    format!("{}{services}", director_yaml(&dir, &bpf, connection_table_size, &interfaces, &director_extra)),
+                    format!(
+                        "{}{services}",
+                        director_yaml(&dir, &bpf, connection_table_size, &interfaces, &director_extra)
+                    ),
                 )?;
                 (path, Some(dir))
             }
@@ -252,7 +255,13 @@ impl DrLab {
     /// Replaces the services of a generated config (the director section stays).
     pub fn write_services(&self, services: &str) -> Result<()> {
         let dir = self.workdir.as_ref().ok_or_else(|| anyhow!("the lab runs a fixed file"))?;
-        let director = director_yaml(dir, &self.bpf_dir, self.connection_table_size, &self.interfaces, &self.director_extra);
+        let director = director_yaml(
+            dir,
+            &self.bpf_dir,
+            self.connection_table_size,
+            &self.interfaces,
+            &self.director_extra,
+        );
         std::fs::write(self.config_path()?, format!("{director}{services}"))?;
         Ok(())
     }

@@ -7,7 +7,7 @@ use aya::maps::{Array, HashMap, MapData, ProgramArray};
 use aya::programs::{ProgramFd, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::test_object::{maps, programs};
-use lb_common::{BenchConfig, TrunkPort};
+use lb_common::{BENCH_FRAME_LEN, BenchConfig, TrunkPort};
 
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_XDP_TEST_OBJECT"));
 
@@ -60,20 +60,43 @@ impl TestPrograms {
     /// flows it cycles through.
     pub fn configure_bench_driver(&mut self, target: &Xdp, flows: u32) -> Result<()> {
         let fd = target.fd().context("the driver's target is not loaded")?.try_clone()?;
-        self.configure_bench_driver_fd(fd, flows, false)
+        self.configure_bench_driver_fd(fd, flows, false, None)
     }
 
     /// [`Self::configure_bench_driver`] with the target's descriptor (the floor is in this
     /// object, so a borrow of it cannot be passed in).
     /// `untunnel`: see `BenchConfig::untunnel`.
-    pub fn configure_bench_driver_fd(&mut self, fd: ProgramFd, flows: u32, untunnel: bool) -> Result<()> {
+    /// `restore`: a frame of `BENCH_FRAME_LEN` bytes the driver puts back before each run.
+    pub fn configure_bench_driver_fd(
+        &mut self,
+        fd: ProgramFd,
+        flows: u32,
+        untunnel: bool,
+        restore: Option<&[u8]>,
+    ) -> Result<()> {
         let map =
             self.ebpf.map_mut(maps::BENCH_TARGET).ok_or_else(|| anyhow!("no map {}", maps::BENCH_TARGET))?;
         let mut targets: ProgramArray<&mut MapData> = ProgramArray::try_from(map)?;
         targets.set(0, &fd, 0)?;
         let map = self.ebpf.map_mut(maps::BENCH_CFG).ok_or_else(|| anyhow!("no map {}", maps::BENCH_CFG))?;
         let mut cfg: Array<&mut MapData, BenchConfig> = Array::try_from(map)?;
-        cfg.set(0, BenchConfig { flows, untunnel: u32::from(untunnel) }, 0)?;
+        cfg.set(
+            0,
+            BenchConfig { flows, untunnel: u32::from(untunnel), restore: u32::from(restore.is_some()) },
+            0,
+        )?;
+        if let Some(frame) = restore {
+            anyhow::ensure!(frame.len() == BENCH_FRAME_LEN, "a restored frame is {BENCH_FRAME_LEN} bytes");
+            let words: [u32; BENCH_FRAME_LEN / 4] = std::array::from_fn(|i| {
+                u32::from_ne_bytes([frame[4 * i], frame[4 * i + 1], frame[4 * i + 2], frame[4 * i + 3]])
+            });
+            let map = self
+                .ebpf
+                .map_mut(maps::BENCH_FRAME)
+                .ok_or_else(|| anyhow!("no map {}", maps::BENCH_FRAME))?;
+            let mut frames: Array<&mut MapData, [u32; BENCH_FRAME_LEN / 4]> = Array::try_from(map)?;
+            frames.set(0, words, 0)?;
+        }
         Ok(())
     }
 }

@@ -706,7 +706,11 @@ fn an_fwmark_service_over_two_ports_masquerades_with_source_stickiness() -> Resu
 /// them, so every answer must come back through it.
 #[test]
 fn full_nat_servers_without_a_route_to_the_clients_answer_300_connections() -> Result<()> {
-    let layout = Layout { masqueraded: true, server_path: lb_tests::topology::ServerPath::Routed, ..Layout::default() };
+    let layout = Layout {
+        masqueraded: true,
+        server_path: lb_tests::topology::ServerPath::Routed,
+        ..Layout::default()
+    };
     let servers: Vec<IpAddr> = (0..LAB_SERVERS).map(|i| IpAddr::from([10, 0, 4, 11 + i as u8])).collect();
     let mut y = format!(
         "services:\n  - name: web\n    match: {{ vip: {LAB_VIP}, port: {VIP_PORT}, proto: tcp }}\n    scheduler: sh\n    forward: fullnat\n    check: {{ type: tcp, interval: 300ms, timeout: 250ms }}\n    backends:\n"

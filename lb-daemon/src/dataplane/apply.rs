@@ -13,6 +13,9 @@ impl Dataplane {
         if nat {
             self.set_nat_slots(true)?;
         }
+        // Slots of new NAT backends before their flows can start; stale ones go at the end.
+        let nat_sources = nat_source_slots(&desired.backends);
+        self.set_nat_source_slots(nat_sources.difference(&self.nat_source_slots).copied().collect(), 1)?;
         // The pool before the backends that take their sources from it.
         if self.fullnat_pool != Some(desired.fullnat_pool) {
             let mut map: Array<&mut MapData, FullNatPool> = map_mut(&mut self.ebpf, maps::FULLNAT_POOL)?;
@@ -27,10 +30,25 @@ impl Dataplane {
         self.apply_local_macs(desired)?;
         self.remove_backends(desired, &mut report)?;
         self.remove_egress(&desired.egress_ifindexes)?;
+        let stale: Vec<u32> = self.nat_source_slots.difference(&nat_sources).copied().collect();
+        self.set_nat_source_slots(stale, 0)?;
         if !nat {
             self.set_nat_slots(false)?;
         }
         Ok(report)
+    }
+
+    fn set_nat_source_slots(&mut self, slots: Vec<u32>, value: u8) -> Result<()> {
+        let mut filter: Array<&mut MapData, u8> = map_mut(&mut self.ebpf, maps::NAT_SOURCE_FILTER)?;
+        for slot in slots {
+            filter.set(slot, value, 0).map_err(map_err(maps::NAT_SOURCE_FILTER))?;
+            if value != 0 {
+                self.nat_source_slots.insert(slot);
+            } else {
+                self.nat_source_slots.remove(&slot);
+            }
+        }
+        Ok(())
     }
 
     /// Fills or empties the balancer's tail-call slots for NAT: empty, packets that are not

@@ -133,7 +133,17 @@ const PINNED_MAPS: &[&str] = &[
     maps::NAT_JOBS,
     maps::FULLNAT_POOL,
     maps::FULLNAT_SOURCES,
+    maps::NAT_SOURCE_FILTER,
 ];
+
+/// The `NAT_SOURCE_FILTER` slots of the NAT backends among `backends`.
+fn nat_source_slots(backends: &BTreeMap<u32, Backend>) -> BTreeSet<u32> {
+    backends
+        .values()
+        .filter(|b| b.nat != 0)
+        .map(|b| vip_filter_slot(&b.addr, b.family == FAMILY_V6))
+        .collect()
+}
 
 /// Where pinned maps and links live under a pin directory.
 fn maps_dir(pin_dir: &Path) -> PathBuf {
@@ -258,6 +268,8 @@ pub struct Dataplane {
     nat_slots: Option<bool>,
     /// `FULLNAT_POOL[0]` as this process wrote it; `None` until the first apply.
     fullnat_pool: Option<FullNatPool>,
+    /// `NAT_SOURCE_FILTER` slots set (those of the NAT backends' addresses).
+    nat_source_slots: BTreeSet<u32>,
     /// Last service generation handed out (never zero once used).
     last_generation: u32,
     /// `RINGS`, mapped into this process.
@@ -373,6 +385,7 @@ impl Dataplane {
             config: DataplaneConfig::default(),
             nat_slots: None,
             fullnat_pool: None,
+            nat_source_slots: BTreeSet::new(),
             last_generation: 0,
             // Pinned maps may be an earlier daemon's, whatever was adopted: only a map this
             // process created without pinning is known to be zero.
@@ -433,6 +446,7 @@ impl Dataplane {
             vips.iter().collect::<std::result::Result<_, _>>().map_err(map_err(maps::VIP_ADDRS))?;
         self.vip_slots =
             self.vip_addrs.keys().map(|k| vip_filter_slot(&k.addr, k.family == FAMILY_V6)).collect();
+        self.nat_source_slots = nat_source_slots(&self.backends);
         let v4: LpmTrie<&MapData, u32, MarkRuleSet> = map_ref(&self.ebpf, maps::MARK_RULES_V4)?;
         for entry in v4.iter() {
             let (key, rules) = entry.map_err(map_err(maps::MARK_RULES_V4))?;

@@ -7,7 +7,9 @@ use lb_common::{
 };
 use lb_ebpf::parse::{Parsed, ptr_at};
 
-use super::maps::{CONFIG, LOCAL_MACS, MARK_RULES_V4, MARK_RULES_V6, SERVICES, VIP_ADDRS, VIP_FILTER};
+use super::maps::{
+    CONFIG, LOCAL_MACS, MARK_RULES_V4, MARK_RULES_V6, NAT_SOURCE_FILTER, SERVICES, VIP_ADDRS, VIP_FILTER,
+};
 
 /// False when the destination is certainly no exact-match VIP. Most traffic through a
 /// director is for no VIP, and one inlined array load tells.
@@ -15,6 +17,13 @@ use super::maps::{CONFIG, LOCAL_MACS, MARK_RULES_V4, MARK_RULES_V6, SERVICES, VI
 pub fn maybe_vip(p: &Parsed) -> bool {
     let slot = vip_filter_slot(&p.dst, p.family != FAMILY_V4);
     VIP_FILTER.get(slot).is_some_and(|f| *f != 0)
+}
+
+/// False when the source is certainly no NAT backend (see `NAT_SOURCE_FILTER`).
+#[inline(always)]
+pub fn maybe_nat_backend(p: &Parsed) -> bool {
+    let slot = vip_filter_slot(&p.src, p.family != FAMILY_V4);
+    NAT_SOURCE_FILTER.get(slot).is_some_and(|f| *f != 0)
 }
 
 /// The service of a packet: by exact VIP if `maybe_vip(p)`, else by mark rules.

@@ -111,3 +111,10 @@ pub static FULLNAT_POOL: Array<FullNatPool> = Array::with_max_entries(1, 0);
 #[map]
 pub static FULLNAT_SOURCES: LruHashMap<FlowKey, FullNatSource> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// Non-zero where some NAT backend's address folds to the slot (`hash::vip_filter_slot`):
+/// a packet that is no service's goes to the reply translator only when its source may be
+/// a NAT backend, so the rest of the traffic pays one array load, not a tail call, a parse
+/// and a hash lookup.
+#[map]
+pub static NAT_SOURCE_FILTER: Array<u8> = Array::with_max_entries(VIP_FILTER_SLOTS, 0);

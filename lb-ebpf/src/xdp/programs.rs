@@ -58,11 +58,18 @@ fn counted(action: u32) -> u32 {
     action
 }
 
-/// A packet that is not a service's may be a NAT backend's reply: the reply translator
-/// takes it when some backend is a NAT one (its slot is filled), else it passes. A tail
-/// call, so that the translator's stack is not the balancer's.
+/// A packet that is not a service's may be a NAT backend's reply, when its source may be
+/// a NAT backend's address; else it passes.
 #[inline(always)]
-fn not_a_service(ctx: &XdpContext) -> u32 {
+fn not_a_service(ctx: &XdpContext, p: &Parsed) -> u32 {
+    if classify::maybe_nat_backend(p) { nat_reply(ctx) } else { xdp_action::XDP_PASS }
+}
+
+/// The reply translator takes the packet when some backend is a NAT one (its slot is
+/// filled), else it passes. A tail call, so that the translator's stack is not the
+/// balancer's.
+#[inline(always)]
+fn nat_reply(ctx: &XdpContext) -> u32 {
     // SAFETY: control returns here only when the slot is empty.
     unsafe { NAT_PROGRAMS.tail_call(ctx, NAT_REPLY_SLOT) };
     xdp_action::XDP_PASS
@@ -99,7 +106,7 @@ fn balance(ctx: &XdpContext) -> u32 {
     } else {
         match classify::lookup_service(&p, false) {
             Some(svc) => Some(svc),
-            None => return not_a_service(ctx),
+            None => return not_a_service(ctx, &p),
         }
     };
     if !classify::addressed_to_us(ctx) {
@@ -126,7 +133,7 @@ fn balance(ctx: &XdpContext) -> u32 {
             None => {
                 let svc = match mark_service.or_else(|| classify::lookup_service(&p, true)) {
                     Some(svc) => svc,
-                    None => return not_a_service(ctx),
+                    None => return not_a_service(ctx, &p),
                 };
                 if parse::is_martian_source(p.family, &p.src) || classify::is_vip(p.family, &p.src) {
                     return drop_if_ours(true, stat::DROP_MARTIAN_SOURCE);
@@ -218,8 +225,9 @@ fn forward(ctx: &XdpContext, d: &conntrack::Decision, key: &FlowKey, counter: u3
 /// director cannot place is the kernel's, as before.
 #[inline(always)]
 fn icmp_error(ctx: &XdpContext, p: &Parsed) -> u32 {
+    // An error from the servers' side comes from any router there: not filtered by source.
     let Some(svc) = classify::lookup_service(p, classify::maybe_vip(p)) else {
-        return not_a_service(ctx);
+        return nat_reply(ctx);
     };
     if !classify::addressed_to_us(ctx) || parse::check_ipv4_header(ctx.data(), ctx.data_end(), p).is_err() {
         return xdp_action::XDP_PASS;

@@ -10,8 +10,14 @@
 //!   port and address per run (checksums patched), then tail-calls the balancer. The
 //!   driver's own cost is shown as "floor via driver".
 //!
+//! * NAT cases (masquerading and full NAT, both directions) go through the driver too,
+//!   which puts the client's (or the backend's) frame back before each run, as the
+//!   direct-routing reference they are compared with does.
+//!
 //! The output of every round is checked. Ratios, not absolute numbers, are what compare
-//! across machines. Then the health checkers' throughput (see `health`).
+//! across machines. The data-path cases run in a namespace of their own, whose kernel
+//! routes the NAT replies toward the client. Then the health checkers' throughput (see
+//! `health`).
 
 mod control;
 mod health;
@@ -21,11 +27,11 @@ use aya::programs::Xdp;
 use lb_common::programs::{BALANCER, PASS};
 use lb_common::test_object::programs::{BENCH_DRIVER, FLOOR};
 use lb_daemon::dataplane::{Dataplane, LoadOptions};
-use lb_daemon::model::Neighbour;
+use lb_daemon::model::{Forward, Neighbour, ServiceSpec};
 use lb_daemon::plan::Planner;
 use lb_ebpf::parse::{TCP_ACK, TCP_SYN};
 use lb_ebpf::testpkt::{self, Ipv4Opts, L4};
-use lb_tests::fixture::{XDP_PASS, XDP_TX, tcp_service, timed_run_xdp, tunnelled};
+use lb_tests::fixture::{XDP_PASS, XDP_REDIRECT, XDP_TX, tcp_service, timed_run_xdp, tunnelled};
 use lb_tests::test_object::TestPrograms;
 use nix::sched::{CpuSet, sched_setaffinity};
 use nix::unistd::Pid;
@@ -35,6 +41,10 @@ const REPEAT: u32 = 1_000_000;
 const ROUNDS: usize = 9;
 const CYCLED_FLOWS: u32 = 65_536;
 const DIRECTOR_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xaa];
+/// NAT cases: the client, behind a next hop on the bench namespace's client link.
+const NAT_CLIENT: [u8; 4] = [10, 9, 0, 7];
+const CLIENT_NEXT_HOP_MAC: [u8; 6] = [2, 0, 0, 0, 9, 7];
+const CLIENT_LINK: &str = "benchc0";
 
 /// What a case's output frame must look like after each timed run.
 #[derive(Clone, Copy)]
@@ -48,6 +58,8 @@ enum Output {
     Routed { whole: bool },
     /// Sent to a backend inside an outer IPv4 header (protocol 4).
     Tunnelled,
+    /// A NAT reply on its way to the client's next hop.
+    ToClient,
 }
 
 #[derive(Clone)]
@@ -59,6 +71,11 @@ struct Case {
     /// The driver strips the outer header the previous run added (tunnel cases; set for
     /// their direct-routing references too, so that both pay for the check).
     untunnel: bool,
+    /// `BenchConfig::restore`: the frame is put back before every run.
+    restore: bool,
+    /// Run once through the balancer before the case (the client's packet that makes
+    /// the flow a NAT reply belongs to, which other cases may have evicted).
+    prepare: Option<Vec<u8>>,
     /// The service whose new flows are counted.
     service: &'static str,
     frame: Vec<u8>,
@@ -90,6 +107,7 @@ impl Case {
                     && out[12..14] == [0x08, 0x00]
                     && out[14 + 9] == 4
             }
+            Output::ToClient => out.len() == input.len() && out[..6] == CLIENT_NEXT_HOP_MAC,
         }
     }
 }
@@ -104,6 +122,37 @@ fn main() -> Result<()> {
     if std::env::args().nth(1).as_deref() == Some("control") {
         return control::run_all();
     }
+    // The NAT replies are sent where the kernel's FIB says: the data-path cases run in a
+    // namespace whose routes and neighbour entry the bench sets up itself.
+    let ns = lb_tests::NetNs::new("bench")?;
+    for args in [
+        vec!["link", "set", "lo", "up"],
+        vec!["link", "add", CLIENT_LINK, "type", "veth", "peer", "name", "benchc1"],
+        vec!["link", "set", CLIENT_LINK, "up"],
+        vec!["link", "set", "benchc1", "up"],
+        vec!["addr", "add", "10.9.0.1/24", "dev", CLIENT_LINK],
+        vec![
+            "neigh",
+            "add",
+            "10.9.0.7",
+            "lladdr",
+            "02:00:00:00:09:07",
+            "dev",
+            CLIENT_LINK,
+            "nud",
+            "permanent",
+        ],
+    ] {
+        ns.ip(&args)?;
+    }
+    ns.sysctl("net.ipv4.ip_forward", "1")?;
+    ns.run(data_path)?;
+    health::run_all()?;
+    control::run_all()
+}
+
+/// The data-path cases, inside the bench namespace.
+fn data_path() -> Result<()> {
     let mut test = TestPrograms::load()?;
     let mut dp =
         Dataplane::load(&LoadOptions { ring_slots: 4 * 65537, flow_entries: 1 << 20, pin_dir: None })?;
@@ -125,12 +174,45 @@ fn main() -> Result<()> {
         })
         .collect();
     let web = tcp_service("web", "192.0.2.10".parse()?, 80, 65537, &backends);
-    // The same servers behind a tunnel service.
+    // The same servers behind a tunnel service, and behind NAT (port 80 -> 8080).
     let mut tunnel = tcp_service("tunnel", "192.0.2.11".parse()?, 80, 65537, &backends);
     tunnelled(&mut tunnel);
-    let mut plan = Planner::default().plan(&[web, tunnel], &[], &neighbours)?;
+    let nat = |name: &str, vip: &str, forward| -> Result<ServiceSpec> {
+        let mut s = tcp_service(name, vip.parse()?, 80, 65537, &backends);
+        s.forward = forward;
+        for b in &mut s.backends {
+            (b.forward, b.port) = (forward, Some(8080));
+        }
+        Ok(s)
+    };
+    let services = [
+        web,
+        tunnel,
+        nat("nat", "192.0.2.12", Forward::Nat)?,
+        nat("fullnat", "192.0.2.13", Forward::FullNat)?,
+    ];
+    let mut plan = Planner::default().plan(&services, &[], &neighbours)?;
     plan.state.set_tunnel_sources(Some("10.1.0.254/32".parse()?), None);
+    plan.state.set_fullnat_sources(Some("10.1.0.253/32".parse()?), None);
     dp.apply(&plan.state)?;
+    // The NAT frames: the client's ACK, and the reply of the backend the ring gives it
+    // (to the pool port its flow got, for full NAT), 56 bytes as the driver restores them.
+    let tcp56 = |src: [u8; 4], dst: [u8; 4], sport, dport| {
+        testpkt::ipv4(src, dst, L4::Tcp { sport, dport, flags: TCP_ACK, payload: 2 }, Ipv4Opts::default())
+    };
+    let dr_ack56 = tcp56(NAT_CLIENT, [192, 0, 2, 10], 40000, 80);
+    let nat_ack = tcp56(NAT_CLIENT, [192, 0, 2, 12], 40000, 80);
+    let fullnat_ack = tcp56(NAT_CLIENT, [192, 0, 2, 13], 40000, 80);
+    let (nat_reply, fullnat_reply) = {
+        let (_, to_nat, _) = timed_run_xdp(dp.program(BALANCER)?, BALANCER, &nat_ack, 1)?;
+        let (_, to_full, _) = timed_run_xdp(dp.program(BALANCER)?, BALANCER, &fullnat_ack, 1)?;
+        let ip = |f: &[u8], at: usize| -> [u8; 4] { [f[at], f[at + 1], f[at + 2], f[at + 3]] };
+        let pool_port = u16::from_be_bytes([to_full[34], to_full[35]]);
+        (
+            tcp56(ip(&to_nat, 30), NAT_CLIENT, 8080, 40000),
+            tcp56(ip(&to_full, 30), ip(&to_full, 26), 8080, pool_port),
+        )
+    };
 
     let frame = |dst: [u8; 4], flags| {
         testpkt::ipv4([10, 0, 0, 1], dst, L4::tcp(40000, 80, flags), Ipv4Opts::default())
@@ -148,6 +230,8 @@ fn main() -> Result<()> {
         program: BALANCER,
         driver: None,
         untunnel: false,
+        restore: false,
+        prepare: None,
         service: "web",
         frame: ack.clone(),
         warmup: 0,
@@ -224,6 +308,68 @@ fn main() -> Result<()> {
             frame: frame(tunnel_vip, TCP_SYN),
             output: Output::Tunnelled,
             new_flows: Some(repeat),
+            ..base.clone()
+        },
+        // NAT against direct routing, all restored by the driver before every run.
+        Case {
+            name: "ACK, one flow, restored via driver",
+            program: BENCH_DRIVER,
+            driver: Some((BALANCER, 0)),
+            restore: true,
+            frame: dr_ack56,
+            warmup: 1,
+            output: driven,
+            new_flows: Some(0),
+            ..base.clone()
+        },
+        Case {
+            name: "masquerade: client ACK",
+            program: BENCH_DRIVER,
+            driver: Some((BALANCER, 0)),
+            restore: true,
+            service: "nat",
+            frame: nat_ack.clone(),
+            warmup: 1,
+            output: driven,
+            new_flows: Some(0),
+            ..base.clone()
+        },
+        Case {
+            name: "masquerade: server's reply",
+            program: BENCH_DRIVER,
+            driver: Some((BALANCER, 0)),
+            restore: true,
+            prepare: Some(nat_ack),
+            service: "nat",
+            frame: nat_reply,
+            action: XDP_REDIRECT,
+            output: Output::ToClient,
+            new_flows: Some(0),
+            ..base.clone()
+        },
+        Case {
+            name: "full NAT: client ACK",
+            program: BENCH_DRIVER,
+            driver: Some((BALANCER, 0)),
+            restore: true,
+            service: "fullnat",
+            frame: fullnat_ack.clone(),
+            warmup: 1,
+            output: driven,
+            new_flows: Some(0),
+            ..base.clone()
+        },
+        Case {
+            name: "full NAT: server's reply",
+            program: BENCH_DRIVER,
+            driver: Some((BALANCER, 0)),
+            restore: true,
+            prepare: Some(fullnat_ack),
+            service: "fullnat",
+            frame: fullnat_reply,
+            action: XDP_REDIRECT,
+            output: Output::ToClient,
+            new_flows: Some(0),
             ..base
         },
     ];
@@ -242,7 +388,11 @@ fn main() -> Result<()> {
         for (case, samples) in cases.iter().zip(&mut samples) {
             if let Some((target, flows)) = case.driver {
                 let target = program(&dp, &mut test, target)?.fd()?.try_clone()?;
-                test.configure_bench_driver_fd(target, flows, case.untunnel)?;
+                let restore = case.restore.then_some(case.frame.as_slice());
+                test.configure_bench_driver_fd(target, flows, case.untunnel, restore)?;
+            }
+            if let Some(frame) = &case.prepare {
+                timed_run_xdp(dp.program(BALANCER)?, BALANCER, frame, 1)?;
             }
             if case.warmup > 0 {
                 timed_run_xdp(
@@ -299,8 +449,23 @@ fn main() -> Result<()> {
         let ratios: Vec<f64> = samples[tun].iter().zip(&samples[dr]).map(|(t, d)| t / d.max(1.0)).collect();
         println!("tunnel ACK / direct-routing ACK (same rounds, both via driver): {:.2}", median(&ratios));
     }
-    health::run_all()?;
-    control::run_all()
+    if let Some(dr) = by_name("ACK, one flow, restored via driver") {
+        for name in [
+            "masquerade: client ACK",
+            "masquerade: server's reply",
+            "full NAT: client ACK",
+            "full NAT: server's reply",
+        ] {
+            let Some(nat) = by_name(name) else { continue };
+            let ratios: Vec<f64> =
+                samples[nat].iter().zip(&samples[dr]).map(|(n, d)| n / d.max(1.0)).collect();
+            println!(
+                "{name} / direct-routing ACK (same rounds, all restored via driver): {:.2}",
+                median(&ratios)
+            );
+        }
+    }
+    Ok(())
 }
 
 fn median(v: &[f64]) -> f64 {
