@@ -47,6 +47,9 @@ fn backend6() -> [u8; 16] {
 fn client6() -> [u8; 16] {
     v6(0xc, 7)
 }
+fn pool6() -> [u8; 16] {
+    v6(0xf, 0x50)
+}
 
 /// `VIP:80 -> 10.2.0.11:8080` (TCP), `VIP:53 -> 10.2.0.11:5353` (UDP),
 /// `[2001:db8::10]:80 -> [2001:db8:2::11]:8080`, and by full NAT
@@ -69,6 +72,11 @@ fn services() -> Vec<ServiceSpec> {
         nat(tcp_service("web6", IpAddr::from(vip6()), 80, 4093, &[IpAddr::from(backend6())]), 8080),
         with(
             tcp_service("full", IpAddr::from(FULL_VIP), 80, 4093, &[IpAddr::from(BACKEND)]),
+            8080,
+            Forward::FullNat,
+        ),
+        with(
+            tcp_service("full6", IpAddr::from(v6(0, 0x11)), 80, 4093, &[IpAddr::from(backend6())]),
             8080,
             Forward::FullNat,
         ),
@@ -134,7 +142,10 @@ fn with_env(f: impl FnOnce(&mut Env) -> Result<()> + Send + 'static) -> Result<(
         .into();
         let mut plan = Planner::default().plan(&services(), &[], &neighbours)?;
         plan.state.local_macs.insert(1, [testpkt::DIRECTOR_MAC].into_iter().collect());
-        plan.state.set_fullnat_sources(Some(format!("{}/32", IpAddr::from(POOL)).parse()?), None);
+        plan.state.set_fullnat_sources(
+            Some(format!("{}/32", IpAddr::from(POOL)).parse()?),
+            Some(format!("{}/128", IpAddr::from(pool6())).parse()?),
+        );
         dp.apply(&plan.state)?;
         f(&mut Env { dp, plan, link_mac })
     })
@@ -481,6 +492,44 @@ fn full_nat_rewrites_both_addresses_and_its_replies_come_back_to_the_pool() -> R
             XDP_TX,
             &env.to_backend(frag_needed(POOL, BACKEND, sized(BACKEND, POOL, 8080, port), 63)),
         )?;
+        Ok(())
+    })
+}
+
+/// Full NAT over IPv6: the source becomes the IPv6 pool's, and the reply comes back.
+#[test]
+fn full_nat_over_ipv6() -> Result<()> {
+    with_env(|env| {
+        let (action, out) = test_run(&env.dp, &tcp6(client6(), v6(0, 0x11), 40000, 80, TCP_SYN, 64))?;
+        ensure!(action == XDP_TX, "SYN: action {action}");
+        let port = u16::from_be_bytes([out[14 + 40], out[14 + 41]]);
+        let want = with_macs(tcp6(pool6(), backend6(), port, 8080, TCP_SYN, 63), BACKEND6_MAC, DIRECTOR_MAC);
+        ensure!(out == want, "SYN: got\n{out:02x?}\nwant\n{want:02x?}");
+        env.expect(
+            "SYN-ACK to the IPv6 pool",
+            &tcp6(backend6(), pool6(), 8080, port, TCP_SYN | TCP_ACK, 64),
+            XDP_REDIRECT,
+            &env.to_client(tcp6(v6(0, 0x11), client6(), 80, 40000, TCP_SYN | TCP_ACK, 63)),
+        )
+    })
+}
+
+/// A fragmented datagram to a NAT service: the first fragment's UDP checksum (which
+/// covers the whole datagram) is patched for the new address and port, the later
+/// fragments' headers get the new address; the backend reassembles the datagram it would
+/// have got unfragmented.
+#[test]
+fn fragments_of_a_datagram_to_a_nat_service_are_translated() -> Result<()> {
+    with_env(|env| {
+        let datagram = |dst, dport, opts| {
+            testpkt::ipv4(CLIENT, dst, L4::Udp { sport: 41500, dport, payload: 3000 }, opts)
+        };
+        let sent = testpkt::fragments_v4(&datagram(VIP, 53, Ipv4Opts::default()), 1480, 0x4242);
+        let want = testpkt::fragments_v4(&datagram(BACKEND, 5353, ROUTED), 1480, 0x4242);
+        ensure!(sent.len() == 3 && want.len() == 3);
+        for (i, (frag, want)) in sent.iter().zip(want).enumerate() {
+            env.expect(&format!("fragment {i}"), frag, XDP_TX, &env.to_backend(want))?;
+        }
         Ok(())
     })
 }
