@@ -616,6 +616,21 @@ fn by_source(answers: &[(IpAddr, String)]) -> Result<HashMap<IpAddr, String>> {
     Ok(seen)
 }
 
+/// Once `backend` of `web` is up: 300 connections from the lab's 30 sources, each source
+/// answered by one server, every server used, and `status` showing `backend` forwarded
+/// by `method`.
+fn serves_300_stickily(lab: &DrLab, backend: &str, method: &str) -> Result<()> {
+    lab.wait_state("web", backend, "active")?;
+    let answers = lab.connect_all(10)?;
+    ensure!(answers.len() == 300);
+    let sticky = by_source(&answers)?;
+    let used: std::collections::HashSet<&String> = sticky.values().collect();
+    ensure!(used.len() == LAB_SERVERS, "30 sources used only {used:?}");
+    let status = lab.daemon.status()?;
+    ensure!(status.contains(backend) && status.contains(method), "{status}");
+    Ok(())
+}
+
 #[test]
 fn masqueraded_servers_answer_300_connections_from_30_sources_through_a_port_mapping() -> Result<()> {
     let lab =
@@ -625,15 +640,7 @@ fn masqueraded_servers_answer_300_connections_from_30_sources_through_a_port_map
         let addrs = s.ip(&["-4", "addr", "show"])?;
         ensure!(!addrs.contains(&LAB_VIP.to_string()), "a server holds the VIP:\n{addrs}");
     }
-    lab.wait_state("web", "10.0.2.11:8080", "active")?;
-    let answers = lab.connect_all(10)?;
-    ensure!(answers.len() == 300);
-    let sticky = by_source(&answers)?;
-    let used: std::collections::HashSet<&String> = sticky.values().collect();
-    ensure!(used.len() == LAB_SERVERS, "30 sources used only {used:?}");
-
-    let status = lab.daemon.status()?;
-    ensure!(status.contains("10.0.2.11:8080") && status.contains("Masq"), "{status}");
+    serves_300_stickily(&lab, "10.0.2.11:8080", "Masq")?;
     let m = lab.metrics()?;
     let sent = m.value("lb_xdp_nat_replies_total{outcome=\"sent\"}")?;
     ensure!(sent >= 300.0 * 3.0, "replies translated: {sent}");
@@ -772,13 +779,5 @@ fn full_nat_servers_without_a_route_to_the_clients_answer_300_connections() -> R
     lab.topo.lan.ip(&["route", "del", "default"])?;
     let routes = lab.topo.lan.ip(&["route", "show"])?;
     ensure!(!routes.contains("default") && !routes.contains("10.0.1."), "{routes}");
-    lab.wait_state("web", "10.0.4.13:8080", "active")?;
-    let answers = lab.connect_all(10)?;
-    ensure!(answers.len() == 300);
-    let sticky = by_source(&answers)?;
-    let used: std::collections::HashSet<&String> = sticky.values().collect();
-    ensure!(used.len() == LAB_SERVERS, "30 sources used only {used:?}");
-    let status = lab.daemon.status()?;
-    ensure!(status.contains("10.0.4.11:8080") && status.contains("FullNat"), "{status}");
-    Ok(())
+    serves_300_stickily(&lab, "10.0.4.11:8080", "FullNat")
 }

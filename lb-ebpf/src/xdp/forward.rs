@@ -15,7 +15,7 @@ use lb_ebpf::parse::{
 
 use super::{
     maps::{CONFIG, EGRESS},
-    too_big,
+    stats, too_big,
 };
 
 /// What became of a packet that was not dropped.
@@ -24,6 +24,39 @@ pub enum Sent {
     Forwarded(u32),
     /// Turned into an answer to the client (too big for the tunnel), counted under `counter`.
     Answered { action: u32, counter: u32 },
+}
+
+/// Counts what became of a frame and returns its action: a forwarded one under its
+/// service and backend (`new_flow` for a flow's first packet), an answer under its own
+/// counter, a drop under its reason; and, unless it was dropped, under `counter` too
+/// when that is not zero (a fragment's outcome, an ICMP error's kind).
+#[inline(always)]
+pub fn account(
+    sent: Result<Sent, u32>,
+    service: u32,
+    backend: u32,
+    len: u64,
+    new_flow: bool,
+    counter: u32,
+) -> u32 {
+    let action = match sent {
+        Ok(Sent::Forwarded(action)) => {
+            stats::forwarded(service, backend, len, new_flow);
+            action
+        }
+        Ok(Sent::Answered { action, counter }) => {
+            stats::global(counter);
+            action
+        }
+        Err(reason) => {
+            stats::global(reason);
+            xdp_action::XDP_DROP
+        }
+    };
+    if counter != 0 && action != xdp_action::XDP_DROP {
+        stats::global(counter);
+    }
+    action
 }
 
 #[inline(always)]

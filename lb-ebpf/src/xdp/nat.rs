@@ -36,7 +36,7 @@ use lb_ebpf::{
 use super::{
     classify,
     conntrack::{self, Decision, flow_key},
-    forward::Sent,
+    forward,
     maps::{
         BACKENDS, FLOWS, FULLNAT_POOL, FULLNAT_SOURCES, NAT_JOBS, NAT_PROGRAMS, NAT_REPLIES,
         SERVICE_GENERATIONS,
@@ -144,23 +144,8 @@ pub fn forward(ctx: &XdpContext) -> u32 {
         // kernel's, as a reply of no flow is.
         let _ = NAT_REPLIES.insert(&reply, key, 0);
     }
-    match super::forward::direct_route(ctx, &b) {
-        Ok(Sent::Forwarded(action)) => {
-            stats::forwarded(job.service_id, job.backend_id, len, job.new_flow != 0);
-            if job.counter != 0 {
-                stats::global(job.counter);
-            }
-            action
-        }
-        Ok(Sent::Answered { action, counter }) => {
-            stats::global(counter);
-            action
-        }
-        Err(reason) => {
-            stats::global(reason);
-            xdp_action::XDP_DROP
-        }
-    }
+    let sent = forward::direct_route(ctx, &b);
+    forward::account(sent, job.service_id, job.backend_id, len, job.new_flow != 0, job.counter)
 }
 
 /// The pool address and port a full-NAT flow goes to its backend from: the one it has,
@@ -273,21 +258,8 @@ pub fn error_to_backend(ctx: &XdpContext) -> u32 {
         stats::global(reason);
         return xdp_action::XDP_DROP;
     }
-    match super::forward::direct_route(ctx, &b) {
-        Ok(Sent::Forwarded(action)) => {
-            stats::forwarded(d.service_id, d.backend_id, len, false);
-            stats::global(p.icmp_error as u32);
-            action
-        }
-        Ok(Sent::Answered { action, counter }) => {
-            stats::global(counter);
-            action
-        }
-        Err(reason) => {
-            stats::global(reason);
-            xdp_action::XDP_DROP
-        }
-    }
+    let sent = forward::direct_route(ctx, &b);
+    forward::account(sent, d.service_id, d.backend_id, len, false, p.icmp_error as u32)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -10,8 +10,7 @@ use lb_ebpf::parse::{self, FRAG_FIRST, FRAG_LATER, ParseError, Parsed};
 use super::{
     classify,
     conntrack::{self, Decision},
-    forward::{self, Sent},
-    fragments,
+    forward, fragments,
     maps::NAT_PROGRAMS,
     nat, stats,
 };
@@ -180,15 +179,6 @@ fn later(p: &mut Parsed) -> Result<(Decision, u32), u32> {
     Ok((Decision { new_flow: false, ..d }, stat::FRAG_BY_RING))
 }
 
-/// Counts `counter` unless `action` dropped the frame (its drop reason is counted).
-#[inline(always)]
-fn count_if_sent(action: u32, counter: u32) -> u32 {
-    if action != xdp_action::XDP_DROP {
-        stats::global(counter);
-    }
-    action
-}
-
 /// Sends the frame to the decision's backend and counts it there, and under `counter`
 /// too unless that is zero.
 #[inline(always)]
@@ -201,21 +191,7 @@ fn forward(ctx: &XdpContext, d: &conntrack::Decision, key: &FlowKey, counter: u3
     } else {
         forward::direct_route(ctx, &d.backend)
     };
-    let action = match sent {
-        Ok(Sent::Forwarded(action)) => {
-            stats::forwarded(d.service_id, d.backend_id, len, d.new_flow);
-            action
-        }
-        Ok(Sent::Answered { action, counter }) => {
-            stats::global(counter);
-            action
-        }
-        Err(reason) => {
-            stats::global(reason);
-            xdp_action::XDP_DROP
-        }
-    };
-    if counter != 0 { count_if_sent(action, counter) } else { action }
+    forward::account(sent, d.service_id, d.backend_id, len, d.new_flow, counter)
 }
 
 /// An ICMP error about a service's flow (`p` is that flow, as the client sends it) goes
