@@ -73,6 +73,29 @@ impl NetNs {
         run("ip", &all)
     }
 
+    /// A link toward hosts that do not exist: a veth pair `link`/`peer`, both up, with
+    /// `addrs` on `link` and each `(address, mac)` of `neighbours` a permanent neighbour
+    /// there, so that the kernel's FIB answers for them as for real next hops.
+    pub fn stub_link(
+        &self,
+        link: &str,
+        peer: &str,
+        addrs: &[&str],
+        neighbours: &[(&str, &str)],
+    ) -> Result<()> {
+        self.ip(&["link", "add", link, "type", "veth", "peer", "name", peer])?;
+        for dev in [link, peer, "lo"] {
+            self.ip(&["link", "set", dev, "up"])?;
+        }
+        for a in addrs {
+            self.ip(&["addr", "add", a, "dev", link, "nodad"])?;
+        }
+        for (addr, mac) in neighbours {
+            self.ip(&["neigh", "add", addr, "lladdr", mac, "dev", link, "nud", "permanent"])?;
+        }
+        Ok(())
+    }
+
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         self.exec(&["sysctl", "-qw", &format!("{key}={value}")]).map(drop)
     }

@@ -95,38 +95,12 @@ struct Env {
 /// Backends sit on loopback, BPF_PROG_TEST_RUN's ingress: packets to them go out by TX.
 fn with_env(f: impl FnOnce(&mut Env) -> Result<()> + Send + 'static) -> Result<()> {
     let ns = NetNs::new("nat")?;
-    ns.ip(&["link", "add", CLIENT_LINK, "type", "veth", "peer", "name", "natc1"])?;
-    for cmd in [
-        vec!["link", "set", CLIENT_LINK, "up"],
-        vec!["link", "set", "natc1", "up"],
-        vec!["link", "set", "lo", "up"],
-        vec!["addr", "add", "203.0.113.1/24", "dev", CLIENT_LINK],
-        vec!["addr", "add", "2001:db8:c::1/64", "dev", CLIENT_LINK, "nodad"],
-        vec![
-            "neigh",
-            "add",
-            "203.0.113.7",
-            "lladdr",
-            "02:00:00:00:07:07",
-            "dev",
-            CLIENT_LINK,
-            "nud",
-            "permanent",
-        ],
-        vec![
-            "neigh",
-            "add",
-            "2001:db8:c::7",
-            "lladdr",
-            "02:00:00:00:07:07",
-            "dev",
-            CLIENT_LINK,
-            "nud",
-            "permanent",
-        ],
-    ] {
-        ns.ip(&cmd)?;
-    }
+    ns.stub_link(
+        CLIENT_LINK,
+        "natc1",
+        &["203.0.113.1/24", "2001:db8:c::1/64"],
+        &[("203.0.113.7", "02:00:00:00:07:07"), ("2001:db8:c::7", "02:00:00:00:07:07")],
+    )?;
     ns.sysctl("net.ipv4.ip_forward", "1")?;
     ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
     let link_mac = mac_of(&ns, CLIENT_LINK)?;

@@ -125,26 +125,7 @@ fn main() -> Result<()> {
     // The NAT replies are sent where the kernel's FIB says: the data-path cases run in a
     // namespace whose routes and neighbour entry the bench sets up itself.
     let ns = lb_tests::NetNs::new("bench")?;
-    for args in [
-        vec!["link", "set", "lo", "up"],
-        vec!["link", "add", CLIENT_LINK, "type", "veth", "peer", "name", "benchc1"],
-        vec!["link", "set", CLIENT_LINK, "up"],
-        vec!["link", "set", "benchc1", "up"],
-        vec!["addr", "add", "10.9.0.1/24", "dev", CLIENT_LINK],
-        vec![
-            "neigh",
-            "add",
-            "10.9.0.7",
-            "lladdr",
-            "02:00:00:00:09:07",
-            "dev",
-            CLIENT_LINK,
-            "nud",
-            "permanent",
-        ],
-    ] {
-        ns.ip(&args)?;
-    }
+    ns.stub_link(CLIENT_LINK, "benchc1", &["10.9.0.1/24"], &[("10.9.0.7", "02:00:00:00:09:07")])?;
     ns.sysctl("net.ipv4.ip_forward", "1")?;
     ns.run(data_path)?;
     health::run_all()?;
