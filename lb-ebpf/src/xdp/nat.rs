@@ -1,16 +1,19 @@
-//! Masquerading (LVS `-m`): the client's packet goes to the backend's own address (and
-//! port), and the backend, whose route back to the client runs through the director,
-//! has its replies translated back to the VIP here.
+//! NAT. Masquerading (LVS `-m`): the client's packet goes to the backend's own address
+//! (and port), and the backend, whose route back to the client runs through the
+//! director, has its replies translated back to the VIP here. Full NAT: the source
+//! becomes an address and port of the director's pool too, so that the replies come back
+//! whatever the backend's routes.
 //!
-//! Both directions rewrite one address and one port and patch the checksums for the
-//! words that changed (RFC 1624): the IPv4 header's, and the transport's, which covers
-//! the addresses through its pseudo-header. The director routes these packets, so it
-//! decrements their TTL (hop limit) as a router does.
+//! Each rewrite changes an address and a port and patches the checksums for the words
+//! that changed (RFC 1624): the IPv4 header's, and the transport's, which covers the
+//! addresses through its pseudo-header. The director routes these packets, so it
+//! decrements their TTL (hop limit) once, as a router does.
 //!
-//! Replies are found through `NAT_REPLIES`, written when a flow to a NAT backend is
-//! scheduled: (backend, backend port, client, client port) -> the flow's key as the
-//! client sends it, which is also the key of its `FLOWS` entry, whose state the reply's
-//! flags move on (the director sees both halves of the conversation).
+//! Replies are found through `NAT_REPLIES`: (backend, backend port, client or pool
+//! address, its port) -> the flow's key as the client sends it, which is also the key of
+//! its `FLOWS` entry, whose state the reply's flags move on (the director sees both
+//! halves of the conversation). Masquerading writes it when a flow is scheduled; full NAT
+//! when it claims the flow's pool port.
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
