@@ -578,6 +578,15 @@ fn nat_services(weights: [u32; LAB_SERVERS], disabled: Option<usize>) -> String 
     y
 }
 
+/// `lb_backend_{kind}_connections` summed over the `echo` service's backends.
+fn echo_connections(m: &lb_tests::daemon::Metrics, kind: &str) -> f64 {
+    let prefix = format!("lb_backend_{kind}_connections{{");
+    m.0.lines()
+        .filter(|l| l.starts_with(&prefix) && l.contains("service=\"echo\""))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
 /// Sources grouped by the one server that answered them; fails if a source saw two.
 fn by_source(answers: &[(IpAddr, String)]) -> Result<HashMap<IpAddr, String>> {
     let mut seen: HashMap<IpAddr, String> = HashMap::new();
@@ -663,6 +672,9 @@ fn nat_connections_survive_50_reloads_and_kill_9_and_a_backend_going_down_moves_
     lab.daemon.restart(&lab.topo.director)?;
     ensure!(staying.wait_rounds(5, Duration::from_secs(10)), "broke over the restart: {:?}", staying.stop());
     ensure!(moving.wait_rounds(2, Duration::from_secs(10)), "broke over the restart: {:?}", moving.stop());
+    // The director saw both halves of every handshake: the 50 are ActiveConn, exactly.
+    let active = echo_connections(&lab.fresh_metrics()?, "active");
+    ensure!(active == 50.0, "ActiveConn of echo: {active}");
 
     // server1 goes: its own connections move (and break, their server is gone), the others
     // go on.
@@ -673,6 +685,11 @@ fn nat_connections_survive_50_reloads_and_kill_9_and_a_backend_going_down_moves_
     ensure!(moved.is_err(), "server1's connections went on without it: {moved:?}");
     let report = staying.stop()?;
     ensure!(report.exchanges == report.rounds * 40, "{report:?}");
+    // Closed from both sides (the clients' FIN, the echo servers' FIN): none is active any
+    // more, each counted as closed (inactive) for IPVS's 10 s.
+    let metrics = lab.fresh_metrics()?;
+    let (active, inactive) = (echo_connections(&metrics, "active"), echo_connections(&metrics, "inactive"));
+    ensure!(active == 0.0 && inactive >= 40.0, "after closing: ActiveConn {active}, InActConn {inactive}");
     for e in echo {
         e.stop()?;
     }
