@@ -108,6 +108,12 @@ pub mod test_object {
         pub const BENCH_TARGET: &str = "BENCH_TARGET";
         pub const TRUNK_PORTS: &str = "TRUNK_PORTS";
         pub const BENCH_FRAME: &str = "BENCH_FRAME";
+        pub const GEN_FLOWS: &str = "GEN_FLOWS";
+        pub const GEN_FRAME: &str = "GEN_FRAME";
+        pub const SINK_COUNTS: &str = "SINK_COUNTS";
+        pub const SINK_EXPECT: &str = "SINK_EXPECT";
+        pub const FLOOR_FWD: &str = "FLOOR_FWD";
+        pub const FLOOR_EGRESS: &str = "FLOOR_EGRESS";
     }
 
     /// Program names.
@@ -120,6 +126,15 @@ pub mod test_object {
         /// A two-port 802.1Q switch in XDP, for kernels without VLAN devices (see
         /// `TrunkPort`).
         pub const TEST_TRUNK: &str = "lb_test_trunk";
+        /// The end-to-end benchmark's traffic generator, run with live frames: gives the
+        /// UDP frame the next of `GEN_FLOWS[0]` source ports and sends it (XDP_TX).
+        pub const GEN: &str = "lb_gen";
+        /// The end-to-end benchmark's sink: counts frames that arrive as `SINK_EXPECT[0]`
+        /// says (`SINK_COUNTS[0]`) and the others (`[1]`), and drops them.
+        pub const SINK: &str = "lb_sink";
+        /// The end-to-end benchmark's XDP floor: new MACs (`FLOOR_FWD[0]`) and out of
+        /// another interface through a devmap, nothing else.
+        pub const REDIRECT_FLOOR: &str = "lb_redirect_floor";
     }
 }
 
@@ -656,6 +671,28 @@ pub struct BenchConfig {
     pub restore: u32,
 }
 
+/// What the end-to-end benchmark's sink counts as delivered (`SINK_EXPECT[0]`): UDP to
+/// this address and port (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SinkExpect {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// The end-to-end benchmark's XDP floor (`FLOOR_FWD[0]`): where frames go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FloorForward {
+    pub ifindex: u32,
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+}
+
+/// Length of the end-to-end generator's frames: the minimum Ethernet frame.
+pub const GEN_FRAME_LEN: usize = 64;
+
 /// Length of the frame the benchmark driver restores: Ethernet, IPv4, TCP and 2 bytes of
 /// payload, in whole words.
 pub const BENCH_FRAME_LEN: usize = 56;
@@ -681,6 +718,8 @@ mod pod {
     unsafe impl aya::Pod for super::NatJob {}
     unsafe impl aya::Pod for super::FullNatPool {}
     unsafe impl aya::Pod for super::FullNatSource {}
+    unsafe impl aya::Pod for super::SinkExpect {}
+    unsafe impl aya::Pod for super::FloorForward {}
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 #[cfg(target_arch = "bpf")]
 mod programs {
+    use aya_ebpf::maps::DevMap;
     use aya_ebpf::{
         bindings::xdp_action,
         helpers::{bpf_redirect, bpf_xdp_adjust_head},
@@ -13,7 +14,7 @@ mod programs {
         maps::{Array, HashMap, PerCpuArray, ProgramArray},
         programs::XdpContext,
     };
-    use lb_common::{BENCH_FRAME_LEN, BenchConfig, TrunkPort};
+    use lb_common::{BENCH_FRAME_LEN, BenchConfig, FloorForward, GEN_FRAME_LEN, SinkExpect, TrunkPort};
     use lb_ebpf::{
         csum,
         parse::{self, ETH_HLEN, ETH_P_8021Q, ETH_P_IP, VLAN_HLEN},
@@ -32,6 +33,107 @@ mod programs {
     /// Slot 0: the program under test, from the production object (tail calls cross objects).
     #[map]
     static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+    #[map]
+    static GEN_FLOWS: Array<u32> = Array::with_max_entries(1, 0);
+
+    #[map]
+    static GEN_STATE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+    /// The generator's frame, written over the page before every send: live frames
+    /// recycle pages with whatever the director (or the kernel) left in them.
+    #[map]
+    static GEN_FRAME: Array<[u32; GEN_FRAME_LEN / 4]> = Array::with_max_entries(1, 0);
+
+    #[map]
+    static SINK_EXPECT: Array<SinkExpect> = Array::with_max_entries(1, 0);
+
+    /// Per CPU: frames delivered as expected, and the others.
+    #[map]
+    static SINK_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+    #[map]
+    static FLOOR_FWD: Array<FloorForward> = Array::with_max_entries(1, 0);
+
+    #[map]
+    static FLOOR_EGRESS: DevMap = DevMap::with_max_entries(1, 0);
+
+    /// Offsets of the generator's frame: Ethernet, a 20-byte IPv4 header, UDP.
+    const GEN_UDP_SPORT: usize = 14 + 20;
+    const GEN_UDP_CHECK: usize = 14 + 20 + 6;
+
+    /// The traffic generator (`BPF_PROG_TEST_RUN` with live frames): `GEN_FRAME[0]` with
+    /// the next source port of `GEN_FLOWS[0]` (checksum patched), out of the interface the
+    /// run names.
+    #[xdp]
+    pub fn lb_gen(ctx: XdpContext) -> u32 {
+        let flows = GEN_FLOWS.get(0).copied().unwrap_or(1).max(1);
+        let (start, end) = (ctx.data(), ctx.data_end());
+        if start + GEN_FRAME_LEN > end {
+            return xdp_action::XDP_ABORTED;
+        }
+        let Some(frame) = GEN_FRAME.get(0) else { return xdp_action::XDP_ABORTED };
+        // SAFETY: GEN_FRAME_LEN bytes bounds-checked above; packet data is unaligned.
+        unsafe { (start as *mut [u32; GEN_FRAME_LEN / 4]).write_unaligned(*frame) };
+        let Some(state) = GEN_STATE.get_ptr_mut(0) else { return xdp_action::XDP_ABORTED };
+        // SAFETY: per-CPU slot; the frame offsets were bounds-checked above.
+        unsafe {
+            let i = *state % flows;
+            *state = state.read().wrapping_add(1);
+            let sport = (start + GEN_UDP_SPORT) as *mut u16;
+            let check = (start + GEN_UDP_CHECK) as *mut u16;
+            let (old, new) = (sport.read_unaligned(), (10_000 + i as u16).to_be());
+            sport.write_unaligned(new);
+            check.write_unaligned(csum::update16(check.read_unaligned(), old, new));
+        }
+        xdp_action::XDP_TX
+    }
+
+    /// The sink: of the UDP frames that arrive (untagged IPv4, no options), counts those
+    /// to `SINK_EXPECT`'s address and port and the others, and drops them; the kernel's
+    /// own chatter on the link (neighbour discovery, say) passes uncounted.
+    #[xdp]
+    pub fn lb_sink(ctx: XdpContext) -> u32 {
+        let (start, end) = (ctx.data(), ctx.data_end());
+        let want = SINK_EXPECT.get(0).copied().unwrap_or_default();
+        if start + GEN_UDP_SPORT + 4 > end {
+            return xdp_action::XDP_PASS;
+        }
+        // SAFETY: the Ethernet, IPv4 and first 4 UDP bytes were bounds-checked above.
+        let (udp, delivered) = unsafe {
+            let ethertype = ((start + 12) as *const u16).read_unaligned();
+            let (vhl, proto) = (*((start + 14) as *const u8), *((start + 14 + 9) as *const u8));
+            let dst = ((start + 14 + 16) as *const u32).read_unaligned();
+            let dport = ((start + GEN_UDP_SPORT + 2) as *const u16).read_unaligned();
+            let udp = ethertype == ETH_P_IP.to_be() && vhl == 0x45 && proto == 17;
+            (udp, udp && dst == want.addr && dport == want.port)
+        };
+        if !udp {
+            return xdp_action::XDP_PASS;
+        }
+        if let Some(c) = SINK_COUNTS.get_ptr_mut(if delivered { 0 } else { 1 }) {
+            // SAFETY: per-CPU slot.
+            unsafe { *c += 1 };
+        }
+        xdp_action::XDP_DROP
+    }
+
+    /// The end-to-end floor: what any XDP forwarder must do at least (new MACs, out of
+    /// another interface through a devmap).
+    #[xdp]
+    pub fn lb_redirect_floor(ctx: XdpContext) -> u32 {
+        let Some(fwd) = FLOOR_FWD.get(0).copied() else { return xdp_action::XDP_PASS };
+        let (start, end) = (ctx.data(), ctx.data_end());
+        if start + 12 > end {
+            return xdp_action::XDP_DROP;
+        }
+        // SAFETY: 12 bytes bounds-checked above.
+        unsafe {
+            parse::write_mac(start, &fwd.dst_mac);
+            parse::write_mac(start + 6, &fwd.src_mac);
+        }
+        FLOOR_EGRESS.redirect(0, 0).unwrap_or(xdp_action::XDP_DROP)
+    }
 
     /// Ports of the test switch (`lb_test_trunk`), by ingress ifindex.
     #[map]

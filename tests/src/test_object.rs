@@ -3,11 +3,11 @@
 //! the production object and hands its path to this crate.
 
 use anyhow::{Context as _, Result, anyhow};
-use aya::maps::{Array, HashMap, MapData, ProgramArray};
+use aya::maps::{Array, DevMap, HashMap, MapData, PerCpuArray, ProgramArray};
 use aya::programs::{ProgramFd, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::test_object::{maps, programs};
-use lb_common::{BENCH_FRAME_LEN, BenchConfig, TrunkPort};
+use lb_common::{BENCH_FRAME_LEN, BenchConfig, FloorForward, GEN_FRAME_LEN, SinkExpect, TrunkPort};
 
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_XDP_TEST_OBJECT"));
 
@@ -97,6 +97,84 @@ impl TestPrograms {
             let mut frames: Array<&mut MapData, [u32; BENCH_FRAME_LEN / 4]> = Array::try_from(map)?;
             frames.set(0, words, 0)?;
         }
+        Ok(())
+    }
+
+    /// A map of this object, for writing.
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.ebpf.map_mut(name).ok_or_else(|| anyhow!("no map {name}"))
+    }
+
+    /// Attaches a program of this object to `iface` (in the calling thread's namespace),
+    /// natively; it stays attached for as long as this object lives.
+    pub fn attach(&mut self, name: &'static str, iface: &str) -> Result<()> {
+        let prog = self.loaded(name)?;
+        prog.attach(iface, XdpMode::Driver).with_context(|| format!("attaching {name} to {iface}"))?;
+        Ok(())
+    }
+
+    /// The generator's frame (`GEN_FRAME_LEN` bytes, UDP) and flows: its frames take
+    /// source ports 10000..10000 + `flows`.
+    pub fn configure_generator(&mut self, frame: &[u8], flows: u32) -> Result<()> {
+        anyhow::ensure!(frame.len() == GEN_FRAME_LEN, "a generated frame is {GEN_FRAME_LEN} bytes");
+        let words: [u32; GEN_FRAME_LEN / 4] = std::array::from_fn(|i| {
+            u32::from_ne_bytes([frame[4 * i], frame[4 * i + 1], frame[4 * i + 2], frame[4 * i + 3]])
+        });
+        let mut m: Array<&mut MapData, [u32; GEN_FRAME_LEN / 4]> =
+            Array::try_from(self.map_mut(maps::GEN_FRAME)?)?;
+        m.set(0, words, 0)?;
+        let mut m: Array<&mut MapData, u32> = Array::try_from(self.map_mut(maps::GEN_FLOWS)?)?;
+        m.set(0, flows, 0)?;
+        Ok(())
+    }
+
+    /// Sends `frame` `count` times out of `ifindex` (in the calling thread's namespace)
+    /// through the generator, with live frames (`BPF_F_TEST_XDP_LIVE_FRAMES`); returns how
+    /// long the kernel took.
+    pub fn generate(&mut self, ifindex: u32, frame: &[u8], count: u32) -> Result<std::time::Duration> {
+        use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let prog = self.loaded(programs::GEN)?;
+        let started = std::time::Instant::now();
+        prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            repeat: count,
+            attrs: TestRunAttrs::new().xdp_live_frames(64),
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN of the generator with live frames")?;
+        Ok(started.elapsed())
+    }
+
+    /// What the sink counts as delivered: UDP to `addr`:`port`.
+    pub fn expect_at_sink(&mut self, addr: std::net::Ipv4Addr, port: u16) -> Result<()> {
+        let mut m: Array<&mut MapData, SinkExpect> = Array::try_from(self.map_mut(maps::SINK_EXPECT)?)?;
+        m.set(0, SinkExpect { addr: u32::from_ne_bytes(addr.octets()), port: port.to_be(), _pad: 0 }, 0)?;
+        Ok(())
+    }
+
+    /// Frames the sink counted so far: (delivered as expected, others), over all CPUs.
+    pub fn sink_counts(&mut self) -> Result<(u64, u64)> {
+        let m: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map_mut(maps::SINK_COUNTS)?)?;
+        let sum = |i: u32| -> Result<u64> { Ok(m.get(&i, 0)?.iter().sum()) };
+        Ok((sum(0)?, sum(1)?))
+    }
+
+    /// Where the end-to-end floor sends frames: out of `ifindex`, with these MACs.
+    pub fn configure_redirect_floor(
+        &mut self,
+        ifindex: u32,
+        dst_mac: [u8; 6],
+        src_mac: [u8; 6],
+    ) -> Result<()> {
+        let mut fwd: Array<&mut MapData, FloorForward> = Array::try_from(self.map_mut(maps::FLOOR_FWD)?)?;
+        fwd.set(0, FloorForward { ifindex, dst_mac, src_mac }, 0)?;
+        let mut egress: DevMap<&mut MapData> = DevMap::try_from(self.map_mut(maps::FLOOR_EGRESS)?)?;
+        egress.set(0, ifindex, None, 0)?;
         Ok(())
     }
 }

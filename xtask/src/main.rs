@@ -52,7 +52,8 @@ enum Cmd {
 /// the systemd unit's capabilities, systemd's systemd-analyze for verifying that unit,
 /// ca-certificates for `https` checks that trust the system's roots, bird2 for the test
 /// that runs `configs/bird-vip-routes.conf` against the daemon's VIP routes, ssh and sshd
-/// for the test of `configs/agentless-ssh.yaml`'s checks.
+/// for the test of `configs/agentless-ssh.yaml`'s checks, nftables for the benchmark's
+/// comparison with the kernel's own NAT.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -67,6 +68,7 @@ const APT_PACKAGES: &[&str] = &[
     "bird2",
     "openssh-client",
     "openssh-server",
+    "nftables",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY: &str = "nightly";

@@ -20,6 +20,7 @@
 //! `health`).
 
 mod control;
+mod e2e;
 mod health;
 
 use anyhow::{Result, ensure};
@@ -119,8 +120,11 @@ fn program<'a>(dp: &'a Dataplane, test: &'a mut TestPrograms, name: &'static str
 
 fn main() -> Result<()> {
     // `lb-bench control`: only the control plane's section.
-    if std::env::args().nth(1).as_deref() == Some("control") {
-        return control::run_all();
+    match std::env::args().nth(1).as_deref() {
+        Some("control") => return control::run_all(),
+        // `lb-bench e2e`: only the end-to-end packet rates.
+        Some("e2e") => return e2e::run_all(),
+        _ => {}
     }
     // The NAT replies are sent where the kernel's FIB says: the data-path cases run in a
     // namespace whose routes and neighbour entry the bench sets up itself.
@@ -128,6 +132,7 @@ fn main() -> Result<()> {
     ns.stub_link(CLIENT_LINK, "benchc1", &["10.9.0.1/24"], &[("10.9.0.7", "02:00:00:00:09:07")])?;
     ns.sysctl("net.ipv4.ip_forward", "1")?;
     ns.run(data_path)?;
+    e2e::run_all()?;
     health::run_all()?;
     control::run_all()
 }
