@@ -96,6 +96,18 @@ impl NetNs {
         Ok(())
     }
 
+    /// The MAC address of interface `link` in this namespace.
+    pub fn mac(&self, link: &str) -> Result<[u8; 6]> {
+        let out = self.exec(&["cat", &format!("/sys/class/net/{link}/address")])?;
+        let bytes: Vec<u8> = out
+            .trim()
+            .split(':')
+            .map(|h| u8::from_str_radix(h, 16))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("MAC of {link}: {out}: {e}"))?;
+        bytes.try_into().map_err(|_| anyhow::anyhow!("MAC of {link}: {out}"))
+    }
+
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         self.exec(&["sysctl", "-qw", &format!("{key}={value}")]).map(drop)
     }

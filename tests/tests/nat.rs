@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Result, ensure};
 use lb_common::{
     FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_FIN_SERVER, FLOW_NAT_SYN_SENT, FLOW_SYN_RECV, FlowKey, stat,
 };
@@ -103,7 +103,7 @@ fn with_env(f: impl FnOnce(&mut Env) -> Result<()> + Send + 'static) -> Result<(
     )?;
     ns.sysctl("net.ipv4.ip_forward", "1")?;
     ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-    let link_mac = mac_of(&ns, CLIENT_LINK)?;
+    let link_mac = ns.mac(CLIENT_LINK)?;
     ns.run(move || {
         let mut dp =
             // Room for the full-NAT test's 10,000 flows in every table.
@@ -123,13 +123,6 @@ fn with_env(f: impl FnOnce(&mut Env) -> Result<()> + Send + 'static) -> Result<(
         dp.apply(&plan.state)?;
         f(&mut Env { dp, plan, link_mac })
     })
-}
-
-fn mac_of(ns: &NetNs, link: &str) -> Result<[u8; 6]> {
-    let out = ns.exec(&["cat", &format!("/sys/class/net/{link}/address")])?;
-    let bytes: Vec<u8> =
-        out.trim().split(':').map(|h| u8::from_str_radix(h, 16)).collect::<Result<_, _>>().context("MAC")?;
-    bytes.try_into().map_err(|_| anyhow::anyhow!("MAC of {link}: {out}"))
 }
 
 fn with_macs(mut f: Vec<u8>, dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {

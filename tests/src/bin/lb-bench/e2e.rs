@@ -76,13 +76,6 @@ fn within<T: Send>(ns: &NetNs, f: impl FnOnce() -> Result<T> + Send) -> Result<T
     })
 }
 
-fn mac_of(ns: &NetNs, link: &str) -> Result<[u8; 6]> {
-    let out = ns.exec(&["cat", &format!("/sys/class/net/{link}/address")])?;
-    let bytes: Vec<u8> =
-        out.trim().split(':').map(|h| u8::from_str_radix(h, 16)).collect::<Result<_, _>>().context("MAC")?;
-    bytes.try_into().map_err(|_| anyhow::anyhow!("MAC of {link}: {out}"))
-}
-
 fn ifindex_in(ns: &NetNs, link: &str) -> Result<u32> {
     let link = link.to_owned();
     within(ns, move || Ok(nix::net::if_::if_nametoindex(link.as_str())?))
@@ -111,7 +104,7 @@ pub fn run_all() -> Result<()> {
         lb_tests::topology::no_offloads(ns, link)?;
     }
     let (s0_mac, d1_mac, d0_mac, g0_mac) =
-        (mac_of(&sink_ns, &s0)?, mac_of(&dir_ns, &d1)?, mac_of(&dir_ns, &d0)?, mac_of(&gen_ns, &g0)?);
+        (sink_ns.mac(&s0)?, dir_ns.mac(&d1)?, dir_ns.mac(&d0)?, gen_ns.mac(&g0)?);
     dir_ns.ip(&["addr", "add", "10.10.1.1/24", "dev", &d0])?;
     dir_ns.ip(&["addr", "add", "10.10.2.1/24", "dev", &d1])?;
     let s0_mac_text = s0_mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
