@@ -25,7 +25,7 @@ enum Cmd {
     Test,
     /// Only the import-layer check of `test` (see xtask/src/layers.rs).
     Layers,
-    /// Benchmarks: ns per packet through BPF_PROG_TEST_RUN, as ratios to a floor program.
+    /// Benchmarks: ns per packet through BPF_PROG_TEST_RUN, as ratios to a floor program; end-to-end packet rates against the kernel's forwarding and nftables DNAT; health checks; the control plane.
     Bench,
     /// The fuzzers at length: 10,000,000 mutated frames through the data path against its
     /// reference model, and 100,000 mutated configs through `check`.
