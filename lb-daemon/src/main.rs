@@ -138,12 +138,13 @@ fn run(cmd: Cmd) -> Result<()> {
             let c = control::check(&config)?;
             let backends: usize = c.services.iter().map(|s| s.backends.len()).sum();
             println!(
-                "{}: ok ({} services, {} backends, {} mark rules, interfaces {})",
+                "{}: ok ({} services, {} backends, {} mark rules, interfaces {}); sha256 {}",
                 config.display(),
                 c.services.len(),
                 backends,
                 c.marks.len(),
-                c.director.interfaces.join(",")
+                c.director.interfaces.join(","),
+                c.digest
             );
         }
         Cmd::Status { config, socket } => {

@@ -134,6 +134,17 @@ fn write_service_families(out: &mut String, snap: &Snapshot) {
             f.series("", &[("match", &m), ("scheduler", s.scheduler.name()), ("service", &s.name)], 1);
         }
     }
+    {
+        let mut f = Family::new(
+            out,
+            "lb_service_ring_fingerprint",
+            "gauge",
+            "What the service's ring holds (0: empty): equal on directors that send a flow to the same backend.",
+        );
+        for s in &snap.services {
+            f.series("", &[("service", &s.name)], s.ring_fingerprint as u64);
+        }
+    }
     type Of = fn(&BackendSnapshot) -> Option<u64>;
     let per_backend: [(&'static str, &'static str, &'static str, Of); 8] = [
         (
@@ -321,6 +332,15 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
         "outcome",
         &snap.nat_replies,
     )?;
+    if !snap.config_digest.is_empty() {
+        let info = gauge(
+            &reg,
+            "lb_config_info",
+            "Always 1: the SHA-256 of the configuration file in force (as sha256sum prints it).",
+            &["digest"],
+        )?;
+        info.with_label_values(&[snap.config_digest.as_str()]).set(1);
+    }
     let reloads =
         counter(&reg, "lb_config_reloads_total", "Configuration loads and reloads, by result.", &["result"])?;
     reloads.with_label_values(&["success"]).inc_by(snap.reloads_ok);
@@ -409,6 +429,7 @@ mod tests {
                 },
                 scheduler: Scheduler::Sh,
                 ring_size: 4093,
+                ring_fingerprint: 0xdead_beef,
                 forward: Forward::Dr,
                 counters: Counters { packets: 12, bytes: 3400, new_flows: 2 },
                 backends: vec![BackendSnapshot {
@@ -438,6 +459,7 @@ mod tests {
             passes: vec![("no_backend", 4)],
             reloads_ok: 3,
             reloads_failed: 1,
+            config_digest: "ab12".into(),
             last_reload_success: Some(1_700_000_000.5),
             routing: Some(crate::snapshot::RoutingSnapshot {
                 protocol: 250,
@@ -465,6 +487,8 @@ mod tests {
             "lb_xdp_passes_total{reason=\"no_backend\"} 4",
             "lb_config_reloads_total{result=\"failure\"} 1",
             "lb_config_last_reload_success_timestamp_seconds 1700000000.5",
+            "lb_config_info{digest=\"ab12\"} 1",
+            "lb_service_ring_fingerprint{service=\"web\"} 3735928559",
             "# TYPE lb_backend_bytes_total counter",
             "lb_health_checks_total{backend=\"10.0.2.11\",result=\"critical\",service=\"web\"} 1",
             "lb_health_state_changes_total{backend=\"10.0.2.11\",service=\"web\"} 2",

@@ -128,6 +128,9 @@ pub struct Plan {
     pub service_ids: BTreeMap<String, u32>,
     /// Services whose new flows go to their fallback now.
     pub fallback_serving: BTreeSet<String>,
+    /// Each service's ring fingerprint (`model::fingerprint`), by name: equal on every
+    /// director that holds the same table.
+    pub ring_fingerprints: BTreeMap<String, u32>,
 }
 
 /// Hands out small integer ids and reuses those whose owner is gone.
@@ -180,7 +183,8 @@ struct RingInputs {
 pub struct Planner {
     service_ids: Ids<ServiceMatch>,
     backend_ids: Ids<(ServiceMatch, IpAddr)>,
-    rings: HashMap<ServiceMatch, (RingInputs, Vec<u32>)>,
+    /// The ring of each service and its fingerprint.
+    rings: HashMap<ServiceMatch, (RingInputs, Vec<u32>, u32)>,
 }
 
 impl Default for Planner {
@@ -345,15 +349,20 @@ impl Planner {
             // A ring is a function of its inputs: one whose inputs did not change (every
             // service but the one whose weight or backend did) is not computed again.
             let inputs = RingInputs { scheduler: svc.scheduler, size: svc.ring_size, candidates };
-            let ring = match self.rings.remove(&svc.matcher) {
-                Some((cached, ring)) if cached == inputs => ring,
-                _ => match svc.scheduler {
-                    Scheduler::Wrr => crate::wrr::sequence(&inputs.candidates, svc.ring_size),
-                    Scheduler::Sh | Scheduler::Mh => maglev::populate(&inputs.candidates, svc.ring_size),
+            let (ring, fingerprint) = match self.rings.remove(&svc.matcher) {
+                Some((cached, ring, fingerprint)) if cached == inputs => (ring, fingerprint),
+                _ => {
+                    let ring = match svc.scheduler {
+                        Scheduler::Wrr => crate::wrr::sequence(&inputs.candidates, svc.ring_size),
+                        Scheduler::Sh | Scheduler::Mh => maglev::populate(&inputs.candidates, svc.ring_size),
+                    }
+                    .map_err(|source| PlanError::Ring { service: svc.name.clone(), source })?;
+                    let fingerprint = crate::model::fingerprint(&ring, &inputs.candidates);
+                    (ring, fingerprint)
                 }
-                .map_err(|source| PlanError::Ring { service: svc.name.clone(), source })?,
             };
-            rings.insert(svc.matcher, (inputs, ring.clone()));
+            plan.ring_fingerprints.insert(svc.name.clone(), fingerprint);
+            rings.insert(svc.matcher, (inputs, ring.clone(), fingerprint));
             let mut flags = match svc.scheduler {
                 Scheduler::Sh => 0,
                 Scheduler::Mh => SERVICE_F_HASH_TUPLE,
@@ -420,6 +429,56 @@ mod tests {
             fallback_action: FallbackAction::Drop,
             forward: Forward::Dr,
         }
+    }
+
+    #[test]
+    fn directors_reading_the_file_in_another_order_hold_the_same_rings() {
+        use BackendState::Active;
+        let addrs = ["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"];
+        let backends: Vec<(&str, u32, BackendState)> =
+            addrs.iter().zip([100, 50, 100, 25]).map(|(a, w)| (*a, w, Active)).collect();
+        let mut api = web(&backends);
+        api.name = "api".into();
+        api.matcher = ServiceMatch::Vip { addr: v4("192.0.2.11"), port: 443, proto: Protocol::Tcp };
+        let lb1 = vec![web(&backends), api.clone()];
+        // lb2's file lists the services and each one's backends the other way round.
+        let mut lb2: Vec<ServiceSpec> = lb1.iter().rev().cloned().collect();
+        for s in &mut lb2 {
+            s.backends.reverse();
+        }
+        let n = neighbours(&addrs.map(v4));
+        let plan1 = Planner::default().plan(&lb1, &[], &n).unwrap();
+        let plan2 = Planner::default().plan(&lb2, &[], &n).unwrap();
+        // Each director numbers its backends in the order it reads them...
+        assert_ne!(plan1.backend_ids, plan2.backend_ids);
+        // ...and yet every slot holds the same server on both.
+        for svc in &lb1 {
+            let slots = |plan: &Plan| -> Vec<IpAddr> {
+                let by_id: HashMap<u32, IpAddr> = plan
+                    .backend_ids
+                    .iter()
+                    .filter(|((s, _), _)| *s == svc.name)
+                    .map(|((_, a), id)| (*id, *a))
+                    .collect();
+                plan.state.services[&service_key(&svc.matcher)].ring.iter().map(|id| by_id[id]).collect()
+            };
+            assert_eq!(slots(&plan1), slots(&plan2), "{}", svc.name);
+        }
+        assert_eq!(plan1.ring_fingerprints, plan2.ring_fingerprints);
+        assert!(plan1.ring_fingerprints.values().all(|&f| f != 0));
+        // A different table shows: another weight, or a server drained.
+        let mut heavier = lb1.clone();
+        heavier[0].backends[3].weight = 26;
+        let plan3 = Planner::default().plan(&heavier, &[], &n).unwrap();
+        assert_ne!(plan3.ring_fingerprints["web"], plan1.ring_fingerprints["web"]);
+        assert_eq!(plan3.ring_fingerprints["api"], plan1.ring_fingerprints["api"]);
+        let mut drained = lb1.clone();
+        drained[1].backends[0].state = BackendState::Drain;
+        let plan4 = Planner::default().plan(&drained, &[], &n).unwrap();
+        assert_ne!(plan4.ring_fingerprints["api"], plan1.ring_fingerprints["api"]);
+        // No backend: no table, fingerprint 0.
+        let empty = Planner::default().plan(&[web(&[])], &[], &n).unwrap();
+        assert_eq!(empty.ring_fingerprints["web"], 0);
     }
 
     #[test]

@@ -126,6 +126,9 @@ pub struct ServiceSnapshot {
     pub matcher: ServiceMatch,
     pub scheduler: Scheduler,
     pub ring_size: u32,
+    /// What the ring holds, as `model::fingerprint` (0: empty); equal on directors that
+    /// send a flow to the same backend.
+    pub ring_fingerprint: u32,
     pub forward: Forward,
     pub counters: Counters,
     pub backends: Vec<BackendSnapshot>,
@@ -159,6 +162,8 @@ pub struct Snapshot {
     /// NAT backends' replies translated, by where they went.
     pub nat_replies: Vec<(&'static str, u64)>,
     pub interfaces: Vec<(String, XdpMode)>,
+    /// SHA-256 of the config file in force (as `sha256sum` prints it).
+    pub config_digest: String,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     /// Unix time of the last successful load or reload.
@@ -213,6 +218,9 @@ impl Snapshot {
             self.flow_entries,
             self.flow_capacity
         );
+        if !self.config_digest.is_empty() {
+            let _ = writeln!(out, "config sha256 {}", self.config_digest);
+        }
         if let Some(e) = &self.last_reload_error {
             let _ = writeln!(out, "last reload FAILED (old config still serving): {e}");
         }
@@ -252,8 +260,14 @@ impl Snapshot {
                 }
                 ServiceMatch::Mark(m) => ("FWM".to_owned(), m.to_string(), None),
             };
-            let _ =
-                writeln!(out, "{prot:<4} {local} {} ring {} ({})", s.scheduler.name(), s.ring_size, s.name);
+            let _ = writeln!(
+                out,
+                "{prot:<4} {local} {} ring {} fp {:08x} ({})",
+                s.scheduler.name(),
+                s.ring_size,
+                s.ring_fingerprint,
+                s.name
+            );
             for b in &s.backends {
                 let _ = writeln!(
                     out,
@@ -347,6 +361,7 @@ mod tests {
                 },
                 scheduler: Scheduler::Sh,
                 ring_size: 4093,
+                ring_fingerprint: 0x0a1b_2c3d,
                 forward: Forward::Dr,
                 counters: Counters::default(),
                 backends: vec![BackendSnapshot {
@@ -369,15 +384,20 @@ mod tests {
             flow_capacity: 65536,
             flow_entries: 4,
             interfaces: vec![("ext0".into(), XdpMode::Native)],
+            config_digest: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
             ..Default::default()
         };
         let table = snap.status_table();
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].ends_with("on ext0 (native); connection table 4/65536 entries"), "{table}");
-        assert_eq!(lines[3], "TCP  192.0.2.10:80 sh ring 4093 (web)");
-        let cols: Vec<&str> = lines[4].split_whitespace().collect();
+        assert_eq!(
+            lines[1],
+            "config sha256 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        );
+        assert_eq!(lines[4], "TCP  192.0.2.10:80 sh ring 4093 fp 0a1b2c3d (web)");
+        let cols: Vec<&str> = lines[5].split_whitespace().collect();
         assert_eq!(cols, ["->", "10.0.2.11:80", "Route", "100", "3", "1", "drain"]);
-        assert_eq!(lines.len(), 5, "an OK check adds no line: {table}");
+        assert_eq!(lines.len(), 6, "an OK check adds no line: {table}");
 
         // An active backend whose check said WARNING shows it, with the message.
         let mut warned = snap.clone();
@@ -387,7 +407,7 @@ mod tests {
         b.last_check = Some("This account is currently not available. [exit 1 (WARNING) ...]".into());
         let table = warned.status_table();
         assert_eq!(
-            table.lines().nth(5),
+            table.lines().nth(6),
             Some(
                 "     last check (warning): This account is currently not available. [exit 1 (WARNING) ...]"
             ),

@@ -40,6 +40,20 @@ fn the_example_files_are_valid() {
 }
 
 #[test]
+fn the_digest_is_the_files_sha256_as_sha256sum_prints_it() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/lb.example.yaml");
+    let out = std::process::Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let expected = printed.split_whitespace().next().unwrap();
+    assert_eq!(Config::load(std::path::Path::new(path)).unwrap().digest, expected);
+    // One changed byte, another digest.
+    let text = std::fs::read_to_string(path).unwrap();
+    let other = Config::parse(&format!("{text}\n"), "other.yaml").unwrap();
+    assert_ne!(other.digest, expected);
+}
+
+#[test]
 fn a_full_config_parses_with_defaults() {
     let yaml = r#"
 director:
@@ -386,6 +400,7 @@ fn alert_rules_and_dashboard_name_only_metrics_the_daemon_exports() {
             matcher: ServiceMatch::Mark(1),
             scheduler: Scheduler::Sh,
             ring_size: 7,
+            ring_fingerprint: 1,
             forward: Forward::Dr,
             counters: Default::default(),
             backends: vec![BackendSnapshot {
@@ -415,6 +430,7 @@ fn alert_rules_and_dashboard_name_only_metrics_the_daemon_exports() {
         nat_replies: vec![("sent", 0)],
         flow_entries_per_cpu: vec![0, 0],
         last_reload_success: Some(0.0),
+        config_digest: "00".into(),
         ..Default::default()
     };
     let exported = lb_daemon::metrics::render(&snap).unwrap();

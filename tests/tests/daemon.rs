@@ -208,6 +208,23 @@ fn metrics_count_exactly_the_packets_sent() -> Result<()> {
     ensure!(sum_series(&m, "lb_backend_packets_total{") == DATAGRAMS as f64);
     ensure!(m.value("lb_xdp_actions_total{action=\"redirect\"}")? == DATAGRAMS as f64);
     ensure!(m.value("lb_connection_table_entries")? == 1.0);
+
+    // What lets an operator compare directors: the file's digest, as sha256sum prints it,
+    // and the ring's fingerprint, the same in status and metrics.
+    let path = lab.config_path()?;
+    let sum = lb_tests::run("sha256sum", &[&path.to_string_lossy()])?;
+    let digest = sum.split_whitespace().next().context("sha256sum printed nothing")?;
+    ensure!(digest.len() == 64, "{sum}");
+    let status = lab.daemon.status()?;
+    ensure!(status.lines().any(|l| l == format!("config sha256 {digest}")), "{status}");
+    ensure!(m.value(&format!("lb_config_info{{digest=\"{digest}\"}}"))? == 1.0, "{}", m.0);
+    let fp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("UDP  192.0.2.10:9000 sh ring 4093 fp ")?.strip_suffix(" (udp)"))
+        .with_context(|| format!("no fingerprint in\n{status}"))?;
+    let fp = u32::from_str_radix(fp, 16)?;
+    ensure!(fp != 0, "{status}");
+    ensure!(m.value("lb_service_ring_fingerprint{service=\"udp\"}")? == fp as f64, "{}", m.0);
     Ok(())
 }
 

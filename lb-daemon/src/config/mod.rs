@@ -128,6 +128,17 @@ pub struct Config {
     /// The TLS settings of `https` checks and where the file states them: the health
     /// runtime reads their CA files (`health::tls::prepare`), and its errors point here.
     pub tls_sources: Vec<TlsSource>,
+    /// SHA-256 of the file's text, in hex: what `sha256sum` prints for the file, so that
+    /// directors meant to run the same file can be compared (status, `lb_config_info`).
+    pub digest: String,
+}
+
+fn file_digest(text: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Where a value sits in the file, for errors found after parsing.
@@ -324,6 +335,7 @@ impl Config {
         match (config, errors.is_empty()) {
             (Some(mut config), true) => {
                 config.tls_sources = checker.tls_sources.into_inner();
+                config.digest = file_digest(text);
                 Ok(config)
             }
             _ => Err(ConfigError::from_many(errors)),

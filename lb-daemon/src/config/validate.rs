@@ -143,6 +143,7 @@ impl Checker<'_> {
             checks,
             routing: routing.flatten(),
             tls_sources: Vec::new(),
+            digest: String::new(),
         })
     }
 

@@ -137,6 +137,7 @@ impl Daemon {
                 matcher: spec.matcher,
                 scheduler: spec.scheduler,
                 ring_size: spec.ring_size,
+                ring_fingerprint: self.plan.ring_fingerprints.get(&spec.name).copied().unwrap_or(0),
                 forward: spec.forward,
                 counters: Counters::default(),
                 backends,
@@ -166,6 +167,7 @@ impl Daemon {
                 .iter()
                 .map(|i| (i.clone(), self.config.director.xdp_mode))
                 .collect(),
+            config_digest: self.config.digest.clone(),
             reloads_ok: self.reloads_ok,
             reloads_failed: self.reloads_failed,
             last_reload_success: self
