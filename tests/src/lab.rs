@@ -426,7 +426,7 @@ impl DrLab {
 
 /// Runs `f` on a scoped thread inside namespace `ns` (XDP attachments and interface
 /// names are per namespace).
-fn in_namespace(ns: &str, f: impl FnOnce() -> Result<()> + Send) -> Result<()> {
+pub(crate) fn in_namespace(ns: &str, f: impl FnOnce() -> Result<()> + Send) -> Result<()> {
     std::thread::scope(|s| {
         s.spawn(|| {
             crate::enter(ns)?;

@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{Context as _, Result, bail};
 use nix::sched::{CloneFlags, setns};
 
+pub mod bird;
 pub mod daemon;
+pub mod ecmp;
 pub mod fixture;
 pub mod lab;
 pub mod model;

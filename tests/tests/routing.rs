@@ -10,6 +10,7 @@ use anyhow::{Context as _, Result, ensure};
 use lb_daemon::config::Config;
 use lb_daemon::routing::decl::{Intent, RoutingConfig};
 use lb_daemon::routing::policy::{Report, reconcile_once};
+use lb_tests::bird::Bird;
 use lb_tests::{NetNs, veth_named};
 
 /// Where both gateways answer: a datagram to it shows which gateway the director chose.
@@ -63,7 +64,7 @@ impl TwoUplinks {
     }
 
     fn reconcile(&self, routing: &RoutingConfig) -> Result<Report> {
-        let intent = Intent { config: Some(routing.clone()), vips_up: Default::default() };
+        let intent = Intent { config: Some(routing.clone()), ..Default::default() };
         self.director.run(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             Ok(rt.block_on(reconcile_once(&intent, None))?)
@@ -239,17 +240,18 @@ fn a_vip_route_follows_whether_any_server_is_up() -> Result<()> {
     ensure!(m.value("lb_routing_objects{kind=\"route\"}")? == 1.0);
     // Another program's route in the same table: BIRD must not announce it.
     lab.topo.director.ip(&["route", "add", "192.0.2.99/32", "dev", "lo", "table", "200"])?;
-    let bird = Bird::start(&lab.topo.director)?;
+    let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/bird-vip-routes.conf");
+    let bird = Bird::start(&lab.topo.director, std::path::Path::new(conf))?;
     let vip_route = format!("{VIP}/32");
-    bird.wait_routes(|r| r.contains(&vip_route) && !r.contains("192.0.2.99"))?;
+    bird.wait_routes("lbvips", |r| r.contains(&vip_route) && !r.contains("192.0.2.99"))?;
 
     lab.stop_server(0)?;
     lab.stop_server(1)?;
     wait_vip_route(&lab, false)?;
-    bird.wait_routes(|r| !r.contains(&vip_route))?;
+    bird.wait_routes("lbvips", |r| !r.contains(&vip_route))?;
     lab.start_server(1)?;
     wait_vip_route(&lab, true)?;
-    bird.wait_routes(|r| r.contains(&vip_route))?;
+    bird.wait_routes("lbvips", |r| r.contains(&vip_route))?;
     drop(bird);
 
     // A restart finds its route in place and sends nothing.
@@ -286,50 +288,4 @@ fn a_vip_route_follows_whether_any_server_is_up() -> Result<()> {
         "foreign route gone"
     );
     Ok(())
-}
-
-/// BIRD running `configs/bird-vip-routes.conf` in a namespace; killed on drop.
-struct Bird {
-    child: std::process::Child,
-    socket: std::path::PathBuf,
-}
-
-impl Bird {
-    fn start(ns: &NetNs) -> Result<Self> {
-        let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/bird-vip-routes.conf");
-        let socket = std::env::temp_dir().join(format!("{}.ctl", lb_tests::unique_name("bird")));
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", ns.name(), "bird", "-f", "-c", conf, "-s"])
-            .arg(&socket)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("starting bird (apt package bird2; `cargo xtask setup` installs it)")?;
-        Ok(Bird { child, socket })
-    }
-
-    /// Waits (bounded) until `birdc show route table lbvips` satisfies `ok`.
-    fn wait_routes(&self, ok: impl Fn(&str) -> bool) -> Result<()> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = std::process::Command::new("birdc")
-                .arg("-s")
-                .arg(&self.socket)
-                .args(["show", "route", "table", "lbvips"])
-                .output()?;
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            if out.status.success() && ok(&text) {
-                return Ok(());
-            }
-            ensure!(std::time::Instant::now() < deadline, "BIRD's table never got there:\n{text}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Bird {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
-    }
 }

@@ -164,9 +164,9 @@ impl Daemon {
         let Some(routing) = &self.config.routing else { return Intent::default() };
         if routing.vip_routes.is_none() {
             // Health changes then change nothing the routing task has to look at.
-            return Intent { config: Some(routing.clone()), vips_up: Default::default() };
+            return Intent { config: Some(routing.clone()), ..Default::default() };
         }
-        let vips_up = self
+        let vips_up: std::collections::BTreeSet<IpAddr> = self
             .config
             .services
             .iter()
@@ -183,7 +183,17 @@ impl Daemon {
                 crate::model::ServiceMatch::Mark(_) => None,
             })
             .collect();
-        Intent { config: Some(routing.clone()), vips_up }
+        let mut vip_settle: BTreeMap<IpAddr, Duration> = BTreeMap::new();
+        for s in &self.config.services {
+            if let (crate::model::ServiceMatch::Vip { addr, .. }, Some(check)) =
+                (s.matcher, self.config.checks.get(&s.name))
+                && vips_up.contains(&addr)
+            {
+                let settle = vip_settle.entry(addr).or_default();
+                *settle = (*settle).max(check.confirm_time());
+            }
+        }
+        Intent { config: Some(routing.clone()), vips_up, vip_settle }
     }
 
     /// The probes the board wants now; doubts about probes a reload removed are forgotten.

@@ -76,6 +76,7 @@ mod run;
 mod socket;
 mod status;
 mod tasks;
+mod vip_hold;
 
 pub use conns::CONN_COUNT_TTL;
 use conns::{ConnCounter, ConnCounts};

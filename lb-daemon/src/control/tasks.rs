@@ -123,19 +123,28 @@ pub(super) async fn follow_routing(
     let mut retry = tokio::time::interval(ROUTING_RETRY);
     retry.reset();
     let mut needs_retry = false;
+    let mut hold = super::vip_hold::VipHold::default();
+    // When the next VIP held back (see `vip_hold`) is due.
+    let mut held_until: Option<std::time::Instant> = None;
     // The first round applies the intent in force when the task starts.
     let mut changed = true;
     loop {
         if changed || needs_retry {
-            let want = intent.borrow_and_update().clone();
+            let mut want = intent.borrow_and_update().clone();
+            let (announced, next) = hold.announce(&want.vips_up, &want.vip_settle, std::time::Instant::now());
+            want.vips_up = announced;
+            held_until = next;
             needs_retry = apply_routing(&want, &state).await;
         }
         changed = false;
+        let hold_over =
+            tokio::time::sleep_until(held_until.map_or_else(tokio::time::Instant::now, Into::into));
         tokio::select! {
             r = intent.changed() => match r {
                 Ok(()) => changed = true,
                 Err(_) => return,
             },
+            _ = hold_over, if held_until.is_some() => changed = true,
             _ = retry.tick(), if needs_retry => {}
             remove = &mut stop => {
                 if remove.unwrap_or(false) {

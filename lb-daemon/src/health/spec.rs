@@ -46,6 +46,14 @@ pub struct HealthCheck {
     pub on_change: Option<Hook>,
 }
 
+impl HealthCheck {
+    /// The longest a recovered server takes to be confirmed up: `rise` checks, each up to
+    /// its interval and jitter apart, the last one taking its whole timeout.
+    pub fn confirm_time(&self) -> std::time::Duration {
+        (self.interval + self.jitter) * self.policy.rise + self.spec.timeout
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct HttpCheck {
     pub port: Option<u16>,

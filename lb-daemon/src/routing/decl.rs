@@ -69,4 +69,8 @@ impl RoutingConfig {
 pub struct Intent {
     pub config: Option<RoutingConfig>,
     pub vips_up: BTreeSet<IpAddr>,
+    /// How long a VIP that had no server up must be up again before its route goes back:
+    /// the time its services' checks take to confirm a recovered server (see
+    /// `control::vip_hold`). VIPs without checks have none.
+    pub vip_settle: BTreeMap<IpAddr, std::time::Duration>,
 }

@@ -554,7 +554,7 @@ mod tests {
             vip_routes: None,
             remove_on_stop: false,
         };
-        let d = desired(&Intent { config: Some(cfg), vips_up: std::collections::BTreeSet::new() });
+        let d = desired(&Intent { config: Some(cfg), ..Default::default() });
         assert_eq!(d.routes.len(), 1);
         assert_eq!(
             d.errors,

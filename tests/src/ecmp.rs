@@ -1,0 +1,377 @@
+//! Two directors behind a router that spreads flows over them by ECMP, as BGP teaches it
+//! (the scale-out design of Maglev, GLB, or Cilium with BIRD):
+//!
+//! ```text
+//!  client ──veth── router ──veth── core (bridge) ──veth── lb1 core0 198.51.100.2  lb-daemon + BIRD
+//!  10.0.3.10+      10.0.3.1 │                     ├─veth── lb2 core0 198.51.100.3  lb-daemon + BIRD
+//!                  198.51.100.1, BIRD, ECMP        └─veth── server1..N 198.51.100.11+, VIP on lo
+//! ```
+//!
+//! The directors are one-armed (LVS-DR's "one arm"): VIP traffic arrives on `core0` and
+//! leaves by XDP_TX to a real server on the same LAN; servers answer the clients through
+//! the router, their default gateway. Each director runs `lb-daemon` (VIP routes in table
+//! 200 while a server is up) and BIRD with `configs/bird-vip-routes.conf` (the second
+//! with its own address); the router runs BIRD with `configs/bird-router.conf`, which
+//! installs one multipath route per VIP, hashed on L4 (`fib_multipath_hash_policy=1`).
+//! The shipped files are used as they are: the lab's addresses are theirs.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, bail, ensure};
+use lb_daemon::dataplane::{Dataplane, LoadOptions};
+use lb_daemon::model::XdpMode;
+
+use crate::bird::Bird;
+use crate::daemon::{Daemon, DaemonOptions, Metrics};
+use crate::tcp::{NameServer, fetch_from};
+use crate::topology::{VIP, VIP_PREFIX_LEN, no_offloads};
+use crate::{NetNs, veth, veth_named};
+
+pub const ROUTER_CORE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+pub const ROUTER_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 3, 1);
+/// Each director's address on the core LAN, as the shipped BIRD files name them.
+pub const DIRECTOR_ADDRS: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 51, 100, 2), Ipv4Addr::new(198, 51, 100, 3)];
+/// The directors' one interface, fixed so that their configs can name it.
+pub const DIRECTOR_IF: &str = "core0";
+pub const SERVICE_PORT: u16 = 80;
+
+pub fn server_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, 11 + i as u8)
+}
+
+fn conf(name: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs")).join(name)
+}
+
+pub const ECHO_PORT: u16 = 7;
+
+/// The `services:` and `routing:` sections the directors run: `web` on the VIP's port 80,
+/// with `echo` (port 7) first when `echo`; `sh`, fast tcp checks, VIP routes for BIRD.
+/// `reversed` lists the services and backends the other way round (a second director's
+/// file in another order must still give the same rings).
+pub fn services_yaml(servers: usize, reversed: bool, echo: bool) -> String {
+    let mut addrs: Vec<Ipv4Addr> = (0..servers).map(server_addr).collect();
+    if reversed {
+        addrs.reverse();
+    }
+    let service = |name: &str, port: u16| {
+        let mut y = format!(
+            "  - name: {name}\n    match: {{ vip: {VIP}, port: {port} }}\n    scheduler: sh\n    \
+             check: {{ type: tcp, interval: 200ms, timeout: 150ms, rise: 1, fall: 1 }}\n    backends:\n"
+        );
+        for a in &addrs {
+            y.push_str(&format!("      - {{ address: {a} }}\n"));
+        }
+        y
+    };
+    let mut sections = vec![service("web", SERVICE_PORT)];
+    if echo {
+        sections.insert(0, service("echo", ECHO_PORT));
+    }
+    if reversed {
+        sections.reverse();
+    }
+    format!("services:\n{}routing:\n  vip_routes: {{ table: 200 }}\n", sections.concat())
+}
+
+/// One director: its namespace, daemon, BIRD and files.
+pub struct Director {
+    pub ns: NetNs,
+    pub addr: Ipv4Addr,
+    pub daemon: Daemon,
+    bird: Option<Bird>,
+    bird_conf: PathBuf,
+    pub workdir: PathBuf,
+    pub bpf_dir: PathBuf,
+}
+
+impl Director {
+    pub fn config_path(&self) -> PathBuf {
+        self.workdir.join("lb.yaml")
+    }
+
+    pub fn metrics(&self) -> Result<Metrics> {
+        self.daemon.metrics(&self.ns)
+    }
+
+    /// Its BIRD, as started with the lab (or again after [`Director::stop_bird`]).
+    pub fn start_bird(&mut self) -> Result<()> {
+        if self.bird.is_none() {
+            self.bird = Some(Bird::start(&self.ns, &self.bird_conf)?);
+        }
+        Ok(())
+    }
+
+    /// Stops its BIRD (SIGKILL: the session drops as when the process dies).
+    pub fn stop_bird(&mut self) {
+        self.bird = None;
+    }
+
+    pub fn bird(&self) -> Option<&Bird> {
+        self.bird.as_ref()
+    }
+
+    /// Takes its only link down (`up` false) or up: as a director that dies or loses its
+    /// link, for the router and the servers alike.
+    pub fn set_link(&self, up: bool) -> Result<()> {
+        self.ns.ip(&["link", "set", DIRECTOR_IF, if up { "up" } else { "down" }]).map(drop)
+    }
+
+    /// The ring fingerprint `status` prints for `service`.
+    pub fn ring_fingerprint(&self, service: &str) -> Result<String> {
+        let status = self.daemon.status()?;
+        status
+            .lines()
+            .find_map(|l| {
+                let (_, rest) = l.split_once(" fp ")?;
+                let (fp, name) = rest.split_once(' ')?;
+                (name == format!("({service})")).then(|| fp.to_owned())
+            })
+            .ok_or_else(|| anyhow!("no fingerprint for {service} in\n{status}"))
+    }
+}
+
+pub struct EcmpLab {
+    pub client: NetNs,
+    pub router: NetNs,
+    pub core: NetNs,
+    pub servers: Vec<NetNs>,
+    pub directors: Vec<Director>,
+    pub client_addrs: Vec<Ipv4Addr>,
+    router_bird: Bird,
+    name_servers: Vec<NameServer>,
+    /// Pass-through programs on the bridge ports facing the directors: a veth delivers
+    /// XDP_TX frames only to a peer that runs an XDP program.
+    _pass_through: Dataplane,
+}
+
+impl EcmpLab {
+    /// Builds the topology, starts the servers, both directors (the second reading its
+    /// file's backends in reverse order when `second_reversed`) and the three BIRDs, and
+    /// waits until the router holds both directors as next hops of the VIP.
+    pub fn start(servers: usize, client_addrs: usize, second_reversed: bool, echo: bool) -> Result<Self> {
+        let client = NetNs::new("ec")?;
+        let router = NetNs::new("er")?;
+        let core = NetNs::new("eb")?;
+        let bridge = "br0";
+        core.ip(&["link", "add", bridge, "type", "bridge"])?;
+        core.ip(&["link", "set", bridge, "up"])?;
+        let attach = |ns: &NetNs, prefix: &str, name: Option<&str>| -> Result<(String, String)> {
+            let (port, link) = match name {
+                Some(n) => veth_named(&core, ns, &crate::unique_name(prefix), n)?,
+                None => veth(&core, ns, prefix)?,
+            };
+            no_offloads(&core, &port)?;
+            no_offloads(ns, &link)?;
+            core.ip(&["link", "set", &port, "master", bridge])?;
+            Ok((port, link))
+        };
+
+        // The router: clients on one side, the core LAN on the other.
+        let (cl_if, rt_in) = veth(&client, &router, "ea")?;
+        no_offloads(&client, &cl_if)?;
+        no_offloads(&router, &rt_in)?;
+        let (_, rt_core) = attach(&router, "ep", None)?;
+        router.ip(&["addr", "add", &format!("{ROUTER_CLIENT_SIDE}/24"), "dev", &rt_in])?;
+        router.ip(&["addr", "add", &format!("{ROUTER_CORE}/24"), "dev", &rt_core])?;
+        router.sysctl("net.ipv4.ip_forward", "1")?;
+        // ECMP on the 5-tuple: a client's connections spread over the directors, so that
+        // stickiness per source shows that both rings agree.
+        router.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
+        for scope in ["all", "default"] {
+            router.sysctl(&format!("net.ipv4.conf.{scope}.rp_filter"), "0")?;
+        }
+        let client_addrs: Vec<Ipv4Addr> =
+            (0..client_addrs).map(|i| Ipv4Addr::new(10, 0, 3, 10 + i as u8)).collect();
+        for a in &client_addrs {
+            client.ip(&["addr", "add", &format!("{a}/24"), "dev", &cl_if])?;
+        }
+        let vip_net = ipnet::Ipv4Net::new(VIP, VIP_PREFIX_LEN)?.trunc().to_string();
+        client.ip(&["route", "add", &vip_net, "via", &ROUTER_CLIENT_SIDE.to_string()])?;
+
+        let mut server_ns = Vec::new();
+        let mut name_servers = Vec::new();
+        for i in 0..servers {
+            let s = NetNs::new("es")?;
+            let (_, sif) = attach(&s, "eq", None)?;
+            s.ip(&["addr", "add", &format!("{}/24", server_addr(i)), "dev", &sif])?;
+            s.ip(&["route", "add", "default", "via", &ROUTER_CORE.to_string()])?;
+            s.ip(&["addr", "add", &format!("{VIP}/{VIP_PREFIX_LEN}"), "dev", "lo"])?;
+            s.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
+            s.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
+            name_servers.push(NameServer::start(
+                &s,
+                SocketAddr::from(([0, 0, 0, 0], SERVICE_PORT)),
+                &format!("server{}", i + 1),
+            )?);
+            server_ns.push(s);
+        }
+
+        let mut pass = Dataplane::load(&LoadOptions { ring_slots: 7, flow_entries: 16, pin_dir: None })?;
+        let router_bird = Bird::start(&router, &conf("bird-router.conf"))?;
+        let mut directors = Vec::new();
+        for (n, addr) in DIRECTOR_ADDRS.into_iter().enumerate() {
+            let ns = NetNs::new(&format!("el{}", n + 1))?;
+            let (port, _) = attach(&ns, "ed", Some(DIRECTOR_IF))?;
+            crate::lab::in_namespace(core.name(), || Ok(pass.attach_pass_through(&port, XdpMode::Native)?))?;
+            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", DIRECTOR_IF])?;
+            ns.ip(&["route", "add", "default", "via", &ROUTER_CORE.to_string()])?;
+            let workdir = std::env::temp_dir().join(crate::unique_name(&format!("lbe{}", n + 1)));
+            std::fs::create_dir_all(&workdir)?;
+            let bpf_dir = PathBuf::from("/sys/fs/bpf").join(workdir.file_name().unwrap_or_default());
+            let path = workdir.join("lb.yaml");
+            std::fs::write(
+                &path,
+                format!(
+                    "{}{}",
+                    director_yaml(&workdir, &bpf_dir),
+                    services_yaml(servers, n == 1 && second_reversed, echo)
+                ),
+            )?;
+            // The shipped director file; the second director differs only in its address.
+            let shipped = std::fs::read_to_string(conf("bird-vip-routes.conf"))?;
+            let bird_conf = workdir.join("bird.conf");
+            std::fs::write(&bird_conf, shipped.replace(&DIRECTOR_ADDRS[0].to_string(), &addr.to_string()))?;
+            Dataplane::remove_pins(&bpf_dir).map_err(|e| anyhow!(lb_daemon::error_chain(&e)))?;
+            let daemon = Daemon::start_with(
+                &ns,
+                &path,
+                &workdir.join("control.sock"),
+                "127.0.0.1:9740".parse()?,
+                &workdir.join("lb-daemon.log"),
+                DaemonOptions::default(),
+            )?;
+            let mut d = Director { ns, addr, daemon, bird: None, bird_conf, workdir, bpf_dir };
+            d.start_bird()?;
+            directors.push(d);
+        }
+        let lab = EcmpLab {
+            client,
+            router,
+            core,
+            servers: server_ns,
+            directors,
+            client_addrs,
+            router_bird,
+            name_servers,
+            _pass_through: pass,
+        };
+        lab.wait_next_hops(&DIRECTOR_ADDRS, Duration::from_secs(60))?;
+        Ok(lab)
+    }
+
+    /// The router's next hops for the VIP now (none: no route).
+    pub fn next_hops(&self) -> Result<Vec<Ipv4Addr>> {
+        let route = self.router.ip(&["route", "show", &VIP.to_string()])?;
+        Ok(route
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "via")
+            .filter_map(|w| w[1].parse().ok())
+            .collect())
+    }
+
+    /// Waits (bounded by `limit`) until the router's next hops for the VIP are exactly
+    /// `want` (in any order); returns how long that took.
+    pub fn wait_next_hops(&self, want: &[Ipv4Addr], limit: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        let mut want = want.to_vec();
+        want.sort();
+        loop {
+            let mut hops = self.next_hops()?;
+            hops.sort();
+            if hops == want {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > limit {
+                bail!(
+                    "the router's next hops for {VIP} stayed {hops:?}, not {want:?}:\n{}\n{}",
+                    self.router_bird.ask(&["show", "protocols", "all"]).unwrap_or_default(),
+                    self.directors.iter().map(|d| d.daemon.log_text()).collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// `rounds` connections from every client address to the VIP: (source, server) each.
+    pub fn connect_all(&self, rounds: usize) -> Result<Vec<(IpAddr, String)>> {
+        let addrs = self.client_addrs.clone();
+        let vip: SocketAddr = (VIP, SERVICE_PORT).into();
+        self.client.run(move || {
+            let mut answers = Vec::with_capacity(rounds * addrs.len());
+            for _ in 0..rounds {
+                for a in &addrs {
+                    answers.push((IpAddr::V4(*a), fetch_from(IpAddr::V4(*a), vip)?));
+                }
+            }
+            Ok(answers)
+        })
+    }
+
+    /// Waits (bounded) until every director counts `n` backends of `service` active.
+    pub fn wait_active(&self, service: &str, n: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let series = "lb_backend_state{backend=";
+        for d in &self.directors {
+            loop {
+                let m = d.metrics()?;
+                let active =
+                    m.0.lines()
+                        .filter(|l| {
+                            l.starts_with(series)
+                                && l.contains(&format!("service=\"{service}\",state=\"active\"}} 1"))
+                        })
+                        .count();
+                if active == n {
+                    break;
+                }
+                ensure!(Instant::now() < deadline, "{service} on {}: {active} of {n} active", d.addr);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// New connections scheduled by each director for `service` so far.
+    pub fn scheduled(&self, service: &str) -> Result<Vec<f64>> {
+        self.directors
+            .iter()
+            .map(|d| d.metrics()?.value(&format!("lb_service_connections_total{{service=\"{service}\"}}")))
+            .collect()
+    }
+
+    /// Stops the name servers; how many connections each real server answered.
+    pub fn stop_servers(&mut self) -> Result<Vec<u64>> {
+        std::mem::take(&mut self.name_servers).into_iter().map(NameServer::stop).collect()
+    }
+
+    pub fn router_bird(&self) -> &Bird {
+        &self.router_bird
+    }
+}
+
+fn director_yaml(workdir: &Path, bpf_dir: &Path) -> String {
+    format!(
+        "director:\n  interfaces: [{DIRECTOR_IF}]\n  xdp_mode: native\n  metrics_listen: 127.0.0.1:9740\n  \
+         control_socket: {}\n  bpf_dir: {}\n  connection_table_size: 65536\n  ring_slots: 131072\n",
+        workdir.join("control.sock").display(),
+        bpf_dir.display()
+    )
+}
+
+impl Drop for EcmpLab {
+    fn drop(&mut self) {
+        for d in &mut self.directors {
+            d.stop_bird();
+            let _ = d.daemon.kill9();
+            if let Err(e) = Dataplane::remove_pins(&d.bpf_dir) {
+                eprintln!("lab cleanup: {}", lb_daemon::error_chain(&e));
+            }
+            let _ = std::fs::remove_dir_all(&d.workdir);
+        }
+    }
+}
