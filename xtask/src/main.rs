@@ -39,11 +39,16 @@ enum Cmd {
         seed: Option<u64>,
     },
     /// Build a client, a director and three real servers in network namespaces, forward
-    /// real TCP connections through the XDP data path, print what happened, clean up.
+    /// real TCP connections through the XDP data path, print what happened, clean up
+    /// (`--directors 2`: two directors behind an ECMP router).
     Lab {
         /// Leave the namespaces in place to explore (prints the commands to look around).
         #[arg(long)]
         keep: bool,
+        /// 2: two directors behind a router that spreads flows over them by ECMP, learnt
+        /// over BGP (BIRD), and one director's failure and return.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        directors: u8,
     },
 }
 
@@ -84,12 +89,14 @@ fn main() -> Result<()> {
             cargo(&["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "lb-bench"])
         }
         Cmd::Fuzz { frames, configs, seed } => fuzz(frames, configs, seed),
-        Cmd::Lab { keep } => {
+        Cmd::Lab { keep, directors } => {
             require_root("the lab creates network namespaces and loads XDP programs")?;
             cargo(&["build", "--release", "--quiet", "-p", "lb-daemon"])?;
-            let mut args = vec!["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "lb-lab"];
+            let directors = directors.to_string();
+            let mut args = vec!["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "lb-lab", "--"];
+            args.extend(["--directors", &directors]);
             if keep {
-                args.extend(["--", "--keep"]);
+                args.push("--keep");
             }
             cargo(&args)
         }

@@ -1,7 +1,8 @@
 //! `cargo xtask lab`: a client, a director running `lb-daemon` with `configs/lab.yaml`,
 //! and three real servers in network namespaces; real TCP connections through the XDP
 //! data path (direct routing); the status table and a metrics excerpt are printed, and
-//! everything is removed at the end (or on Enter, with `--keep`).
+//! everything is removed at the end (or on Enter, with `--keep`). `--directors 2`: two
+//! directors behind a router doing ECMP over BGP (see `lb_tests::ecmp`).
 
 use std::collections::BTreeMap;
 use std::io::BufRead as _;
@@ -15,7 +16,102 @@ const CLIENTS: usize = 30;
 const ROUNDS: usize = 4;
 
 fn main() -> Result<()> {
-    let keep = std::env::args().any(|a| a == "--keep");
+    let args: Vec<String> = std::env::args().collect();
+    let keep = args.iter().any(|a| a == "--keep");
+    let directors = match args.iter().position(|a| a == "--directors") {
+        Some(i) => args.get(i + 1).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0),
+        None => 1,
+    };
+    match directors {
+        1 => one_director(keep),
+        2 => two_directors(keep),
+        _ => anyhow::bail!("--directors takes 1 or 2"),
+    }
+}
+
+/// Two directors behind a BIRD router doing ECMP (`lb_tests::ecmp`): connections spread
+/// over both, each source on one server, then the first director's link goes down and
+/// comes back while the router follows.
+fn two_directors(keep: bool) -> Result<()> {
+    use lb_tests::ecmp::{DIRECTOR_IF, EcmpLab, SERVICE_PORT};
+    println!(
+        "building the lab: 1 client ({CLIENTS} addresses), a router (BIRD, ECMP), 2 directors (lb-daemon + BIRD), \
+         3 real servers"
+    );
+    let lab = EcmpLab::start(3, CLIENTS, true, false)?;
+    println!(
+        "  client    netns {:<14} {}..{}",
+        lab.client.name(),
+        lab.client_addrs[0],
+        lab.client_addrs[CLIENTS - 1]
+    );
+    println!("  router    netns {:<14} bird -c configs/bird-router.conf", lab.router.name());
+    for d in &lab.directors {
+        println!(
+            "  director  netns {:<14} {} on {DIRECTOR_IF}: lb-daemon -c {}, bird (configs/bird-vip-routes.conf)",
+            d.ns.name(),
+            d.addr,
+            d.config_path().display()
+        );
+    }
+    println!("  (the second director's file lists the servers in reverse order)");
+    println!("\nthe router's route to the VIP, learnt over BGP from both:");
+    print!("{}", lab.router.ip(&["route", "show", &VIP.to_string()])?);
+
+    let before = lab.scheduled("web")?;
+    let answers = lab.connect_all(ROUNDS)?;
+    let after = lab.scheduled("web")?;
+    let mut per_server: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut servers_of: BTreeMap<String, std::collections::BTreeSet<&str>> = BTreeMap::new();
+    for (src, name) in &answers {
+        *per_server.entry(name).or_default() += 1;
+        servers_of.entry(src.to_string()).or_default().insert(name);
+    }
+    println!(
+        "\n{} TCP connections to {VIP}:{SERVICE_PORT} ({ROUNDS} from each client address)",
+        answers.len()
+    );
+    for (d, (a, b)) in lab.directors.iter().zip(after.iter().zip(&before)) {
+        println!("  through {}: {} connections, ring fp {}", d.addr, a - b, d.ring_fingerprint("web")?);
+    }
+    for (name, n) in &per_server {
+        println!("  {name}: {n} connections");
+    }
+    let split = servers_of.values().filter(|s| s.len() > 1).count();
+    println!("  sources that reached more than one server: {split} of {}", servers_of.len());
+
+    println!("\n{}'s link goes down (as if it died):", lab.directors[0].addr);
+    lab.directors[0].set_link(false)?;
+    let gone =
+        lab.wait_next_hops(&lb_tests::ecmp::DIRECTOR_ADDRS[1..], std::time::Duration::from_secs(20))?;
+    println!("  the router dropped it after {} ms (BFD):", gone.as_millis());
+    print!("{}", lab.router.ip(&["route", "show", &VIP.to_string()])?);
+    let answers = lab.connect_all(1)?;
+    let moved =
+        answers.iter().filter(|(src, name)| !servers_of[&src.to_string()].contains(name.as_str())).count();
+    println!(
+        "  {} connections through the other director, {moved} to another server than before",
+        answers.len()
+    );
+    lab.directors[0].set_link(true)?;
+    let back = lab.wait_next_hops(&lb_tests::ecmp::DIRECTOR_ADDRS, std::time::Duration::from_secs(60))?;
+    println!("  link up again: back as a next hop after {} ms", back.as_millis());
+
+    if keep {
+        println!("\nthe lab stays up until you press Enter. To look around:");
+        for d in &lab.directors {
+            println!("  lb-daemon status --socket {}", d.workdir.join("control.sock").display());
+        }
+        println!("  ip -n {} route show {VIP}", lab.router.name());
+        println!("  birdc -s {} show protocols", lab.router_bird().socket().display());
+        let _ = std::io::stdin().lock().lines().next();
+    }
+    drop(lab);
+    println!("\ndaemons and BIRDs stopped, namespaces removed");
+    Ok(())
+}
+
+fn one_director(keep: bool) -> Result<()> {
     let config = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/lab.yaml"));
     let config = std::fs::canonicalize(&config)?;
     println!("building the lab: 1 client ({CLIENTS} addresses), 1 director, 3 real servers");
