@@ -1,5 +1,6 @@
-//! BIRD (apt package bird2) running a configuration in a namespace, asked through its
-//! own control socket; killed on drop.
+//! The routing daemons beside a director, each running a configuration in a namespace:
+//! BIRD (apt package bird2), asked through its own control socket, and keepalived (VRRP
+//! only). Stopped on drop.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -59,5 +60,46 @@ impl Drop for Bird {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// keepalived's VRRP, with pid files of its own (several run on one host).
+pub struct Keepalived {
+    child: Child,
+}
+
+impl Keepalived {
+    /// `keepalived --vrrp --dont-fork -f conf` inside `ns`; logs to `dir/keepalived.log`.
+    pub fn start(ns: &NetNs, conf: &Path, dir: &Path) -> Result<Self> {
+        let log = std::fs::File::options().create(true).append(true).open(dir.join("keepalived.log"))?;
+        let pid = |name: &str| dir.join(name).to_string_lossy().into_owned();
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns.name(), "keepalived", "--vrrp", "--dont-fork", "--log-console", "-f"])
+            .arg(conf)
+            .args(["--pid", &pid("keepalived.pid"), "--vrrp_pid", &pid("vrrp.pid")])
+            .args(["--checkers_pid", &pid("checkers.pid")])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting keepalived (apt package keepalived; `cargo xtask setup` installs it)")?;
+        Ok(Keepalived { child })
+    }
+}
+
+impl Drop for Keepalived {
+    /// SIGTERM, as systemd stops it: it removes its VIPs and sends a priority-0 advert,
+    /// so that the backup takes over at once. SIGKILL if it has not exited within 5 s.
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -15,7 +15,6 @@ use nix::sched::{CloneFlags, setns};
 
 pub mod bird;
 pub mod daemon;
-pub mod ecmp;
 pub mod fixture;
 pub mod lab;
 pub mod model;
@@ -23,6 +22,7 @@ pub mod site;
 pub mod tcp;
 pub mod test_object;
 pub mod topology;
+pub mod two_directors;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 

@@ -33,12 +33,12 @@ fn main() -> Result<()> {
 /// over both, each source on one server, then the first director's link goes down and
 /// comes back while the router follows.
 fn two_directors(keep: bool) -> Result<()> {
-    use lb_tests::ecmp::{DIRECTOR_IF, EcmpLab, SERVICE_PORT};
+    use lb_tests::two_directors::{DIRECTOR_IF, Redundancy, SERVICE_PORT, TwoDirectors};
     println!(
         "building the lab: 1 client ({CLIENTS} addresses), a router (BIRD, ECMP), 2 directors (lb-daemon + BIRD), \
          3 real servers"
     );
-    let lab = EcmpLab::start(3, CLIENTS, true, false)?;
+    let lab = TwoDirectors::start(Redundancy::Ecmp, 3, CLIENTS, true, false)?;
     println!(
         "  client    netns {:<14} {}..{}",
         lab.client.name(),
@@ -82,8 +82,8 @@ fn two_directors(keep: bool) -> Result<()> {
 
     println!("\n{}'s link goes down (as if it died):", lab.directors[0].addr);
     lab.directors[0].set_link(false)?;
-    let gone =
-        lab.wait_next_hops(&lb_tests::ecmp::DIRECTOR_ADDRS[1..], std::time::Duration::from_secs(20))?;
+    let gone = lab
+        .wait_next_hops(&lb_tests::two_directors::DIRECTOR_ADDRS[1..], std::time::Duration::from_secs(20))?;
     println!("  the router dropped it after {} ms (BFD):", gone.as_millis());
     print!("{}", lab.router.ip(&["route", "show", &VIP.to_string()])?);
     let answers = lab.connect_all(1)?;
@@ -94,7 +94,8 @@ fn two_directors(keep: bool) -> Result<()> {
         answers.len()
     );
     lab.directors[0].set_link(true)?;
-    let back = lab.wait_next_hops(&lb_tests::ecmp::DIRECTOR_ADDRS, std::time::Duration::from_secs(60))?;
+    let back =
+        lab.wait_next_hops(&lb_tests::two_directors::DIRECTOR_ADDRS, std::time::Duration::from_secs(60))?;
     println!("  link up again: back as a next hop after {} ms", back.as_millis());
 
     if keep {
@@ -103,7 +104,9 @@ fn two_directors(keep: bool) -> Result<()> {
             println!("  lb-daemon status --socket {}", d.workdir.join("control.sock").display());
         }
         println!("  ip -n {} route show {VIP}", lab.router.name());
-        println!("  birdc -s {} show protocols", lab.router_bird().socket().display());
+        if let Some(bird) = lab.router_bird() {
+            println!("  birdc -s {} show protocols", bird.socket().display());
+        }
         let _ = std::io::stdin().lock().lines().next();
     }
     drop(lab);

@@ -1,16 +1,18 @@
-//! Two directors behind ECMP (`lb_tests::ecmp`): a router running BIRD learns each VIP
-//! from both directors' BIRD over BGP and spreads flows over them; both directors compute
-//! the same ring, so a source sticks to one server whichever director carries it, and a
-//! flow that moves between directors mid-stream keeps its server. Needs root and BIRD.
+//! Two directors (`lb_tests::two_directors`). Behind ECMP: a router running BIRD learns
+//! each VIP from both directors' BIRD over BGP and spreads flows over them; both
+//! directors compute the same ring, so a source sticks to one server whichever director
+//! carries it, and a flow that moves between directors mid-stream keeps its server.
+//! Active/standby: keepalived moves the VIP, the standby forwards nothing, and flows
+//! survive the move both ways. Needs root, BIRD and keepalived.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use lb_tests::ecmp::{DIRECTOR_ADDRS, ECHO_PORT, EcmpLab, SERVICE_PORT};
 use lb_tests::tcp::{Conversations, EchoServer, fetch_from};
 use lb_tests::topology::VIP;
+use lb_tests::two_directors::{DIRECTOR_ADDRS, ECHO_PORT, Redundancy, SERVICE_PORT, TwoDirectors};
 
 const SERVERS: usize = 3;
 const SOURCES: usize = 30;
@@ -31,7 +33,7 @@ fn sticky(answers: &[(IpAddr, String)]) -> Result<BTreeMap<IpAddr, String>> {
 #[test]
 fn both_directors_carry_flows_and_agree_on_every_sources_server() -> Result<()> {
     // The second director's file lists the backends the other way round.
-    let lab = EcmpLab::start(SERVERS, SOURCES, true, true)?;
+    let lab = TwoDirectors::start(Redundancy::Ecmp, SERVERS, SOURCES, true, true)?;
     ensure!(lab.next_hops()?.len() == 2, "{:?}", lab.next_hops()?);
 
     // Both directors' rings say the same, whatever order their files list the servers in.
@@ -68,7 +70,7 @@ fn both_directors_carry_flows_and_agree_on_every_sources_server() -> Result<()> 
 
 /// Polls the VIP with short connections from every source until `stop`: (answered,
 /// failed, slower than a second), bounded by `limit`.
-fn probe_while(lab: &EcmpLab, stop: &std::sync::atomic::AtomicBool, limit: Duration) -> (u64, u64, u64) {
+fn probe_while(lab: &TwoDirectors, stop: &std::sync::atomic::AtomicBool, limit: Duration) -> (u64, u64, u64) {
     let (mut ok, mut failed, mut slow) = (0, 0, 0);
     let started = Instant::now();
     let vip: SocketAddr = (VIP, SERVICE_PORT).into();
@@ -91,7 +93,7 @@ fn probe_while(lab: &EcmpLab, stop: &std::sync::atomic::AtomicBool, limit: Durat
 
 #[test]
 fn long_lived_connections_survive_a_director_failing_and_coming_back() -> Result<()> {
-    let mut lab = EcmpLab::start(SERVERS, 25, false, true)?;
+    let mut lab = TwoDirectors::start(Redundancy::Ecmp, SERVERS, 25, false, true)?;
     let echo = EchoServer::on_each(&lab.servers, ECHO_PORT)?;
     lab.wait_active("echo", SERVERS)?;
     let sources: Vec<IpAddr> = lab.client_addrs.iter().map(|a| IpAddr::V4(*a)).collect();
@@ -139,7 +141,7 @@ fn long_lived_connections_survive_a_director_failing_and_coming_back() -> Result
     lab.directors[0].set_link(true)?;
     let back = lab.wait_next_hops(&DIRECTOR_ADDRS, Duration::from_secs(60))?;
     println!("lb1 back as a next hop {} ms after its link came up", back.as_millis());
-    let tx_lb1 = |lab: &EcmpLab| -> Result<f64> {
+    let tx_lb1 = |lab: &TwoDirectors| -> Result<f64> {
         lab.directors[0].metrics()?.value("lb_xdp_actions_total{action=\"tx\"}")
     };
     let lb1_before = tx_lb1(&lab)?;
@@ -163,7 +165,7 @@ fn long_lived_connections_survive_a_director_failing_and_coming_back() -> Result
 
 #[test]
 fn a_director_without_a_live_server_withdraws_and_the_other_carries_everything() -> Result<()> {
-    let lab = EcmpLab::start(SERVERS, SOURCES, false, false)?;
+    let lab = TwoDirectors::start(Redundancy::Ecmp, SERVERS, SOURCES, false, false)?;
     // lb1's checks cannot reach any server (its own packets to port 80 are dropped; the
     // data path is XDP and unaffected): it sees every server down.
     let lb1 = &lab.directors[0];
@@ -197,5 +199,61 @@ fn a_director_without_a_live_server_withdraws_and_the_other_carries_everything()
     }
     let again = lab.scheduled("web")?;
     ensure!(again[0] > after[0] && again[1] > after[1], "{after:?} -> {again:?}");
+    Ok(())
+}
+
+/// Packets director `i` balanced for `service`.
+fn balanced(lab: &TwoDirectors, i: usize, service: &str) -> Result<f64> {
+    lab.directors[i].metrics()?.value(&format!("lb_service_packets_total{{service=\"{service}\"}}"))
+}
+
+#[test]
+fn with_keepalived_moving_the_vip_the_standby_forwards_nothing_and_flows_survive_failover() -> Result<()> {
+    let mut lab = TwoDirectors::start(Redundancy::Vrrp, SERVERS, 25, false, true)?;
+    let echo = EchoServer::on_each(&lab.servers, ECHO_PORT)?;
+    lab.wait_active("echo", SERVERS)?;
+    let sources: Vec<IpAddr> = lab.client_addrs.iter().map(|a| IpAddr::V4(*a)).collect();
+    let conv = Conversations::start(
+        &lab.client,
+        sources,
+        (VIP, ECHO_PORT).into(),
+        LONG_LIVED,
+        Duration::from_millis(100),
+        10_000,
+    )?;
+    ensure!(conv.wait_rounds(5, Duration::from_secs(10)), "the connections did not start exchanging");
+    // Only the master sees the VIP's frames: the standby's XDP program balanced none.
+    ensure!(balanced(&lab, 0, "echo")? > 0.0);
+    ensure!(balanced(&lab, 1, "echo")? == 0.0, "the standby forwarded VIP traffic");
+
+    // The master's keepalived stops (as for maintenance): lb2 takes the VIP, the router
+    // learns its MAC from the gratuitous ARP, the flows move mid-stream to lb2, whose
+    // ring sends each to the server it was on.
+    lab.directors[0].stop_peer();
+    let failover = lab.wait_master(1, Duration::from_secs(10))?;
+    ensure!(conv.wait_rounds(10, Duration::from_secs(15)), "connections broke in the failover: {:?}", conv.stop());
+    let on_lb1 = balanced(&lab, 0, "echo")?;
+    ensure!(balanced(&lab, 1, "echo")? > 0.0, "lb2 took no traffic");
+    ensure!(conv.wait_rounds(5, Duration::from_secs(10)), "{:?}", conv.stop());
+    ensure!(balanced(&lab, 0, "echo")? == on_lb1, "lb1 still forwards as the standby");
+
+    // lb1 back: its higher priority takes the VIP again, and the flows follow.
+    lab.directors[0].start_peer()?;
+    let failback = lab.wait_master(0, Duration::from_secs(20))?;
+    ensure!(conv.wait_rounds(10, Duration::from_secs(15)), "connections broke in the failback: {:?}", conv.stop());
+    ensure!(balanced(&lab, 0, "echo")? > on_lb1, "the flows did not return to lb1");
+    println!(
+        "VRRP: lb2 held the VIP {} ms after lb1's keepalived stopped; lb1 took it back {} ms after it started",
+        failover.as_millis(),
+        failback.as_millis()
+    );
+
+    let report = conv.stop()?;
+    ensure!(report.connections == LONG_LIVED);
+    ensure!(report.exchanges == report.rounds * LONG_LIVED as u64, "{report:?}");
+    for e in echo {
+        ensure!(e.stop()? > 0);
+    }
+    lab.stop_servers()?;
     Ok(())
 }

@@ -1,19 +1,26 @@
-//! Two directors behind a router that spreads flows over them by ECMP, as BGP teaches it
-//! (the scale-out design of Maglev, GLB, or Cilium with BIRD):
+//! Two directors in front of the same real servers, the two ways farms run them:
 //!
 //! ```text
-//!  client ──veth── router ──veth── core (bridge) ──veth── lb1 core0 198.51.100.2  lb-daemon + BIRD
-//!  10.0.3.10+      10.0.3.1 │                     ├─veth── lb2 core0 198.51.100.3  lb-daemon + BIRD
-//!                  198.51.100.1, BIRD, ECMP        └─veth── server1..N 198.51.100.11+, VIP on lo
+//!  client ──veth── router ──veth── core (bridge) ──veth── lb1 core0 198.51.100.2
+//!  10.0.3.10+      10.0.3.1 │                     ├─veth── lb2 core0 198.51.100.3
+//!                  198.51.100.1                    └─veth── server1..N 198.51.100.11+, VIP on lo
 //! ```
+//!
+//! [`Redundancy::Ecmp`], active/active (the scale-out design of Maglev, GLB, or Cilium
+//! with BIRD): each director runs BIRD with `configs/bird-vip-routes.conf` (the second
+//! with its own address) and announces the VIPs `lb-daemon` publishes (table 200, while a
+//! server is up); the router runs BIRD with `configs/bird-router.conf`, which installs
+//! one multipath route per VIP, hashed on L4 (`fib_multipath_hash_policy=1`).
+//!
+//! [`Redundancy::Vrrp`], active/standby (for networks without BGP): keepalived on each
+//! director runs `configs/keepalived-lb.conf` (the second with its own id and a lower
+//! priority) and only moves the VIP addresses; the router reaches the VIP on its core
+//! link, by ARP, so frames to the VIP go to whichever director holds it.
 //!
 //! The directors are one-armed (LVS-DR's "one arm"): VIP traffic arrives on `core0` and
 //! leaves by XDP_TX to a real server on the same LAN; servers answer the clients through
-//! the router, their default gateway. Each director runs `lb-daemon` (VIP routes in table
-//! 200 while a server is up) and BIRD with `configs/bird-vip-routes.conf` (the second
-//! with its own address); the router runs BIRD with `configs/bird-router.conf`, which
-//! installs one multipath route per VIP, hashed on L4 (`fib_multipath_hash_policy=1`).
-//! The shipped files are used as they are: the lab's addresses are theirs.
+//! the router, their default gateway. The shipped files are used as they are, but for
+//! what differs per director: the lab's addresses are theirs.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -23,7 +30,7 @@ use anyhow::{Result, anyhow, bail, ensure};
 use lb_daemon::dataplane::{Dataplane, LoadOptions};
 use lb_daemon::model::XdpMode;
 
-use crate::bird::Bird;
+use crate::bird::{Bird, Keepalived};
 use crate::daemon::{Daemon, DaemonOptions, Metrics};
 use crate::tcp::{NameServer, fetch_from};
 use crate::topology::{VIP, VIP_PREFIX_LEN, no_offloads};
@@ -76,15 +83,33 @@ pub fn services_yaml(servers: usize, reversed: bool, echo: bool) -> String {
     format!("services:\n{}routing:\n  vip_routes: {{ table: 200 }}\n", sections.concat())
 }
 
-/// One director: its namespace, daemon, BIRD and files.
+/// How the two directors share the VIPs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Redundancy {
+    /// Both announce them over BGP; the router spreads flows by ECMP.
+    Ecmp,
+    /// keepalived (VRRP) gives them to one director at a time.
+    Vrrp,
+}
+
+/// One director: its namespace, daemon, BIRD or keepalived, and files.
 pub struct Director {
     pub ns: NetNs,
     pub addr: Ipv4Addr,
     pub daemon: Daemon,
-    bird: Option<Bird>,
-    bird_conf: PathBuf,
+    /// BIRD (ECMP) or keepalived (VRRP), while it runs.
+    peer: Option<Peer>,
+    redundancy: Redundancy,
+    /// Its BIRD or keepalived configuration.
+    peer_conf: PathBuf,
     pub workdir: PathBuf,
     pub bpf_dir: PathBuf,
+}
+
+/// What runs beside the daemon; stopped on drop.
+enum Peer {
+    Bird(#[allow(dead_code)] Bird),
+    Keepalived(#[allow(dead_code)] Keepalived),
 }
 
 impl Director {
@@ -96,21 +121,28 @@ impl Director {
         self.daemon.metrics(&self.ns)
     }
 
-    /// Its BIRD, as started with the lab (or again after [`Director::stop_bird`]).
-    pub fn start_bird(&mut self) -> Result<()> {
-        if self.bird.is_none() {
-            self.bird = Some(Bird::start(&self.ns, &self.bird_conf)?);
+    /// Starts its BIRD or keepalived, as the lab does (or again after [`Director::stop_peer`]).
+    pub fn start_peer(&mut self) -> Result<()> {
+        if self.peer.is_none() {
+            self.peer = Some(match self.redundancy {
+                Redundancy::Ecmp => Peer::Bird(Bird::start(&self.ns, &self.peer_conf)?),
+                Redundancy::Vrrp => {
+                    Peer::Keepalived(Keepalived::start(&self.ns, &self.peer_conf, &self.workdir)?)
+                }
+            });
         }
         Ok(())
     }
 
-    /// Stops its BIRD (SIGKILL: the session drops as when the process dies).
-    pub fn stop_bird(&mut self) {
-        self.bird = None;
+    /// Stops its BIRD (the session drops as when the process dies) or keepalived (as
+    /// `systemctl stop keepalived`: it gives the VIPs up and tells the other director).
+    pub fn stop_peer(&mut self) {
+        self.peer = None;
     }
 
-    pub fn bird(&self) -> Option<&Bird> {
-        self.bird.as_ref()
+    /// Whether the VIP is one of its addresses (VRRP: it is the master).
+    pub fn holds_vip(&self) -> Result<bool> {
+        Ok(self.ns.ip(&["-4", "addr", "show", "dev", DIRECTOR_IF])?.contains(&format!(" {VIP}/32 ")))
     }
 
     /// Takes its only link down (`up` false) or up: as a director that dies or loses its
@@ -133,25 +165,32 @@ impl Director {
     }
 }
 
-pub struct EcmpLab {
+pub struct TwoDirectors {
     pub client: NetNs,
     pub router: NetNs,
     pub core: NetNs,
     pub servers: Vec<NetNs>,
     pub directors: Vec<Director>,
     pub client_addrs: Vec<Ipv4Addr>,
-    router_bird: Bird,
+    router_bird: Option<Bird>,
     name_servers: Vec<NameServer>,
     /// Pass-through programs on the bridge ports facing the directors: a veth delivers
     /// XDP_TX frames only to a peer that runs an XDP program.
     _pass_through: Dataplane,
 }
 
-impl EcmpLab {
+impl TwoDirectors {
     /// Builds the topology, starts the servers, both directors (the second reading its
-    /// file's backends in reverse order when `second_reversed`) and the three BIRDs, and
-    /// waits until the router holds both directors as next hops of the VIP.
-    pub fn start(servers: usize, client_addrs: usize, second_reversed: bool, echo: bool) -> Result<Self> {
+    /// file's services and backends in reverse order when `second_reversed`) and their
+    /// BIRDs or keepalived, and waits until the router holds both directors as next hops
+    /// of the VIP (ECMP) or the first director holds the VIP (VRRP).
+    pub fn start(
+        redundancy: Redundancy,
+        servers: usize,
+        client_addrs: usize,
+        second_reversed: bool,
+        echo: bool,
+    ) -> Result<Self> {
         let client = NetNs::new("ec")?;
         let router = NetNs::new("er")?;
         let core = NetNs::new("eb")?;
@@ -210,7 +249,14 @@ impl EcmpLab {
         }
 
         let mut pass = Dataplane::load(&LoadOptions { ring_slots: 7, flow_entries: 16, pin_dir: None })?;
-        let router_bird = Bird::start(&router, &conf("bird-router.conf"))?;
+        let router_bird = match redundancy {
+            Redundancy::Ecmp => Some(Bird::start(&router, &conf("bird-router.conf"))?),
+            Redundancy::Vrrp => {
+                // Whoever holds the VIP answers ARP for it on the core LAN.
+                router.ip(&["route", "add", &format!("{VIP}/32"), "dev", &rt_core])?;
+                None
+            }
+        };
         let mut directors = Vec::new();
         for (n, addr) in DIRECTOR_ADDRS.into_iter().enumerate() {
             let ns = NetNs::new(&format!("el{}", n + 1))?;
@@ -222,18 +268,37 @@ impl EcmpLab {
             std::fs::create_dir_all(&workdir)?;
             let bpf_dir = PathBuf::from("/sys/fs/bpf").join(workdir.file_name().unwrap_or_default());
             let path = workdir.join("lb.yaml");
-            std::fs::write(
-                &path,
-                format!(
-                    "{}{}",
-                    director_yaml(&workdir, &bpf_dir),
-                    services_yaml(servers, n == 1 && second_reversed, echo)
-                ),
-            )?;
-            // The shipped director file; the second director differs only in its address.
-            let shipped = std::fs::read_to_string(conf("bird-vip-routes.conf"))?;
-            let bird_conf = workdir.join("bird.conf");
-            std::fs::write(&bird_conf, shipped.replace(&DIRECTOR_ADDRS[0].to_string(), &addr.to_string()))?;
+            let mut services = services_yaml(servers, n == 1 && second_reversed, echo);
+            if redundancy == Redundancy::Vrrp {
+                // keepalived moves the VIPs; there is nothing to announce.
+                services.truncate(services.find("routing:").unwrap_or(services.len()));
+            }
+            std::fs::write(&path, format!("{}{services}", director_yaml(&workdir, &bpf_dir)))?;
+            // The shipped files; the second director differs only where they say so.
+            let peer_conf = match redundancy {
+                Redundancy::Ecmp => {
+                    let shipped = std::fs::read_to_string(conf("bird-vip-routes.conf"))?;
+                    let bird_conf = workdir.join("bird.conf");
+                    std::fs::write(
+                        &bird_conf,
+                        shipped.replace(&DIRECTOR_ADDRS[0].to_string(), &addr.to_string()),
+                    )?;
+                    bird_conf
+                }
+                Redundancy::Vrrp => {
+                    let mut text = std::fs::read_to_string(conf("keepalived-lb.conf"))?
+                        .replace("interface eth0", &format!("interface {DIRECTOR_IF}"))
+                        .replace("dev eth0", &format!("dev {DIRECTOR_IF}"));
+                    if n == 1 {
+                        text = text
+                            .replace("router_id lb1", "router_id lb2")
+                            .replace("priority 150", "priority 100");
+                    }
+                    let ka_conf = workdir.join("keepalived.conf");
+                    std::fs::write(&ka_conf, text)?;
+                    ka_conf
+                }
+            };
             Dataplane::remove_pins(&bpf_dir).map_err(|e| anyhow!(lb_daemon::error_chain(&e)))?;
             let daemon = Daemon::start_with(
                 &ns,
@@ -243,11 +308,11 @@ impl EcmpLab {
                 &workdir.join("lb-daemon.log"),
                 DaemonOptions::default(),
             )?;
-            let mut d = Director { ns, addr, daemon, bird: None, bird_conf, workdir, bpf_dir };
-            d.start_bird()?;
+            let mut d = Director { ns, addr, daemon, peer: None, redundancy, peer_conf, workdir, bpf_dir };
+            d.start_peer()?;
             directors.push(d);
         }
-        let lab = EcmpLab {
+        let lab = TwoDirectors {
             client,
             router,
             core,
@@ -258,7 +323,10 @@ impl EcmpLab {
             name_servers,
             _pass_through: pass,
         };
-        lab.wait_next_hops(&DIRECTOR_ADDRS, Duration::from_secs(60))?;
+        match redundancy {
+            Redundancy::Ecmp => lab.wait_next_hops(&DIRECTOR_ADDRS, Duration::from_secs(60))?,
+            Redundancy::Vrrp => lab.wait_master(0, Duration::from_secs(30))?,
+        };
         Ok(lab)
     }
 
@@ -289,7 +357,10 @@ impl EcmpLab {
             if started.elapsed() > limit {
                 bail!(
                     "the router's next hops for {VIP} stayed {hops:?}, not {want:?}:\n{}\n{}",
-                    self.router_bird.ask(&["show", "protocols", "all"]).unwrap_or_default(),
+                    self.router_bird
+                        .as_ref()
+                        .map(|b| b.ask(&["show", "protocols", "all"]).unwrap_or_default())
+                        .unwrap_or_default(),
                     self.directors.iter().map(|d| d.daemon.log_text()).collect::<Vec<_>>().join("\n")
                 );
             }
@@ -310,6 +381,22 @@ impl EcmpLab {
             }
             Ok(answers)
         })
+    }
+
+    /// Waits (bounded by `limit`) until director `i` alone holds the VIP (VRRP); returns
+    /// how long that took.
+    pub fn wait_master(&self, i: usize, limit: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let held: Vec<bool> = self.directors.iter().map(Director::holds_vip).collect::<Result<_>>()?;
+            if held.iter().enumerate().all(|(j, &h)| h == (j == i)) {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > limit {
+                bail!("director {i} never became the only master: {held:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Waits (bounded) until every director counts `n` backends of `service` active.
@@ -349,8 +436,9 @@ impl EcmpLab {
         std::mem::take(&mut self.name_servers).into_iter().map(NameServer::stop).collect()
     }
 
-    pub fn router_bird(&self) -> &Bird {
-        &self.router_bird
+    /// The router's BIRD (ECMP labs).
+    pub fn router_bird(&self) -> Option<&Bird> {
+        self.router_bird.as_ref()
     }
 }
 
@@ -363,10 +451,10 @@ fn director_yaml(workdir: &Path, bpf_dir: &Path) -> String {
     )
 }
 
-impl Drop for EcmpLab {
+impl Drop for TwoDirectors {
     fn drop(&mut self) {
         for d in &mut self.directors {
-            d.stop_bird();
+            d.stop_peer();
             let _ = d.daemon.kill9();
             if let Err(e) = Dataplane::remove_pins(&d.bpf_dir) {
                 eprintln!("lab cleanup: {}", lb_daemon::error_chain(&e));
