@@ -231,7 +231,11 @@ fn with_keepalived_moving_the_vip_the_standby_forwards_nothing_and_flows_survive
     // ring sends each to the server it was on.
     lab.directors[0].stop_peer();
     let failover = lab.wait_master(1, Duration::from_secs(10))?;
-    ensure!(conv.wait_rounds(10, Duration::from_secs(15)), "connections broke in the failover: {:?}", conv.stop());
+    ensure!(
+        conv.wait_rounds(10, Duration::from_secs(15)),
+        "connections broke in the failover: {:?}",
+        conv.stop()
+    );
     let on_lb1 = balanced(&lab, 0, "echo")?;
     ensure!(balanced(&lab, 1, "echo")? > 0.0, "lb2 took no traffic");
     ensure!(conv.wait_rounds(5, Duration::from_secs(10)), "{:?}", conv.stop());
@@ -240,7 +244,11 @@ fn with_keepalived_moving_the_vip_the_standby_forwards_nothing_and_flows_survive
     // lb1 back: its higher priority takes the VIP again, and the flows follow.
     lab.directors[0].start_peer()?;
     let failback = lab.wait_master(0, Duration::from_secs(20))?;
-    ensure!(conv.wait_rounds(10, Duration::from_secs(15)), "connections broke in the failback: {:?}", conv.stop());
+    ensure!(
+        conv.wait_rounds(10, Duration::from_secs(15)),
+        "connections broke in the failback: {:?}",
+        conv.stop()
+    );
     ensure!(balanced(&lab, 0, "echo")? > on_lb1, "the flows did not return to lb1");
     println!(
         "VRRP: lb2 held the VIP {} ms after lb1's keepalived stopped; lb1 took it back {} ms after it started",

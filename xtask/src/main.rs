@@ -55,10 +55,12 @@ enum Cmd {
 /// Debian packages the build and the tests use: libLLVM 22 for bpf-linker, iproute2 and
 /// ethtool for the namespace tests, util-linux's setpriv for running the daemon with only
 /// the systemd unit's capabilities, systemd's systemd-analyze for verifying that unit,
-/// ca-certificates for `https` checks that trust the system's roots, bird2 for the test
-/// that runs `configs/bird-vip-routes.conf` against the daemon's VIP routes, ssh and sshd
-/// for the test of `configs/agentless-ssh.yaml`'s checks, nftables for the benchmark's
-/// comparison with the kernel's own NAT.
+/// ca-certificates for `https` checks that trust the system's roots, bird2 for the tests
+/// that run `configs/bird-vip-routes.conf` and `configs/bird-router.conf` (two directors
+/// behind ECMP), ssh and sshd for the test of `configs/agentless-ssh.yaml`'s checks,
+/// nftables for the benchmark's comparison with the kernel's own NAT (and a test's
+/// firewall rule), keepalived for the active/standby test, csync2 and openssl for the
+/// test of `configs/csync2.cfg` between two directors.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -74,6 +76,9 @@ const APT_PACKAGES: &[&str] = &[
     "openssh-client",
     "openssh-server",
     "nftables",
+    "keepalived",
+    "csync2",
+    "openssl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY: &str = "nightly";
