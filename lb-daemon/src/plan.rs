@@ -476,6 +476,18 @@ mod tests {
         drained[1].backends[0].state = BackendState::Drain;
         let plan4 = Planner::default().plan(&drained, &[], &n).unwrap();
         assert_ne!(plan4.ring_fingerprints["api"], plan1.ring_fingerprints["api"]);
+        // A server listed with weight 0 holds no slot: the table, and its fingerprint, stay.
+        let mut spare = lb1.clone();
+        spare[0].backends.push(BackendSpec {
+            addr: v4("10.1.0.9"),
+            weight: 0,
+            state: BackendState::Active,
+            forward: Forward::Dr,
+            port: None,
+        });
+        let with_spare = n.clone().into_iter().chain(neighbours(&[v4("10.1.0.9")])).collect();
+        let plan5 = Planner::default().plan(&spare, &[], &with_spare).unwrap();
+        assert_eq!(plan5.ring_fingerprints, plan1.ring_fingerprints);
         // No backend: no table, fingerprint 0.
         let empty = Planner::default().plan(&[web(&[])], &[], &n).unwrap();
         assert_eq!(empty.ring_fingerprints["web"], 0);

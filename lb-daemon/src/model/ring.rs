@@ -29,7 +29,11 @@ pub fn fingerprint(table: &[u32], candidates: &[RingCandidate]) -> u32 {
     if table.is_empty() {
         return 0;
     }
-    let mut keys: Vec<(&str, u32)> = candidates.iter().map(|c| (c.key.as_str(), c.id)).collect();
+    // The servers in the table only: a candidate without slots (weight 0, down) changes
+    // nothing a flow sees.
+    let present: std::collections::HashSet<u32> = table.iter().copied().collect();
+    let mut keys: Vec<(&str, u32)> =
+        candidates.iter().filter(|c| present.contains(&c.id)).map(|c| (c.key.as_str(), c.id)).collect();
     keys.sort_unstable();
     keys.dedup_by_key(|k| k.1);
     let mut bytes = Vec::with_capacity(table.len() * 4 + keys.len() * 16);
