@@ -20,11 +20,24 @@ fn check(yaml: &str) -> (bool, String, String) {
 
 #[test]
 fn check_accepts_a_valid_file_and_says_what_it_holds() {
-    let (ok, stdout, _) = check(
-        "director:\n  interfaces: [eth0]\nservices:\n  - name: web\n    match: { vip: 192.0.2.10, port: 80 }\n    backends: [{ address: 10.1.0.1 }, { address: 10.1.0.2 }]\n",
-    );
+    let yaml = "director:\n  interfaces: [eth0]\nservices:\n  - name: web\n    match: { vip: 192.0.2.10, port: 80 }\n    backends: [{ address: 10.1.0.1 }, { address: 10.1.0.2 }]\n";
+    let (ok, stdout, _) = check(yaml);
     assert!(ok);
-    assert!(stdout.ends_with("ok (1 services, 2 backends, 0 mark rules, interfaces eth0)\n"), "{stdout}");
+    // The digest is the text's SHA-256, as sha256sum prints it for the file.
+    let mut sha = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut sha.stdin.take().unwrap(), yaml.as_bytes()).unwrap();
+    let sum = String::from_utf8(sha.wait_with_output().unwrap().stdout).unwrap();
+    let digest = sum.split_whitespace().next().unwrap();
+    assert!(
+        stdout.ends_with(&format!(
+            "ok (1 services, 2 backends, 0 mark rules, interfaces eth0); sha256 {digest}\n"
+        )),
+        "{stdout}"
+    );
 }
 
 #[test]
