@@ -91,9 +91,9 @@ fn probe_while(lab: &TwoDirectors, stop: &std::sync::atomic::AtomicBool, limit: 
     (ok, failed, slow)
 }
 
-#[test]
-fn long_lived_connections_survive_a_director_failing_and_coming_back() -> Result<()> {
-    let mut lab = TwoDirectors::start(Redundancy::Ecmp, SERVERS, 25, false, true)?;
+/// Echo servers on every real server (up on both directors), and `LONG_LIVED` connections
+/// from the clients exchanging a message every 100 ms through the VIP.
+fn converse(lab: &TwoDirectors) -> Result<(Vec<EchoServer>, Conversations)> {
     let echo = EchoServer::on_each(&lab.servers, ECHO_PORT)?;
     lab.wait_active("echo", SERVERS)?;
     let sources: Vec<IpAddr> = lab.client_addrs.iter().map(|a| IpAddr::V4(*a)).collect();
@@ -105,6 +105,25 @@ fn long_lived_connections_survive_a_director_failing_and_coming_back() -> Result
         Duration::from_millis(100),
         10_000,
     )?;
+    Ok((echo, conv))
+}
+
+/// Stops the conversations: every connection lived and every exchange came back right.
+fn all_exchanged(mut lab: TwoDirectors, echo: Vec<EchoServer>, conv: Conversations) -> Result<()> {
+    let report = conv.stop()?;
+    ensure!(report.connections == LONG_LIVED);
+    ensure!(report.exchanges == report.rounds * LONG_LIVED as u64, "{report:?}");
+    for e in echo {
+        ensure!(e.stop()? > 0);
+    }
+    lab.stop_servers()?;
+    Ok(())
+}
+
+#[test]
+fn long_lived_connections_survive_a_director_failing_and_coming_back() -> Result<()> {
+    let lab = TwoDirectors::start(Redundancy::Ecmp, SERVERS, 25, false, true)?;
+    let (echo, conv) = converse(&lab)?;
     ensure!(conv.wait_rounds(3, Duration::from_secs(10)), "the connections did not start exchanging");
     // Without flows on lb1 its failure would prove nothing.
     let on_lb1 = lab.scheduled("echo")?[0];
@@ -152,15 +171,8 @@ fn long_lived_connections_survive_a_director_failing_and_coming_back() -> Result
     );
     ensure!(tx_lb1(&lab)? > lb1_before, "no flow returned to lb1");
 
-    let report = conv.stop()?;
-    ensure!(report.connections == LONG_LIVED);
-    ensure!(report.exchanges == report.rounds * LONG_LIVED as u64, "{report:?}");
     ensure!(failed == 0, "{failed} new connections failed during the failover");
-    for e in echo {
-        ensure!(e.stop()? > 0);
-    }
-    lab.stop_servers()?;
-    Ok(())
+    all_exchanged(lab, echo, conv)
 }
 
 #[test]
@@ -210,17 +222,7 @@ fn balanced(lab: &TwoDirectors, i: usize, service: &str) -> Result<f64> {
 #[test]
 fn with_keepalived_moving_the_vip_the_standby_forwards_nothing_and_flows_survive_failover() -> Result<()> {
     let mut lab = TwoDirectors::start(Redundancy::Vrrp, SERVERS, 25, false, true)?;
-    let echo = EchoServer::on_each(&lab.servers, ECHO_PORT)?;
-    lab.wait_active("echo", SERVERS)?;
-    let sources: Vec<IpAddr> = lab.client_addrs.iter().map(|a| IpAddr::V4(*a)).collect();
-    let conv = Conversations::start(
-        &lab.client,
-        sources,
-        (VIP, ECHO_PORT).into(),
-        LONG_LIVED,
-        Duration::from_millis(100),
-        10_000,
-    )?;
+    let (echo, conv) = converse(&lab)?;
     ensure!(conv.wait_rounds(5, Duration::from_secs(10)), "the connections did not start exchanging");
     // Only the master sees the VIP's frames: the standby's XDP program balanced none.
     ensure!(balanced(&lab, 0, "echo")? > 0.0);
@@ -256,12 +258,5 @@ fn with_keepalived_moving_the_vip_the_standby_forwards_nothing_and_flows_survive
         failback.as_millis()
     );
 
-    let report = conv.stop()?;
-    ensure!(report.connections == LONG_LIVED);
-    ensure!(report.exchanges == report.rounds * LONG_LIVED as u64, "{report:?}");
-    for e in echo {
-        ensure!(e.stop()? > 0);
-    }
-    lab.stop_servers()?;
-    Ok(())
+    all_exchanged(lab, echo, conv)
 }
