@@ -66,12 +66,14 @@ impl Drop for Bird {
 /// keepalived's VRRP, with pid files of its own (several run on one host).
 pub struct Keepalived {
     child: Child,
+    log: PathBuf,
 }
 
 impl Keepalived {
     /// `keepalived --vrrp --dont-fork -f conf` inside `ns`; logs to `dir/keepalived.log`.
     pub fn start(ns: &NetNs, conf: &Path, dir: &Path) -> Result<Self> {
-        let log = std::fs::File::options().create(true).append(true).open(dir.join("keepalived.log"))?;
+        let log_path = dir.join("keepalived.log");
+        let log = std::fs::File::options().create(true).append(true).open(&log_path)?;
         let pid = |name: &str| dir.join(name).to_string_lossy().into_owned();
         let child = Command::new("ip")
             .args(["netns", "exec", ns.name(), "keepalived", "--vrrp", "--dont-fork", "--log-console", "-f"])
@@ -82,7 +84,12 @@ impl Keepalived {
             .stderr(log)
             .spawn()
             .context("starting keepalived (apt package keepalived; `cargo xtask setup` installs it)")?;
-        Ok(Keepalived { child })
+        Ok(Keepalived { child, log: log_path })
+    }
+
+    /// What it logged.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 

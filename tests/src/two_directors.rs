@@ -108,8 +108,8 @@ pub struct Director {
 
 /// What runs beside the daemon; stopped on drop.
 enum Peer {
-    Bird(#[allow(dead_code)] Bird),
-    Keepalived(#[allow(dead_code)] Keepalived),
+    Bird(Bird),
+    Keepalived(Keepalived),
 }
 
 impl Director {
@@ -138,6 +138,15 @@ impl Director {
     /// `systemctl stop keepalived`: it gives the VIPs up and tells the other director).
     pub fn stop_peer(&mut self) {
         self.peer = None;
+    }
+
+    /// What its BIRD or keepalived says about itself, for a failure's message.
+    pub fn peer_report(&self) -> String {
+        match &self.peer {
+            Some(Peer::Bird(b)) => b.ask(&["show", "protocols"]).unwrap_or_else(|e| e.to_string()),
+            Some(Peer::Keepalived(k)) => k.log_text(),
+            None => "(stopped)".to_owned(),
+        }
     }
 
     /// Whether the VIP is one of its addresses (VRRP: it is the master).
@@ -361,7 +370,11 @@ impl TwoDirectors {
                         .as_ref()
                         .map(|b| b.ask(&["show", "protocols", "all"]).unwrap_or_default())
                         .unwrap_or_default(),
-                    self.directors.iter().map(|d| d.daemon.log_text()).collect::<Vec<_>>().join("\n")
+                    self.directors
+                        .iter()
+                        .map(|d| format!("{}\n{}", d.peer_report(), d.daemon.log_text()))
+                        .collect::<Vec<_>>()
+                        .join("\n")
                 );
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -393,7 +406,8 @@ impl TwoDirectors {
                 return Ok(started.elapsed());
             }
             if started.elapsed() > limit {
-                bail!("director {i} never became the only master: {held:?}");
+                let reports: Vec<String> = self.directors.iter().map(Director::peer_report).collect();
+                bail!("director {i} never became the only master: {held:?}\n{}", reports.join("\n"));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
