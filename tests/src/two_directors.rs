@@ -316,7 +316,12 @@ impl TwoDirectors {
                 "127.0.0.1:9740".parse()?,
                 &workdir.join("lb-daemon.log"),
                 DaemonOptions::default(),
-            )?;
+            )
+            .inspect_err(|_| {
+                // No Director owns them yet.
+                let _ = Dataplane::remove_pins(&bpf_dir);
+                let _ = std::fs::remove_dir_all(&workdir);
+            })?;
             let mut d = Director { ns, addr, daemon, peer: None, redundancy, peer_conf, workdir, bpf_dir };
             d.start_peer()?;
             directors.push(d);
@@ -465,15 +470,22 @@ fn director_yaml(workdir: &Path, bpf_dir: &Path) -> String {
     )
 }
 
+impl Drop for Director {
+    /// Also when the lab's start failed half way: its BIRD or keepalived and daemon stop,
+    /// then what the daemon pinned and its files go.
+    fn drop(&mut self) {
+        self.stop_peer();
+        let _ = self.daemon.kill9();
+        if let Err(e) = Dataplane::remove_pins(&self.bpf_dir) {
+            eprintln!("lab cleanup: {}", lb_daemon::error_chain(&e));
+        }
+        let _ = std::fs::remove_dir_all(&self.workdir);
+    }
+}
+
 impl Drop for TwoDirectors {
     fn drop(&mut self) {
-        for d in &mut self.directors {
-            d.stop_peer();
-            let _ = d.daemon.kill9();
-            if let Err(e) = Dataplane::remove_pins(&d.bpf_dir) {
-                eprintln!("lab cleanup: {}", lb_daemon::error_chain(&e));
-            }
-            let _ = std::fs::remove_dir_all(&d.workdir);
-        }
+        // The directors before their namespaces.
+        self.directors.clear();
     }
 }
