@@ -186,11 +186,11 @@ impl DrLab {
         // Frames the director redirects into its LAN veth reach the bridge only if the
         // peer runs an XDP program: the lab loads a pass-through one there.
         let mut pass = Dataplane::load(&LoadOptions { ring_slots: 7, flow_entries: 16, pin_dir: None })?;
-        in_namespace(topo.lan.name(), || Ok(pass.attach_pass_through(&topo.lan_port, XdpMode::Native)?))?;
+        topo.lan.scoped(|| Ok(pass.attach_pass_through(&topo.lan_port, XdpMode::Native)?))?;
         let mut switch = None;
         if let Some(sw) = &topo.switch {
             let mut trunk = TestPrograms::load()?;
-            in_namespace(sw.ns.name(), || {
+            sw.ns.scoped(|| {
                 let index = |name: &str| nix::net::if_::if_nametoindex(name);
                 let (to_client, to_director) = (index(&sw.client_port)?, index(&sw.director_port)?);
                 trunk.attach_trunk_port(&sw.client_port, to_director, sw.vlan)?;
@@ -201,9 +201,7 @@ impl DrLab {
         if topo.router.is_none() {
             // The same for frames the director sends straight back out of `ext0` with
             // XDP_TX (a too-big answer): without a program there the client never gets them.
-            in_namespace(topo.client.name(), || {
-                Ok(pass.attach_pass_through(&topo.client_if, XdpMode::Native)?)
-            })?;
+            topo.client.scoped(|| Ok(pass.attach_pass_through(&topo.client_if, XdpMode::Native)?))?;
         }
 
         let daemon =
@@ -404,7 +402,7 @@ impl DrLab {
         router.ip(&["addr", "add", "10.0.5.2/24", "dev", &rt_if])?;
         director.sysctl(&format!("net.ipv4.conf.{dir_if}.rp_filter"), "0")?;
         let pass = &mut self._pass_through;
-        in_namespace(router.name(), || Ok(pass.attach_pass_through(&rt_if, XdpMode::Native)?))?;
+        router.scoped(|| Ok(pass.attach_pass_through(&rt_if, XdpMode::Native)?))?;
         director.ip(&["route", "replace", "10.0.4.0/24", "via", "10.0.5.2", "dev", &dir_if])?;
         router.ip(&["link", "set", &self.topo.lan_port, "down"])?;
         // The servers' replies (from the VIP, to the clients) return by the new link too.
@@ -422,19 +420,6 @@ impl DrLab {
         let own = self.own_service.take().map(NameServer::stop).transpose()?.unwrap_or(0);
         Ok((served, own))
     }
-}
-
-/// Runs `f` on a scoped thread inside namespace `ns` (XDP attachments and interface
-/// names are per namespace).
-pub(crate) fn in_namespace(ns: &str, f: impl FnOnce() -> Result<()> + Send) -> Result<()> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            crate::enter(ns)?;
-            f()
-        })
-        .join()
-        .map_err(|_| anyhow!("a thread in {ns} panicked"))?
-    })
 }
 
 fn director_yaml(

@@ -119,6 +119,19 @@ impl NetNs {
         self.spawn(f).join().map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
     }
 
+    /// Runs `f` on a scoped thread inside the namespace (XDP attachments and interface
+    /// names are per namespace), so that it may borrow from the caller.
+    pub fn scoped<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                enter(&self.name)?;
+                f()
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("a thread in {} panicked", self.name))?
+        })
+    }
+
     /// Starts `f` on a new thread inside the namespace.
     pub fn spawn<T: Send + 'static>(
         &self,

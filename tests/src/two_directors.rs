@@ -270,7 +270,7 @@ impl TwoDirectors {
         for (n, addr) in DIRECTOR_ADDRS.into_iter().enumerate() {
             let ns = NetNs::new(&format!("el{}", n + 1))?;
             let (port, _) = attach(&ns, "ed", Some(DIRECTOR_IF))?;
-            crate::lab::in_namespace(core.name(), || Ok(pass.attach_pass_through(&port, XdpMode::Native)?))?;
+            core.scoped(|| Ok(pass.attach_pass_through(&port, XdpMode::Native)?))?;
             ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", DIRECTOR_IF])?;
             ns.ip(&["route", "add", "default", "via", &ROUTER_CORE.to_string()])?;
             let workdir = std::env::temp_dir().join(crate::unique_name(&format!("lbe{}", n + 1)));

@@ -16,7 +16,7 @@ use lb_daemon::plan::{Plan, Planner};
 use lb_ebpf::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use lb_ebpf::testpkt::{self, Ipv4Opts, Ipv6Opts, L4};
 use lb_tests::NetNs;
-use lb_tests::fixture::{XDP_PASS, XDP_REDIRECT, XDP_TX, tcp_service, test_run};
+use lb_tests::fixture::{XDP_PASS, XDP_REDIRECT, XDP_TX, tcp_service, test_run, with_macs};
 
 const DIRECTOR_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0];
 const BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 2, 0x11];
@@ -125,12 +125,6 @@ fn with_env(f: impl FnOnce(&mut Env) -> Result<()> + Send + 'static) -> Result<(
     })
 }
 
-fn with_macs(mut f: Vec<u8>, dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
-    f[..6].copy_from_slice(&dst);
-    f[6..12].copy_from_slice(&src);
-    f
-}
-
 const ROUTED: Ipv4Opts =
     Ipv4Opts { vlan: None, options: 0, ihl: None, total_len_extra: 0, frag: 0, ttl: Some(63) };
 
@@ -161,11 +155,11 @@ impl Env {
     }
 
     fn to_backend(&self, frame: Vec<u8>) -> Vec<u8> {
-        with_macs(frame, BACKEND_MAC, DIRECTOR_MAC)
+        with_macs(&frame, BACKEND_MAC, DIRECTOR_MAC)
     }
 
     fn to_client(&self, frame: Vec<u8>) -> Vec<u8> {
-        with_macs(frame, CLIENT_MAC, self.link_mac)
+        with_macs(&frame, CLIENT_MAC, self.link_mac)
     }
 }
 
@@ -215,7 +209,7 @@ fn both_directions_are_translated_byte_for_byte_with_port_mapping() -> Result<()
             "IPv6 SYN to the backend",
             &tcp6(client6(), vip6(), 40000, 80, TCP_SYN, 64),
             XDP_TX,
-            &with_macs(tcp6(client6(), backend6(), 40000, 8080, TCP_SYN, 63), BACKEND6_MAC, DIRECTOR_MAC),
+            &with_macs(&tcp6(client6(), backend6(), 40000, 8080, TCP_SYN, 63), BACKEND6_MAC, DIRECTOR_MAC),
         )?;
         env.expect(
             "IPv6 SYN-ACK back from the VIP",
@@ -367,7 +361,7 @@ fn icmp_errors_about_nat_flows_are_translated_with_their_quotes() -> Result<()> 
             "IPv6 packet too big about a reply",
             &ptb(vip6(), &reply6(vip6(), 80), 64),
             XDP_TX,
-            &with_macs(ptb(backend6(), &reply6(backend6(), 8080), 63), BACKEND6_MAC, DIRECTOR_MAC),
+            &with_macs(&ptb(backend6(), &reply6(backend6(), 8080), 63), BACKEND6_MAC, DIRECTOR_MAC),
         )?;
         let got6 = tcp6(client6(), backend6(), 40000, 8080, TCP_SYN, 63);
         let sent6 = tcp6(client6(), vip6(), 40000, 80, TCP_SYN, 63);
@@ -470,7 +464,7 @@ fn full_nat_over_ipv6() -> Result<()> {
         let (action, out) = test_run(&env.dp, &tcp6(client6(), v6(0, 0x11), 40000, 80, TCP_SYN, 64))?;
         ensure!(action == XDP_TX, "SYN: action {action}");
         let port = u16::from_be_bytes([out[14 + 40], out[14 + 41]]);
-        let want = with_macs(tcp6(pool6(), backend6(), port, 8080, TCP_SYN, 63), BACKEND6_MAC, DIRECTOR_MAC);
+        let want = with_macs(&tcp6(pool6(), backend6(), port, 8080, TCP_SYN, 63), BACKEND6_MAC, DIRECTOR_MAC);
         ensure!(out == want, "SYN: got\n{out:02x?}\nwant\n{want:02x?}");
         env.expect(
             "SYN-ACK to the IPv6 pool",

@@ -15,7 +15,7 @@ use lb_daemon::plan::Planner;
 use lb_ebpf::parse::TCP_SYN;
 use lb_ebpf::testpkt::{self, Ipv4Opts, Ipv6Opts, L4, in_ipv4, in_ipv6, tagged};
 use lb_tests::NetNs;
-use lb_tests::fixture::{XDP_PASS, XDP_TX, tcp_service, test_run, timed_run_xdp, tunnelled};
+use lb_tests::fixture::{XDP_PASS, XDP_TX, tcp_service, test_run, timed_run_xdp, tunnelled, with_macs};
 use lb_tests::lab::{DrLab, LabConfig, tunnel_service};
 use lb_tests::tcp::EchoServer;
 use lb_tests::topology::{Layout, ServerPath, VIP, server_addr};
@@ -33,9 +33,7 @@ fn v6(last: u8) -> [u8; 16] {
 /// The frame a tunnel backend should receive: `inner`'s packet in an outer header, with
 /// the backend's MAC and the director's, and its VLAN tag if it has one.
 fn expected(outer: Vec<u8>, backend_mac: [u8; 6], vlan: u16) -> Vec<u8> {
-    let mut f = outer;
-    f[..6].copy_from_slice(&backend_mac);
-    f[6..12].copy_from_slice(&DIRECTOR_MAC);
+    let f = with_macs(&outer, backend_mac, DIRECTOR_MAC);
     if vlan != 0 { tagged(&f, vlan) } else { f }
 }
 

@@ -64,21 +64,8 @@ impl Variant {
     }
 }
 
-/// Runs `f` on a thread inside namespace `ns`.
-fn within<T: Send>(ns: &NetNs, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            lb_tests::enter(ns.name())?;
-            f()
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("a thread in {} panicked", ns.name()))?
-    })
-}
-
 fn ifindex_in(ns: &NetNs, link: &str) -> Result<u32> {
-    let link = link.to_owned();
-    within(ns, move || Ok(nix::net::if_::if_nametoindex(link.as_str())?))
+    ns.scoped(|| Ok(nix::net::if_::if_nametoindex(link)?))
 }
 
 const NFT_RULESET: &str = "table ip lbbench {\n  chain pre {\n    type nat hook prerouting priority dstnat; policy accept;\n    ip daddr 10.10.9.10 udp dport 80 dnat to 10.10.2.2:8080\n  }\n}\n";
@@ -126,17 +113,17 @@ pub fn run_all() -> Result<()> {
     let (d1_index, g0_index) = (ifindex_in(&dir_ns, &d1)?, ifindex_in(&gen_ns, &g0)?);
 
     let mut test = TestPrograms::load()?;
-    within(&sink_ns, || {
+    sink_ns.scoped(|| {
         test.expect_at_sink(SINK_ADDR, SINK_PORT)?;
         test.attach(SINK, &s0)
     })?;
     // Devmap entries name interfaces of the writer's namespace.
-    within(&dir_ns, || {
+    dir_ns.scoped(|| {
         test.configure_redirect_floor(d1_index, s0_mac, d1_mac)?;
         test.attach(BENCH_DRIVER, &d0)
     })?;
     // The director's data path: a masquerading UDP service, its one backend the sink.
-    let dp = within(&dir_ns, || {
+    let dp = dir_ns.scoped(|| {
         let mut dp =
             Dataplane::load(&LoadOptions { ring_slots: 4 * 4093, flow_entries: 1 << 18, pin_dir: None })?;
         let mut svc = tcp_service("udp", VIP.into(), 80, 4093, &[SINK_ADDR.into()]);
@@ -156,15 +143,13 @@ pub fn run_all() -> Result<()> {
     })?;
 
     let frame = |dst: Ipv4Addr, port: u16| {
-        let mut f = testpkt::ipv4(
+        let f = testpkt::ipv4(
             [10, 10, 1, 2],
             dst.octets(),
             L4::Udp { sport: 10_000, dport: port, payload: 22 },
             Ipv4Opts::default(),
         );
-        f[..6].copy_from_slice(&d0_mac);
-        f[6..12].copy_from_slice(&g0_mac);
-        f
+        lb_tests::fixture::with_macs(&f, d0_mac, g0_mac)
     };
     let (to_vip, to_sink) = (frame(VIP, 80), frame(SINK_ADDR, SINK_PORT));
     ensure!(to_vip.len() == 64, "a 64-byte frame, not {}", to_vip.len());
@@ -187,7 +172,7 @@ pub fn run_all() -> Result<()> {
                 let frame = if variant.to_vip() { &to_vip } else { &to_sink };
                 test.configure_generator(frame, flows)?;
                 let (before, other_before) = test.sink_counts()?;
-                let elapsed = within(&gen_ns, || test.generate(g0_index, frame, FRAMES))?;
+                let elapsed = gen_ns.scoped(|| test.generate(g0_index, frame, FRAMES))?;
                 // What is still in flight lands within a few milliseconds.
                 std::thread::sleep(Duration::from_millis(50));
                 let (after, other_after) = test.sink_counts()?;
