@@ -16,6 +16,7 @@ pub mod model;
 pub mod plan;
 pub mod routing;
 pub mod snapshot;
+pub mod status_json;
 pub mod wrr;
 
 /// An error and its causes on one line (`what: why: root cause`), for logs and for

@@ -37,11 +37,53 @@ enum Cmd {
     },
     /// Print the running daemon's services and backends, in the spirit of `ipvsadm -L -n`.
     Status {
-        #[arg(short, long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        /// Ask this control socket instead of the one the config names.
+        #[command(flatten)]
+        daemon: DaemonSocket,
+        /// One JSON object instead of the table (schema: `--json-schema`).
+        #[arg(long, conflicts_with = "json_schema")]
+        json: bool,
+        /// Print the JSON Schema of `--json`'s output and exit (no daemon asked).
         #[arg(long)]
-        socket: Option<PathBuf>,
+        json_schema: bool,
+    },
+    /// Stop sending new flows to BACKEND (established ones stay): a runtime override on
+    /// top of the file, kept across reloads and restarts until `enable`.
+    Drain {
+        #[command(flatten)]
+        target: BackendTarget,
+    },
+    /// Take BACKEND out entirely: its established flows move to other backends.
+    Disable {
+        #[command(flatten)]
+        target: BackendTarget,
+    },
+    /// Remove every runtime override of BACKEND: back to what the file says.
+    Enable {
+        #[command(flatten)]
+        target: BackendTarget,
+    },
+    /// Set BACKEND's weight at run time (0-65535), in place of the file's.
+    Weight {
+        #[command(flatten)]
+        target: BackendTarget,
+        weight: u32,
+    },
+    /// Runtime overrides: `lb-daemon overrides clear` removes them all.
+    Overrides {
+        #[command(subcommand)]
+        command: OverridesCmd,
+    },
+    /// Wait until BACKEND has no established connections left (exit status 1 when
+    /// TIMEOUT passes first).
+    WaitDrained {
+        #[command(flatten)]
+        target: BackendTarget,
+        /// How long to wait at most, e.g. 90s, 10m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// Also wait for InActConn: closing TCP connections and UDP flows.
+        #[arg(long)]
+        inactive: bool,
     },
     /// Remove the XDP program and pinned maps a stopped daemon left forwarding.
     Detach {
@@ -66,6 +108,43 @@ enum Cmd {
         /// Connection-table entries.
         #[arg(long, default_value_t = LoadOptions::default().flow_entries)]
         flow_entries: u32,
+    },
+}
+
+/// Which running daemon to ask.
+#[derive(clap::Args)]
+struct DaemonSocket {
+    /// The config whose `director.control_socket` to ask.
+    #[arg(short, long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Ask this control socket instead of the one the config names.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+/// One backend of one service (or of every service that has it).
+#[derive(clap::Args)]
+struct BackendTarget {
+    /// A service's name, or `all`: every service that has the backend.
+    service: String,
+    /// The backend's address.
+    backend: std::net::IpAddr,
+    #[command(flatten)]
+    daemon: DaemonSocket,
+}
+
+impl BackendTarget {
+    fn request(&self, verb: &str) -> String {
+        format!("{verb} {} {}", self.service, self.backend)
+    }
+}
+
+#[derive(Subcommand)]
+enum OverridesCmd {
+    /// Remove every runtime override: every backend is as the file says.
+    Clear {
+        #[command(flatten)]
+        daemon: DaemonSocket,
     },
 }
 
@@ -116,6 +195,33 @@ fn config_path(path: PathBuf) -> Result<PathBuf> {
     std::path::absolute(&path).with_context(|| format!("resolving {}", path.display()))
 }
 
+impl DaemonSocket {
+    fn socket(&self) -> PathBuf {
+        if let Some(s) = &self.socket {
+            return s.clone();
+        }
+        match lb_daemon::config::Config::load(&self.config) {
+            Ok(c) => c.director.control_socket,
+            // The running daemon still serves its old config: ask it anyway.
+            Err(e) => {
+                let fallback = PathBuf::from(lb_daemon::model::DEFAULT_CONTROL_SOCKET);
+                eprintln!(
+                    "lb-daemon: {}; asking {} (use --socket to choose)",
+                    lb_daemon::error_chain(&e),
+                    fallback.display()
+                );
+                fallback
+            }
+        }
+    }
+}
+
+/// Sends one request to the running daemon and prints its answer.
+fn ask(daemon: &DaemonSocket, request: &str) -> Result<()> {
+    print!("{}", runtime()?.block_on(control::command(&daemon.socket(), request))?);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     init_logging();
     match run(Cli::parse().command) {
@@ -147,24 +253,36 @@ fn run(cmd: Cmd) -> Result<()> {
                 c.digest
             );
         }
-        Cmd::Status { config, socket } => {
-            let socket = match socket {
-                Some(s) => s,
-                None => match lb_daemon::config::Config::load(&config) {
-                    Ok(c) => c.director.control_socket,
-                    // The running daemon still serves its old config: ask it anyway.
-                    Err(e) => {
-                        let fallback = PathBuf::from(lb_daemon::model::DEFAULT_CONTROL_SOCKET);
-                        eprintln!(
-                            "lb-daemon: {}; asking {} (use --socket to choose)",
-                            lb_daemon::error_chain(&e),
-                            fallback.display()
-                        );
-                        fallback
-                    }
-                },
+        Cmd::Status { daemon, json, json_schema } => {
+            if json_schema {
+                print!("{}", lb_daemon::status_json::schema());
+                return Ok(());
+            }
+            let request = if json { "status json" } else { "status" };
+            print!("{}", runtime()?.block_on(control::command(&daemon.socket(), request))?);
+        }
+        Cmd::Drain { target } => ask(&target.daemon, &target.request("drain"))?,
+        Cmd::Disable { target } => ask(&target.daemon, &target.request("disable"))?,
+        Cmd::Enable { target } => ask(&target.daemon, &target.request("enable"))?,
+        Cmd::Weight { target, weight } => {
+            ask(&target.daemon, &format!("{} {weight}", target.request("weight")))?
+        }
+        Cmd::Overrides { command: OverridesCmd::Clear { daemon } } => ask(&daemon, "overrides clear")?,
+        Cmd::WaitDrained { target, timeout, inactive } => {
+            let what = control::Drained {
+                service: (target.service != "all").then(|| target.service.clone()),
+                backend: target.backend,
+                inactive_too: inactive,
+                timeout,
             };
-            print!("{}", runtime()?.block_on(control::request(&socket, "status"))?);
+            let socket = target.daemon.socket();
+            runtime()?
+                .block_on(control::wait_drained(&socket, &what, |s| eprintln!("lb-daemon: waiting: {s}")))?;
+            println!(
+                "{} has no {}connections left",
+                target.backend,
+                if inactive { "" } else { "established " }
+            );
         }
         Cmd::Detach { config } => {
             let detached = runtime()?.block_on(control::detach(&config))?;

@@ -208,6 +208,33 @@ fn write_service_families(out: &mut String, snap: &Snapshot) {
     {
         let mut f = Family::new(
             out,
+            "lb_backend_override_state",
+            "gauge",
+            "1 for a backend whose state a runtime override forces (lb-daemon drain|disable), by the forced state.",
+        );
+        for o in &snap.overrides {
+            if let Some(state) = o.set.state {
+                let addr = o.backend.to_string();
+                f.series("", &[("backend", &addr), ("service", &o.service), ("state", state.name())], 1);
+            }
+        }
+    }
+    {
+        let mut f = Family::new(
+            out,
+            "lb_backend_override_weight",
+            "gauge",
+            "The weight a runtime override sets (lb-daemon weight), in place of the file's.",
+        );
+        for o in &snap.overrides {
+            if let Some(w) = o.set.weight {
+                f.series("", &[("backend", &o.backend.to_string()), ("service", &o.service)], w);
+            }
+        }
+    }
+    {
+        let mut f = Family::new(
+            out,
             "lb_health_check_duration_seconds",
             "histogram",
             "How long health checks of the backend took.",
@@ -452,8 +479,26 @@ mod tests {
                     },
                     last_check: None,
                     last_outcome: None,
+                    overridden: None,
                 }],
             }],
+            overrides: vec![
+                crate::snapshot::OverrideSnapshot {
+                    service: "web".into(),
+                    backend: "10.0.2.11".parse().unwrap(),
+                    set: crate::model::Override {
+                        state: Some(crate::model::ForcedState::Drain),
+                        weight: Some(0),
+                    },
+                    stale: false,
+                },
+                crate::snapshot::OverrideSnapshot {
+                    service: "web".into(),
+                    backend: "10.0.2.99".parse().unwrap(),
+                    set: crate::model::Override { state: None, weight: Some(3) },
+                    stale: true,
+                },
+            ],
             actions: vec![("tx", 9)],
             drops: vec![("malformed", 2)],
             passes: vec![("no_backend", 4)],
@@ -489,6 +534,9 @@ mod tests {
             "lb_config_last_reload_success_timestamp_seconds 1700000000.5",
             "lb_config_info{digest=\"ab12\"} 1",
             "lb_service_ring_fingerprint{service=\"web\"} 3735928559",
+            "lb_backend_override_state{backend=\"10.0.2.11\",service=\"web\",state=\"drain\"} 1",
+            "lb_backend_override_weight{backend=\"10.0.2.11\",service=\"web\"} 0",
+            "lb_backend_override_weight{backend=\"10.0.2.99\",service=\"web\"} 3",
             "# TYPE lb_backend_bytes_total counter",
             "lb_health_checks_total{backend=\"10.0.2.11\",result=\"critical\",service=\"web\"} 1",
             "lb_health_state_changes_total{backend=\"10.0.2.11\",service=\"web\"} 2",

@@ -118,6 +118,18 @@ pub struct BackendSnapshot {
     pub last_check: Option<String>,
     /// Its outcome (`ok`, `warning`, `critical`, `unknown`, `director_error`).
     pub last_outcome: Option<&'static str>,
+    /// What an operator's runtime override replaces of the file's state and weight.
+    pub overridden: Option<crate::model::Override>,
+}
+
+/// A runtime override, as `lb-daemon drain|disable|weight` left it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OverrideSnapshot {
+    pub service: String,
+    pub backend: IpAddr,
+    pub set: crate::model::Override,
+    /// The file no longer has this service or backend: kept, but changes nothing.
+    pub stale: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -172,6 +184,8 @@ pub struct Snapshot {
     pub last_reload_error: Option<String>,
     /// `None` while the daemon manages no route or rule.
     pub routing: Option<RoutingSnapshot>,
+    /// Runtime overrides, in (service, backend) order.
+    pub overrides: Vec<OverrideSnapshot>,
 }
 
 /// The daemon's routes and rules after its last reconciliation.
@@ -247,6 +261,21 @@ impl Snapshot {
                 let _ = writeln!(out, "  ! routing not reconciled: {f}");
             }
         }
+        if !self.overrides.is_empty() {
+            let _ = writeln!(
+                out,
+                "{} runtime overrides, marked below (`lb-daemon enable` or `lb-daemon overrides clear` removes them)",
+                self.overrides.len()
+            );
+            // The ones the table below cannot show: their backend left the file.
+            for o in self.overrides.iter().filter(|o| o.stale) {
+                let _ = writeln!(
+                    out,
+                    "  ? {} {}: {} (not in the config: kept, changes nothing)",
+                    o.service, o.backend, o.set
+                );
+            }
+        }
         let _ = writeln!(out, "Prot LocalAddress:Port Scheduler Flags");
         let _ = writeln!(
             out,
@@ -271,13 +300,14 @@ impl Snapshot {
             for b in &s.backends {
                 let _ = writeln!(
                     out,
-                    "  -> {:<28} {:<7} {:>6} {:>10} {:>10} {}",
+                    "  -> {:<28} {:<7} {:>6} {:>10} {:>10} {}{}",
                     endpoint(b.addr, b.port.or(port)),
                     b.forward.ipvs_name(),
                     b.weight,
                     b.active,
                     b.inactive,
-                    b.status.name()
+                    b.status.name(),
+                    b.overridden.map(|o| format!(" (override: {o})")).unwrap_or_default()
                 );
                 // Why a backend is out; and for one still in, a check that said more than OK
                 // (WARNING lowers the weight, and a WARNING that is no plugin's keeps a dead
@@ -379,6 +409,7 @@ mod tests {
                     check_durations: Default::default(),
                     last_check: None,
                     last_outcome: None,
+                    overridden: None,
                 }],
             }],
             flow_capacity: 65536,
@@ -398,6 +429,36 @@ mod tests {
         let cols: Vec<&str> = lines[5].split_whitespace().collect();
         assert_eq!(cols, ["->", "10.0.2.11:80", "Route", "100", "3", "1", "drain"]);
         assert_eq!(lines.len(), 6, "an OK check adds no line: {table}");
+
+        // Overrides: marked on their backend's line; one whose backend left the file, listed.
+        let mut overridden = snap.clone();
+        let set = crate::model::Override { state: Some(crate::model::ForcedState::Drain), weight: Some(7) };
+        overridden.services[0].backends[0].overridden = Some(set);
+        overridden.overrides = vec![
+            OverrideSnapshot {
+                service: "web".into(),
+                backend: "10.0.2.11".parse().unwrap(),
+                set,
+                stale: false,
+            },
+            OverrideSnapshot {
+                service: "web".into(),
+                backend: "10.0.2.99".parse().unwrap(),
+                set: crate::model::Override {
+                    state: Some(crate::model::ForcedState::Disabled),
+                    weight: None,
+                },
+                stale: true,
+            },
+        ];
+        let table = overridden.status_table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[2],
+            "2 runtime overrides, marked below (`lb-daemon enable` or `lb-daemon overrides clear` removes them)"
+        );
+        assert_eq!(lines[3], "  ? web 10.0.2.99: disabled (not in the config: kept, changes nothing)");
+        assert!(lines[7].ends_with(" drain (override: drain, weight 7)"), "{table}");
 
         // An active backend whose check said WARNING shows it, with the message.
         let mut warned = snap.clone();

@@ -304,7 +304,7 @@ fn the_error_names_file_line_column_and_path() {
     let e = Config::parse("director:\n  interfaces: [eth0]\n  xdp: native\n", "/etc/lb/lb.yaml").unwrap_err();
     assert_eq!(
         e.to_string(),
-        "/etc/lb/lb.yaml:3:3: director.xdp: unknown field `xdp`, expected one of interfaces, xdp_mode, metrics_listen, control_socket, bpf_dir, connection_table_size, ring_slots, accept_macs, flood_guard_flows_per_sec, tunnel_source, fullnat_source"
+        "/etc/lb/lb.yaml:3:3: director.xdp: unknown field `xdp`, expected one of interfaces, xdp_mode, metrics_listen, control_socket, overrides_file, bpf_dir, connection_table_size, ring_slots, accept_macs, flood_guard_flows_per_sec, tunnel_source, fullnat_source"
     );
 }
 
@@ -418,7 +418,17 @@ fn alert_rules_and_dashboard_name_only_metrics_the_daemon_exports() {
                 check_durations: Default::default(),
                 last_check: None,
                 last_outcome: None,
+                overridden: None,
             }],
+        }],
+        overrides: vec![lb_daemon::snapshot::OverrideSnapshot {
+            service: "web".into(),
+            backend: "10.1.0.1".parse().unwrap(),
+            set: lb_daemon::model::Override {
+                state: Some(lb_daemon::model::ForcedState::Drain),
+                weight: Some(1),
+            },
+            stale: false,
         }],
         passes: vec![("no_backend", 0)],
         routing: Some(Default::default()),

@@ -431,9 +431,10 @@ fn director_yaml(
 ) -> String {
     format!(
         "director:\n  interfaces: {interfaces}\n  xdp_mode: native\n  metrics_listen: 127.0.0.1:9740\n  \
-         control_socket: {}\n  bpf_dir: {}\n  connection_table_size: {connection_table_size}\n  ring_slots: 131072\n  \
-         tunnel_source: [{DIRECTOR_LAN_SIDE}]\n{extra}",
+         control_socket: {}\n  overrides_file: {}\n  bpf_dir: {}\n  connection_table_size: {connection_table_size}\n  \
+         ring_slots: 131072\n  tunnel_source: [{DIRECTOR_LAN_SIDE}]\n{extra}",
         workdir.join("control.sock").display(),
+        workdir.join("overrides.json").display(),
         bpf_dir.display()
     )
 }

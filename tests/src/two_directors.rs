@@ -464,8 +464,9 @@ impl TwoDirectors {
 fn director_yaml(workdir: &Path, bpf_dir: &Path) -> String {
     format!(
         "director:\n  interfaces: [{DIRECTOR_IF}]\n  xdp_mode: native\n  metrics_listen: 127.0.0.1:9740\n  \
-         control_socket: {}\n  bpf_dir: {}\n  connection_table_size: 65536\n  ring_slots: 131072\n",
+         control_socket: {}\n  overrides_file: {}\n  bpf_dir: {}\n  connection_table_size: 65536\n  ring_slots: 131072\n",
         workdir.join("control.sock").display(),
+        workdir.join("overrides.json").display(),
         bpf_dir.display()
     )
 }

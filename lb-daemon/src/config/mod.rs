@@ -28,8 +28,9 @@ use crate::model::{
 };
 use crate::model::{
     DEFAULT_BPF_DIR, DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT, DEFAULT_CONTROL_SOCKET,
-    DEFAULT_FLOOD_GUARD_FLOWS_PER_SEC, DEFAULT_HOOK_TIMEOUT, DEFAULT_METRICS_LISTEN, DEFAULT_RING_SIZE,
-    Forward, MAX_FLOW_ENTRIES, MAX_RING_SIZE, MAX_RING_SLOTS, MAX_WEIGHT, XdpMode, is_prime,
+    DEFAULT_FLOOD_GUARD_FLOWS_PER_SEC, DEFAULT_HOOK_TIMEOUT, DEFAULT_METRICS_LISTEN, DEFAULT_OVERRIDES_FILE,
+    DEFAULT_RING_SIZE, Forward, MAX_FLOW_ENTRIES, MAX_RING_SIZE, MAX_RING_SLOTS, MAX_WEIGHT, XdpMode,
+    is_prime,
 };
 use crate::routing::decl::RoutingConfig;
 use locate::{key_path, node_start};
@@ -175,6 +176,8 @@ pub struct Director {
     pub xdp_mode: XdpMode,
     pub metrics_listen: SocketAddr,
     pub control_socket: PathBuf,
+    /// Runtime overrides, kept across reloads and restarts.
+    pub overrides_file: PathBuf,
     pub bpf_dir: PathBuf,
     pub connection_table_size: u32,
     pub ring_slots: u32,

@@ -36,6 +36,8 @@ pub(super) struct RawDirector {
     #[serde(default)]
     pub(super) control_socket: Option<Spanned<PathBuf>>,
     #[serde(default)]
+    pub(super) overrides_file: Option<Spanned<PathBuf>>,
+    #[serde(default)]
     pub(super) bpf_dir: Option<Spanned<PathBuf>>,
     #[serde(default)]
     pub(super) connection_table_size: Option<Spanned<u32>>,

@@ -368,6 +368,13 @@ impl Checker<'_> {
                 return Err(self.err(&p, "director.bpf_dir", "must be an absolute path on a bpf filesystem"));
             }
         };
+        let overrides_file = match d.overrides_file {
+            None => PathBuf::from(DEFAULT_OVERRIDES_FILE),
+            Some(p) if p.value.is_absolute() && p.value.file_name().is_some() => p.value,
+            Some(p) => {
+                return Err(self.err(&p, "director.overrides_file", "must be an absolute path to a file"));
+            }
+        };
         // sun_path holds 108 bytes with the terminating NUL.
         const MAX_SOCKET_PATH: usize = 107;
         let control_socket = match d.control_socket {
@@ -426,6 +433,7 @@ impl Checker<'_> {
             },
             metrics_listen: d.metrics_listen.unwrap_or(DEFAULT_METRICS_LISTEN),
             control_socket,
+            overrides_file,
             bpf_dir,
             connection_table_size,
             ring_slots,

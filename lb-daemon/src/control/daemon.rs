@@ -30,6 +30,9 @@ pub struct Daemon {
     /// Bumped whenever an apply gives a service or backend id to another owner: counters
     /// read outside the lock belong to the ids seen under it only while this stays.
     pub(super) ids_epoch: u64,
+    /// What `lb-daemon drain|disable|weight` asked, on top of the file (and saved in
+    /// `director.overrides_file`).
+    pub(super) overrides: crate::model::Overrides,
 }
 
 /// What the routing task last did, for status and metrics.
@@ -79,6 +82,14 @@ impl Daemon {
                 "map sizes differ from the config; they change only after `lb-daemon detach` (which drops the connection table)"
             );
         }
+        let overrides = super::overrides::load(&d.overrides_file)?;
+        if !overrides.is_empty() {
+            tracing::info!(
+                file = %d.overrides_file.display(),
+                count = overrides.iter().count(),
+                "runtime overrides kept from before (lb-daemon status lists them)"
+            );
+        }
         let mut neighbours = dataplane.adopted_neighbours();
         neighbours.extend(neighbour::resolve(&backend_targets(&config), RESOLVE_WAIT).await?);
         let interface_macs = neighbour::interface_macs(&config.director.interfaces)?;
@@ -95,6 +106,7 @@ impl Daemon {
             last_reload_success: None,
             last_reload_error: None,
             ids_epoch: 0,
+            overrides,
             board,
             doubted: Default::default(),
             started: std::time::Instant::now(),
@@ -122,7 +134,8 @@ impl Daemon {
             board.sync(&config.services, &config.checks);
             board
         });
-        let services = synced.as_ref().unwrap_or(&self.board).overlay(&config.services);
+        let services =
+            synced.as_ref().unwrap_or(&self.board).overlay(&self.overrides.overlay(&config.services));
         let mut plan = self.planner.plan(&services, &config.marks, &self.neighbours)?;
         plan.state.local_macs = self
             .interface_macs
@@ -287,6 +300,9 @@ impl Daemon {
         }
         if a.control_socket != b.control_socket {
             changed.push("director.control_socket");
+        }
+        if a.overrides_file != b.overrides_file {
+            changed.push("director.overrides_file");
         }
         if a.xdp_mode != b.xdp_mode {
             changed.push("director.xdp_mode");

@@ -63,6 +63,12 @@ pub enum ControlError {
     NoSuchInterface(String),
     #[error("rendering metrics")]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Override(#[from] crate::model::OverrideError),
+    #[error("rendering the status as JSON")]
+    Json(#[from] serde_json::Error),
+    #[error("the daemon refused: {0}")]
+    Refused(String),
 }
 
 type Result<T> = std::result::Result<T, ControlError>;
@@ -72,11 +78,13 @@ mod conns;
 mod daemon;
 pub mod decap;
 mod metrics_server;
+mod overrides;
 mod run;
 mod socket;
 mod status;
 mod tasks;
 mod vip_hold;
+mod wait;
 
 pub use conns::CONN_COUNT_TTL;
 use conns::{ConnCounter, ConnCounts};
@@ -85,10 +93,11 @@ pub use metrics_server::METRICS_MAX_CONNECTIONS;
 use metrics_server::serve_metrics;
 use run::notify;
 pub use run::{OnExit, detach, run};
-pub use socket::{CONTROL_MAX_CONNECTIONS, request};
+pub use socket::{CONTROL_MAX_CONNECTIONS, command, request};
 use socket::{bind_control_socket, serve_control};
 use status::Views;
 use tasks::{follow_routing, lock, refresh_neighbours, reload};
+pub use wait::{Drained, WaitError, wait_drained};
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ControlError {
     let what = what.into();

@@ -1,5 +1,7 @@
-//! The control socket: one request line (`status` or `metrics`), one answer; the server,
-//! bounded like the metrics endpoint, and the client the CLI uses.
+//! The control socket: one request line, one answer; the server, bounded like the
+//! metrics endpoint, and the client the CLI uses. Requests: `status`, `status json`,
+//! `metrics`, and the overrides' (`drain web 10.0.2.11`, see `overrides`). An answer
+//! that starts with `error: ` is a refusal.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,8 +11,9 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::bounded::serve_bounded;
+use super::overrides::parse_request;
 use super::status::{Views, snapshot_of};
-use super::{ControlError, Result, io};
+use super::{ControlError, Result, io, lock};
 
 /// Connections the control socket serves at once; more wait in the kernel's backlog.
 pub const CONTROL_MAX_CONNECTIONS: usize = 64;
@@ -18,7 +21,7 @@ pub const CONTROL_MAX_CONNECTIONS: usize = 64;
 pub(super) const CONTROL_MAX_REQUEST: u64 = 256;
 pub(super) const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The control socket speaks one request line and one answer: `status` or `metrics`.
+/// The control socket speaks one request line and one answer.
 pub(super) async fn serve_control(views: Arc<Views>, listener: UnixListener) {
     let accept = || async { listener.accept().await.map(|(s, _)| s) };
     serve_bounded("control socket", CONTROL_MAX_CONNECTIONS, accept, |stream| {
@@ -33,20 +36,42 @@ pub(super) async fn serve_control(views: Arc<Views>, listener: UnixListener) {
             }
             let answer = match String::from_utf8_lossy(&line).trim() {
                 "status" => snapshot_of(&views).await.map(|s| s.status_table()),
+                "status json" => snapshot_of(&views).await.and_then(|s| Ok(crate::status_json::render(&s)?)),
                 "metrics" => snapshot_of(&views).await.and_then(|s| Ok(crate::metrics::render(&s)?)),
                 _ if !line.ends_with(b"\n") && line.len() as u64 >= CONTROL_MAX_REQUEST => {
                     Ok(format!("error: request longer than {CONTROL_MAX_REQUEST} bytes\n"))
                 }
-                other => Ok(format!(
-                    "error: unknown request `{}` (try status or metrics)\n",
-                    crate::config::shorten(other)
-                )),
+                other => match parse_request(other) {
+                    Some(Ok(request)) => {
+                        let daemon = Arc::clone(&views.daemon);
+                        tokio::task::spawn_blocking(move || lock(&daemon).override_request(&request))
+                            .await
+                            .unwrap_or_else(|e| {
+                                Err(ControlError::Io { what: "override task".into(), source: std::io::Error::other(e) })
+                            })
+                    }
+                    Some(Err(usage)) => Ok(format!("error: {usage}\n")),
+                    None => Ok(format!(
+                        "error: unknown request `{}` (try status, status json, metrics, drain, disable, enable, weight, overrides clear)\n",
+                        crate::config::shorten(other)
+                    )),
+                },
             };
             let text = answer.unwrap_or_else(|e| format!("error: {}\n", crate::error_chain(&e)));
             let _ = tokio::time::timeout(CONTROL_READ_TIMEOUT, write.write_all(text.as_bytes())).await;
         }
     })
     .await;
+}
+
+/// Asks a running daemon over its control socket; its refusal (`error: ...`) is an error.
+pub async fn command(socket: &Path, what: &str) -> Result<String> {
+    let answer = request(socket, what).await?;
+    match answer.strip_prefix("error: ") {
+        Some(why) => Err(ControlError::Refused(why.trim_end().to_owned())),
+        None if answer.is_empty() => Err(ControlError::Refused("no answer (the daemon stopped?)".into())),
+        None => Ok(answer),
+    }
 }
 
 /// Asks a running daemon over its control socket.

@@ -84,7 +84,9 @@ impl Daemon {
         let now = crate::snapshot::flow_clock_ns()
             .map_err(|source| ControlError::Io { what: "reading the clock".into(), source })?;
         let mut services = Vec::new();
-        for spec in &self.config.services {
+        // States and weights as planned: the file's, with the operator's overrides.
+        let laid = self.overrides.overlay(&self.config.services);
+        for spec in laid.iter() {
             let Some(&id) = self.plan.service_ids.get(&spec.name) else { continue };
             let mut backends = Vec::new();
             let mut backend_ids = Vec::with_capacity(spec.backends.len() + 1);
@@ -126,6 +128,7 @@ impl Daemon {
                     check_durations: health.map(|h| h.durations.clone()).unwrap_or_default(),
                     last_check: health.and_then(|h| h.last.as_ref().map(|r| r.message.clone())),
                     last_outcome: health.and_then(|h| h.last.as_ref().map(|r| r.outcome.name())),
+                    overridden: self.overrides.get(&spec.name, b.addr).copied(),
                     status,
                     counters: Counters::default(),
                     active,
@@ -168,6 +171,16 @@ impl Daemon {
                 .map(|i| (i.clone(), self.config.director.xdp_mode))
                 .collect(),
             config_digest: self.config.digest.clone(),
+            overrides: self
+                .overrides
+                .iter()
+                .map(|((service, backend), set)| crate::snapshot::OverrideSnapshot {
+                    service: service.clone(),
+                    backend: *backend,
+                    set: *set,
+                    stale: self.overrides.is_stale(&self.config.services, service, *backend),
+                })
+                .collect(),
             reloads_ok: self.reloads_ok,
             reloads_failed: self.reloads_failed,
             last_reload_success: self

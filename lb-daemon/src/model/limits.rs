@@ -8,6 +8,9 @@ pub const DEFAULT_METRICS_LISTEN: SocketAddr =
     SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9740));
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb-daemon/control.sock";
 pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/lb";
+/// Where runtime overrides (`lb-daemon drain` and the like) outlive the process: the unit's
+/// `StateDirectory=lb-daemon`.
+pub const DEFAULT_OVERRIDES_FILE: &str = "/var/lib/lb-daemon/overrides.json";
 pub const DEFAULT_RING_SIZE: u32 = 4093;
 /// Largest accepted ring: beyond this a table costs more memory than balance it buys.
 pub const MAX_RING_SIZE: u32 = 1 << 20;

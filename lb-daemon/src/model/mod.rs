@@ -4,10 +4,12 @@
 //! (`plan`), written (`dataplane`) and checked (`health`) lives above.
 mod addr;
 mod limits;
+mod overrides;
 mod ring;
 mod service;
 
 pub use addr::*;
 pub use limits::*;
+pub use overrides::*;
 pub use ring::*;
 pub use service::*;

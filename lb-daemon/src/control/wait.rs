@@ -1,0 +1,84 @@
+//! `lb-daemon wait-drained`: polls the daemon's JSON status until a backend has no
+//! connections left, for rolling upgrades driven by scripts.
+
+use std::time::Instant;
+
+use super::*;
+use crate::status_json::Status;
+
+/// How often the status is asked again (the daemon walks its table at most every
+/// `CONN_COUNT_TTL` anyway).
+const POLL: Duration = Duration::from_secs(1);
+/// How often a wait that goes on says so.
+const PROGRESS: Duration = Duration::from_secs(10);
+
+/// What to wait for.
+#[derive(Clone, Debug)]
+pub struct Drained {
+    /// `None`: every service that has the backend.
+    pub service: Option<String>,
+    pub backend: IpAddr,
+    /// Also wait for InActConn (TCP closing, UDP flows); otherwise ActiveConn only.
+    pub inactive_too: bool,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("the daemon's status is not the JSON this lb-daemon reads")]
+    Status(#[from] serde_json::Error),
+    #[error("{0}")]
+    NoBackend(String),
+    #[error("{backend} still has {left} connections after {}", humantime::format_duration(*.after))]
+    TimedOut { backend: IpAddr, left: u64, after: Duration },
+}
+
+/// Connections of `what`'s backend in `status`, and whether any of its services still
+/// sends it new flows.
+fn left(status: &Status, what: &Drained) -> std::result::Result<(u64, bool), WaitError> {
+    let mut found = false;
+    let (mut left, mut taking) = (0, false);
+    for (_, b) in status.backends(what.service.as_deref(), what.backend) {
+        found = true;
+        left += b.active_connections + if what.inactive_too { b.inactive_connections } else { 0 };
+        taking |= b.state == "active" && b.weight > 0;
+    }
+    if !found {
+        return Err(WaitError::NoBackend(match &what.service {
+            Some(s) => format!("service `{s}` has no backend {} (or no such service)", what.backend),
+            None => format!("no service has backend {}", what.backend),
+        }));
+    }
+    Ok((left, taking))
+}
+
+/// Returns when the backend has no connections left; `progress` hears how many are.
+pub async fn wait_drained(
+    socket: &Path,
+    what: &Drained,
+    progress: impl Fn(&str),
+) -> std::result::Result<(), WaitError> {
+    let start = Instant::now();
+    let mut said = None::<Instant>;
+    loop {
+        let status: Status = serde_json::from_str(&command(socket, "status json").await?)?;
+        let (n, taking) = left(&status, what)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if start.elapsed() >= what.timeout {
+            return Err(WaitError::TimedOut { backend: what.backend, left: n, after: what.timeout });
+        }
+        if said.is_none_or(|t| t.elapsed() >= PROGRESS) {
+            said = Some(Instant::now());
+            progress(&format!(
+                "{} has {n} connections{}",
+                what.backend,
+                if taking { " and still takes new ones (drain it first?)" } else { "" }
+            ));
+        }
+        tokio::time::sleep(POLL.min(what.timeout.saturating_sub(start.elapsed()))).await;
+    }
+}

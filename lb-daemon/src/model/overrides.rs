@@ -1,0 +1,308 @@
+//! Runtime overrides: what an operator asked with `lb-daemon drain|disable|enable|weight`,
+//! on top of the file. An override replaces the file's state or weight of one backend of
+//! one service; health checks still apply on top of it (a drained backend that fails its
+//! check is disabled like any other). Overrides naming a backend the file no longer has
+//! are kept (it may come back in a later reload, and must not come back enabled in the
+//! middle of an upgrade) and listed as stale.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use super::{BackendState, MAX_WEIGHT, ServiceSpec};
+
+/// The state an operator may force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForcedState {
+    /// No new flows; established ones stay.
+    Drain,
+    /// No traffic at all: established flows move to other backends.
+    Disabled,
+}
+
+impl ForcedState {
+    pub fn name(self) -> &'static str {
+        match self {
+            ForcedState::Drain => "drain",
+            ForcedState::Disabled => "disabled",
+        }
+    }
+
+    fn backend_state(self) -> BackendState {
+        match self {
+            ForcedState::Drain => BackendState::Drain,
+            ForcedState::Disabled => BackendState::Disabled,
+        }
+    }
+}
+
+/// What is overridden of one backend of one service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Override {
+    pub state: Option<ForcedState>,
+    pub weight: Option<u32>,
+}
+
+impl std::fmt::Display for Override {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(s) = self.state {
+            parts.push(s.name().to_owned());
+        }
+        if let Some(w) = self.weight {
+            parts.push(format!("weight {w}"));
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// Which services a command is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceSelector {
+    Named(String),
+    /// Every service that has the backend.
+    All,
+}
+
+impl std::fmt::Display for ServiceSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServiceSelector::Named(n) => f.write_str(n),
+            ServiceSelector::All => f.write_str("all"),
+        }
+    }
+}
+
+/// An operator's command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverrideChange {
+    Force(ForcedState),
+    Weight(u32),
+    /// Back to what the file says: every override of the backend goes.
+    Enable,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OverrideError {
+    #[error("no service is named `{0}`")]
+    NoService(String),
+    #[error("service `{service}` has no backend {backend}")]
+    NoBackend { service: String, backend: IpAddr },
+    #[error("no service has backend {0}")]
+    NoServiceHasBackend(IpAddr),
+    #[error("weight {0} is out of range 0-{MAX_WEIGHT}")]
+    Weight(u32),
+}
+
+/// Every override, by (service name, backend address).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Overrides {
+    entries: BTreeMap<(String, IpAddr), Override>,
+}
+
+impl Overrides {
+    pub fn from_entries(entries: impl IntoIterator<Item = ((String, IpAddr), Override)>) -> Self {
+        Overrides { entries: entries.into_iter().filter(|(_, o)| *o != Override::default()).collect() }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn get(&self, service: &str, backend: IpAddr) -> Option<&Override> {
+        // BTreeMap keys are owned: a lookup by borrowed parts would need a custom Borrow.
+        self.entries.iter().find(|((s, b), _)| s == service && *b == backend).map(|(_, o)| o)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&(String, IpAddr), &Override)> {
+        self.entries.iter()
+    }
+
+    /// Applies `change` to `backend` in the services `selector` names; returns the
+    /// services it touched. `services` is the file's: a named service and its backend must
+    /// be in it, except that `enable` also removes a stale override.
+    pub fn change(
+        &mut self,
+        services: &[ServiceSpec],
+        selector: &ServiceSelector,
+        backend: IpAddr,
+        change: OverrideChange,
+    ) -> Result<Vec<String>, OverrideError> {
+        if let OverrideChange::Weight(w) = change
+            && w > MAX_WEIGHT
+        {
+            return Err(OverrideError::Weight(w));
+        }
+        let mut names: Vec<String> = match selector {
+            ServiceSelector::Named(name) => {
+                let stale = change == OverrideChange::Enable && self.get(name, backend).is_some();
+                match services.iter().find(|s| &s.name == name) {
+                    Some(s) if s.backends.iter().any(|b| b.addr == backend) => vec![name.clone()],
+                    _ if stale => vec![name.clone()],
+                    Some(_) => {
+                        return Err(OverrideError::NoBackend { service: name.clone(), backend });
+                    }
+                    None => return Err(OverrideError::NoService(name.clone())),
+                }
+            }
+            ServiceSelector::All => services
+                .iter()
+                .filter(|s| s.backends.iter().any(|b| b.addr == backend))
+                .map(|s| s.name.clone())
+                .collect(),
+        };
+        if change == OverrideChange::Enable && *selector == ServiceSelector::All {
+            names.extend(self.entries.keys().filter(|(_, b)| *b == backend).map(|(s, _)| s.clone()));
+            names.sort();
+            names.dedup();
+        }
+        if names.is_empty() {
+            return Err(OverrideError::NoServiceHasBackend(backend));
+        }
+        for name in &names {
+            let key = (name.clone(), backend);
+            match change {
+                OverrideChange::Enable => {
+                    self.entries.remove(&key);
+                }
+                OverrideChange::Force(state) => self.entries.entry(key).or_default().state = Some(state),
+                OverrideChange::Weight(w) => self.entries.entry(key).or_default().weight = Some(w),
+            }
+        }
+        Ok(names)
+    }
+
+    /// Removes every override; says how many there were.
+    pub fn clear(&mut self) -> usize {
+        std::mem::take(&mut self.entries).len()
+    }
+
+    /// The services with the overrides in place of the file's states and weights.
+    /// Borrowed when there is none (a large site's services are not copied for nothing).
+    pub fn overlay<'a>(&self, services: &'a [ServiceSpec]) -> std::borrow::Cow<'a, [ServiceSpec]> {
+        if self.entries.is_empty() {
+            return services.into();
+        }
+        let mut out = services.to_vec();
+        for svc in &mut out {
+            for b in &mut svc.backends {
+                let Some(o) = self.get(&svc.name, b.addr) else { continue };
+                if let Some(state) = o.state {
+                    b.state = state.backend_state();
+                }
+                if let Some(w) = o.weight {
+                    b.weight = w;
+                }
+            }
+        }
+        out.into()
+    }
+
+    /// Overrides whose service or backend the file does not have (kept, but inert).
+    pub fn is_stale(&self, services: &[ServiceSpec], service: &str, backend: IpAddr) -> bool {
+        !services.iter().any(|s| s.name == service && s.backends.iter().any(|b| b.addr == backend))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BackendSpec, FallbackAction, Forward, Protocol, Scheduler, ServiceMatch};
+
+    fn service(name: &str, port: u16, backends: &[&str]) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            matcher: ServiceMatch::Vip { addr: "192.0.2.1".parse().unwrap(), port, proto: Protocol::Tcp },
+            scheduler: Scheduler::Sh,
+            ring_size: 7,
+            backends: backends
+                .iter()
+                .map(|a| BackendSpec {
+                    addr: a.parse().unwrap(),
+                    weight: 1,
+                    state: BackendState::Active,
+                    forward: Forward::Dr,
+                    port: None,
+                })
+                .collect(),
+            fallback: None,
+            fallback_action: FallbackAction::Drop,
+            forward: Forward::Dr,
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn all_reaches_every_service_with_the_backend_and_enable_undoes_everything() {
+        let services =
+            vec![service("web", 80, &["10.0.2.11", "10.0.2.12"]), service("tls", 443, &["10.0.2.11"])];
+        let mut o = Overrides::default();
+        let touched = o
+            .change(
+                &services,
+                &ServiceSelector::All,
+                ip("10.0.2.11"),
+                OverrideChange::Force(ForcedState::Drain),
+            )
+            .unwrap();
+        assert_eq!(touched, ["web", "tls"]);
+        o.change(
+            &services,
+            &ServiceSelector::Named("web".into()),
+            ip("10.0.2.11"),
+            OverrideChange::Weight(5),
+        )
+        .unwrap();
+        let laid = o.overlay(&services);
+        assert_eq!(laid[0].backends[0].state, BackendState::Drain);
+        assert_eq!(laid[0].backends[0].weight, 5);
+        assert_eq!(laid[0].backends[1], services[0].backends[1], "another backend is untouched");
+        assert_eq!(laid[1].backends[0].state, BackendState::Drain);
+        assert_eq!(laid[1].backends[0].weight, 1);
+        assert_eq!(o.get("web", ip("10.0.2.11")).unwrap().to_string(), "drain, weight 5");
+
+        o.change(&services, &ServiceSelector::All, ip("10.0.2.11"), OverrideChange::Enable).unwrap();
+        assert!(o.is_empty());
+        assert!(matches!(o.overlay(&services), std::borrow::Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn unknown_names_are_refused_and_stale_overrides_can_still_be_removed() {
+        let services = vec![service("web", 80, &["10.0.2.11"])];
+        let mut o = Overrides::default();
+        let named = |n: &str| ServiceSelector::Named(n.into());
+        let drain = OverrideChange::Force(ForcedState::Drain);
+        assert_eq!(
+            o.change(&services, &named("db"), ip("10.0.2.11"), drain),
+            Err(OverrideError::NoService("db".into()))
+        );
+        assert_eq!(
+            o.change(&services, &named("web"), ip("10.0.2.99"), drain),
+            Err(OverrideError::NoBackend { service: "web".into(), backend: ip("10.0.2.99") })
+        );
+        assert_eq!(
+            o.change(&services, &ServiceSelector::All, ip("10.0.2.99"), drain),
+            Err(OverrideError::NoServiceHasBackend(ip("10.0.2.99")))
+        );
+        assert_eq!(
+            o.change(&services, &named("web"), ip("10.0.2.11"), OverrideChange::Weight(70_000)),
+            Err(OverrideError::Weight(70_000))
+        );
+        assert!(o.is_empty());
+
+        // The backend leaves the file: its override stays, stale, until enabled.
+        o.change(&services, &named("web"), ip("10.0.2.11"), OverrideChange::Force(ForcedState::Disabled))
+            .unwrap();
+        let reloaded = vec![service("web", 80, &["10.0.2.12"])];
+        assert!(o.is_stale(&reloaded, "web", ip("10.0.2.11")));
+        assert!(!o.is_empty());
+        o.change(&reloaded, &named("web"), ip("10.0.2.11"), OverrideChange::Enable).unwrap();
+        assert!(o.is_empty());
+        o.change(&services, &named("web"), ip("10.0.2.11"), OverrideChange::Weight(0)).unwrap();
+        o.change(&reloaded, &ServiceSelector::All, ip("10.0.2.11"), OverrideChange::Enable).unwrap();
+        assert!(o.is_empty(), "`all` also finds stale overrides");
+    }
+}
