@@ -1,11 +1,13 @@
 //! `lb-daemon`: the load balancer daemon and its operator commands.
 
+mod manual;
+
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use lb_daemon::control::{self, OnExit};
 use lb_daemon::dataplane::{Dataplane, LoadOptions};
 
@@ -109,6 +111,12 @@ enum Cmd {
         #[arg(long, default_value_t = LoadOptions::default().flow_entries)]
         flow_entries: u32,
     },
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (lb-daemon(8), one per command, lb-daemon.yaml(5)) into DIR:
+    /// for packaging.
+    #[command(hide = true)]
+    ManPages { dir: PathBuf },
 }
 
 /// Which running daemon to ask.
@@ -242,6 +250,12 @@ fn run(cmd: Cmd) -> Result<()> {
         }
         Cmd::Check { config } => {
             let c = control::check(&config)?;
+            if c.is_shipped_example() {
+                eprintln!(
+                    "lb-daemon: note: {} is the shipped example, unchanged; `lb-daemon run` refuses it until it is edited for this host",
+                    config.display()
+                );
+            }
             let backends: usize = c.services.iter().map(|s| s.backends.len()).sum();
             println!(
                 "{}: ok ({} services, {} backends, {} mark rules, interfaces {}); sha256 {}",
@@ -318,6 +332,14 @@ fn run(cmd: Cmd) -> Result<()> {
                 flow_entries
             );
             drop(dp);
+        }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "lb-daemon", &mut std::io::stdout());
+        }
+        Cmd::ManPages { dir } => {
+            for page in manual::write_man_pages(Cli::command(), &dir)? {
+                println!("{}", dir.join(page).display());
+            }
         }
     }
     Ok(())

@@ -75,7 +75,7 @@ fn the_systemd_unit_verifies() {
     let dir = std::env::temp_dir().join(format!("lb-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("lb-daemon.service");
-    std::fs::write(&path, unit.replace("/usr/local/bin/lb-daemon", env!("CARGO_BIN_EXE_lb-daemon"))).unwrap();
+    std::fs::write(&path, unit.replace("/usr/sbin/lb-daemon", env!("CARGO_BIN_EXE_lb-daemon"))).unwrap();
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&path)

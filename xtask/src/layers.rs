@@ -29,8 +29,11 @@ pub const LAYERS: &[(&str, u8)] = &[
     // Readers.
     ("snapshot", 4),
     ("metrics", 5),
+    ("status_json", 5),
     // The daemon itself.
     ("control", 6),
+    // The binary's own: its man pages.
+    ("manual", 7),
 ];
 
 /// The layer of a module path (`health::board`); `None` for one the table does not know.

@@ -1,5 +1,6 @@
 //! Build orchestration, kept out of the library crates: `cargo xtask <command>`.
 
+mod deb;
 mod layers;
 
 use std::process::{Command, ExitStatus};
@@ -20,6 +21,13 @@ enum Cmd {
     Setup,
     /// Build the daemon (with the XDP object embedded) in release mode.
     Build,
+    /// Build the Debian package (target/deb/lb-daemon_VERSION_ARCH.deb): the binary, the
+    /// systemd unit, /etc/lb-daemon/lb.yaml (a conffile), man pages, completions, docs.
+    Deb {
+        /// Where to put it.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// The daemon's import layers, formatting, clippy, then every test: unit, packet
     /// fixtures, end-to-end (needs root).
     Test,
@@ -60,7 +68,8 @@ enum Cmd {
 /// behind ECMP), ssh and sshd for the test of `configs/agentless-ssh.yaml`'s checks,
 /// nftables for the benchmark's comparison with the kernel's own NAT (and a test's
 /// firewall rule), keepalived for the active/standby test, csync2 and openssl for the
-/// test of `configs/csync2.cfg` between two directors.
+/// test of `configs/csync2.cfg` between two directors, binutils (objdump, strip) for the
+/// Debian package.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -79,6 +88,7 @@ const APT_PACKAGES: &[&str] = &[
     "keepalived",
     "csync2",
     "openssl",
+    "binutils",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY: &str = "nightly";
@@ -87,6 +97,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup(),
         Cmd::Build => cargo(&["build", "--release"]),
+        Cmd::Deb { out } => deb::build(out).map(drop),
         Cmd::Test => test(),
         Cmd::Layers => layers::check(&workspace()),
         Cmd::Bench => {
@@ -254,7 +265,9 @@ fn test() -> Result<()> {
     layers::check(&workspace())?;
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
-    // The end-to-end tests run the daemon binary itself.
+    // The end-to-end tests run the daemon binary itself; the package test installs the
+    // package.
     cargo(&["build", "-p", "lb-daemon"])?;
-    cargo(&["test", "--workspace"])
+    let deb = deb::build(None)?;
+    check(Command::new(env!("CARGO")).args(["test", "--workspace"]).env("LB_DEB", &deb))
 }

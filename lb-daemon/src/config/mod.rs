@@ -134,6 +134,17 @@ pub struct Config {
     pub digest: String,
 }
 
+/// `configs/lb.example.yaml`, which the Debian package installs as `/etc/lb-daemon/lb.yaml`:
+/// valid, but written for no host in particular (`run` refuses it unchanged).
+pub const SHIPPED_EXAMPLE: &str = include_str!("../../../configs/lb.example.yaml");
+
+impl Config {
+    /// Whether this is the shipped example, not one byte changed.
+    pub fn is_shipped_example(&self) -> bool {
+        self.digest == file_digest(SHIPPED_EXAMPLE)
+    }
+}
+
 fn file_digest(text: &str) -> String {
     ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
         .as_ref()

@@ -61,6 +61,10 @@ pub enum ControlError {
     NoInterface(String),
     #[error("interface {0} does not exist")]
     NoSuchInterface(String),
+    #[error(
+        "{} is the shipped example, unchanged: it names interfaces and addresses of no host in particular. Edit it for this host (see `man lb-daemon.yaml`), check it with `lb-daemon check`, then start", .0.display()
+    )]
+    ShippedExample(PathBuf),
     #[error("rendering metrics")]
     Metrics(#[from] crate::metrics::MetricsError),
     #[error(transparent)]

@@ -65,6 +65,9 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
         tracing::warn!(error = %e, "cannot adopt what checks leave behind (ssh masters): they may outlive the daemon");
     }
     let config = load_config(config_path)?;
+    if config.is_shipped_example() {
+        return Err(ControlError::ShippedExample(config_path.to_owned()));
+    }
     // Bound before the data path is touched: a second daemon must not adopt the maps.
     let control = bind_control_socket(&config.director.control_socket).await?;
     let metrics = tokio::net::TcpListener::bind(config.director.metrics_listen)
