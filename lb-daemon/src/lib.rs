@@ -1,11 +1,11 @@
 //! The load balancer daemon as a library: the binary and the tests drive the same code.
 //!
 //! Layers, bottom up (`cargo xtask test` fails on an import that points up; see
-//! ARCHITECTURE.md): [`model`], `health::spec`, `routing::decl` (plain data) ->
+//! docs/architecture.md): [`model`], `health::spec`, `routing::decl` (plain data) ->
 //! [`maglev`], [`wrr`] (pure algorithms) -> [`config`] (YAML -> model), [`plan`] (model ->
 //! the state the maps should hold) -> [`dataplane`] (the only BPF user), [`health`]
-//! (checkers), [`routing`] (the only rtnetlink user) -> [`snapshot`] -> [`metrics`] ->
-//! [`control`] (the daemon).
+//! (checkers), [`routing`] (the only rtnetlink user) -> [`snapshot`] -> [`metrics`],
+//! [`status_json`] -> [`control`] (the daemon).
 pub mod config;
 pub mod control;
 pub mod dataplane;

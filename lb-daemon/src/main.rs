@@ -101,8 +101,9 @@ enum Cmd {
         #[arg(long, global = true, default_value = lb_daemon::dataplane::decap::DEFAULT_DECAP_DIR)]
         bpf_dir: PathBuf,
     },
-    /// Load the embedded XDP object into this kernel (verifier included), report, unload.
-    /// Attaches nothing and changes no traffic: a pre-deployment check for a kernel.
+    /// Probe the kernel for every feature the data path needs (naming a missing one and
+    /// the Linux version that brought it), then load the embedded XDP object (verifier
+    /// included), report, unload. Attaches nothing: a pre-deployment check for a kernel.
     Verify {
         /// Maglev ring slots to size the ring map with.
         #[arg(long, default_value_t = LoadOptions::default().ring_slots)]
@@ -323,6 +324,19 @@ fn run(cmd: Cmd) -> Result<()> {
             println!("{}", out.trim_end());
         }
         Cmd::Verify { ring_slots, flow_entries } => {
+            use lb_daemon::dataplane::probe;
+            let features = probe::probe();
+            for f in &features {
+                let state = match &f.present {
+                    Ok(true) => "ok".to_owned(),
+                    Ok(false) => "MISSING".to_owned(),
+                    Err(e) => format!("not probed ({e})"),
+                };
+                println!("{state:>7}  {} (Linux {})", f.name, f.since);
+            }
+            if let Some(missing) = probe::missing(&features) {
+                anyhow::bail!("{missing}");
+            }
             let dp = Dataplane::load(&LoadOptions { ring_slots, flow_entries, pin_dir: None })
                 .context("loading the XDP data path")?;
             println!(

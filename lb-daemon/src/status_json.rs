@@ -103,7 +103,7 @@ pub struct Backend {
     /// The weight in force (the file's, an override's, or what a check asked for).
     pub weight: u32,
     /// `active`, `drain`, `disabled`, `unresolved`, `down`, `timeout`, `fallback` or
-    /// `standby` (see the README's status section).
+    /// `standby` (see docs/operating.md, "Status").
     pub state: String,
     /// Established TCP connections (ipvsadm ActiveConn), from a walk of the connection
     /// table at most 3 seconds old.

@@ -78,6 +78,8 @@ fn the_systemd_unit_verifies() {
     std::fs::write(&path, unit.replace("/usr/sbin/lb-daemon", env!("CARGO_BIN_EXE_lb-daemon"))).unwrap();
     let out = Command::new("systemd-analyze")
         .arg("verify")
+        // The man pages it names are the package's (its test verifies the installed unit).
+        .arg("--man=no")
         .arg(&path)
         .output()
         .expect("systemd-analyze (apt: systemd)");
@@ -104,4 +106,31 @@ fn decap_names_a_missing_interface_and_finds_nothing_attached() {
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("not attached anywhere"), "{out:?}");
     assert!(!dir.exists(), "status created {}", dir.display());
+}
+
+#[test]
+fn verify_probes_every_kernel_feature_then_loads_the_object() {
+    let out = lb(&["verify", "--ring-slots", "4093", "--flow-entries", "1024"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let features: Vec<&str> = stdout.lines().filter(|l| l.contains("(Linux ")).collect();
+    assert_eq!(features.len(), 20, "{stdout}");
+    assert!(
+        features.iter().all(|l| l.trim_start().starts_with("ok ")),
+        "this 6.x kernel has them all:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("bpf_ktime_get_coarse_ns (the connection table's clock) (Linux 5.11)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.lines().last().is_some_and(|l| l.starts_with("ok: ") && l.ends_with("nothing attached")),
+        "{stdout}"
+    );
+    // The helper probe tells a helper XDP cannot call (bpf_override_return is for kprobes)
+    // from one it can: what makes a missing one show as MISSING on an older kernel.
+    use aya::sys::{BpfHelper, is_helper_supported};
+    let xdp = aya::programs::ProgramType::Xdp;
+    assert_eq!(is_helper_supported(xdp, BpfHelper::BPF_FUNC_override_return).ok(), Some(false));
+    assert_eq!(is_helper_supported(xdp, BpfHelper::BPF_FUNC_ktime_get_coarse_ns).ok(), Some(true));
 }

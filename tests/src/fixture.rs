@@ -102,7 +102,7 @@ pub fn predicted_backend(state: &DataplaneState, service: &ServiceMatch, frame: 
     svc.ring.get((h % svc.ring.len() as u32) as usize).copied()
 }
 
-/// `frame` as direct routing sends it to `b`, written from the README's rules: the
+/// `frame` as direct routing sends it to `b`, written from docs/architecture.md's rules: the
 /// Ethernet addresses replaced, and the 802.1Q tag made the backend's (pushed, rewritten
 /// keeping its priority bits, or removed when the backend is untagged).
 pub fn direct_routed(frame: &[u8], b: &Backend) -> Vec<u8> {

@@ -1,4 +1,4 @@
-//! A reference model of the data path, written from the README's rules ("The data path")
+//! A reference model of the data path, written from docs/architecture.md's rules ("The data path")
 //! rather than from the XDP code: for a frame it predicts the verdict, and for a forwarded
 //! frame the backend and the bytes that leave. The packet fuzz compares the two.
 //!
@@ -245,7 +245,7 @@ impl Model {
     }
 }
 
-/// The README's martian sources: 0/8, 127/8, multicast, limited broadcast; ::, ::1, ff00::/8.
+/// The martian sources of docs/architecture.md: 0/8, 127/8, multicast, limited broadcast; ::, ::1, ff00::/8.
 fn martian(src: IpAddr) -> bool {
     match src {
         IpAddr::V4(a) => {

@@ -202,7 +202,7 @@ fn the_agentless_ssh_example_works_under_the_units_capabilities_and_says_why_it_
     let r = check(&director, &fresh("run-impostor")?)?;
     ensure!(r.outcome != Outcome::Ok && r.message.contains("Host key verification failed"), "{r:?}");
 
-    // Stop the master, as the README says to after changing a server.
+    // Stop the master, as docs/operating.md says to after changing a server.
     let control = argv.iter().find(|a| a.starts_with("ControlPath=")).context("no ControlPath")?;
     let _ =
         director.exec(&["ssh", "-F", "/dev/null", "-o", control, "-O", "exit", &format!("root@{SERVER}")]);

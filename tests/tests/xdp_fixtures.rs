@@ -1069,7 +1069,7 @@ fn mutate(rng: &mut fastrand::Rng, f: &mut Vec<u8>) {
 }
 
 /// The model-based packet fuzz: mutated frames through BPF_PROG_TEST_RUN against the
-/// reference model (`lb_tests::model`, written from the README's rules), which predicts the
+/// reference model (`lb_tests::model`, written from docs/architecture.md's rules), which predicts the
 /// verdict and, for forwarded frames, the backend and every output byte. `LB_FUZZ_FRAMES`
 /// (default 1,000,000; `cargo xtask fuzz` runs 10,000,000) and `LB_FUZZ_SEED` set the run.
 #[test]

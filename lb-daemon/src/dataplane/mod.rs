@@ -36,6 +36,7 @@ mod apply;
 mod attach;
 mod counters;
 pub mod decap;
+pub mod probe;
 mod ring_memory;
 mod rings;
 

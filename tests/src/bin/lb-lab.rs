@@ -192,6 +192,10 @@ fn one_director(keep: bool) -> Result<()> {
         println!("  ip -n {dir} link show {}                     # the XDP program", t.director_in);
         println!("  ls -R /sys/fs/bpf/lb-lab                     # pinned maps and link");
         println!("  ip netns exec {} ip route", t.client.name());
+        println!(
+            "  lb-daemon drain all 10.0.2.11 -c {0}; lb-daemon wait-drained all 10.0.2.11 --timeout 30s -c {0}; lb-daemon enable all 10.0.2.11 -c {0}",
+            config.display()
+        );
         println!("  (edit {} and reload: kill -HUP {})", config.display(), lab.daemon.pid()?);
         let _ = std::io::stdin().lock().lines().next();
     }
