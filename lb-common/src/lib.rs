@@ -35,6 +35,8 @@ pub mod maps {
     pub const FULLNAT_POOL: &str = "FULLNAT_POOL";
     pub const FULLNAT_SOURCES: &str = "FULLNAT_SOURCES";
     pub const NAT_SOURCE_FILTER: &str = "NAT_SOURCE_FILTER";
+    /// The connection log's ring buffer; not pinned (each daemon reads its own program's).
+    pub const CONN_EVENTS: &str = "CONN_EVENTS";
 }
 
 /// Program names in the object.
@@ -215,8 +217,35 @@ pub struct Service {
     pub flags: u32,
     /// Equal to `SERVICE_GENERATIONS[id]` while this service exists; flows record it.
     pub generation: u32,
-    pub _pad: u32,
+    /// One new flow in this many is reported in `CONN_EVENTS` (1: every one); zero: none.
+    /// (Was padding before the connection log: maps of an older daemon hold zero here.)
+    pub log_one_in: u32,
 }
+
+/// A new flow, as the data path reports it in `CONN_EVENTS` (the connection log). The
+/// daemon names the service and backend from their ids.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEvent {
+    /// When, on the flows' clock (`bpf_ktime_get_coarse_ns`).
+    pub time_ns: u64,
+    /// The client's and the destination's (VIP's) addresses, as in `Parsed`.
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub service: u32,
+    pub backend: u32,
+    /// Ports in network order, as on the wire.
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Bytes of the connection-event ring buffer: room for about 18,000 events between two
+/// reads of the daemon (a power of two and a multiple of the page size, as the kernel
+/// wants).
+pub const CONN_EVENTS_BYTES: u32 = 1 << 20;
 
 /// Backend states in the data path. Draining backends are absent from the ring but keep
 /// their established flows; down backends lose them (they are rescheduled).
@@ -581,6 +610,10 @@ pub mod stat {
     pub const TOO_BIG_SENT_V4: u32 = 56;
     pub const TOO_BIG_SENT_V6: u32 = 57;
 
+    /// Connection events the ring buffer had no room for (the daemon reads too slowly, or
+    /// none runs).
+    pub const CONN_EVENTS_LOST: u32 = 58;
+
     pub const COUNT: u32 = 64;
 
     /// Drop reasons with the names the daemon exports them under.
@@ -706,6 +739,7 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::MarkRule {}
     unsafe impl aya::Pod for super::MarkRuleSet {}
     unsafe impl aya::Pod for super::AddrKey {}

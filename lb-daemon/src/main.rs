@@ -112,6 +112,24 @@ enum Cmd {
         #[arg(long, default_value_t = LoadOptions::default().flow_entries)]
         flow_entries: u32,
     },
+    /// Print the connection log (director.connection_log): one line per logged new
+    /// connection, with its service, client, destination and real server.
+    Events {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Read this file instead of the one the config names.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Keep printing new connections as they are logged (across rotations).
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this service's connections.
+        #[arg(long)]
+        service: Option<String>,
+        /// The JSON lines as written, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Write the man pages (lb-daemon(8), one per command, lb-daemon.yaml(5)) into DIR:
@@ -346,6 +364,21 @@ fn run(cmd: Cmd) -> Result<()> {
                 flow_entries
             );
             drop(dp);
+        }
+        Cmd::Events { config, file, follow, service, json } => {
+            let file = match file {
+                Some(f) => f,
+                None => {
+                    lb_daemon::config::Config::load(&config)
+                        .map_err(|e| anyhow::anyhow!(lb_daemon::error_chain(&e)))?
+                        .director
+                        .connection_log
+                        .with_context(|| format!("{} sets no director.connection_log", config.display()))?
+                        .file
+                }
+            };
+            let what = control::conn_log::ShowEvents { file, service, follow, json, follow_for: None };
+            control::conn_log::show_events(&what, &mut std::io::stdout().lock())?;
         }
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "lb-daemon", &mut std::io::stdout());

@@ -359,6 +359,13 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
         "outcome",
         &snap.nat_replies,
     )?;
+    counter_by(
+        &reg,
+        "lb_connection_log_events_total",
+        "New connections reported to the connection log, by outcome: written; dropped over max_events_per_sec, on a write error, or naming a service a reload removed; lost because the kernel's ring buffer was full.",
+        "outcome",
+        &snap.conn_log,
+    )?;
     if !snap.config_digest.is_empty() {
         let info = gauge(
             &reg,

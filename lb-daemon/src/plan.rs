@@ -42,6 +42,8 @@ pub struct ServiceState {
     pub flags: u32,
     /// Maglev ring (backend ids); its length is the ring size. Empty: no backend available.
     pub ring: Vec<u32>,
+    /// One new flow in this many is reported to the connection log; 0: none.
+    pub log_one_in: u32,
 }
 
 /// A fwmark-style rule as written into the tries. `dst` addresses are network-order words.
@@ -371,7 +373,10 @@ impl Planner {
             if svc.fallback_action == FallbackAction::Pass {
                 flags |= SERVICE_F_PASS_WHEN_EMPTY;
             }
-            plan.state.services.insert(service_key(&svc.matcher), ServiceState { id, flags, ring });
+            plan.state.services.insert(
+                service_key(&svc.matcher),
+                ServiceState { id, flags, ring, log_one_in: svc.log_connections },
+            );
         }
         plan.state.mark_prefixes = mark_prefixes(mark_rules)?;
         self.service_ids = next_service_ids;
@@ -427,6 +432,7 @@ mod tests {
                 .collect(),
             fallback: None,
             fallback_action: FallbackAction::Drop,
+            log_connections: 0,
             forward: Forward::Dr,
         }
     }

@@ -173,6 +173,9 @@ pub struct Snapshot {
     pub fragments: Vec<(&'static str, u64)>,
     /// NAT backends' replies translated, by where they went.
     pub nat_replies: Vec<(&'static str, u64)>,
+    /// The connection log's events by outcome: written, dropped (and why), lost in the
+    /// kernel's full ring buffer.
+    pub conn_log: Vec<(&'static str, u64)>,
     pub interfaces: Vec<(String, XdpMode)>,
     /// SHA-256 of the config file in force (as `sha256sum` prints it).
     pub config_digest: String,

@@ -215,6 +215,9 @@ const MALFORMED: &[(&str, &str, u64, u64, &str, &str)] = &[
     ("fallback is a backend", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    backends: [{ address: 10.0.0.1 }]\n    fallback: 10.0.0.1\n", 7, 15, "services[0].fallback", "is services[0].backends[0]"),
     ("fallback of another family", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    fallback: 2001:db8::1\n", 6, 15, "services[0].fallback", "different address families"),
     ("loopback fallback", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    fallback: 127.0.0.1\n", 6, 15, "services[0].fallback", "cannot be a real server"),
+    ("log_connections without a log", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    log_connections: 1\n", 6, 22, "services[0].log_connections", "no director.connection_log"),
+    ("relative connection log", "director:\n  interfaces: [eth0]\n  connection_log: { file: conn.log }\n", 3, 27, "director.connection_log.file", "absolute path"),
+    ("tiny connection log", "director:\n  interfaces: [eth0]\n  connection_log: { file: /var/log/c.log, max_file_bytes: 10 }\n", 3, 59, "director.connection_log.max_file_bytes", "out of range 4096-"),
     ("unknown fallback_action", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    fallback_action: reject\n", 6, 22, "services[0].fallback_action", "unknown variant `reject`"),
     ("unknown on_down", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: tcp, on_down: drop }\n", 6, 34, "services[0].check.on_down", "unknown variant `drop`"),
     ("unknown check type", "DIRECTORservices:\n  - name: a\n    match: { vip: 192.0.2.1, port: 80 }\n    check: { type: ping }\n", 6, 20, "services[0].check.type", "unknown variant `ping`"),
@@ -304,7 +307,7 @@ fn the_error_names_file_line_column_and_path() {
     let e = Config::parse("director:\n  interfaces: [eth0]\n  xdp: native\n", "/etc/lb/lb.yaml").unwrap_err();
     assert_eq!(
         e.to_string(),
-        "/etc/lb/lb.yaml:3:3: director.xdp: unknown field `xdp`, expected one of interfaces, xdp_mode, metrics_listen, control_socket, overrides_file, bpf_dir, connection_table_size, ring_slots, accept_macs, flood_guard_flows_per_sec, tunnel_source, fullnat_source"
+        "/etc/lb/lb.yaml:3:3: director.xdp: unknown field `xdp`, expected one of interfaces, xdp_mode, metrics_listen, control_socket, overrides_file, connection_log, bpf_dir, connection_table_size, ring_slots, accept_macs, flood_guard_flows_per_sec, tunnel_source, fullnat_source"
     );
 }
 
@@ -438,6 +441,7 @@ fn alert_rules_and_dashboard_name_only_metrics_the_daemon_exports() {
         too_big_sent: vec![("ipv4", 0)],
         fragments: vec![("first", 0)],
         nat_replies: vec![("sent", 0)],
+        conn_log: vec![("written", 0)],
         flow_entries_per_cpu: vec![0, 0],
         last_reload_success: Some(0.0),
         config_digest: "00".into(),

@@ -72,6 +72,7 @@ pub fn tcp_service(name: &str, vip: IpAddr, port: u16, ring_size: u32, backends:
             .collect(),
         fallback: None,
         fallback_action: FallbackAction::Drop,
+        log_connections: 0,
         forward: lb_daemon::model::Forward::Dr,
     }
 }

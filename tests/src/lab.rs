@@ -245,6 +245,11 @@ impl DrLab {
         &self.bpf_dir
     }
 
+    /// The connection log of a generated config (services log with `log_connections`).
+    pub fn connection_log_path(&self) -> Result<PathBuf> {
+        Ok(self.config_path()?.with_file_name("connections.log"))
+    }
+
     /// The config file the daemon reads (only for labs with a generated config).
     pub fn config_path(&self) -> Result<PathBuf> {
         Ok(self.workdir.as_ref().ok_or_else(|| anyhow!("the lab runs a fixed file"))?.join("lb.yaml"))
@@ -431,10 +436,11 @@ fn director_yaml(
 ) -> String {
     format!(
         "director:\n  interfaces: {interfaces}\n  xdp_mode: native\n  metrics_listen: 127.0.0.1:9740\n  \
-         control_socket: {}\n  overrides_file: {}\n  bpf_dir: {}\n  connection_table_size: {connection_table_size}\n  \
-         ring_slots: 131072\n  tunnel_source: [{DIRECTOR_LAN_SIDE}]\n{extra}",
+         control_socket: {}\n  overrides_file: {}\n  connection_log: {{ file: {} }}\n  bpf_dir: {}\n  \
+         connection_table_size: {connection_table_size}\n  ring_slots: 131072\n  tunnel_source: [{DIRECTOR_LAN_SIDE}]\n{extra}",
         workdir.join("control.sock").display(),
         workdir.join("overrides.json").display(),
+        workdir.join("connections.log").display(),
         bpf_dir.display()
     )
 }

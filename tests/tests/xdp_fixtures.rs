@@ -80,6 +80,7 @@ fn service(
             .collect(),
         fallback: None,
         fallback_action: FallbackAction::Drop,
+        log_connections: 0,
         forward: lb_daemon::model::Forward::Dr,
     }
 }

@@ -27,10 +27,11 @@ use crate::model::{
     BackendSpec, BackendState, FallbackAction, MarkRuleSpec, Protocol, Scheduler, ServiceMatch, ServiceSpec,
 };
 use crate::model::{
-    DEFAULT_BPF_DIR, DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT, DEFAULT_CONTROL_SOCKET,
-    DEFAULT_FLOOD_GUARD_FLOWS_PER_SEC, DEFAULT_HOOK_TIMEOUT, DEFAULT_METRICS_LISTEN, DEFAULT_OVERRIDES_FILE,
-    DEFAULT_RING_SIZE, Forward, MAX_FLOW_ENTRIES, MAX_RING_SIZE, MAX_RING_SLOTS, MAX_WEIGHT, XdpMode,
-    is_prime,
+    DEFAULT_BPF_DIR, DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT, DEFAULT_CONNECTION_LOG_BYTES,
+    DEFAULT_CONNECTION_LOG_RATE, DEFAULT_CONTROL_SOCKET, DEFAULT_FLOOD_GUARD_FLOWS_PER_SEC,
+    DEFAULT_HOOK_TIMEOUT, DEFAULT_METRICS_LISTEN, DEFAULT_OVERRIDES_FILE, DEFAULT_RING_SIZE, Forward,
+    MAX_CONNECTION_LOG_BYTES, MAX_CONNECTION_LOG_RATE, MAX_FLOW_ENTRIES, MAX_RING_SIZE, MAX_RING_SLOTS,
+    MAX_WEIGHT, MIN_CONNECTION_LOG_BYTES, XdpMode, is_prime,
 };
 use crate::routing::decl::RoutingConfig;
 use locate::{key_path, node_start};
@@ -189,6 +190,8 @@ pub struct Director {
     pub control_socket: PathBuf,
     /// Runtime overrides, kept across reloads and restarts.
     pub overrides_file: PathBuf,
+    /// Where new connections are logged (services say which and how many); `None`: nowhere.
+    pub connection_log: Option<ConnectionLog>,
     pub bpf_dir: PathBuf,
     pub connection_table_size: u32,
     pub ring_slots: u32,
@@ -205,6 +208,18 @@ pub struct Director {
     /// each flow draws from its hash; the director must own them (replies come to them).
     pub fullnat_source_v4: Option<ipnet::Ipv4Net>,
     pub fullnat_source_v6: Option<ipnet::Ipv6Net>,
+}
+
+/// The connection log: JSON lines, one per logged new connection, rotated by size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionLog {
+    pub file: PathBuf,
+    /// The file is rotated (to `.1`, `.2`, ...) when a line would take it past this.
+    pub max_file_bytes: u64,
+    /// Rotated files kept beside the current one.
+    pub keep_files: u32,
+    /// Lines written per second at most; the rest are counted and dropped.
+    pub max_events_per_sec: u32,
 }
 
 /// `s`, or its first [`MAX_QUOTED_CHARS`] characters and how long it really was.

@@ -38,6 +38,8 @@ pub(super) struct RawDirector {
     #[serde(default)]
     pub(super) overrides_file: Option<Spanned<PathBuf>>,
     #[serde(default)]
+    pub(super) connection_log: Option<Spanned<RawConnectionLog>>,
+    #[serde(default)]
     pub(super) bpf_dir: Option<Spanned<PathBuf>>,
     #[serde(default)]
     pub(super) connection_table_size: Option<Spanned<u32>>,
@@ -133,6 +135,21 @@ pub(super) struct RawService {
     pub(super) fallback: Option<Spanned<IpAddr>>,
     #[serde(default)]
     pub(super) fallback_action: Option<RawFallbackAction>,
+    /// One new connection in this many goes to `director.connection_log`.
+    #[serde(default)]
+    pub(super) log_connections: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConnectionLog {
+    pub(super) file: Spanned<PathBuf>,
+    #[serde(default)]
+    pub(super) max_file_bytes: Option<Spanned<u64>>,
+    #[serde(default)]
+    pub(super) keep_files: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub(super) max_events_per_sec: Option<Spanned<u32>>,
 }
 
 #[derive(Clone, Copy, Deserialize)]

@@ -20,6 +20,8 @@ pub(super) struct Tally {
     pub(super) tunnel_sources: Option<(Option<ipnet::Ipv4Net>, Option<ipnet::Ipv6Net>)>,
     /// `director.fullnat_source`'s, likewise.
     pub(super) fullnat_sources: Option<(Option<ipnet::Ipv4Net>, Option<ipnet::Ipv6Net>)>,
+    /// Whether `director.connection_log` is set (`None`: the director section is invalid).
+    pub(super) connection_log: Option<bool>,
 }
 
 pub(super) struct Checker<'a> {
@@ -121,6 +123,7 @@ impl Checker<'_> {
             ring_slots: director.as_ref().map(|d| d.ring_slots),
             tunnel_sources: director.as_ref().map(|d| (d.tunnel_source_v4, d.tunnel_source_v6)),
             fullnat_sources: director.as_ref().map(|d| (d.fullnat_source_v4, d.fullnat_source_v6)),
+            connection_log: director.as_ref().map(|d| d.connection_log.is_some()),
             ..Tally::default()
         };
         let (mut services, mut checks) = (Vec::new(), BTreeMap::new());
@@ -201,6 +204,18 @@ impl Checker<'_> {
             None | Some(RawFallbackAction::Drop) => FallbackAction::Drop,
             Some(RawFallbackAction::Pass) => FallbackAction::Pass,
         };
+        let log_connections = match &s.log_connections {
+            Some(n) if n.value > 0 && tally.connection_log == Some(false) => {
+                self.keep::<()>(Err(self.err(
+                    n,
+                    at("log_connections"),
+                    "there is no director.connection_log to write the connections to",
+                )));
+                0
+            }
+            Some(n) => n.value,
+            None => 0,
+        };
         let service = ServiceSpec {
             name: s.name.value,
             matcher,
@@ -210,6 +225,7 @@ impl Checker<'_> {
             fallback,
             fallback_action,
             forward,
+            log_connections,
         };
         Some((service, check))
     }
@@ -417,6 +433,43 @@ impl Checker<'_> {
             DEFAULT_FLOOD_GUARD_FLOWS_PER_SEC,
             0..=u32::MAX,
         )?;
+        let connection_log = match d.connection_log {
+            None => None,
+            Some(log) => {
+                let at = |key: &str| format!("director.connection_log.{key}");
+                let file = log.value.file;
+                if !file.value.is_absolute() || file.value.file_name().is_none() {
+                    return Err(self.err(&file, at("file"), "must be an absolute path to a file"));
+                }
+                let max_file_bytes = match log.value.max_file_bytes {
+                    None => DEFAULT_CONNECTION_LOG_BYTES,
+                    Some(n) if (MIN_CONNECTION_LOG_BYTES..=MAX_CONNECTION_LOG_BYTES).contains(&n.value) => {
+                        n.value
+                    }
+                    Some(n) => {
+                        return Err(self.err(
+                            &n,
+                            at("max_file_bytes"),
+                            format!(
+                                "{} is out of range {MIN_CONNECTION_LOG_BYTES}-{MAX_CONNECTION_LOG_BYTES}",
+                                n.value
+                            ),
+                        ));
+                    }
+                };
+                Some(ConnectionLog {
+                    file: file.value,
+                    max_file_bytes,
+                    keep_files: self.ranged(&log.value.keep_files, at("keep_files"), 5, 0..=100)?,
+                    max_events_per_sec: self.ranged(
+                        &log.value.max_events_per_sec,
+                        at("max_events_per_sec"),
+                        DEFAULT_CONNECTION_LOG_RATE,
+                        1..=MAX_CONNECTION_LOG_RATE,
+                    )?,
+                })
+            }
+        };
         let (tunnel_source_v4, tunnel_source_v6) = self.sources(&d.tunnel_source, "tunnel_source")?;
         let (fullnat_source_v4, fullnat_source_v6) = self.sources(&d.fullnat_source, "fullnat_source")?;
         Ok(Director {
@@ -434,6 +487,7 @@ impl Checker<'_> {
             metrics_listen: d.metrics_listen.unwrap_or(DEFAULT_METRICS_LISTEN),
             control_socket,
             overrides_file,
+            connection_log,
             bpf_dir,
             connection_table_size,
             ring_slots,

@@ -33,6 +33,10 @@ pub struct Daemon {
     /// What `lb-daemon drain|disable|weight` asked, on top of the file (and saved in
     /// `director.overrides_file`).
     pub(super) overrides: crate::model::Overrides,
+    /// Names of the ids in force, for the connection log (rebuilt when a reload or a
+    /// health change gives ids to others).
+    pub(super) log_names: Arc<super::conn_log::LogNames>,
+    pub(super) log_counters: Arc<super::conn_log::ConnLogCounters>,
 }
 
 /// What the routing task last did, for status and metrics.
@@ -107,6 +111,8 @@ impl Daemon {
             last_reload_error: None,
             ids_epoch: 0,
             overrides,
+            log_names: Arc::default(),
+            log_counters: Arc::default(),
             board,
             doubted: Default::default(),
             started: std::time::Instant::now(),
@@ -145,6 +151,12 @@ impl Daemon {
             })
             .collect();
         plan.state.flood_guard_flows_per_sec = config.director.flood_guard_flows_per_sec;
+        if config.director.connection_log.is_none() {
+            // No log was opened at start (it is fixed then): events would only be lost.
+            for s in plan.state.services.values_mut() {
+                s.log_one_in = 0;
+            }
+        }
         plan.state.set_tunnel_sources(config.director.tunnel_source_v4, config.director.tunnel_source_v6);
         plan.state.set_fullnat_sources(config.director.fullnat_source_v4, config.director.fullnat_source_v6);
         for (service, addr) in &plan.unresolved {
@@ -153,10 +165,15 @@ impl Daemon {
             }
         }
         let report = self.dataplane.apply(&plan.state)?;
-        if plan.service_ids != self.plan.service_ids || plan.backend_ids != self.plan.backend_ids {
+        let ids_moved =
+            plan.service_ids != self.plan.service_ids || plan.backend_ids != self.plan.backend_ids;
+        if ids_moved {
             self.ids_epoch += 1;
         }
         self.plan = plan;
+        if ids_moved || new_config {
+            self.log_names = Arc::new(super::conn_log::LogNames::of(config, &self.plan));
+        }
         if let Some(board) = synced {
             self.config = Arc::new(config.clone());
             self.board = board;
@@ -303,6 +320,9 @@ impl Daemon {
         }
         if a.overrides_file != b.overrides_file {
             changed.push("director.overrides_file");
+        }
+        if a.connection_log != b.connection_log {
+            changed.push("director.connection_log");
         }
         if a.xdp_mode != b.xdp_mode {
             changed.push("director.xdp_mode");

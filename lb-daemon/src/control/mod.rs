@@ -78,6 +78,7 @@ pub enum ControlError {
 type Result<T> = std::result::Result<T, ControlError>;
 
 mod bounded;
+pub mod conn_log;
 mod conns;
 mod daemon;
 pub mod decap;

@@ -89,6 +89,22 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
     };
     let (routing_stop, routing_stopped) = tokio::sync::oneshot::channel::<bool>();
     let routing_task = tokio::spawn(follow_routing(intent, routing_state, routing_stopped));
+    let log_task = {
+        let mut d = lock(&daemon);
+        match d.config.director.connection_log.clone() {
+            Some(settings) => {
+                let reader = d.dataplane.conn_event_reader()?;
+                let counters = Arc::clone(&d.log_counters);
+                Some(tokio::spawn(super::conn_log::follow_conn_events(
+                    reader,
+                    settings,
+                    Arc::clone(&daemon),
+                    counters,
+                )))
+            }
+            None => None,
+        }
+    };
     let conns = ConnCounter::new(lock(&daemon).dataplane.flow_reader()?);
     let counters = Arc::new(lock(&daemon).dataplane.counter_reader()?);
     let views = Arc::new(Views { daemon: Arc::clone(&daemon), conns, counters });
@@ -183,6 +199,9 @@ pub async fn run(config_path: &Path, on_exit: OnExit) -> Result<()> {
     }
     control_task.abort();
     metrics_task.abort();
+    if let Some(t) = log_task {
+        t.abort();
+    }
     drop(views);
     let _ = std::fs::remove_file(&control_socket);
     let bpf_dir = lock(&daemon).config.director.bpf_dir.clone();

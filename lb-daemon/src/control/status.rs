@@ -72,6 +72,7 @@ fn fill_counters(snapshot: &mut Snapshot, ids: &CounterIds, counters: &CounterRe
     snapshot.too_big_sent = pick(&stat::TOO_BIG_SENT);
     snapshot.fragments = pick(&stat::FRAGMENTS);
     snapshot.nat_replies = pick(&stat::NAT_REPLIES);
+    snapshot.conn_log.push(("lost_ring_full", global[stat::CONN_EVENTS_LOST as usize]));
     Ok(())
 }
 
@@ -163,6 +164,16 @@ impl Daemon {
             too_big_sent: Vec::new(),
             fragments: Vec::new(),
             nat_replies: Vec::new(),
+            conn_log: {
+                use std::sync::atomic::Ordering::Relaxed;
+                let c = &self.log_counters;
+                vec![
+                    ("written", c.written.load(Relaxed)),
+                    ("dropped_rate", c.dropped_rate.load(Relaxed)),
+                    ("dropped_write_error", c.dropped_write.load(Relaxed)),
+                    ("dropped_unknown_id", c.dropped_unknown.load(Relaxed)),
+                ]
+            },
             interfaces: self
                 .config
                 .director

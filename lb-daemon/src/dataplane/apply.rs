@@ -218,12 +218,15 @@ impl Dataplane {
                 ring_size: size,
                 flags: want.flags,
                 generation,
-                _pad: 0,
+                log_one_in: want.log_one_in,
             };
             let unmoved = current.is_some_and(|c| {
                 c.same_id
                     && c.live == live
-                    && self.services.get(key).is_some_and(|a| a.state.flags == want.flags)
+                    && self
+                        .services
+                        .get(key)
+                        .is_some_and(|a| a.state.flags == want.flags && a.state.log_one_in == want.log_one_in)
             });
             if !unmoved {
                 let mut map: HashMap<&mut MapData, ServiceKey, Service> =

@@ -36,11 +36,13 @@ mod apply;
 mod attach;
 mod counters;
 pub mod decap;
+mod events;
 pub mod probe;
 mod ring_memory;
 mod rings;
 
 pub use counters::{CounterReader, FlowReader};
+pub use events::ConnEventReader;
 use ring_memory::RingMemory;
 use rings::{RingSpace, Window};
 
@@ -422,7 +424,12 @@ impl Dataplane {
                 self.services.insert(
                     key,
                     AppliedService {
-                        state: ServiceState { id: svc.id, flags: svc.flags, ring },
+                        state: ServiceState {
+                            id: svc.id,
+                            flags: svc.flags,
+                            ring,
+                            log_one_in: svc.log_one_in,
+                        },
                         live,
                         generation: svc.generation,
                     },

@@ -41,6 +41,7 @@ fn requirements() -> Vec<(&'static str, &'static str, Probe)> {
         ("LPM trie maps (mark rules, VIP filter)", "4.11", Probe::Map(MapType::LpmTrie)),
         ("device hash maps (XDP_REDIRECT by ifindex)", "5.4", Probe::Map(MapType::DevMapHash)),
         ("program arrays (tail calls)", "4.2", Probe::Map(MapType::ProgramArray)),
+        ("BPF ring buffers (the connection log)", "5.8", Probe::Map(MapType::RingBuf)),
         ("bpf_xdp_adjust_head", "4.10", Probe::Helper(BpfHelper::BPF_FUNC_xdp_adjust_head)),
         ("bpf_xdp_adjust_tail", "4.18", Probe::Helper(BpfHelper::BPF_FUNC_xdp_adjust_tail)),
         ("bpf_redirect", "4.14", Probe::Helper(BpfHelper::BPF_FUNC_redirect)),
@@ -53,6 +54,12 @@ fn requirements() -> Vec<(&'static str, &'static str, Probe)> {
         ),
         ("bpf_csum_diff", "4.6", Probe::Helper(BpfHelper::BPF_FUNC_csum_diff)),
         ("bpf_get_smp_processor_id", "4.1", Probe::Helper(BpfHelper::BPF_FUNC_get_smp_processor_id)),
+        (
+            "bpf_get_prandom_u32 (the connection log's sampling)",
+            "4.1",
+            Probe::Helper(BpfHelper::BPF_FUNC_get_prandom_u32),
+        ),
+        ("bpf_ringbuf_reserve", "5.8", Probe::Helper(BpfHelper::BPF_FUNC_ringbuf_reserve)),
         (
             "bpf_ktime_get_coarse_ns (the connection table's clock)",
             "5.11",

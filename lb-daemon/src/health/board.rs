@@ -295,6 +295,7 @@ mod tests {
                 .collect(),
             fallback: None,
             fallback_action: crate::model::FallbackAction::Drop,
+            log_connections: 0,
             forward: crate::model::Forward::Dr,
         }
     }

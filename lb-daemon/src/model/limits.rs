@@ -11,6 +11,14 @@ pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/lb";
 /// Where runtime overrides (`lb-daemon drain` and the like) outlive the process: the unit's
 /// `StateDirectory=lb-daemon`.
 pub const DEFAULT_OVERRIDES_FILE: &str = "/var/lib/lb-daemon/overrides.json";
+/// The connection log's file size before rotation, and its bounds.
+pub const DEFAULT_CONNECTION_LOG_BYTES: u64 = 100 << 20;
+pub const MIN_CONNECTION_LOG_BYTES: u64 = 4096;
+pub const MAX_CONNECTION_LOG_BYTES: u64 = 1 << 40;
+/// Connection-log lines per second: past this they are counted and dropped, so that a
+/// flood of new flows cannot fill the disk faster than rotation expects.
+pub const DEFAULT_CONNECTION_LOG_RATE: u32 = 10_000;
+pub const MAX_CONNECTION_LOG_RATE: u32 = 1_000_000;
 pub const DEFAULT_RING_SIZE: u32 = 4093;
 /// Largest accepted ring: beyond this a table costs more memory than balance it buys.
 pub const MAX_RING_SIZE: u32 = 1 << 20;

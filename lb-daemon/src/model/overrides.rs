@@ -227,6 +227,7 @@ mod tests {
                 .collect(),
             fallback: None,
             fallback_action: FallbackAction::Drop,
+            log_connections: 0,
             forward: Forward::Dr,
         }
     }

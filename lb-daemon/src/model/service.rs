@@ -111,6 +111,8 @@ pub struct ServiceSpec {
     pub fallback_action: FallbackAction,
     /// How packets reach the backends that do not say otherwise (and the fallback).
     pub forward: Forward,
+    /// One new connection in this many is logged (`director.connection_log`); 0: none.
+    pub log_connections: u32,
 }
 
 /// New flows of a service with nowhere to go.

@@ -1,16 +1,19 @@
 //! The connection table and Maglev scheduling: an existing flow keeps its backend while
 //! that backend is up; a new one (or one whose backend went down) is hashed onto the ring.
-use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns};
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns};
 use lb_common::{
-    BACKEND_UP, Backend, FAMILY_V6, FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_FIN, FLOW_FIN_SERVER, FLOW_MIDSTREAM,
-    FLOW_NAT_SYN_SENT, FLOW_SYN_RECV, FLOW_SYN_SENT, FLOW_UDP, Flow, FlowKey, MIDSTREAM_CONFIRM_NS,
-    PROTO_TCP, SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_ROUND_ROBIN, Service,
+    BACKEND_UP, Backend, ConnEvent, FAMILY_V6, FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_FIN, FLOW_FIN_SERVER,
+    FLOW_MIDSTREAM, FLOW_NAT_SYN_SENT, FLOW_SYN_RECV, FLOW_SYN_SENT, FLOW_UDP, Flow, FlowKey,
+    MIDSTREAM_CONFIRM_NS, PROTO_TCP, SERVICE_F_HASH_TUPLE, SERVICE_F_PASS_WHEN_EMPTY, SERVICE_F_ROUND_ROBIN,
+    Service,
     hash::{source_hash, tuple_hash},
     stat,
 };
 use lb_ebpf::parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
-use super::maps::{BACKENDS, CONFIG, FLOOD_GUARD, FLOWS, RINGS, SERVICE_GENERATIONS, WRR_CURSORS};
+use super::maps::{
+    BACKENDS, CONFIG, CONN_EVENTS, FLOOD_GUARD, FLOWS, RINGS, SERVICE_GENERATIONS, WRR_CURSORS,
+};
 use super::stats;
 
 pub struct Decision {
@@ -202,10 +205,46 @@ pub fn schedule(p: &Parsed, key: &FlowKey, svc: &Service) -> Result<Decision, u3
         // A full table is no reason to drop: the hash sends the next packet to the same
         // backend for as long as the ring is unchanged.
         let _ = FLOWS.insert(key, &flow, 0);
+        // Junk without a handshake is no connection to log; nor are the flows the flood
+        // guard leaves unrecorded (a flood would only fill the log).
+        if svc.log_one_in != 0 && state != FLOW_MIDSTREAM {
+            log_new_flow(p, d.service_id, d.backend_id, svc.log_one_in, now);
+        }
     } else {
         stats::global(stat::FLOWS_UNRECORDED_FLOOD);
     }
     Ok(d)
+}
+
+/// Reports a new flow to the connection log, one in `one_in` (random: no state to keep).
+/// The event is written straight into the ring buffer's memory: no copy on the stack,
+/// where the balancer has no room left.
+#[inline(always)]
+fn log_new_flow(p: &Parsed, service: u32, backend: u32, one_in: u32, now: u64) {
+    // SAFETY: a plain helper call with no arguments.
+    if one_in > 1 && unsafe { bpf_get_prandom_u32() } % one_in != 0 {
+        return;
+    }
+    let Some(mut entry) = CONN_EVENTS.reserve::<ConnEvent>(0) else {
+        stats::global(stat::CONN_EVENTS_LOST);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` is the reserved record, as long as a `ConnEvent` and ours until submitted;
+    // every field is written before it is.
+    unsafe {
+        (*e).time_ns = now;
+        (*e).src = p.src;
+        (*e).dst = p.dst;
+        (*e).service = service;
+        (*e).backend = backend;
+        (*e).sport = p.sport;
+        (*e).dport = p.dport;
+        (*e).family = p.family;
+        (*e).proto = p.proto;
+        (*e)._pad = [0; 2];
+    }
+    entry.submit(0);
 }
 
 /// The backend the ring gives a flow, without recording anything. Errors as `schedule`.

@@ -1,11 +1,11 @@
 //! Every map of the object. Sizes are defaults; the daemon may override them at load time.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
-    AddrKey, Backend, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig, FRAGMENT_ENTRIES,
-    FloodWindow, Flow, FlowKey, FragEntry, FragKey, FullNatPool, FullNatSource, LocalMacs,
+    AddrKey, Backend, CONN_EVENTS_BYTES, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig,
+    FRAGMENT_ENTRIES, FloodWindow, Flow, FlowKey, FragEntry, FragKey, FullNatPool, FullNatSource, LocalMacs,
     MAX_ATTACHED_INTERFACES, MAX_BACKENDS, MAX_EGRESS_INTERFACES, MAX_MARK_PREFIXES, MAX_SERVICES,
     MarkRuleSet, NatJob, Service, ServiceKey, hash::VIP_FILTER_SLOTS, stat,
 };
@@ -118,3 +118,8 @@ pub static FULLNAT_SOURCES: LruHashMap<FlowKey, FullNatSource> =
 /// and a hash lookup.
 #[map]
 pub static NAT_SOURCE_FILTER: Array<u8> = Array::with_max_entries(VIP_FILTER_SLOTS, 0);
+
+/// New flows of services that log them (`Service::log_one_in`), for the daemon's
+/// connection log. A full buffer loses the event, counted (`stat::CONN_EVENTS_LOST`).
+#[map]
+pub static CONN_EVENTS: RingBuf = RingBuf::with_byte_size(CONN_EVENTS_BYTES, 0);
