@@ -79,8 +79,8 @@ pub(super) fn save(path: &Path, overrides: &Overrides) -> Result<()> {
         overrides: overrides
             .iter()
             .map(|((service, backend), o)| StateEntry {
-                service: service.clone(),
-                backend: *backend,
+                service: service.to_owned(),
+                backend,
                 state: o.state,
                 weight: o.weight,
             })

@@ -186,10 +186,10 @@ impl Daemon {
                 .overrides
                 .iter()
                 .map(|((service, backend), set)| crate::snapshot::OverrideSnapshot {
-                    service: service.clone(),
-                    backend: *backend,
+                    service: service.to_owned(),
+                    backend,
                     set: *set,
-                    stale: self.overrides.is_stale(&self.config.services, service, *backend),
+                    stale: self.overrides.is_stale(&self.config.services, service, backend),
                 })
                 .collect(),
             reloads_ok: self.reloads_ok,

@@ -94,15 +94,22 @@ pub enum OverrideError {
     Weight(u32),
 }
 
-/// Every override, by (service name, backend address).
+/// Every override, by service name, then backend address (so that a lookup by a
+/// borrowed name costs no allocation: a large site looks up 100,000 backends per apply).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Overrides {
-    entries: BTreeMap<(String, IpAddr), Override>,
+    entries: BTreeMap<String, BTreeMap<IpAddr, Override>>,
 }
 
 impl Overrides {
     pub fn from_entries(entries: impl IntoIterator<Item = ((String, IpAddr), Override)>) -> Self {
-        Overrides { entries: entries.into_iter().filter(|(_, o)| *o != Override::default()).collect() }
+        let mut o = Overrides::default();
+        for ((service, backend), set) in entries {
+            if set != Override::default() {
+                o.entries.entry(service).or_default().insert(backend, set);
+            }
+        }
+        o
     }
 
     pub fn is_empty(&self) -> bool {
@@ -110,12 +117,27 @@ impl Overrides {
     }
 
     pub fn get(&self, service: &str, backend: IpAddr) -> Option<&Override> {
-        // BTreeMap keys are owned: a lookup by borrowed parts would need a custom Borrow.
-        self.entries.iter().find(|((s, b), _)| s == service && *b == backend).map(|(_, o)| o)
+        self.entries.get(service)?.get(&backend)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&(String, IpAddr), &Override)> {
-        self.entries.iter()
+    /// Every override, in (service, backend) order.
+    pub fn iter(&self) -> impl Iterator<Item = ((&str, IpAddr), &Override)> {
+        self.entries
+            .iter()
+            .flat_map(|(s, by_backend)| by_backend.iter().map(move |(b, o)| ((s.as_str(), *b), o)))
+    }
+
+    fn entry(&mut self, service: &str, backend: IpAddr) -> &mut Override {
+        self.entries.entry(service.to_owned()).or_default().entry(backend).or_default()
+    }
+
+    fn remove(&mut self, service: &str, backend: IpAddr) {
+        if let Some(by_backend) = self.entries.get_mut(service) {
+            by_backend.remove(&backend);
+            if by_backend.is_empty() {
+                self.entries.remove(service);
+            }
+        }
     }
 
     /// Applies `change` to `backend` in the services `selector` names; returns the
@@ -152,7 +174,12 @@ impl Overrides {
                 .collect(),
         };
         if change == OverrideChange::Enable && *selector == ServiceSelector::All {
-            names.extend(self.entries.keys().filter(|(_, b)| *b == backend).map(|(s, _)| s.clone()));
+            names.extend(
+                self.entries
+                    .iter()
+                    .filter(|(_, by_backend)| by_backend.contains_key(&backend))
+                    .map(|(s, _)| s.clone()),
+            );
             names.sort();
             names.dedup();
         }
@@ -160,13 +187,10 @@ impl Overrides {
             return Err(OverrideError::NoServiceHasBackend(backend));
         }
         for name in &names {
-            let key = (name.clone(), backend);
             match change {
-                OverrideChange::Enable => {
-                    self.entries.remove(&key);
-                }
-                OverrideChange::Force(state) => self.entries.entry(key).or_default().state = Some(state),
-                OverrideChange::Weight(w) => self.entries.entry(key).or_default().weight = Some(w),
+                OverrideChange::Enable => self.remove(name, backend),
+                OverrideChange::Force(state) => self.entry(name, backend).state = Some(state),
+                OverrideChange::Weight(w) => self.entry(name, backend).weight = Some(w),
             }
         }
         Ok(names)
@@ -174,7 +198,9 @@ impl Overrides {
 
     /// Removes every override; says how many there were.
     pub fn clear(&mut self) -> usize {
-        std::mem::take(&mut self.entries).len()
+        let n = self.iter().count();
+        self.entries.clear();
+        n
     }
 
     /// The services with the overrides in place of the file's states and weights.
@@ -185,8 +211,9 @@ impl Overrides {
         }
         let mut out = services.to_vec();
         for svc in &mut out {
+            let Some(by_backend) = self.entries.get(&svc.name) else { continue };
             for b in &mut svc.backends {
-                let Some(o) = self.get(&svc.name, b.addr) else { continue };
+                let Some(o) = by_backend.get(&b.addr) else { continue };
                 if let Some(state) = o.state {
                     b.state = state.backend_state();
                 }
@@ -264,6 +291,8 @@ mod tests {
         assert_eq!(laid[1].backends[0].state, BackendState::Drain);
         assert_eq!(laid[1].backends[0].weight, 1);
         assert_eq!(o.get("web", ip("10.0.2.11")).unwrap().to_string(), "drain, weight 5");
+        assert_eq!(o.iter().count(), 2);
+        assert_eq!(o.clone().clear(), 2, "overrides are counted, not services");
 
         o.change(&services, &ServiceSelector::All, ip("10.0.2.11"), OverrideChange::Enable).unwrap();
         assert!(o.is_empty());
