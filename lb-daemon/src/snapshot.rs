@@ -157,6 +157,9 @@ pub struct Snapshot {
     pub passes: Vec<(&'static str, u64)>,
     pub flow_entries: u64,
     pub flow_capacity: u32,
+    /// How old the connection counts (ActiveConn, InActConn, entries) are: one walk of the
+    /// table serves every request for a few seconds.
+    pub conn_counts_age: std::time::Duration,
     /// Entries recorded by each CPU: each evicts from its own share of the table.
     pub flow_entries_per_cpu: Vec<u64>,
     /// The share of each CPU (the capacity over the possible CPUs).

@@ -32,6 +32,10 @@ pub struct Status {
     pub interfaces: Vec<Interface>,
     /// Entries in the connection table, and how many it holds.
     pub connection_table: Table,
+    /// How old the connection counts are, in milliseconds: one walk of the connection
+    /// table (about a second per million entries) serves every request for 3 seconds.
+    /// A count taken before a change (a drain) does not show it yet.
+    pub connection_counts_age_ms: u64,
     /// Services in the config's order.
     pub services: Vec<Service>,
     /// Runtime overrides (`lb-daemon drain|disable|weight`), stale ones included.
@@ -171,6 +175,7 @@ impl Status {
                 })
                 .collect(),
             connection_table: Table { entries: snap.flow_entries, capacity: snap.flow_capacity.into() },
+            connection_counts_age_ms: snap.conn_counts_age.as_millis() as u64,
             services: snap
                 .services
                 .iter()

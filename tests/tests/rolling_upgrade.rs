@@ -284,3 +284,63 @@ impl Drop for KillOnDrop<'_> {
         }
     }
 }
+
+#[test]
+fn wait_drained_does_not_believe_a_count_older_than_the_drain() -> Result<()> {
+    let lab = DrLab::start_with(SERVERS, 10, LabConfig::Services(services()))?;
+    let config = lab.config_path()?;
+    let _echo = EchoServer::on_each(&lab.topo.servers, ECHO_PORT)?;
+    let source = vec![IpAddr::V4(lab.topo.client_addrs[0])];
+    let echo_vip: SocketAddr = (VIP, ECHO_PORT).into();
+    let open = || {
+        Conversations::start(
+            &lab.topo.client,
+            source.clone(),
+            echo_vip,
+            1,
+            Duration::from_millis(100),
+            10_000,
+        )
+    };
+    // Which server this source's connections reach (`sh`: always the same one).
+    let first = open()?;
+    ensure!(first.wait_rounds(2, Duration::from_secs(10)), "the connection did not start");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let server = loop {
+        let s = status(&config)?;
+        if let Some(b) = s
+            .services
+            .iter()
+            .find(|s| s.name == "echo")
+            .and_then(|s| s.backends.iter().find(|b| b.active_connections == 1))
+        {
+            break b.address;
+        }
+        ensure!(Instant::now() < deadline, "the connection never showed in the counts");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    first.stop()?;
+    // A count of the table that shows the server idle, then served for the next 3 s...
+    std::thread::sleep(lb_daemon::control::CONN_COUNT_TTL + Duration::from_millis(500));
+    let idle = status(&config)?;
+    let (_, b) = idle.backends(Some("echo"), server).next().context("the server")?;
+    ensure!(b.active_connections == 0, "{b:?}");
+    // ... during which a connection opens and the server is drained: that count is stale.
+    let second = open()?;
+    ensure!(second.wait_rounds(1, Duration::from_secs(2)), "the second connection did not start");
+    let target = server.to_string();
+    let out = cli(&config, &["drain", "echo", &target])?;
+    ensure!(out.status.success(), "{}", text(&out));
+    let out = cli(&config, &["wait-drained", "echo", &target, "--timeout", "6s"])?;
+    ensure!(
+        !out.status.success() && text(&out).contains(&format!("{server} still has 1 connections")),
+        "wait-drained believed a count from before the connection: {}",
+        text(&out)
+    );
+    ensure!(
+        second.wait_rounds(3, Duration::from_secs(5)),
+        "the drained connection broke: {:?}",
+        second.stop()
+    );
+    Ok(())
+}

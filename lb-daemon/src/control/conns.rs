@@ -24,6 +24,8 @@ pub struct ConnCounts {
     /// Entries recorded by each possible CPU (one element each), which holds
     /// `capacity / cpus` of them at most.
     pub per_cpu: Vec<u64>,
+    /// When the walk started: what it counts is at least this fresh.
+    pub walked_at: Option<Instant>,
 }
 
 pub struct ConnCounter {
@@ -57,9 +59,10 @@ impl ConnCounter {
 }
 
 fn walk(reader: &FlowReader) -> Result<ConnCounts> {
+    let walked_at = Some(Instant::now());
     let now =
         flow_clock_ns().map_err(|source| ControlError::Io { what: "reading the clock".into(), source })?;
-    let mut counts = ConnCounts { per_cpu: vec![0; reader.cpus() as usize], ..Default::default() };
+    let mut counts = ConnCounts { per_cpu: vec![0; reader.cpus() as usize], walked_at, ..Default::default() };
     counts.entries = reader.for_each(|_, flow| {
         if let Some(n) = counts.per_cpu.get_mut(flow.cpu as usize) {
             *n += 1;

@@ -154,6 +154,7 @@ impl Daemon {
             drops: Vec::new(),
             passes: Vec::new(),
             flow_entries: conns.entries,
+            conn_counts_age: conns.walked_at.map_or(Duration::ZERO, |t| t.elapsed()),
             flow_capacity: self.dataplane.load_report().flow_entries,
             flow_entries_per_cpu: conns.per_cpu.clone(),
             flow_capacity_per_cpu: self.dataplane.load_report().flow_entries

@@ -33,6 +33,11 @@ pub enum WaitError {
     NoBackend(String),
     #[error("{backend} still has {left} connections after {}", humantime::format_duration(*.after))]
     TimedOut { backend: IpAddr, left: u64, after: Duration },
+    #[error(
+        "{backend} showed no connections, but no count of the table newer than the wait came within {} (the daemon counts every 3 s): wait longer",
+        humantime::format_duration(*.after)
+    )]
+    Unconfirmed { backend: IpAddr, after: Duration },
 }
 
 /// Connections of `what`'s backend in `status`, and whether any of its services still
@@ -65,11 +70,17 @@ pub async fn wait_drained(
     loop {
         let status: Status = serde_json::from_str(&command(socket, "status json").await?)?;
         let (n, taking) = left(&status, what)?;
-        if n == 0 {
+        // Counts from a walk of the table that began before this wait may predate a
+        // connection opened just before the drain: only a later walk's zero is believed.
+        let counted_since_start = Duration::from_millis(status.connection_counts_age_ms) < start.elapsed();
+        if n == 0 && counted_since_start {
             return Ok(());
         }
         if start.elapsed() >= what.timeout {
-            return Err(WaitError::TimedOut { backend: what.backend, left: n, after: what.timeout });
+            return Err(match n {
+                0 => WaitError::Unconfirmed { backend: what.backend, after: what.timeout },
+                left => WaitError::TimedOut { backend: what.backend, left, after: what.timeout },
+            });
         }
         if said.is_none_or(|t| t.elapsed() >= PROGRESS) {
             said = Some(Instant::now());
