@@ -1255,6 +1255,33 @@ fn wrr_deals_new_flows_in_weighted_turns_and_keeps_established_ones() -> Result<
 }
 
 #[test]
+fn an_established_flow_is_stamped_again_only_once_its_stamp_is_a_second_old() -> Result<()> {
+    with_env(|env| {
+        let seg = |flags| tcp4([10, 16, 0, 1], VIP, 49100, 80, flags);
+        let seen = |env: &Env| -> Result<u64> {
+            env.dp
+                .flows()?
+                .into_iter()
+                .find(|(k, _)| u16::from_be(k.sport) == 49100)
+                .map(|(_, f)| f.last_seen_ns)
+                .ok_or_else(|| anyhow::anyhow!("no entry for the flow"))
+        };
+        env.forward(&seg(TCP_SYN))?;
+        env.forward(&seg(TCP_ACK))?;
+        let stamped = seen(env)?;
+        // Many clock ticks later, but within the second: the entry is not written again.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        env.forward(&seg(TCP_ACK))?;
+        ensure!(seen(env)? == stamped, "an ACK 100 ms later rewrote last_seen_ns");
+        std::thread::sleep(std::time::Duration::from_millis(1_050));
+        env.forward(&seg(TCP_ACK))?;
+        let again = seen(env)?;
+        ensure!(again >= stamped + 1_000_000_000, "a second later the stamp stays {stamped}, now {again}");
+        Ok(())
+    })
+}
+
+#[test]
 fn a_segment_without_handshake_counts_as_a_connection_only_once_it_goes_on() -> Result<()> {
     use lb_common::FLOW_MIDSTREAM;
     use lb_daemon::snapshot::{ConnKind, classify};

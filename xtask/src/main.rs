@@ -34,7 +34,11 @@ enum Cmd {
     /// Only the import-layer check of `test` (see xtask/src/layers.rs).
     Layers,
     /// Benchmarks: ns per packet through BPF_PROG_TEST_RUN, as ratios to a floor program; end-to-end packet rates against the kernel's forwarding and nftables DNAT; health checks; the control plane.
-    Bench,
+    Bench {
+        /// Only one part: `datapath` (ns per packet), `e2e` (packet rates), `control`.
+        #[arg(value_parser = ["datapath", "e2e", "control"])]
+        part: Option<String>,
+    },
     /// The fuzzers at length: 10,000,000 mutated frames through the data path against its
     /// reference model, and 100,000 mutated configs through `check`.
     Fuzz {
@@ -100,9 +104,13 @@ fn main() -> Result<()> {
         Cmd::Deb { out } => deb::build(out).map(drop),
         Cmd::Test => test(),
         Cmd::Layers => layers::check(&workspace()),
-        Cmd::Bench => {
+        Cmd::Bench { part } => {
             require_root("the benchmarks load BPF programs")?;
-            cargo(&["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "lb-bench"])
+            let mut args = vec!["run", "--release", "--quiet", "-p", "lb-tests", "--bin", "lb-bench"];
+            if let Some(part) = part.as_deref() {
+                args.extend(["--", part]);
+            }
+            cargo(&args)
         }
         Cmd::Fuzz { frames, configs, seed } => fuzz(frames, configs, seed),
         Cmd::Lab { keep, directors } => {

@@ -89,9 +89,9 @@ pub fn nat_syn(key: &FlowKey) {
 /// RST ends the flow.
 #[inline(always)]
 pub fn server_segment(f: *mut Flow, flags: u8) {
-    // SAFETY: an LRU element, valid for this program run (RCU); see `established`.
-    let f = unsafe { &mut *f };
-    let state = f.state;
+    // SAFETY: an LRU element, valid for this program run (RCU); read and written through
+    // the pointer (other CPUs may write it too), as in `established`.
+    let state = unsafe { (*f).state };
     let next = if flags & TCP_RST != 0 {
         FLOW_CLOSED
     } else if flags & TCP_FIN != 0 {
@@ -102,10 +102,27 @@ pub fn server_segment(f: *mut Flow, flags: u8) {
         state
     };
     if next != state {
-        f.state = next;
+        // SAFETY: as above.
+        unsafe { (*f).state = next };
     }
     if state != FLOW_MIDSTREAM {
-        f.last_seen_ns = now();
+        refresh(f, now());
+    }
+}
+
+/// How stale `last_seen_ns` may get before a packet writes it again: the connection
+/// counts' timeouts are 10 s and more, and a write on every packet dirties a cache line
+/// that the CPUs of both directions of a flow share.
+const LAST_SEEN_REFRESH_NS: u64 = 1_000_000_000;
+
+/// Stamps the flow as seen `now`, unless its stamp is fresh enough.
+#[inline(always)]
+fn refresh(f: *mut Flow, now: u64) {
+    // SAFETY: an LRU element, valid for this program run (RCU); a plain 8-byte field.
+    unsafe {
+        if now.wrapping_sub((*f).last_seen_ns) >= LAST_SEEN_REFRESH_NS {
+            (*f).last_seen_ns = now;
+        }
     }
 }
 
@@ -160,28 +177,33 @@ pub fn about_error(p: &Parsed, key: &FlowKey, svc: &Service) -> Option<Decision>
 #[inline(always)]
 pub fn established(p: &Parsed, key: &FlowKey) -> Option<Decision> {
     let (f, b) = live_entry(key)?;
-    // SAFETY: the element stays valid for this program run (RCU); concurrent writers
-    // are other CPUs touching the same flow, which RSS makes rare and which can only
-    // race on a timestamp or a state word.
-    let f = unsafe { &mut *f };
-    if is_syn(p) && (f.state == FLOW_FIN || f.state == FLOW_FIN_SERVER || f.state == FLOW_CLOSED) {
+    // SAFETY: the element stays valid for this program run (RCU). Other CPUs may write
+    // it at the same time (the two directions of a NAT flow, RSS moving a flow), so no
+    // `&mut` is made of it: each field is read and written through the pointer, and the
+    // races are on a timestamp or a state word, each written whole.
+    let (state, service_id, backend_id) = unsafe { ((*f).state, (*f).service, (*f).backend) };
+    if is_syn(p) && (state == FLOW_FIN || state == FLOW_FIN_SERVER || state == FLOW_CLOSED) {
         return None;
     }
     let now = now();
-    let next = if p.proto == PROTO_TCP { next_tcp_state(f.state, p.tcp_flags) } else { f.state };
+    let next = if p.proto == PROTO_TCP { next_tcp_state(state, p.tcp_flags) } else { state };
     if next == FLOW_MIDSTREAM {
         // `last_seen_ns` keeps the first packet's time until the flow is confirmed.
-        if now.wrapping_sub(f.last_seen_ns) >= MIDSTREAM_CONFIRM_NS {
-            f.state = FLOW_ESTABLISHED;
-            f.last_seen_ns = now;
+        // SAFETY: as above.
+        unsafe {
+            if now.wrapping_sub((*f).last_seen_ns) >= MIDSTREAM_CONFIRM_NS {
+                (*f).state = FLOW_ESTABLISHED;
+                (*f).last_seen_ns = now;
+            }
         }
     } else {
-        if next != f.state {
-            f.state = next;
+        if next != state {
+            // SAFETY: as above.
+            unsafe { (*f).state = next };
         }
-        f.last_seen_ns = now;
+        refresh(f, now);
     }
-    Some(Decision { service_id: f.service, backend_id: f.backend, backend: b, new_flow: false })
+    Some(Decision { service_id, backend_id, backend: b, new_flow: false })
 }
 
 /// Picks a backend for a new flow on the service's ring (a Maglev table, or for `wrr` the
