@@ -291,8 +291,7 @@ fn run(cmd: Cmd) -> Result<()> {
                 print!("{}", lb_daemon::status_json::schema());
                 return Ok(());
             }
-            let request = if json { "status json" } else { "status" };
-            print!("{}", runtime()?.block_on(control::command(&daemon.socket(), request))?);
+            ask(&daemon, if json { "status json" } else { "status" })?
         }
         Cmd::Drain { target } => ask(&target.daemon, &target.request("drain"))?,
         Cmd::Disable { target } => ask(&target.daemon, &target.request("disable"))?,

@@ -45,15 +45,6 @@ pub fn build(out: Option<PathBuf>) -> Result<PathBuf> {
         std::fs::remove_dir_all(&stage).with_context(|| format!("clearing {}", stage.display()))?;
     }
 
-    let put = |from: &Path, to: &str, mode: u32| -> Result<()> {
-        let dest = stage.join(to);
-        if let Some(dir) = dest.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        std::fs::copy(from, &dest)
-            .with_context(|| format!("copying {} to {}", from.display(), dest.display()))?;
-        set_mode(&dest, mode)
-    };
     let write = |to: &str, text: &[u8], mode: u32| -> Result<()> {
         let dest = stage.join(to);
         if let Some(dir) = dest.parent() {
@@ -61,6 +52,9 @@ pub fn build(out: Option<PathBuf>) -> Result<PathBuf> {
         }
         std::fs::write(&dest, text).with_context(|| format!("writing {}", dest.display()))?;
         set_mode(&dest, mode)
+    };
+    let put = |from: &Path, to: &str, mode: u32| -> Result<()> {
+        write(to, &std::fs::read(from).with_context(|| format!("reading {}", from.display()))?, mode)
     };
     let doc = format!("usr/share/doc/{PACKAGE}");
 
@@ -189,45 +183,38 @@ fn glibc_needed(binary: &Path) -> Result<String> {
     Ok(newest.iter().map(u32::to_string).collect::<Vec<_>>().join("."))
 }
 
-fn installed_size_kib(stage: &Path) -> Result<u64> {
-    let mut total = 0;
-    let mut dirs = vec![stage.to_owned()];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            if entry.file_name() == "DEBIAN" {
-                continue;
-            }
-            let meta = entry.metadata()?;
-            if meta.is_dir() {
-                dirs.push(entry.path());
-            } else {
-                total += meta.len().div_ceil(1024);
-            }
-        }
-    }
-    Ok(total)
-}
-
-fn md5sums(stage: &Path) -> Result<String> {
+/// Every file staged for the package (relative paths, sorted), the control area aside.
+fn staged_files(stage: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut dirs = vec![stage.to_owned()];
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
-            let path = entry.path();
             if entry.file_name() == "DEBIAN" {
                 continue;
             }
             if entry.metadata()?.is_dir() {
-                dirs.push(path);
-            } else if !path.starts_with(stage.join("etc")) {
-                // Conffiles are not listed: dpkg keeps their sums itself.
-                files.push(path.strip_prefix(stage)?.to_string_lossy().into_owned());
+                dirs.push(entry.path());
+            } else {
+                files.push(entry.path().strip_prefix(stage)?.to_owned());
             }
         }
     }
     files.sort();
+    Ok(files)
+}
+
+fn installed_size_kib(stage: &Path) -> Result<u64> {
+    let mut total = 0;
+    for file in staged_files(stage)? {
+        total += std::fs::metadata(stage.join(file))?.len().div_ceil(1024);
+    }
+    Ok(total)
+}
+
+fn md5sums(stage: &Path) -> Result<String> {
+    // Conffiles are not listed: dpkg keeps their sums itself.
+    let files: Vec<PathBuf> = staged_files(stage)?.into_iter().filter(|f| !f.starts_with("etc")).collect();
     let sums = output(Command::new("md5sum").args(&files).current_dir(stage))?;
     Ok(format!("{sums}\n"))
 }
