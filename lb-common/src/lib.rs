@@ -704,14 +704,20 @@ pub struct BenchConfig {
     pub restore: u32,
 }
 
-/// What the end-to-end benchmark's sink counts as delivered (`SINK_EXPECT[0]`): UDP to
-/// this address and port (network order).
+/// What the end-to-end benchmark's sink counts as delivered (`SINK_EXPECT[0]`): `proto`
+/// (UDP or TCP) to `port` and to one of `addrs` consecutive addresses from `addr`, inside
+/// an IPv4-in-IPv4 header addressed to one of `tunnel_dsts` from `tunnel_dst` when that
+/// count is not zero (the director's tunnel mode). Addresses and port in network order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SinkExpect {
     pub addr: u32,
+    pub tunnel_dst: u32,
+    pub addrs: u16,
+    pub tunnel_dsts: u16,
     pub port: u16,
-    pub _pad: u16,
+    pub proto: u8,
+    pub _pad: u8,
 }
 
 /// The end-to-end benchmark's XDP floor (`FLOOR_FWD[0]`): where frames go.

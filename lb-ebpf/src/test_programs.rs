@@ -58,13 +58,15 @@ mod programs {
     #[map]
     static FLOOR_EGRESS: DevMap = DevMap::with_max_entries(1, 0);
 
-    /// Offsets of the generator's frame: Ethernet, a 20-byte IPv4 header, UDP.
-    const GEN_UDP_SPORT: usize = 14 + 20;
-    const GEN_UDP_CHECK: usize = 14 + 20 + 6;
+    /// Offsets of the generator's frame: Ethernet, a 20-byte IPv4 header, UDP or TCP.
+    const GEN_IP_PROTO: usize = 14 + 9;
+    const GEN_L4: usize = 14 + 20;
+    const GEN_UDP_CHECK: usize = GEN_L4 + 6;
+    const GEN_TCP_CHECK: usize = GEN_L4 + 16;
 
-    /// The traffic generator (`BPF_PROG_TEST_RUN` with live frames): `GEN_FRAME[0]` with
-    /// the next source port of `GEN_FLOWS[0]` (checksum patched), out of the interface the
-    /// run names.
+    /// The traffic generator (`BPF_PROG_TEST_RUN` with live frames): `GEN_FRAME[0]` (UDP or
+    /// TCP) with the next source port of `GEN_FLOWS[0]` (checksum patched), out of the
+    /// interface the run names.
     #[xdp]
     pub fn lb_gen(ctx: XdpContext) -> u32 {
         let flows = GEN_FLOWS.get(0).copied().unwrap_or(1).max(1);
@@ -80,8 +82,9 @@ mod programs {
         unsafe {
             let i = *state % flows;
             *state = state.read().wrapping_add(1);
-            let sport = (start + GEN_UDP_SPORT) as *mut u16;
-            let check = (start + GEN_UDP_CHECK) as *mut u16;
+            let sport = (start + GEN_L4) as *mut u16;
+            let tcp = *((start + GEN_IP_PROTO) as *const u8) == 6;
+            let check = (start + if tcp { GEN_TCP_CHECK } else { GEN_UDP_CHECK }) as *mut u16;
             let (old, new) = (sport.read_unaligned(), (10_000 + i as u16).to_be());
             sport.write_unaligned(new);
             check.write_unaligned(csum::update16(check.read_unaligned(), old, new));
@@ -89,28 +92,58 @@ mod programs {
         xdp_action::XDP_TX
     }
 
-    /// The sink: of the UDP frames that arrive (untagged IPv4, no options), counts those
-    /// to `SINK_EXPECT`'s address and port and the others, and drops them; the kernel's
-    /// own chatter on the link (neighbour discovery, say) passes uncounted.
+    /// An IPv4 header without options at `ip`, and the first 4 bytes after it: its
+    /// protocol, destination address and (UDP or TCP) destination port, as on the wire.
+    #[inline(always)]
+    fn ipv4_dst(ip: usize, end: usize) -> Option<(u8, u32, u16)> {
+        if ip + 20 + 4 > end {
+            return None;
+        }
+        // SAFETY: 24 bytes from `ip` bounds-checked above; packet data is unaligned.
+        unsafe {
+            if *(ip as *const u8) != 0x45 {
+                return None;
+            }
+            let proto = *((ip + 9) as *const u8);
+            let dst = ((ip + 16) as *const u32).read_unaligned();
+            Some((proto, dst, ((ip + 20 + 2) as *const u16).read_unaligned()))
+        }
+    }
+
+    /// The sink: of the UDP, TCP and IPv4-in-IPv4 frames that arrive (untagged IPv4, no
+    /// options), counts those that match `SINK_EXPECT` and the others, and drops them; the
+    /// kernel's own chatter on the link (neighbour discovery, say) passes uncounted.
     #[xdp]
     pub fn lb_sink(ctx: XdpContext) -> u32 {
         let (start, end) = (ctx.data(), ctx.data_end());
         let want = SINK_EXPECT.get(0).copied().unwrap_or_default();
-        if start + GEN_UDP_SPORT + 4 > end {
+        if start + ETH_HLEN > end {
             return xdp_action::XDP_PASS;
         }
-        // SAFETY: the Ethernet, IPv4 and first 4 UDP bytes were bounds-checked above.
-        let (udp, delivered) = unsafe {
-            let ethertype = ((start + 12) as *const u16).read_unaligned();
-            let (vhl, proto) = (*((start + 14) as *const u8), *((start + 14 + 9) as *const u8));
-            let dst = ((start + 14 + 16) as *const u32).read_unaligned();
-            let dport = ((start + GEN_UDP_SPORT + 2) as *const u16).read_unaligned();
-            let udp = ethertype == ETH_P_IP.to_be() && vhl == 0x45 && proto == 17;
-            (udp, udp && dst == want.addr && dport == want.port)
+        // SAFETY: the Ethernet header was bounds-checked above.
+        if unsafe { ((start + 12) as *const u16).read_unaligned() } != ETH_P_IP.to_be() {
+            return xdp_action::XDP_PASS;
+        }
+        let Some((proto, dst, dport)) = ipv4_dst(start + ETH_HLEN, end) else {
+            return xdp_action::XDP_PASS;
         };
-        if !udp {
-            return xdp_action::XDP_PASS;
-        }
+        // One of `count` consecutive addresses from `first` (all in network order).
+        let among = |addr: u32, first: u32, count: u16| {
+            u32::from_be(addr).wrapping_sub(u32::from_be(first)) < u32::from(count)
+        };
+        let inner_matches = |proto: u8, dst: u32, dport: u16| {
+            proto == want.proto && dport == want.port && among(dst, want.addr, want.addrs)
+        };
+        let delivered = match proto {
+            4 => match ipv4_dst(start + ETH_HLEN + 20, end) {
+                Some((proto, inner_dst, dport)) => {
+                    among(dst, want.tunnel_dst, want.tunnel_dsts) && inner_matches(proto, inner_dst, dport)
+                }
+                None => false,
+            },
+            6 | 17 => want.tunnel_dsts == 0 && inner_matches(proto, dst, dport),
+            _ => return xdp_action::XDP_PASS,
+        };
         if let Some(c) = SINK_COUNTS.get_ptr_mut(if delivered { 0 } else { 1 }) {
             // SAFETY: per-CPU slot.
             unsafe { *c += 1 };

@@ -150,10 +150,28 @@ impl TestPrograms {
         Ok(started.elapsed())
     }
 
-    /// What the sink counts as delivered: UDP to `addr`:`port`.
-    pub fn expect_at_sink(&mut self, addr: std::net::Ipv4Addr, port: u16) -> Result<()> {
+    /// What the sink counts as delivered: `proto` (6 or 17) to `port` and to one of
+    /// `addrs.1` consecutive addresses from `addrs.0`, inside an IPv4-in-IPv4 header to one
+    /// of `tunnel.1` addresses from `tunnel.0` if a tunnel is given.
+    pub fn expect_at_sink(
+        &mut self,
+        proto: u8,
+        addrs: (std::net::Ipv4Addr, u16),
+        port: u16,
+        tunnel: Option<(std::net::Ipv4Addr, u16)>,
+    ) -> Result<()> {
         let mut m: Array<&mut MapData, SinkExpect> = Array::try_from(self.map_mut(maps::SINK_EXPECT)?)?;
-        m.set(0, SinkExpect { addr: u32::from_ne_bytes(addr.octets()), port: port.to_be(), _pad: 0 }, 0)?;
+        let word = |a: std::net::Ipv4Addr| u32::from_ne_bytes(a.octets());
+        let expect = SinkExpect {
+            addr: word(addrs.0),
+            addrs: addrs.1,
+            tunnel_dst: tunnel.map_or(0, |t| word(t.0)),
+            tunnel_dsts: tunnel.map_or(0, |t| t.1),
+            port: port.to_be(),
+            proto,
+            _pad: 0,
+        };
+        m.set(0, expect, 0)?;
         Ok(())
     }
 
