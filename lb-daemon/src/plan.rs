@@ -415,26 +415,11 @@ mod tests {
     }
 
     fn web(backends: &[(&str, u32, BackendState)]) -> ServiceSpec {
-        ServiceSpec {
-            name: "web".into(),
-            matcher: ServiceMatch::Vip { addr: v4("192.0.2.10"), port: 80, proto: Protocol::Tcp },
-            scheduler: Scheduler::Sh,
-            ring_size: 4093,
-            backends: backends
-                .iter()
-                .map(|(a, w, s)| BackendSpec {
-                    addr: v4(a),
-                    weight: *w,
-                    state: *s,
-                    forward: Forward::Dr,
-                    port: None,
-                })
-                .collect(),
-            fallback: None,
-            fallback_action: FallbackAction::Drop,
-            log_connections: 0,
-            forward: Forward::Dr,
-        }
+        let backends = backends
+            .iter()
+            .map(|(a, w, s)| BackendSpec { state: *s, ..BackendSpec::active(v4(a), *w) })
+            .collect();
+        ServiceSpec::tcp("web", v4("192.0.2.10"), 80, 4093, backends)
     }
 
     #[test]

@@ -122,6 +122,30 @@ pub struct BackendSnapshot {
     pub overridden: Option<crate::model::Override>,
 }
 
+#[cfg(test)]
+impl BackendSnapshot {
+    /// A backend without traffic, checks or overrides, for tests to change what they show.
+    pub(crate) fn quiet(addr: IpAddr, weight: u32, status: BackendStatus) -> Self {
+        BackendSnapshot {
+            addr,
+            port: None,
+            forward: Forward::Dr,
+            weight,
+            status,
+            counters: Counters::default(),
+            active: 0,
+            inactive: 0,
+            checks: Vec::new(),
+            state_changes: 0,
+            flaps: 0,
+            check_durations: Default::default(),
+            last_check: None,
+            last_outcome: None,
+            overridden: None,
+        }
+    }
+}
+
 /// A runtime override, as `lb-daemon drain|disable|weight` left it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OverrideSnapshot {
@@ -401,21 +425,9 @@ mod tests {
                 forward: Forward::Dr,
                 counters: Counters::default(),
                 backends: vec![BackendSnapshot {
-                    addr: "10.0.2.11".parse().unwrap(),
-                    port: None,
-                    forward: Forward::Dr,
-                    weight: 100,
-                    status: BackendStatus::Drain,
-                    counters: Counters::default(),
                     active: 3,
                     inactive: 1,
-                    checks: Vec::new(),
-                    state_changes: 0,
-                    flaps: 0,
-                    check_durations: Default::default(),
-                    last_check: None,
-                    last_outcome: None,
-                    overridden: None,
+                    ..BackendSnapshot::quiet("10.0.2.11".parse().unwrap(), 100, BackendStatus::Drain)
                 }],
             }],
             flow_capacity: 65536,

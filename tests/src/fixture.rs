@@ -7,9 +7,7 @@ use anyhow::{Context as _, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_common::{Backend, FAMILY_V6, SERVICE_F_HASH_TUPLE, hash};
 use lb_daemon::dataplane::Dataplane;
-use lb_daemon::model::{
-    BackendSpec, BackendState, FallbackAction, Protocol, Scheduler, ServiceMatch, ServiceSpec, service_key,
-};
+use lb_daemon::model::{BackendSpec, ServiceMatch, ServiceSpec, service_key};
 use lb_daemon::plan::DataplaneState;
 use lb_ebpf::parse;
 
@@ -55,26 +53,13 @@ pub fn timed_run_xdp(prog: &Xdp, name: &str, input: &[u8], repeat: u32) -> Resul
 
 /// A TCP service on `vip:port`, scheduled by source hash, every backend active at weight 100.
 pub fn tcp_service(name: &str, vip: IpAddr, port: u16, ring_size: u32, backends: &[IpAddr]) -> ServiceSpec {
-    ServiceSpec {
-        name: name.into(),
-        matcher: ServiceMatch::Vip { addr: vip, port, proto: Protocol::Tcp },
-        scheduler: Scheduler::Sh,
+    ServiceSpec::tcp(
+        name,
+        vip,
+        port,
         ring_size,
-        backends: backends
-            .iter()
-            .map(|a| BackendSpec {
-                addr: *a,
-                weight: 100,
-                state: BackendState::Active,
-                forward: lb_daemon::model::Forward::Dr,
-                port: None,
-            })
-            .collect(),
-        fallback: None,
-        fallback_action: FallbackAction::Drop,
-        log_connections: 0,
-        forward: lb_daemon::model::Forward::Dr,
-    }
+        backends.iter().map(|a| BackendSpec::active(*a, 100)).collect(),
+    )
 }
 
 /// The backend id the Maglev ring of `service` gives a frame, computed independently of

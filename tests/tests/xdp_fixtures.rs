@@ -63,26 +63,10 @@ fn service(
     scheduler: Scheduler,
     backends: &[(&str, BackendState)],
 ) -> ServiceSpec {
-    ServiceSpec {
-        name: name.into(),
-        matcher,
-        scheduler,
-        ring_size: 4093,
-        backends: backends
-            .iter()
-            .map(|(a, s)| BackendSpec {
-                addr: ip(a),
-                weight: 100,
-                state: *s,
-                forward: lb_daemon::model::Forward::Dr,
-                port: None,
-            })
-            .collect(),
-        fallback: None,
-        fallback_action: FallbackAction::Drop,
-        log_connections: 0,
-        forward: lb_daemon::model::Forward::Dr,
-    }
+    let backends =
+        backends.iter().map(|(a, s)| BackendSpec { state: *s, ..BackendSpec::active(ip(a), 100) }).collect();
+    // The address and port stand in until `matcher` replaces them.
+    ServiceSpec { matcher, scheduler, ..ServiceSpec::tcp(name, ip("0.0.0.0"), 0, 4093, backends) }
 }
 
 use BackendState::{Active, Disabled, Drain};

@@ -275,29 +275,12 @@ mod tests {
     }
     use crate::health::spec::Policy;
     use crate::health::spec::{CheckKind, CheckSpec};
-    use crate::model::{BackendSpec, Protocol, Scheduler};
+    use crate::model::{BackendSpec, Protocol};
 
     fn svc(name: &str, port: u16) -> ServiceSpec {
-        ServiceSpec {
-            name: name.into(),
-            matcher: ServiceMatch::Vip { addr: "192.0.2.1".parse().unwrap(), port, proto: Protocol::Tcp },
-            scheduler: Scheduler::Sh,
-            ring_size: 7,
-            backends: ["10.0.0.1", "10.0.0.2"]
-                .iter()
-                .map(|a| BackendSpec {
-                    addr: a.parse().unwrap(),
-                    weight: 10,
-                    state: BackendState::Active,
-                    forward: crate::model::Forward::Dr,
-                    port: None,
-                })
-                .collect(),
-            fallback: None,
-            fallback_action: crate::model::FallbackAction::Drop,
-            log_connections: 0,
-            forward: crate::model::Forward::Dr,
-        }
+        let backends =
+            ["10.0.0.1", "10.0.0.2"].iter().map(|a| BackendSpec::active(a.parse().unwrap(), 10)).collect();
+        ServiceSpec::tcp(name, "192.0.2.1".parse().unwrap(), port, 7, backends)
     }
 
     fn tcp(policy: Policy) -> HealthCheck {

@@ -234,29 +234,11 @@ impl Overrides {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{BackendSpec, FallbackAction, Forward, Protocol, Scheduler, ServiceMatch};
+    use crate::model::BackendSpec;
 
     fn service(name: &str, port: u16, backends: &[&str]) -> ServiceSpec {
-        ServiceSpec {
-            name: name.into(),
-            matcher: ServiceMatch::Vip { addr: "192.0.2.1".parse().unwrap(), port, proto: Protocol::Tcp },
-            scheduler: Scheduler::Sh,
-            ring_size: 7,
-            backends: backends
-                .iter()
-                .map(|a| BackendSpec {
-                    addr: a.parse().unwrap(),
-                    weight: 1,
-                    state: BackendState::Active,
-                    forward: Forward::Dr,
-                    port: None,
-                })
-                .collect(),
-            fallback: None,
-            fallback_action: FallbackAction::Drop,
-            log_connections: 0,
-            forward: Forward::Dr,
-        }
+        let backends = backends.iter().map(|a| BackendSpec::active(ip(a), 1)).collect();
+        ServiceSpec::tcp(name, ip("192.0.2.1"), port, 7, backends)
     }
 
     fn ip(s: &str) -> IpAddr {

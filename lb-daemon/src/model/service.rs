@@ -115,6 +115,32 @@ pub struct ServiceSpec {
     pub log_connections: u32,
 }
 
+impl BackendSpec {
+    /// An active backend reached as its service says, its packets' ports kept.
+    pub fn active(addr: IpAddr, weight: u32) -> Self {
+        BackendSpec { addr, weight, state: BackendState::Active, forward: Forward::Dr, port: None }
+    }
+}
+
+impl ServiceSpec {
+    /// A TCP service on `vip:port`: source hashing over a `ring_size` ring, direct routing,
+    /// no fallback (new flows dropped while no backend can), no connection log. The plain
+    /// service that tests, benchmarks and examples start from and change what they need.
+    pub fn tcp(name: &str, vip: IpAddr, port: u16, ring_size: u32, backends: Vec<BackendSpec>) -> Self {
+        ServiceSpec {
+            name: name.into(),
+            matcher: ServiceMatch::Vip { addr: vip, port, proto: Protocol::Tcp },
+            scheduler: Scheduler::Sh,
+            ring_size,
+            backends,
+            fallback: None,
+            fallback_action: FallbackAction::Drop,
+            forward: Forward::Dr,
+            log_connections: 0,
+        }
+    }
+}
+
 /// New flows of a service with nowhere to go.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FallbackAction {
