@@ -110,6 +110,7 @@ pub mod test_object {
         pub const BENCH_TARGET: &str = "BENCH_TARGET";
         pub const TRUNK_PORTS: &str = "TRUNK_PORTS";
         pub const BENCH_FRAME: &str = "BENCH_FRAME";
+        pub const BENCH_STATE: &str = "BENCH_STATE";
         pub const GEN_FLOWS: &str = "GEN_FLOWS";
         pub const GEN_FRAME: &str = "GEN_FRAME";
         pub const SINK_COUNTS: &str = "SINK_COUNTS";

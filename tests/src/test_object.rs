@@ -3,7 +3,7 @@
 //! the production object and hands its path to this crate.
 
 use anyhow::{Context as _, Result, anyhow};
-use aya::maps::{Array, DevMap, HashMap, MapData, PerCpuArray, ProgramArray};
+use aya::maps::{Array, DevMap, HashMap, MapData, PerCpuArray, PerCpuValues, ProgramArray};
 use aya::programs::{ProgramFd, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::test_object::{maps, programs};
@@ -172,6 +172,15 @@ impl TestPrograms {
             _pad: 0,
         };
         m.set(0, expect, 0)?;
+        Ok(())
+    }
+
+    /// Starts the benchmark driver's flow counter on each CPU at `start(cpu)`, so that runs
+    /// on different CPUs send different flows.
+    pub fn seed_bench_flows(&mut self, start: impl Fn(usize) -> u64) -> Result<()> {
+        let mut m: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map_mut(maps::BENCH_STATE)?)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        m.set(0, PerCpuValues::try_from((0..cpus).map(start).collect::<Vec<_>>())?, 0)?;
         Ok(())
     }
 

@@ -452,6 +452,9 @@ fn data_path() -> Result<()> {
         }
     }
 
+    let syn = frame(vip, TCP_SYN);
+    let together = concurrent_inserts(&dp, &mut test, &syn, plan.service_ids["web"], share)?;
+
     let floor = cases.iter().position(|c| c.program == FLOOR).unwrap_or(0);
     let empty = cases.iter().position(|c| c.program == PASS).unwrap_or(0);
     let floor_samples = &samples[floor];
@@ -521,7 +524,93 @@ fn data_path() -> Result<()> {
             );
         }
     }
+    together.report();
     Ok(())
+}
+
+/// New flows, each inserted into a full table, on every CPU at once against one CPU
+/// alone, in the same rounds.
+struct Together {
+    cpus: usize,
+    /// Per round: ns per insert of one CPU alone, and the mean over CPUs inserting at once.
+    rounds: Vec<(f64, f64)>,
+}
+
+impl Together {
+    fn report(&self) {
+        if self.rounds.is_empty() {
+            println!(
+                "
+one CPU: no concurrent inserts measured"
+            );
+            return;
+        }
+        let alone: Vec<f64> = self.rounds.iter().map(|r| r.0).collect();
+        let both: Vec<f64> = self.rounds.iter().map(|r| r.1).collect();
+        let ratios: Vec<f64> = self.rounds.iter().map(|(a, t)| t / a.max(1.0)).collect();
+        let list = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" ");
+        println!(
+            "\nSYN with eviction on a full table, {} CPUs inserting at once against one alone ({ROUNDS} \
+             rounds, every CPU's share filled first; each CPU its own flows):",
+            self.cpus
+        );
+        println!("  one CPU alone, ns per insert      {:>6.0}   rounds: {}", median(&alone), list(&alone));
+        println!("  each CPU, all at once, ns/insert  {:>6.0}   rounds: {}", median(&both), list(&both));
+        println!("  all at once / alone (same rounds) {:>6.2}", median(&ratios));
+    }
+}
+
+/// What the connection table's shared parts cost when every CPU inserts (a SYN flood
+/// spread by RSS): the hash buckets' locks and lines, and the LRU lists' (one per CPU with
+/// `BPF_F_NO_COMMON_LRU`, one shared without). Every run is checked to be a new flow.
+fn concurrent_inserts(
+    dp: &Dataplane,
+    test: &mut TestPrograms,
+    syn: &[u8],
+    service: u32,
+    share: u32,
+) -> Result<Together> {
+    // Not `available_parallelism`: this thread is already pinned to one CPU.
+    let cpus = aya::util::online_cpus().map_err(|(_, e)| e)?.len();
+    let mut together = Together { cpus, rounds: Vec::new() };
+    if cpus < 2 {
+        return Ok(together);
+    }
+    let target = dp.program(BALANCER)?.fd()?.try_clone()?;
+    test.configure_bench_driver_fd(target, u32::MAX, false, None)?;
+    // Flow numbers 2^30 apart per CPU: no CPU sends a flow another one made.
+    test.seed_bench_flows(|cpu| (cpu as u64) << 30)?;
+    let prog = test.program(BENCH_DRIVER)?;
+    let run_on = |cpu: usize, runs: u32| -> Result<f64> {
+        let mut set = CpuSet::new();
+        set.set(cpu)?;
+        sched_setaffinity(Pid::from_raw(0), &set)?;
+        let (action, _, ns) = timed_run_xdp(prog, BENCH_DRIVER, syn, runs)?;
+        ensure!(action == XDP_TX, "concurrent SYN on CPU {cpu}: action {action}");
+        Ok(ns)
+    };
+    // Runs `runs` SYNs on each of `on` at once; the kernel's ns per run of each.
+    let at_once = |on: &[usize], runs: u32| -> Result<Vec<f64>> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = on.iter().map(|&cpu| s.spawn(move || run_on(cpu, runs))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().map_err(|_| anyhow::anyhow!("a bench thread panicked"))?)
+                .collect()
+        })
+    };
+    let all: Vec<usize> = (0..cpus).collect();
+    for _ in 0..ROUNDS {
+        at_once(&all, share)?;
+        let before = dp.service_counters(service)?.new_flows;
+        let alone = at_once(&[cpus - 1], REPEAT)?[0];
+        let each = at_once(&all, REPEAT)?;
+        let new_flows = dp.service_counters(service)?.new_flows - before;
+        let want = REPEAT as u64 * (cpus as u64 + 1);
+        ensure!(new_flows == want, "concurrent SYNs: {new_flows} new flows, want {want}");
+        together.rounds.push((alone, each.iter().sum::<f64>() / each.len() as f64));
+    }
+    Ok(together)
 }
 
 fn median(v: &[f64]) -> f64 {
