@@ -467,11 +467,6 @@ mod tests {
                 forward: Forward::Dr,
                 counters: Counters { packets: 12, bytes: 3400, new_flows: 2 },
                 backends: vec![BackendSnapshot {
-                    addr: "10.0.2.11".parse().unwrap(),
-                    port: None,
-                    forward: Forward::Dr,
-                    weight: 5,
-                    status: crate::snapshot::BackendStatus::Active,
                     counters: Counters { packets: 7, bytes: 700, new_flows: 1 },
                     active: 1,
                     inactive: 0,
@@ -484,9 +479,11 @@ mod tests {
                         d.observe(std::time::Duration::from_millis(250));
                         d
                     },
-                    last_check: None,
-                    last_outcome: None,
-                    overridden: None,
+                    ..BackendSnapshot::quiet(
+                        "10.0.2.11".parse().unwrap(),
+                        5,
+                        crate::snapshot::BackendStatus::Active,
+                    )
                 }],
             }],
             overrides: vec![

@@ -122,10 +122,9 @@ pub struct BackendSnapshot {
     pub overridden: Option<crate::model::Override>,
 }
 
-#[cfg(test)]
 impl BackendSnapshot {
     /// A backend without traffic, checks or overrides, for tests to change what they show.
-    pub(crate) fn quiet(addr: IpAddr, weight: u32, status: BackendStatus) -> Self {
+    pub fn quiet(addr: IpAddr, weight: u32, status: BackendStatus) -> Self {
         BackendSnapshot {
             addr,
             port: None,

@@ -407,21 +407,8 @@ fn alert_rules_and_dashboard_name_only_metrics_the_daemon_exports() {
             forward: Forward::Dr,
             counters: Default::default(),
             backends: vec![BackendSnapshot {
-                addr: "10.1.0.1".parse().unwrap(),
-                port: None,
-                forward: Forward::Dr,
-                weight: 1,
-                status: BackendStatus::Active,
-                counters: Default::default(),
-                active: 0,
-                inactive: 0,
                 checks: vec![("ok", 1)],
-                state_changes: 0,
-                flaps: 0,
-                check_durations: Default::default(),
-                last_check: None,
-                last_outcome: None,
-                overridden: None,
+                ..BackendSnapshot::quiet("10.1.0.1".parse().unwrap(), 1, BackendStatus::Active)
             }],
         }],
         overrides: vec![lb_daemon::snapshot::OverrideSnapshot {
