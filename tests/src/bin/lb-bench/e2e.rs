@@ -44,8 +44,11 @@ const VIP_PORT: u16 = 80;
 const SERVERS: [Ipv4Addr; 3] =
     [Ipv4Addr::new(10, 10, 2, 2), Ipv4Addr::new(10, 10, 2, 3), Ipv4Addr::new(10, 10, 2, 4)];
 const SERVER_PORT: u16 = 8080;
+/// Frames per run and rounds: the benchmark's, and `--quick`'s (a check that every variant
+/// still delivers as it must, too short to measure anything).
 const FRAMES: u32 = 1_000_000;
 const ROUNDS: usize = 5;
+const QUICK_FRAMES: u32 = 20_000;
 const FLOW_COUNTS: [u32; 2] = [1024, 65_536];
 /// The daemon's default connection table. One CPU (the generator's) records every flow, so
 /// its share must hold the flows of all services and protocols (3 x 2 x 65,536): with a
@@ -216,7 +219,8 @@ impl Rates {
     }
 }
 
-pub fn run_all() -> Result<()> {
+pub fn run_all(quick: bool) -> Result<()> {
+    let (frames, rounds) = if quick { (QUICK_FRAMES, 1) } else { (FRAMES, ROUNDS) };
     let (gen_ns, dir_ns, sink_ns) = (NetNs::new("bg")?, NetNs::new("bd")?, NetNs::new("bs")?);
     let (g0, d0) = lb_tests::veth(&gen_ns, &dir_ns, "eg")?;
     let (d1, s0) = lb_tests::veth(&dir_ns, &sink_ns, "es")?;
@@ -273,7 +277,7 @@ pub fn run_all() -> Result<()> {
     };
 
     let mut rates = Rates::new();
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         for (ti, &traffic) in Traffic::ALL.iter().enumerate() {
             for (fi, &flows) in FLOW_COUNTS.iter().enumerate() {
                 for (vi, &variant) in Variant::ALL.iter().enumerate() {
@@ -294,7 +298,7 @@ pub fn run_all() -> Result<()> {
                     ensure!(frame.len() == 64, "a 64-byte frame, not {}", frame.len());
                     test.configure_generator(&frame, flows)?;
                     let (before, other_before) = test.sink_counts()?;
-                    let elapsed = gen_ns.scoped(|| test.generate(g0_index, &frame, FRAMES))?;
+                    let elapsed = gen_ns.scoped(|| test.generate(g0_index, &frame, frames))?;
                     // What is still in flight lands within a few milliseconds.
                     std::thread::sleep(Duration::from_millis(50));
                     let (after, other_after) = test.sink_counts()?;
@@ -305,7 +309,7 @@ pub fn run_all() -> Result<()> {
                         "{what}: {} frames reached the sink otherwise than the variant delivers them",
                         other_after - other_before
                     );
-                    ensure!(delivered > FRAMES as u64 / 10, "{what}: {delivered} of {FRAMES} delivered");
+                    ensure!(delivered > frames as u64 / 10, "{what}: {delivered} of {frames} delivered");
                     rates.push(ti, fi, vi, delivered as f64 / elapsed.as_secs_f64());
                 }
             }
@@ -313,15 +317,15 @@ pub fn run_all() -> Result<()> {
     }
     nftables(&dir_ns, false)?;
     drop(dp);
-    report(&rates);
+    report(&rates, frames, rounds);
     Ok(())
 }
 
-fn report(rates: &Rates) {
+fn report(rates: &Rates, frames: u32, rounds: usize) {
     println!();
     println!(
-        "End to end: {FRAMES} 64-byte frames per run from a generator (live frames) through the \
-         director to a sink, {ROUNDS} interleaved rounds, one CPU; Mpps delivered (median of rounds)"
+        "End to end: {frames} 64-byte frames per run from a generator (live frames) through the \
+         director to a sink, {rounds} interleaved rounds, one CPU; Mpps delivered (median of rounds)"
     );
     let mut header = format!("{:<38}", "variant");
     for t in Traffic::ALL {

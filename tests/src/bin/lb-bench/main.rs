@@ -141,11 +141,12 @@ fn main() -> Result<()> {
         Some("datapath") => return data_path_in_namespace(),
         Some("control") => return control::run_all(),
         // `lb-bench e2e`: only the end-to-end packet rates.
-        Some("e2e") => return e2e::run_all(),
+        // `lb-bench e2e --quick`: every variant checked once, with too few frames to measure.
+        Some("e2e") => return e2e::run_all(std::env::args().any(|a| a == "--quick")),
         _ => {}
     }
     data_path_in_namespace()?;
-    e2e::run_all()?;
+    e2e::run_all(false)?;
     health::run_all()?;
     control::run_all()
 }
