@@ -245,7 +245,7 @@ fn data_path() -> Result<()> {
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)? as u32;
     let share = TABLE_ENTRIES / cpus;
     let roomy = (2 * REPEAT * cpus).next_power_of_two();
-    let cases = [
+    let all_cases = [
         Case { name: "empty program (XDP_PASS)", program: PASS, action: XDP_PASS, ..base.clone() },
         Case { name: "floor (parse, swap MACs, XDP_TX)", program: FLOOR, ..base.clone() },
         Case { name: "non-VIP packet", frame: non_vip, action: XDP_PASS, new_flows: Some(0), ..base.clone() },
@@ -394,6 +394,16 @@ fn data_path() -> Result<()> {
             ..base
         },
     ];
+    // LB_BENCH_CASES=a|b: only the cases whose names contain one of these (and the empty
+    // program and the floor, which every ratio needs), for quick experiments.
+    let only = std::env::var("LB_BENCH_CASES").ok();
+    let cases: Vec<Case> = all_cases
+        .into_iter()
+        .filter(|c| {
+            [PASS, FLOOR].contains(&c.program) && c.driver.is_none()
+                || only.as_deref().is_none_or(|o| o.split('|').any(|w| c.name.contains(w)))
+        })
+        .collect();
     // The kernel's own average per run, per case, one per round (integer nanoseconds).
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     let backend_macs: Vec<[u8; 6]> = plan.state.backends.values().map(|b| b.dst_mac).collect();
@@ -454,7 +464,10 @@ fn data_path() -> Result<()> {
     }
 
     let syn = frame(vip, TCP_SYN);
-    let together = concurrent_inserts(&dp, &mut test, &syn, plan.service_ids["web"], share)?;
+    let together = match only {
+        None => Some(concurrent_inserts(&dp, &mut test, &syn, plan.service_ids["web"], share)?),
+        Some(_) => None,
+    };
 
     let floor = cases.iter().position(|c| c.program == FLOOR).unwrap_or(0);
     let empty = cases.iter().position(|c| c.program == PASS).unwrap_or(0);
@@ -525,7 +538,9 @@ fn data_path() -> Result<()> {
             );
         }
     }
-    together.report();
+    if let Some(together) = together {
+        together.report();
+    }
     Ok(())
 }
 
