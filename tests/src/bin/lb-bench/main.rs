@@ -555,10 +555,7 @@ struct Together {
 impl Together {
     fn report(&self) {
         if self.rounds.is_empty() {
-            println!(
-                "
-one CPU: no concurrent inserts measured"
-            );
+            println!("\none CPU: no concurrent inserts measured");
             return;
         }
         let alone: Vec<f64> = self.rounds.iter().map(|r| r.0).collect();
@@ -587,14 +584,17 @@ fn concurrent_inserts(
     share: u32,
 ) -> Result<Together> {
     // Not `available_parallelism`: this thread is already pinned to one CPU.
-    let cpus = aya::util::online_cpus().map_err(|(_, e)| e)?.len();
+    let online: Vec<usize> =
+        aya::util::online_cpus().map_err(|(_, e)| e)?.into_iter().map(|c| c as usize).collect();
+    let cpus = online.len();
     let mut together = Together { cpus, rounds: Vec::new() };
     if cpus < 2 {
         return Ok(together);
     }
     let target = dp.program(BALANCER)?.fd()?.try_clone()?;
     test.configure_bench_driver_fd(target, u32::MAX, false, None)?;
-    // Flow numbers 2^30 apart per CPU: no CPU sends a flow another one made.
+    // Flow numbers 2^30 apart per CPU: no CPU sends a flow another one made (the driver's
+    // counter is per CPU, indexed by CPU id).
     test.seed_bench_flows(|cpu| (cpu as u64) << 30)?;
     let prog = test.program(BENCH_DRIVER)?;
     let run_on = |cpu: usize, runs: u32| -> Result<f64> {
@@ -615,12 +615,12 @@ fn concurrent_inserts(
                 .collect()
         })
     };
-    let all: Vec<usize> = (0..cpus).collect();
+    let last = online[cpus - 1];
     for _ in 0..ROUNDS {
-        at_once(&all, share)?;
+        at_once(&online, share)?;
         let before = dp.service_counters(service)?.new_flows;
-        let alone = at_once(&[cpus - 1], REPEAT)?[0];
-        let each = at_once(&all, REPEAT)?;
+        let alone = at_once(&[last], REPEAT)?[0];
+        let each = at_once(&online, REPEAT)?;
         let new_flows = dp.service_counters(service)?.new_flows - before;
         let want = REPEAT as u64 * (cpus as u64 + 1);
         ensure!(new_flows == want, "concurrent SYNs: {new_flows} new flows, want {want}");
