@@ -116,7 +116,8 @@ pub struct ServiceSpec {
 }
 
 impl BackendSpec {
-    /// An active backend reached as its service says, its packets' ports kept.
+    /// An active backend reached by direct routing (the default `forward`), its packets'
+    /// ports kept.
     pub fn active(addr: IpAddr, weight: u32) -> Self {
         BackendSpec { addr, weight, state: BackendState::Active, forward: Forward::Dr, port: None }
     }
