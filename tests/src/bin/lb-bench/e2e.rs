@@ -209,13 +209,9 @@ impl Rates {
         super::median(&self.0[t][f][Self::index(&Variant::ALL, v)])
     }
 
-    /// The median of per-round ratios: both variants ran in the same round, so the
-    /// machine's slow and fast phases cancel.
     fn ratio(&self, t: usize, f: usize, a: Variant, b: Variant) -> f64 {
-        let (a, b) =
-            (&self.0[t][f][Self::index(&Variant::ALL, a)], &self.0[t][f][Self::index(&Variant::ALL, b)]);
-        let per_round: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b.max(1.0)).collect();
-        super::median(&per_round)
+        let rates = &self.0[t][f];
+        super::median_ratio(&rates[Self::index(&Variant::ALL, a)], &rates[Self::index(&Variant::ALL, b)])
     }
 }
 

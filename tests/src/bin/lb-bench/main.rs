@@ -154,8 +154,9 @@ fn main() -> Result<()> {
 /// The data-path cases, inside the bench namespace.
 fn data_path() -> Result<()> {
     let mut test = TestPrograms::load()?;
-    let mut dp =
-        Dataplane::load(&LoadOptions { ring_slots: 4 * 65537, flow_entries: TABLE_ENTRIES, pin_dir: None })?;
+    let load =
+        |flow_entries| Dataplane::load(&LoadOptions { ring_slots: 4 * 65537, flow_entries, pin_dir: None });
+    let mut dp = load(TABLE_ENTRIES)?;
     let backends: Vec<_> = (1..=10u8).map(|i| format!("10.1.0.{i}").parse().expect("literal")).collect();
     let neighbours = backends
         .iter()
@@ -419,11 +420,7 @@ fn data_path() -> Result<()> {
         for (case, samples) in cases.iter().zip(&mut samples) {
             let fresh = match case.fresh {
                 Some(entries) => {
-                    let mut fresh = Dataplane::load(&LoadOptions {
-                        ring_slots: 4 * 65537,
-                        flow_entries: entries,
-                        pin_dir: None,
-                    })?;
+                    let mut fresh = load(entries)?;
                     fresh.apply(&plan.state)?;
                     Some(fresh)
                 }
@@ -472,8 +469,7 @@ fn data_path() -> Result<()> {
     let floor = cases.iter().position(|c| c.program == FLOOR).unwrap_or(0);
     let empty = cases.iter().position(|c| c.program == PASS).unwrap_or(0);
     let floor_samples = &samples[floor];
-    let ratio_to_floor =
-        |s: &[f64]| median(&s.iter().zip(floor_samples).map(|(c, f)| c / f.max(1.0)).collect::<Vec<_>>());
+    let ratio_to_floor = |s: &[f64]| median_ratio(s, floor_samples);
     println!(
         "BPF_PROG_TEST_RUN, {REPEAT} runs x {ROUNDS} interleaved rounds per case, CPU {last}; \
          kernel-measured ns per packet; ratio = median over rounds of case/floor in the same round; \
@@ -519,8 +515,10 @@ fn data_path() -> Result<()> {
     if let (Some(dr), Some(tun)) =
         (by_name("ACK, one flow, via driver"), by_name("tunnel ACK, one flow, via driver"))
     {
-        let ratios: Vec<f64> = samples[tun].iter().zip(&samples[dr]).map(|(t, d)| t / d.max(1.0)).collect();
-        println!("tunnel ACK / direct-routing ACK (same rounds, both via driver): {:.2}", median(&ratios));
+        println!(
+            "tunnel ACK / direct-routing ACK (same rounds, both via driver): {:.2}",
+            median_ratio(&samples[tun], &samples[dr])
+        );
     }
     if let Some(dr) = by_name("ACK, one flow, restored via driver") {
         for name in [
@@ -530,11 +528,9 @@ fn data_path() -> Result<()> {
             "full NAT: server's reply",
         ] {
             let Some(nat) = by_name(name) else { continue };
-            let ratios: Vec<f64> =
-                samples[nat].iter().zip(&samples[dr]).map(|(n, d)| n / d.max(1.0)).collect();
             println!(
                 "{name} / direct-routing ACK (same rounds, all restored via driver): {:.2}",
-                median(&ratios)
+                median_ratio(&samples[nat], &samples[dr])
             );
         }
     }
@@ -560,7 +556,6 @@ impl Together {
         }
         let alone: Vec<f64> = self.rounds.iter().map(|r| r.0).collect();
         let both: Vec<f64> = self.rounds.iter().map(|r| r.1).collect();
-        let ratios: Vec<f64> = self.rounds.iter().map(|(a, t)| t / a.max(1.0)).collect();
         let list = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" ");
         println!(
             "\nSYN with eviction on a full table, {} CPUs inserting at once against one alone ({ROUNDS} \
@@ -569,7 +564,7 @@ impl Together {
         );
         println!("  one CPU alone, ns per insert      {:>6.0}   rounds: {}", median(&alone), list(&alone));
         println!("  each CPU, all at once, ns/insert  {:>6.0}   rounds: {}", median(&both), list(&both));
-        println!("  all at once / alone (same rounds) {:>6.2}", median(&ratios));
+        println!("  all at once / alone (same rounds) {:>6.2}", median_ratio(&both, &alone));
     }
 }
 
@@ -627,6 +622,12 @@ fn concurrent_inserts(
         together.rounds.push((alone, each.iter().sum::<f64>() / each.len() as f64));
     }
     Ok(together)
+}
+
+/// The median over rounds of `a / b` within each round: both ran in the same round, so the
+/// machine's slow and fast phases cancel.
+fn median_ratio(a: &[f64], b: &[f64]) -> f64 {
+    median(&a.iter().zip(b).map(|(a, b)| a / b.max(1.0)).collect::<Vec<_>>())
 }
 
 fn median(v: &[f64]) -> f64 {
