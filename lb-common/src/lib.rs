@@ -27,6 +27,9 @@ pub mod maps {
     pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const WRR_CURSORS: &str = "WRR_CURSORS";
     pub const LOCAL_MACS: &str = "LOCAL_MACS";
+    pub const LOCAL_MAC_SLOTS: &str = "LOCAL_MAC_SLOTS";
+    /// Per CPU: the last clock read and the tick it was made in; not pinned (a cache).
+    pub const CLOCK: &str = "CLOCK";
     pub const FLOOD_GUARD: &str = "FLOOD_GUARD";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const NAT_REPLIES: &str = "NAT_REPLIES";
@@ -152,8 +155,15 @@ pub const MAX_BACKENDS: u32 = 1 << 17;
 pub const MAX_MARK_RULES_PER_PREFIX: usize = 8;
 pub const MAX_MARK_PREFIXES: u32 = 4096;
 pub const MAX_EGRESS_INTERFACES: u32 = 64;
-/// Interfaces the balancer may be attached to (entries of `LOCAL_MACS`).
+/// Interfaces the balancer may be attached to (entries of `LOCAL_MACS`, and slots of
+/// `LOCAL_MAC_SLOTS`).
 pub const MAX_ATTACHED_INTERFACES: u32 = 256;
+
+/// The `LOCAL_MAC_SLOTS` slot an interface's MACs are kept in, unless an interface with a
+/// lower index holds it (then only `LOCAL_MACS` has them).
+pub const fn local_mac_slot(ifindex: u32) -> u32 {
+    ifindex % MAX_ATTACHED_INTERFACES
+}
 /// Destination MACs accepted per receiving interface: its own and a few configured ones
 /// (a VRRP virtual MAC, say).
 pub const MAX_LOCAL_MACS: usize = 8;
@@ -167,7 +177,7 @@ pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
 /// Version of the layout of every map's keys and values. Pinned maps are kept under a
 /// directory named after it, so a daemon only ever adopts maps it understands: bump it
 /// whenever a map's key or value type changes meaning or size.
-pub const MAP_LAYOUT_VERSION: u32 = 6;
+pub const MAP_LAYOUT_VERSION: u32 = 7;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -497,13 +507,28 @@ pub struct DataplaneConfig {
     pub tunnel_spread_v6: u32,
 }
 
-/// The destination MACs a receiving interface accepts (`LOCAL_MACS[ifindex]`): frames to
-/// any other address are someone else's (the kernel would mark them PACKET_OTHERHOST).
+/// The destination MACs a receiving interface accepts (`LOCAL_MACS[ifindex]`, and
+/// `LOCAL_MAC_SLOTS[local_mac_slot(ifindex)]`): frames to any other address are someone
+/// else's (the kernel would mark them PACKET_OTHERHOST).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LocalMacs {
+    /// The interface these are for: a slot is shared by every index that folds to it.
+    /// Zero in an empty slot (no interface has index zero).
+    pub ifindex: u32,
     pub count: u32,
     pub macs: [[u8; 6]; MAX_LOCAL_MACS],
+}
+
+/// One CPU's latest clock read (`CLOCK[0]`): a packet in the same tick takes its time
+/// from here instead of calling the clock helper again (the tick is read inline).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockCache {
+    /// `bpf_jiffies64` at the read.
+    pub jiffies: u64,
+    /// `bpf_ktime_get_coarse_ns` then.
+    pub ns: u64,
 }
 
 /// One CPU's new-flow count in the current one-second window (`FLOOD_GUARD[0]`).
@@ -782,7 +807,7 @@ mod tests {
         assert_eq!(size_of::<AddrKey>(), 20);
         assert_eq!(size_of::<Counters>(), 24);
         assert_eq!(size_of::<DataplaneConfig>(), 40);
-        assert_eq!(size_of::<LocalMacs>(), 4 + 6 * MAX_LOCAL_MACS);
+        assert_eq!(size_of::<LocalMacs>(), 8 + 6 * MAX_LOCAL_MACS);
         assert_eq!(size_of::<FloodWindow>(), 16);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<FragEntry>(), 8);

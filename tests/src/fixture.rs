@@ -21,6 +21,31 @@ pub fn test_run(dp: &Dataplane, input: &[u8]) -> Result<(u32, Vec<u8>)> {
     run_program(dp, lb_common::programs::BALANCER, input, 1)
 }
 
+/// The `struct xdp_md` a test run takes to receive a frame of `len` bytes on `ifindex`
+/// (its first queue).
+pub fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
+    // data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let md: [u32; 6] = [0, len as u32, 0, ifindex, 0, 0];
+    md.iter().flat_map(|w| w.to_ne_bytes()).collect()
+}
+
+/// Runs one frame through the balancer as if received on interface `ifindex` (which must
+/// exist in the calling thread's namespace); returns the action.
+pub fn test_run_on(dp: &Dataplane, input: &[u8], ifindex: u32) -> Result<u32> {
+    let ctx = xdp_md(input.len(), ifindex);
+    let mut out = vec![0u8; input.len() + 256];
+    let res = dp
+        .program(lb_common::programs::BALANCER)?
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .with_context(|| format!("BPF_PROG_TEST_RUN of the balancer on interface {ifindex}"))?;
+    Ok(res.return_value)
+}
+
 /// Runs one frame through a program `repeat` times (the frame is not restored between runs).
 pub fn run_program(dp: &Dataplane, name: &'static str, input: &[u8], repeat: u32) -> Result<(u32, Vec<u8>)> {
     timed_run(dp, name, input, repeat).map(|(action, out, _)| (action, out))

@@ -133,10 +133,7 @@ impl TestPrograms {
     /// long the kernel took.
     pub fn generate(&mut self, ifindex: u32, frame: &[u8], count: u32) -> Result<std::time::Duration> {
         use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex.
-        let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let ctx = crate::fixture::xdp_md(frame.len(), ifindex);
         let prog = self.loaded(programs::GEN)?;
         let started = std::time::Instant::now();
         prog.test_run(TestRunOptions {

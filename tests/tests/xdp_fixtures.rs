@@ -20,7 +20,7 @@ use lb_ebpf::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use lb_ebpf::testpkt::{self, Ipv4Opts, Ipv6Opts, L4};
 use lb_tests::NetNs;
 use lb_tests::fixture::{
-    XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, direct_routed, predicted_backend, test_run,
+    XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, direct_routed, predicted_backend, test_run, test_run_on,
 };
 
 const DIRECTOR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
@@ -1457,6 +1457,86 @@ fn a_new_flow_records_the_cpu_whose_share_of_the_table_holds_it() -> Result<()> 
                 env.dp.flows()?.into_iter().find(|(k, _)| u16::from_be(k.sport) == sport).map(|(_, f)| f.cpu);
             ensure!(recorded == Some(cpu as u16), "flow from CPU {cpu} recorded {recorded:?}");
         }
+        Ok(())
+    })
+}
+
+/// Pinned maps under a bpffs directory of this test's own, removed on drop.
+struct Pins(std::path::PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = Dataplane::remove_pins(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The own-MAC filter looks interfaces up by slot (index modulo 256), with the hash
+/// behind for interfaces whose slot another holds: each interface accepts its own MACs
+/// whichever way it is found, also after a daemon adopted the maps and the interfaces
+/// went away and came back.
+#[test]
+fn interfaces_sharing_an_own_mac_slot_each_accept_only_their_own_macs() -> Result<()> {
+    let ns = NetNs::new("fxslot")?;
+    // 44 and 300 fold to slot 44: the lower index holds it.
+    let (low, high) = (44u32, 300u32);
+    ns.ip(&[
+        "link", "add", "lbslotlo", "index", "44", "type", "veth", "peer", "name", "lbslothi", "index", "300",
+    ])?;
+    ns.ip(&["link", "set", "lbslotlo", "up"])?;
+    ns.ip(&["link", "set", "lbslothi", "up"])?;
+    let pins = Pins(std::path::PathBuf::from("/sys/fs/bpf").join(lb_tests::unique_name("lbslot")));
+    let pin_dir = pins.0.clone();
+    ns.run(move || {
+        let options = LoadOptions { ring_slots: 18 * 4093, flow_entries: 1024, pin_dir: Some(pin_dir) };
+        let mut planner = Planner::default();
+        let mut plan = planner.plan(&services(), &mark_rules(), &neighbours(high))?;
+        let other_mac = [0x02, 0, 0, 0, 0, 0x44];
+        plan.state.local_macs.insert(low, [other_mac].into_iter().collect());
+        plan.state.local_macs.insert(high, [testpkt::DIRECTOR_MAC].into_iter().collect());
+        let to_director = tcp4([10, 0, 0, 1], VIP, 40000, 80, TCP_SYN);
+        let mut to_other = to_director.clone();
+        to_other[0..6].copy_from_slice(&other_mac);
+        // Balanced (sent on to a backend) or passed, for each frame on each interface.
+        let balanced = |dp: &Dataplane| -> Result<[bool; 4]> {
+            let mut out = [false; 4];
+            for (slot, (frame, ifindex)) in out.iter_mut().zip([
+                (&to_director, low),
+                (&to_other, low),
+                (&to_director, high),
+                (&to_other, high),
+            ]) {
+                let action = test_run_on(dp, frame, ifindex)?;
+                ensure!(matches!(action, XDP_TX | XDP_REDIRECT | XDP_PASS), "action {action}");
+                *slot = action != XDP_PASS;
+            }
+            Ok(out)
+        };
+        let registered = plan.state.local_macs.clone();
+        {
+            let mut dp = Dataplane::load(&options)?;
+            dp.apply(&plan.state)?;
+            let got = balanced(&dp)?;
+            ensure!(got == [false, true, true, false], "both registered: {got:?}");
+            // A daemon stops; the maps stay pinned.
+        }
+        // The next adopts them, and both interfaces are gone: the slot is emptied, not
+        // left with its holder's MACs, and every unicast frame is accepted.
+        let mut dp = Dataplane::load(&options)?;
+        plan.state.local_macs.clear();
+        dp.apply(&plan.state)?;
+        let got = balanced(&dp)?;
+        ensure!(got == [true; 4], "none registered: {got:?}");
+        // Only the higher index comes back: it takes the slot.
+        plan.state.local_macs.insert(high, registered[&high].clone());
+        dp.apply(&plan.state)?;
+        let got = balanced(&dp)?;
+        ensure!(got == [true, true, true, false], "only {high} registered: {got:?}");
+        // Both again: the lower index takes the slot back, the higher is found by hash.
+        plan.state.local_macs = registered;
+        dp.apply(&plan.state)?;
+        let got = balanced(&dp)?;
+        ensure!(got == [false, true, true, false], "both registered again: {got:?}");
         Ok(())
     })
 }

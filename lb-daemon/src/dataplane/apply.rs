@@ -397,18 +397,34 @@ impl Dataplane {
             if macs.len() > MAX_LOCAL_MACS {
                 return Err(DataplaneError::TooManyMacs { ifindex, count: macs.len() });
             }
-            let mut value = LocalMacs { count: macs.len() as u32, ..Default::default() };
+            let mut value = LocalMacs { ifindex, count: macs.len() as u32, ..Default::default() };
             for (slot, mac) in value.macs.iter_mut().zip(macs) {
                 *slot = *mac;
             }
             wanted.insert(ifindex, value);
         }
+        // The lowest index folding to a slot holds it (`wanted` is in index order).
+        let mut wanted_slots = BTreeMap::new();
+        for (&ifindex, value) in &wanted {
+            wanted_slots.entry(local_mac_slot(ifindex)).or_insert(*value);
+        }
+        // The hash gains an interface before a slot sends lookups there, and loses one
+        // only after: a frame never finds its interface in neither.
         let mut map: HashMap<&mut MapData, u32, LocalMacs> = map_mut(&mut self.ebpf, maps::LOCAL_MACS)?;
         for (ifindex, value) in &wanted {
             if self.local_macs.get(ifindex) != Some(value) {
                 map.insert(ifindex, value, 0).map_err(map_err(maps::LOCAL_MACS))?;
             }
         }
+        let mut slots: Array<&mut MapData, LocalMacs> = map_mut(&mut self.ebpf, maps::LOCAL_MAC_SLOTS)?;
+        let changed = wanted_slots.iter().filter(|(s, v)| self.local_mac_slots.get(s) != Some(v));
+        let emptied = self.local_mac_slots.keys().filter(|s| !wanted_slots.contains_key(s));
+        for (slot, value) in changed.map(|(s, v)| (*s, *v)).chain(emptied.map(|s| (*s, LocalMacs::default())))
+        {
+            slots.set(slot, value, 0).map_err(map_err(maps::LOCAL_MAC_SLOTS))?;
+        }
+        self.local_mac_slots = wanted_slots;
+        let mut map: HashMap<&mut MapData, u32, LocalMacs> = map_mut(&mut self.ebpf, maps::LOCAL_MACS)?;
         for ifindex in self.local_macs.keys().filter(|i| !wanted.contains_key(i)) {
             match map.remove(ifindex) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}

@@ -29,7 +29,7 @@ use lb_common::{
     AddrKey, Backend, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig, FAMILY_V4,
     FAMILY_V6, FloodWindow, Flow, FlowKey, FullNatPool, LocalMacs, MAP_LAYOUT_VERSION,
     MAX_ATTACHED_INTERFACES, MAX_BACKENDS, MAX_LOCAL_MACS, MAX_SERVICES, MarkRuleSet, Service, ServiceKey,
-    hash::vip_filter_slot, maps, programs, stat,
+    hash::vip_filter_slot, local_mac_slot, maps, programs, stat,
 };
 
 mod apply;
@@ -126,6 +126,7 @@ const PINNED_MAPS: &[&str] = &[
     maps::CONFIG,
     maps::WRR_CURSORS,
     maps::LOCAL_MACS,
+    maps::LOCAL_MAC_SLOTS,
     maps::FLOOD_GUARD,
     maps::FRAGMENTS,
     maps::NAT_REPLIES,
@@ -265,6 +266,8 @@ pub struct Dataplane {
     vip_slots: BTreeSet<u32>,
     egress: BTreeSet<u32>,
     local_macs: BTreeMap<u32, LocalMacs>,
+    /// `LOCAL_MAC_SLOTS` as written: the slots that are not empty.
+    local_mac_slots: BTreeMap<u32, LocalMacs>,
     config: DataplaneConfig,
     /// Whether `NAT_PROGRAMS` holds this process's translators; `None` until the first
     /// apply (pinned slots may hold an earlier daemon's).
@@ -385,6 +388,7 @@ impl Dataplane {
             vip_slots: BTreeSet::new(),
             egress: BTreeSet::new(),
             local_macs: BTreeMap::new(),
+            local_mac_slots: BTreeMap::new(),
             config: DataplaneConfig::default(),
             nat_slots: None,
             fullnat_pool: None,
@@ -472,6 +476,13 @@ impl Dataplane {
         let macs: HashMap<&MapData, u32, LocalMacs> = map_ref(&self.ebpf, maps::LOCAL_MACS)?;
         self.local_macs =
             macs.iter().collect::<std::result::Result<_, _>>().map_err(map_err(maps::LOCAL_MACS))?;
+        let slots: Array<&MapData, LocalMacs> = map_ref(&self.ebpf, maps::LOCAL_MAC_SLOTS)?;
+        self.local_mac_slots = (0..MAX_ATTACHED_INTERFACES)
+            .zip(slots.iter())
+            .map(|(slot, value)| value.map(|v| (slot, v)))
+            .filter(|entry| !matches!(entry, Ok((_, v)) if v.ifindex == 0))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(maps::LOCAL_MAC_SLOTS))?;
         Ok(())
     }
 

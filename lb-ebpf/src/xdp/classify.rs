@@ -3,12 +3,13 @@
 use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
 use lb_common::{
     AddrKey, FAMILY_V4, KIND_MARK, MAX_LOCAL_MACS, MAX_MARK_RULES_PER_PREFIX, MarkRuleSet, Service,
-    ServiceKey, hash::vip_filter_slot,
+    ServiceKey, hash::vip_filter_slot, local_mac_slot,
 };
 use lb_ebpf::parse::{Parsed, ptr_at};
 
 use super::maps::{
-    CONFIG, LOCAL_MACS, MARK_RULES_V4, MARK_RULES_V6, NAT_SOURCE_FILTER, SERVICES, VIP_ADDRS, VIP_FILTER,
+    CONFIG, LOCAL_MAC_SLOTS, LOCAL_MACS, MARK_RULES_V4, MARK_RULES_V6, NAT_SOURCE_FILTER, SERVICES,
+    VIP_ADDRS, VIP_FILTER,
 };
 
 /// False when the destination is certainly no exact-match VIP. Most traffic through a
@@ -115,8 +116,17 @@ pub fn addressed_to_us(ctx: &XdpContext) -> bool {
         return false;
     }
     let ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: the value is read at once; the map hands out RCU-protected memory.
-    let Some(local) = (unsafe { LOCAL_MACS.get(&ifindex) }) else { return true };
+    let local = match LOCAL_MAC_SLOTS.get(local_mac_slot(ifindex)) {
+        Some(slot) if slot.ifindex == ifindex => slot,
+        // No registered interface folds to the slot.
+        Some(slot) if slot.ifindex == 0 => return true,
+        // Another interface holds the slot: the hash has every interface's.
+        // SAFETY: the value is read at once; the map hands out RCU-protected memory.
+        _ => match unsafe { LOCAL_MACS.get(&ifindex) } {
+            Some(local) => local,
+            None => return true,
+        },
+    };
     let want = mac_word(&dst);
     for i in 0..MAX_LOCAL_MACS {
         if i as u32 >= local.count {

@@ -4,10 +4,10 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
-    AddrKey, Backend, CONN_EVENTS_BYTES, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig,
-    FRAGMENT_ENTRIES, FloodWindow, Flow, FlowKey, FragEntry, FragKey, FullNatPool, FullNatSource, LocalMacs,
-    MAX_ATTACHED_INTERFACES, MAX_BACKENDS, MAX_EGRESS_INTERFACES, MAX_MARK_PREFIXES, MAX_SERVICES,
-    MarkRuleSet, NatJob, Service, ServiceKey, hash::VIP_FILTER_SLOTS, stat,
+    AddrKey, Backend, CONN_EVENTS_BYTES, ClockCache, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS,
+    DataplaneConfig, FRAGMENT_ENTRIES, FloodWindow, Flow, FlowKey, FragEntry, FragKey, FullNatPool,
+    FullNatSource, LocalMacs, MAX_ATTACHED_INTERFACES, MAX_BACKENDS, MAX_EGRESS_INTERFACES,
+    MAX_MARK_PREFIXES, MAX_SERVICES, MarkRuleSet, NatJob, Service, ServiceKey, hash::VIP_FILTER_SLOTS, stat,
 };
 
 /// Per-CPU LRU lists: no cross-CPU lock on insert, at the price of each CPU evicting
@@ -81,6 +81,17 @@ pub static CONFIG: Array<DataplaneConfig> = Array::with_max_entries(1, 0);
 /// Receiving ifindex -> the destination MACs that make a frame the director's.
 #[map]
 pub static LOCAL_MACS: HashMap<u32, LocalMacs> = HashMap::with_max_entries(MAX_ATTACHED_INTERFACES, 0);
+
+/// The same by `lb_common::local_mac_slot(ifindex)`, for the interface with the lowest
+/// index among those that fold to a slot: an array lookup is inlined, where the hash's
+/// costs about a fifth of an established packet's time. Empty (`ifindex` zero) only where
+/// no registered interface folds.
+#[map]
+pub static LOCAL_MAC_SLOTS: Array<LocalMacs> = Array::with_max_entries(MAX_ATTACHED_INTERFACES, 0);
+
+/// Per CPU: the latest clock read (`conntrack::now`).
+#[map]
+pub static CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per CPU: the current one-second window of new flows, for the flood guard.
 #[map]
