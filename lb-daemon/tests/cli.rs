@@ -114,7 +114,7 @@ fn verify_probes_every_kernel_feature_then_loads_the_object() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     let features: Vec<&str> = stdout.lines().filter(|l| l.contains("(Linux ")).collect();
-    assert_eq!(features.len(), 23, "{stdout}");
+    assert_eq!(features.len(), 24, "{stdout}");
     assert!(
         features.iter().all(|l| l.trim_start().starts_with("ok ")),
         "this 6.x kernel has them all:\n{stdout}"

@@ -65,6 +65,7 @@ fn requirements() -> Vec<(&'static str, &'static str, Probe)> {
             "5.11",
             Probe::Helper(BpfHelper::BPF_FUNC_ktime_get_coarse_ns),
         ),
+        ("bpf_jiffies64 (the clock read once a tick)", "5.5", Probe::Helper(BpfHelper::BPF_FUNC_jiffies64)),
         ("memory-mapped arrays (BPF_F_MMAPABLE, the rings)", "5.5", Probe::Version(5, 5)),
         ("BPF links for XDP (restarts swap programs without a gap)", "5.9", Probe::Version(5, 9)),
         ("BPF memory charged to the cgroup, not RLIMIT_MEMLOCK", "5.11", Probe::Version(5, 11)),
