@@ -19,7 +19,7 @@ pub mod maps {
     pub const MARK_RULES_V6: &str = "MARK_RULES_V6";
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
     pub const EGRESS: &str = "EGRESS";
-    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    /// Per backend id, and past those per service (`departed_stats_slot`).
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const CONFIG: &str = "CONFIG";
@@ -151,6 +151,19 @@ const _: () = assert!(MAX_SERVICES <= 1 << 16);
 /// servers each, with room. Costs 40 bytes each in `BACKENDS` and 24 per possible CPU in
 /// `BACKEND_STATS` (5 MB, and 3 MB per CPU).
 pub const MAX_BACKENDS: u32 = 1 << 17;
+
+/// `BACKEND_STATS` entries: one per backend id, then one per service holding what the
+/// service's backends had counted when they left it. The data path counts packets under
+/// their backend only (one per-CPU update per packet, not two); a service's counters are
+/// its departed slot plus its backends', summed by the daemon, so that they never go
+/// back when a backend leaves.
+pub const BACKEND_STATS_ENTRIES: u32 = MAX_BACKENDS + MAX_SERVICES;
+
+/// The `BACKEND_STATS` slot of a service's departed backends (written by the daemon only;
+/// no backend id reaches it, as `BACKENDS` has `MAX_BACKENDS` entries).
+pub const fn departed_stats_slot(service: u32) -> u32 {
+    MAX_BACKENDS + service
+}
 /// Rules kept per destination prefix in the mark tries (first match wins, in config order).
 pub const MAX_MARK_RULES_PER_PREFIX: usize = 8;
 pub const MAX_MARK_PREFIXES: u32 = 4096;
@@ -177,7 +190,7 @@ pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
 /// Version of the layout of every map's keys and values. Pinned maps are kept under a
 /// directory named after it, so a daemon only ever adopts maps it understands: bump it
 /// whenever a map's key or value type changes meaning or size.
-pub const MAP_LAYOUT_VERSION: u32 = 7;
+pub const MAP_LAYOUT_VERSION: u32 = 8;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -549,6 +562,18 @@ pub struct Counters {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+}
+
+impl core::ops::Add for Counters {
+    type Output = Counters;
+
+    fn add(self, other: Counters) -> Counters {
+        Counters {
+            packets: self.packets + other.packets,
+            bytes: self.bytes + other.bytes,
+            new_flows: self.new_flows + other.new_flows,
+        }
+    }
 }
 
 /// Indices into `GLOBAL_STATS`: XDP action totals, then drops by reason.

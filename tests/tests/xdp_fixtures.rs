@@ -860,10 +860,40 @@ fn counters_equal_the_packets_sent() -> Result<()> {
         }
         let c = env.dp.service_counters(svc)?;
         ensure!((c.packets, c.bytes, c.new_flows) == (packets, bytes, new_flows), "service counters {c:?}");
-        for (id, n) in per_backend {
+        for (&id, &n) in &per_backend {
             ensure!(env.dp.backend_counters(id)?.packets == n, "backend {id}");
         }
         ensure!(env.dp.global_counters()?[stat::ACTION_TX as usize] == packets);
+
+        // A backend that counted leaves the service: the service's counters stay.
+        let leaving = *per_backend.keys().next().ok_or_else(|| anyhow::anyhow!("no backend was sent to"))?;
+        let leaving_addr = env.plan.state.backends[&leaving].addr;
+        let mut fewer = services();
+        fewer[0].backends.retain(|b| lb_daemon::model::addr_words(b.addr).1 != leaving_addr);
+        ensure!(fewer[0].backends.len() == 2);
+        env.replan(&fewer)?;
+        let c = env.dp.service_counters(svc)?;
+        ensure!(
+            (c.packets, c.bytes, c.new_flows) == (packets, bytes, new_flows),
+            "after a backend left {c:?}"
+        );
+        ensure!(env.dp.backend_counters(leaving)?.packets == 0, "a departed backend's id counts nothing");
+        // The service goes and, in the same reload, another (on another port, over the
+        // same servers) takes its id: it starts from zero, whatever the backends had
+        // counted. (A service renamed on the same VIP and port is the same service.)
+        let mut renamed = services();
+        renamed[0].name = "web2".into();
+        renamed[0].matcher = ServiceMatch::Vip { addr: ip("192.0.2.10"), port: 81, proto: Protocol::Tcp };
+        env.replan(&renamed)?;
+        let web2 = env.plan.service_ids["web2"];
+        ensure!(web2 == svc, "the new service reuses the id ({web2} against {svc})");
+        ensure!(
+            env.dp.service_counters(web2)? == lb_common::Counters::default(),
+            "a new service starts from zero"
+        );
+        for (&bid, _) in env.plan.state.backends.iter().filter(|(_, b)| b.service as u32 == web2) {
+            ensure!(env.dp.backend_counters(bid)? == lb_common::Counters::default(), "backend {bid} of web2");
+        }
         Ok(())
     })
 }

@@ -54,10 +54,14 @@ pub(super) async fn snapshot_of(views: &Views) -> Result<Snapshot> {
 /// Puts the counters of the services and backends named by `ids` into `snapshot`.
 fn fill_counters(snapshot: &mut Snapshot, ids: &CounterIds, counters: &CounterReader) -> Result<()> {
     for (service, (id, backend_ids)) in snapshot.services.iter_mut().zip(&ids.services) {
-        service.counters = counters.service(*id)?;
+        // A service's counters are its backends' (current and departed), so they never go
+        // back when one leaves.
+        let mut total = counters.departed(*id)?;
         for (backend, bid) in service.backends.iter_mut().zip(backend_ids) {
             backend.counters = counters.backend(*bid)?;
+            total = total + backend.counters;
         }
+        service.counters = total;
     }
     let global = counters.global()?;
     let pick = |table: &[(u32, &'static str)]| -> Vec<(&'static str, u64)> {

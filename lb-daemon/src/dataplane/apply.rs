@@ -7,6 +7,13 @@ impl Dataplane {
     /// Makes the maps equal to `desired`, writing only the differences.
     pub fn apply(&mut self, desired: &DataplaneState) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
+        // As `apply_services` decides: a service new to its id starts a new generation.
+        self.renumbered = desired
+            .services
+            .iter()
+            .filter(|(key, want)| self.services.get(key).map(|c| c.state.id) != Some(want.id))
+            .map(|(_, want)| want.id)
+            .collect();
         // The translator is in before the first NAT flow can start, and out only once no
         // backend is a NAT one.
         let nat = desired.backends.values().any(|b| b.nat != 0);
@@ -118,16 +125,27 @@ impl Dataplane {
             if id >= MAX_BACKENDS {
                 return Err(DataplaneError::IdRange { what: "backend", id, max: MAX_BACKENDS - 1 });
             }
-            if self.backends.get(&id) != Some(b) {
+            // Also unchanged entries of a service new to its id: their counters restart.
+            if self.backends.get(&id) != Some(b) || self.renumbered.contains(&(b.service as u32)) {
                 changed.push((id, *b));
             }
         }
         for (id, b) in changed {
-            // A new owner of the id starts from zero, not from its predecessor's counts.
-            let same_owner =
-                self.backends.get(&id).is_some_and(|old| old.addr == b.addr && old.service == b.service);
+            // A new owner of the id starts from zero, not from its predecessor's counts; a
+            // backend of a service new to its id is a new owner too.
+            let old = self.backends.get(&id).copied();
+            let renumbered = |service: u16| self.renumbered.contains(&(service as u32));
+            let same_owner = old
+                .is_some_and(|old| old.addr == b.addr && old.service == b.service && !renumbered(b.service));
             if !same_owner {
-                self.zero_counters(maps::BACKEND_STATS, id)?;
+                // The predecessor's service keeps what it counted, unless that service's
+                // id goes to another now.
+                match old {
+                    Some(old) if !renumbered(old.service) => {
+                        self.retire_backend_counters(id, old.service as u32)?
+                    }
+                    _ => self.zero_counters(id)?,
+                }
             }
             let mut map: Array<&mut MapData, Backend> = map_mut(&mut self.ebpf, maps::BACKENDS)?;
             map.set(id, b, 0).map_err(map_err(maps::BACKENDS))?;
@@ -145,12 +163,23 @@ impl Dataplane {
         desired: &DataplaneState,
         report: &mut ApplyReport,
     ) -> Result<()> {
-        let gone: Vec<u32> =
-            self.backends.keys().filter(|id| !desired.backends.contains_key(id)).copied().collect();
-        let mut map: Array<&mut MapData, Backend> = map_mut(&mut self.ebpf, maps::BACKENDS)?;
-        for id in gone {
+        let gone: Vec<(u32, u32)> = self
+            .backends
+            .iter()
+            .filter(|(id, _)| !desired.backends.contains_key(id))
+            .map(|(id, b)| (*id, b.service as u32))
+            .collect();
+        for (id, service) in gone {
             let down = Backend { state: lb_common::BACKEND_DOWN, ..Default::default() };
+            let mut map: Array<&mut MapData, Backend> = map_mut(&mut self.ebpf, maps::BACKENDS)?;
             map.set(id, down, 0).map_err(map_err(maps::BACKENDS))?;
+            // Down, it counts no more: its service keeps what it counted, unless the
+            // service's id went to another this apply.
+            if self.renumbered.contains(&service) {
+                self.zero_counters(id)?;
+            } else {
+                self.retire_backend_counters(id, service)?;
+            }
             self.backends.remove(&id);
             report.backends_removed += 1;
         }
@@ -181,7 +210,7 @@ impl Dataplane {
             let generation = match current {
                 Some(c) if c.same_id => c.generation,
                 _ => {
-                    self.zero_counters(maps::SERVICE_STATS, want.id)?;
+                    self.zero_counters(departed_stats_slot(want.id))?;
                     self.last_generation = self.last_generation.wrapping_add(1).max(1);
                     let mut gens: Array<&mut MapData, u32> =
                         map_mut(&mut self.ebpf, maps::SERVICE_GENERATIONS)?;

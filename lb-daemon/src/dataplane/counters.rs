@@ -34,11 +34,7 @@ fn sum_counters<T: std::borrow::Borrow<MapData>>(
     id: u32,
 ) -> Result<Counters> {
     let per_cpu = map.get(&id, 0).map_err(map_err(name))?;
-    Ok(per_cpu.iter().fold(Counters::default(), |a, c| Counters {
-        packets: a.packets + c.packets,
-        bytes: a.bytes + c.bytes,
-        new_flows: a.new_flows + c.new_flows,
-    }))
+    Ok(per_cpu.iter().fold(Counters::default(), |a, c| a + *c))
 }
 
 fn global_counters<T: std::borrow::Borrow<MapData>>(
@@ -54,14 +50,15 @@ fn global_counters<T: std::borrow::Borrow<MapData>>(
 /// The service, backend and global counters, readable on their own (see
 /// [`Dataplane::counter_reader`]).
 pub struct CounterReader {
-    services: PerCpuArray<MapData, Counters>,
     backends: PerCpuArray<MapData, Counters>,
     global: PerCpuArray<MapData, u64>,
 }
 
 impl CounterReader {
-    pub fn service(&self, id: u32) -> Result<Counters> {
-        sum_counters(&self.services, maps::SERVICE_STATS, id)
+    /// What the backends that left service `id` had counted; the service's counters are
+    /// this plus its current backends' (`lb_common::BACKEND_STATS_ENTRIES`).
+    pub fn departed(&self, id: u32) -> Result<Counters> {
+        sum_counters(&self.backends, maps::BACKEND_STATS, departed_stats_slot(id))
     }
 
     pub fn backend(&self, id: u32) -> Result<Counters> {
@@ -106,12 +103,34 @@ impl Dataplane {
         Ok(windows.iter().filter(|w| current(w) && w.new_flows > limit).count() as u32)
     }
 
-    pub(super) fn zero_counters(&mut self, name: &'static str, id: u32) -> Result<()> {
-        let cpus = possible_cpus(name)?;
-        let zeros = aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus])
-            .map_err(|e| map_err(name)(MapError::IoError(e)))?;
+    /// Zeroes `BACKEND_STATS[slot]` (a backend id, or a service's departed slot).
+    pub(super) fn zero_counters(&mut self, slot: u32) -> Result<()> {
+        self.set_counters(slot, vec![Counters::default(); possible_cpus(maps::BACKEND_STATS)?])
+    }
+
+    fn set_counters(&mut self, slot: u32, per_cpu: Vec<Counters>) -> Result<()> {
+        let name = maps::BACKEND_STATS;
+        let values =
+            aya::maps::PerCpuValues::try_from(per_cpu).map_err(|e| map_err(name)(MapError::IoError(e)))?;
         let mut map: PerCpuArray<&mut MapData, Counters> = map_mut(&mut self.ebpf, name)?;
-        map.set(id, zeros, 0).map_err(map_err(name))
+        map.set(slot, values, 0).map_err(map_err(name))
+    }
+
+    /// Moves what backend `id` counted into `service`'s departed slot, so that the
+    /// service's counters stay as they were when the backend leaves or its id goes to
+    /// another (the data path must no longer count under the id as its old owner's).
+    pub(super) fn retire_backend_counters(&mut self, id: u32, service: u32) -> Result<()> {
+        let name = maps::BACKEND_STATS;
+        let slot = departed_stats_slot(service);
+        let map: PerCpuArray<&MapData, Counters> = map_ref(&self.ebpf, name)?;
+        let (gone, kept) =
+            (map.get(&id, 0).map_err(map_err(name))?, map.get(&slot, 0).map_err(map_err(name))?);
+        let sum = kept.iter().zip(gone.iter()).map(|(k, g)| *k + *g).collect();
+        // A reader between the two writes sees the backend's counts twice; the daemon's
+        // readers drop what they read while an apply moved ids (`ids_epoch`), and a
+        // backend's counts retire only in such an apply (it left, or its id changed hands).
+        self.set_counters(slot, sum)?;
+        self.zero_counters(id)
     }
 
     /// A handle of its own on the connection table, for walking it without the
@@ -130,9 +149,14 @@ impl Dataplane {
         Ok(FlowReader { flows, cpus: possible_cpus(maps::FLOWS)? as u32 })
     }
 
-    /// A service's counters summed over CPUs.
+    /// A service's counters summed over CPUs: its departed backends' and its current ones'.
     pub fn service_counters(&self, id: u32) -> Result<Counters> {
-        sum_counters(&map_ref(&self.ebpf, maps::SERVICE_STATS)?, maps::SERVICE_STATS, id)
+        let map: PerCpuArray<&MapData, Counters> = map_ref(&self.ebpf, maps::BACKEND_STATS)?;
+        let mut total = sum_counters(&map, maps::BACKEND_STATS, departed_stats_slot(id))?;
+        for (bid, _) in self.backends.iter().filter(|(_, b)| b.service as u32 == id) {
+            total = total + sum_counters(&map, maps::BACKEND_STATS, *bid)?;
+        }
+        Ok(total)
     }
 
     /// A backend's counters summed over CPUs.
@@ -158,8 +182,6 @@ impl Dataplane {
             aya::maps::Map::from_map_data(MapData::from_fd(fd).map_err(map_err(name))?).map_err(map_err(name))
         };
         Ok(CounterReader {
-            services: PerCpuArray::try_from(own(maps::SERVICE_STATS)?)
-                .map_err(map_err(maps::SERVICE_STATS))?,
             backends: PerCpuArray::try_from(own(maps::BACKEND_STATS)?)
                 .map_err(map_err(maps::BACKEND_STATS))?,
             global: PerCpuArray::try_from(own(maps::GLOBAL_STATS)?).map_err(map_err(maps::GLOBAL_STATS))?,

@@ -29,7 +29,7 @@ use lb_common::{
     AddrKey, Backend, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig, FAMILY_V4,
     FAMILY_V6, FloodWindow, Flow, FlowKey, FullNatPool, LocalMacs, MAP_LAYOUT_VERSION,
     MAX_ATTACHED_INTERFACES, MAX_BACKENDS, MAX_LOCAL_MACS, MAX_SERVICES, MarkRuleSet, Service, ServiceKey,
-    hash::vip_filter_slot, local_mac_slot, maps, programs, stat,
+    departed_stats_slot, hash::vip_filter_slot, local_mac_slot, maps, programs, stat,
 };
 
 mod apply;
@@ -119,7 +119,6 @@ const PINNED_MAPS: &[&str] = &[
     maps::MARK_RULES_V6,
     maps::VIP_ADDRS,
     maps::EGRESS,
-    maps::SERVICE_STATS,
     maps::BACKEND_STATS,
     maps::GLOBAL_STATS,
     maps::VIP_FILTER,
@@ -278,6 +277,10 @@ pub struct Dataplane {
     nat_source_slots: BTreeSet<u32>,
     /// Last service generation handed out (never zero once used).
     last_generation: u32,
+    /// Service ids given a new generation by the apply under way: a backend of theirs
+    /// leaving or changing owner now belonged to the id's previous holder, whose counters
+    /// went with it.
+    renumbered: BTreeSet<u32>,
     /// `RINGS`, mapped into this process.
     ring_memory: RingMemory,
     ring_slots_written: u64,
@@ -394,6 +397,7 @@ impl Dataplane {
             fullnat_pool: None,
             nat_source_slots: BTreeSet::new(),
             last_generation: 0,
+            renumbered: BTreeSet::new(),
             // Pinned maps may be an earlier daemon's, whatever was adopted: only a map this
             // process created without pinning is known to be zero.
             ring_memory,

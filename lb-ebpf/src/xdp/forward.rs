@@ -27,21 +27,14 @@ pub enum Sent {
 }
 
 /// Counts what became of a frame and returns its action: a forwarded one under its
-/// service and backend (`new_flow` for a flow's first packet), an answer under its own
+/// backend (`new_flow` for a flow's first packet), an answer under its own
 /// counter, a drop under its reason; and, unless it was dropped, under `counter` too
 /// when that is not zero (a fragment's outcome, an ICMP error's kind).
 #[inline(always)]
-pub fn account(
-    sent: Result<Sent, u32>,
-    service: u32,
-    backend: u32,
-    len: u64,
-    new_flow: bool,
-    counter: u32,
-) -> u32 {
+pub fn account(sent: Result<Sent, u32>, backend: u32, len: u64, new_flow: bool, counter: u32) -> u32 {
     let action = match sent {
         Ok(Sent::Forwarded(action)) => {
-            stats::forwarded(service, backend, len, new_flow);
+            stats::forwarded(backend, len, new_flow);
             action
         }
         Ok(Sent::Answered { action, counter }) => {

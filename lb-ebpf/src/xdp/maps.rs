@@ -4,9 +4,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
-    AddrKey, Backend, CONN_EVENTS_BYTES, ClockCache, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS,
-    DataplaneConfig, FRAGMENT_ENTRIES, FloodWindow, Flow, FlowKey, FragEntry, FragKey, FullNatPool,
-    FullNatSource, LocalMacs, MAX_ATTACHED_INTERFACES, MAX_BACKENDS, MAX_EGRESS_INTERFACES,
+    AddrKey, BACKEND_STATS_ENTRIES, Backend, CONN_EVENTS_BYTES, ClockCache, Counters, DEFAULT_FLOW_ENTRIES,
+    DEFAULT_RING_SLOTS, DataplaneConfig, FRAGMENT_ENTRIES, FloodWindow, Flow, FlowKey, FragEntry, FragKey,
+    FullNatPool, FullNatSource, LocalMacs, MAX_ATTACHED_INTERFACES, MAX_BACKENDS, MAX_EGRESS_INTERFACES,
     MAX_MARK_PREFIXES, MAX_SERVICES, MarkRuleSet, NatJob, Service, ServiceKey, hash::VIP_FILTER_SLOTS, stat,
 };
 
@@ -57,11 +57,9 @@ pub static VIP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_SERV
 #[map]
 pub static EGRESS: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS_INTERFACES, 0);
 
+/// Per backend id: what was sent to it. Past `MAX_BACKENDS`: see `lb_common::BACKEND_STATS_ENTRIES`.
 #[map]
-pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
-
-#[map]
-pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(BACKEND_STATS_ENTRIES, 0);
 
 #[map]
 pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);

@@ -148,7 +148,7 @@ pub fn forward(ctx: &XdpContext) -> u32 {
         let _ = NAT_REPLIES.insert(&reply, key, 0);
     }
     let sent = forward::direct_route(ctx, &b);
-    forward::account(sent, job.service_id, job.backend_id, len, job.new_flow != 0, job.counter)
+    forward::account(sent, job.backend_id, len, job.new_flow != 0, job.counter)
 }
 
 /// The pool address and port a full-NAT flow goes to its backend from: the one it has,
@@ -262,7 +262,7 @@ pub fn error_to_backend(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_DROP;
     }
     let sent = forward::direct_route(ctx, &b);
-    forward::account(sent, d.service_id, d.backend_id, len, false, p.icmp_error as u32)
+    forward::account(sent, d.backend_id, len, false, p.icmp_error as u32)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -191,7 +191,7 @@ fn forward(ctx: &XdpContext, d: &conntrack::Decision, key: &FlowKey, counter: u3
     } else {
         forward::direct_route(ctx, &d.backend)
     };
-    forward::account(sent, d.service_id, d.backend_id, len, d.new_flow, counter)
+    forward::account(sent, d.backend_id, len, d.new_flow, counter)
 }
 
 /// An ICMP error about a service's flow (`p` is that flow, as the client sends it) goes

@@ -1,7 +1,7 @@
 //! Per-CPU counters: plain adds on this CPU's copy, no atomics, no shared cache line.
 use lb_common::Counters;
 
-use super::maps::{BACKEND_STATS, GLOBAL_STATS, SERVICE_STATS};
+use super::maps::{BACKEND_STATS, GLOBAL_STATS};
 
 #[inline(always)]
 pub fn global(index: u32) {
@@ -11,19 +11,15 @@ pub fn global(index: u32) {
     }
 }
 
+/// Counts a packet sent to `backend`; its service's counters are summed from its
+/// backends' by the daemon (`lb_common::BACKEND_STATS_ENTRIES`).
 #[inline(always)]
-fn add(c: Option<*mut Counters>, bytes: u64, new_flow: bool) {
-    if let Some(c) = c {
+pub fn forwarded(backend: u32, bytes: u64, new_flow: bool) {
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(backend) {
         // SAFETY: as in `global`.
         let c = unsafe { &mut *c };
         c.packets += 1;
         c.bytes += bytes;
         c.new_flows += new_flow as u64;
     }
-}
-
-#[inline(always)]
-pub fn forwarded(service: u32, backend: u32, bytes: u64, new_flow: bool) {
-    add(SERVICE_STATS.get_ptr_mut(service), bytes, new_flow);
-    add(BACKEND_STATS.get_ptr_mut(backend), bytes, new_flow);
 }
