@@ -120,6 +120,7 @@ pub mod test_object {
         pub const SINK_EXPECT: &str = "SINK_EXPECT";
         pub const FLOOR_FWD: &str = "FLOOR_FWD";
         pub const FLOOR_EGRESS: &str = "FLOOR_EGRESS";
+        pub const REFERENCE_FLOWS: &str = "REFERENCE_FLOWS";
     }
 
     /// Program names.
@@ -141,6 +142,10 @@ pub mod test_object {
         /// The end-to-end benchmark's XDP floor: new MACs (`FLOOR_FWD[0]`) and out of
         /// another interface through a devmap, nothing else.
         pub const REDIRECT_FLOOR: &str = "lb_redirect_floor";
+        /// The kernel's own cost of a new flow: a lookup that misses and an insert into
+        /// `REFERENCE_FLOWS`, an LRU map like the connection table (same key, value and
+        /// flags; its size set at load), with a key never seen before on every run.
+        pub const LRU_INSERT: &str = "lb_lru_insert";
     }
 }
 

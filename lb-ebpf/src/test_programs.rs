@@ -11,10 +11,12 @@ mod programs {
         bindings::xdp_action,
         helpers::{bpf_redirect, bpf_xdp_adjust_head},
         macros::{map, xdp},
-        maps::{Array, HashMap, PerCpuArray, ProgramArray},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
         programs::XdpContext,
     };
-    use lb_common::{BENCH_FRAME_LEN, BenchConfig, FloorForward, GEN_FRAME_LEN, SinkExpect, TrunkPort};
+    use lb_common::{
+        BENCH_FRAME_LEN, BenchConfig, FloorForward, Flow, FlowKey, GEN_FRAME_LEN, SinkExpect, TrunkPort,
+    };
     use lb_ebpf::{
         csum,
         parse::{self, ETH_HLEN, ETH_P_8021Q, ETH_P_IP, VLAN_HLEN},
@@ -166,6 +168,48 @@ mod programs {
             parse::write_mac(start + 6, &fwd.src_mac);
         }
         FLOOR_EGRESS.redirect(0, 0).unwrap_or(xdp_action::XDP_DROP)
+    }
+
+    /// Per-CPU LRU lists, as the balancer's `FLOWS`.
+    const BPF_F_NO_COMMON_LRU: u32 = 2;
+
+    /// A stand-in for the connection table, for `lb_lru_insert`; the benchmark sizes it as
+    /// the table at load time (small here: a preallocated LRU map costs its full size).
+    #[map]
+    static REFERENCE_FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(64, BPF_F_NO_COMMON_LRU);
+
+    /// Per CPU: the next key `lb_lru_insert` makes.
+    #[map]
+    static REFERENCE_NEXT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+    /// What the kernel's LRU map costs a new flow, with nothing of the balancer around it:
+    /// a lookup that misses, then an insert (evicting once the CPU's share is full).
+    #[xdp]
+    pub fn lb_lru_insert(_ctx: XdpContext) -> u32 {
+        let Some(next) = REFERENCE_NEXT.get_ptr_mut(0) else { return xdp_action::XDP_ABORTED };
+        // SAFETY: this CPU's own slot; nothing else runs on this CPU during the program.
+        let i = unsafe {
+            let i = *next;
+            *next = i + 1;
+            i
+        };
+        // Distinct on every run of this CPU (the benchmark runs on one).
+        let key = FlowKey {
+            src: [i as u32, (i >> 32) as u32, 0, 0],
+            dst: [0x0a00_02c0, 0, 0, 0],
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: 6,
+            family: 4,
+            _pad: 0,
+        };
+        // SAFETY: presence test only.
+        if unsafe { REFERENCE_FLOWS.get(&key) }.is_none() {
+            let flow =
+                Flow { backend: 1, service: 1, state: 1, cpu: 0, service_generation: 1, last_seen_ns: i };
+            let _ = REFERENCE_FLOWS.insert(&key, &flow, 0);
+        }
+        xdp_action::XDP_TX
     }
 
     /// Ports of the test switch (`lb_test_trunk`), by ingress ifindex.

@@ -18,7 +18,17 @@ pub struct TestPrograms {
 
 impl TestPrograms {
     pub fn load() -> Result<Self> {
-        let ebpf = EbpfLoader::new().load(OBJECT).context("loading the test XDP object")?;
+        Self::load_from(&mut EbpfLoader::new())
+    }
+
+    /// As [`TestPrograms::load`], with `lb_lru_insert`'s table as large as a connection
+    /// table of `entries`.
+    pub fn load_with_reference_table(entries: u32) -> Result<Self> {
+        Self::load_from(EbpfLoader::new().map_max_entries(maps::REFERENCE_FLOWS, entries))
+    }
+
+    fn load_from(loader: &mut EbpfLoader) -> Result<Self> {
+        let ebpf = loader.load(OBJECT).context("loading the test XDP object")?;
         Ok(TestPrograms { ebpf })
     }
 

@@ -16,8 +16,12 @@ use super::maps::{
 /// director is for no VIP, and one inlined array load tells.
 #[inline(always)]
 pub fn maybe_vip(p: &Parsed) -> bool {
-    let slot = vip_filter_slot(&p.dst, p.family != FAMILY_V4);
-    VIP_FILTER.get(slot).is_some_and(|f| *f != 0)
+    maybe_vip_address(&p.dst, p.family != FAMILY_V4)
+}
+
+#[inline(always)]
+fn maybe_vip_address(addr: &[u32; 4], ipv6: bool) -> bool {
+    VIP_FILTER.get(vip_filter_slot(addr, ipv6)).is_some_and(|f| *f != 0)
 }
 
 /// False when the source is certainly no NAT backend (see `NAT_SOURCE_FILTER`).
@@ -95,6 +99,11 @@ pub fn is_service_address(family: u8, dst: &[u32; 4]) -> bool {
 /// Is `addr` the address of an exact-match service?
 #[inline(always)]
 pub fn is_vip(family: u8, addr: &[u32; 4]) -> bool {
+    // The filter (which has every VIP's address) rules most addresses out with an inlined
+    // array load; a new flow's source check would otherwise pay a hash lookup.
+    if !maybe_vip_address(addr, family != FAMILY_V4) {
+        return false;
+    }
     let key = AddrKey { addr: *addr, family, _pad8: 0, _pad16: 0 };
     // SAFETY: presence test only.
     unsafe { VIP_ADDRS.get(&key) }.is_some()

@@ -29,7 +29,7 @@ mod health;
 use anyhow::{Result, ensure};
 use aya::programs::Xdp;
 use lb_common::programs::{BALANCER, PASS};
-use lb_common::test_object::programs::{BENCH_DRIVER, FLOOR};
+use lb_common::test_object::programs::{BENCH_DRIVER, FLOOR, LRU_INSERT};
 use lb_daemon::dataplane::{Dataplane, LoadOptions};
 use lb_daemon::model::{Forward, Neighbour, ServiceSpec};
 use lb_daemon::plan::Planner;
@@ -123,7 +123,7 @@ impl Case {
 
 /// A program of the production object, or of the test object (floor and driver).
 fn program<'a>(dp: &'a Dataplane, test: &'a mut TestPrograms, name: &'static str) -> Result<&'a Xdp> {
-    if [FLOOR, BENCH_DRIVER].contains(&name) { test.program(name) } else { Ok(dp.program(name)?) }
+    if [FLOOR, BENCH_DRIVER, LRU_INSERT].contains(&name) { test.program(name) } else { Ok(dp.program(name)?) }
 }
 
 fn main() -> Result<()> {
@@ -153,7 +153,7 @@ fn main() -> Result<()> {
 
 /// The data-path cases, inside the bench namespace.
 fn data_path() -> Result<()> {
-    let mut test = TestPrograms::load()?;
+    let mut test = TestPrograms::load_with_reference_table(TABLE_ENTRIES)?;
     let load =
         |flow_entries| Dataplane::load(&LoadOptions { ring_slots: 4 * 65537, flow_entries, pin_dir: None });
     let mut dp = load(TABLE_ENTRIES)?;
@@ -294,6 +294,14 @@ fn data_path() -> Result<()> {
             warmup: share,
             output: driven,
             new_flows: Some(repeat),
+            ..base.clone()
+        },
+        // What the kernel's LRU map alone costs that insert: the bound of the case above.
+        Case {
+            name: "reference: LRU miss + insert (full)",
+            program: LRU_INSERT,
+            warmup: share,
+            new_flows: Some(0),
             ..base.clone()
         },
         // Tunnel against direct routing, both through the driver (which strips the outer
@@ -512,6 +520,15 @@ fn data_path() -> Result<()> {
     }
     // The goal for tunnels: an established ACK at most 1.3x direct routing's.
     let by_name = |name: &str| cases.iter().position(|c| c.name == name);
+    if let (Some(syn), Some(lru)) =
+        (by_name("SYN, insert with eviction (full)"), by_name("reference: LRU miss + insert (full)"))
+    {
+        println!(
+            "SYN with eviction / the LRU map's own miss + insert (same rounds): {:.2}; the map alone: {:.2}x floor",
+            median_ratio(&samples[syn], &samples[lru]),
+            ratio_to_floor(&samples[lru])
+        );
+    }
     if let (Some(dr), Some(tun)) =
         (by_name("ACK, one flow, via driver"), by_name("tunnel ACK, one flow, via driver"))
     {
