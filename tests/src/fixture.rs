@@ -33,15 +33,9 @@ pub fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
 /// exist in the calling thread's namespace); returns the action.
 pub fn test_run_on(dp: &Dataplane, input: &[u8], ifindex: u32) -> Result<u32> {
     let ctx = xdp_md(input.len(), ifindex);
-    let mut out = vec![0u8; input.len() + 256];
     let res = dp
         .program(lb_common::programs::BALANCER)?
-        .test_run(TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..Default::default()
-        })
+        .test_run(TestRunOptions { data_in: Some(input), ctx_in: Some(&ctx), ..Default::default() })
         .with_context(|| format!("BPF_PROG_TEST_RUN of the balancer on interface {ifindex}"))?;
     Ok(res.return_value)
 }
@@ -87,7 +81,6 @@ pub fn tcp_service(name: &str, vip: IpAddr, port: u16, ring_size: u32, backends:
     )
 }
 
-/// The backend id the Maglev ring of `service` gives a frame, computed independently of
 /// `s` with the service and each of its backends forwarded through a tunnel.
 pub fn tunnelled(s: &mut ServiceSpec) {
     s.forward = lb_daemon::model::Forward::Tunnel;
@@ -96,6 +89,7 @@ pub fn tunnelled(s: &mut ServiceSpec) {
     }
 }
 
+/// The backend id the Maglev ring of `service` gives a frame, computed independently of
 /// the data path from the planned ring and the shared flow hash.
 pub fn predicted_backend(state: &DataplaneState, service: &ServiceMatch, frame: &[u8]) -> Option<u32> {
     let start = frame.as_ptr() as usize;

@@ -7,8 +7,10 @@ impl Dataplane {
     /// Makes the maps equal to `desired`, writing only the differences.
     pub fn apply(&mut self, desired: &DataplaneState) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
-        // As `apply_services` decides: a service new to its id starts a new generation.
-        self.renumbered = desired
+        // Service ids that start a new generation this apply (a service new to its id): a
+        // backend of theirs leaving or changing owner belonged to the id's previous holder,
+        // whose counters went with it.
+        let renumbered: BTreeSet<u32> = desired
             .services
             .iter()
             .filter(|(key, want)| self.services.get(key).map(|c| c.state.id) != Some(want.id))
@@ -30,12 +32,12 @@ impl Dataplane {
             self.fullnat_pool = Some(desired.fullnat_pool);
         }
         self.add_egress(&desired.egress_ifindexes)?;
-        self.apply_backends(desired, &mut report)?;
-        self.apply_services(desired, &mut report)?;
+        self.apply_backends(desired, &renumbered, &mut report)?;
+        self.apply_services(desired, &renumbered, &mut report)?;
         self.apply_vip_addrs(desired)?;
         self.apply_mark_prefixes(desired, &mut report)?;
         self.apply_local_macs(desired)?;
-        self.remove_backends(desired, &mut report)?;
+        self.remove_backends(desired, &renumbered, &mut report)?;
         self.remove_egress(&desired.egress_ifindexes)?;
         let stale: Vec<u32> = self.nat_source_slots.difference(&nat_sources).copied().collect();
         self.set_nat_source_slots(stale, 0)?;
@@ -118,6 +120,7 @@ impl Dataplane {
     pub(super) fn apply_backends(
         &mut self,
         desired: &DataplaneState,
+        renumbered: &BTreeSet<u32>,
         report: &mut ApplyReport,
     ) -> Result<()> {
         let mut changed = Vec::new();
@@ -126,7 +129,7 @@ impl Dataplane {
                 return Err(DataplaneError::IdRange { what: "backend", id, max: MAX_BACKENDS - 1 });
             }
             // Also unchanged entries of a service new to its id: their counters restart.
-            if self.backends.get(&id) != Some(b) || self.renumbered.contains(&(b.service as u32)) {
+            if self.backends.get(&id) != Some(b) || renumbered.contains(&(b.service as u32)) {
                 changed.push((id, *b));
             }
         }
@@ -134,7 +137,7 @@ impl Dataplane {
             // A new owner of the id starts from zero, not from its predecessor's counts; a
             // backend of a service new to its id is a new owner too.
             let old = self.backends.get(&id).copied();
-            let renumbered = |service: u16| self.renumbered.contains(&(service as u32));
+            let renumbered = |service: u16| renumbered.contains(&(service as u32));
             let same_owner = old
                 .is_some_and(|old| old.addr == b.addr && old.service == b.service && !renumbered(b.service));
             if !same_owner {
@@ -161,6 +164,7 @@ impl Dataplane {
     pub(super) fn remove_backends(
         &mut self,
         desired: &DataplaneState,
+        renumbered: &BTreeSet<u32>,
         report: &mut ApplyReport,
     ) -> Result<()> {
         let gone: Vec<(u32, u32)> = self
@@ -175,7 +179,7 @@ impl Dataplane {
             map.set(id, down, 0).map_err(map_err(maps::BACKENDS))?;
             // Down, it counts no more: its service keeps what it counted, unless the
             // service's id went to another this apply.
-            if self.renumbered.contains(&service) {
+            if renumbered.contains(&service) {
                 self.zero_counters(id)?;
             } else {
                 self.retire_backend_counters(id, service)?;
@@ -189,6 +193,7 @@ impl Dataplane {
     pub(super) fn apply_services(
         &mut self,
         desired: &DataplaneState,
+        renumbered: &BTreeSet<u32>,
         report: &mut ApplyReport,
     ) -> Result<()> {
         for (key, want) in &desired.services {
@@ -199,7 +204,6 @@ impl Dataplane {
             // Bookkeeping changes only once the maps did: a failed apply leaves it true.
             let current = self.services.get(key).map(|c| Current {
                 unchanged: c.state == *want,
-                same_id: c.state.id == want.id,
                 same_ring: c.state.ring == want.ring,
                 live: c.live,
                 generation: c.generation,
@@ -207,8 +211,9 @@ impl Dataplane {
             // Established flows follow a service through ring, weight and flag changes;
             // a new service, or one moved to another id, starts a new generation so that
             // flows recorded under the old one are scheduled afresh.
+            let same_id = current.is_some() && !renumbered.contains(&want.id);
             let generation = match current {
-                Some(c) if c.same_id => c.generation,
+                Some(c) if same_id => c.generation,
                 _ => {
                     self.zero_counters(departed_stats_slot(want.id))?;
                     self.last_generation = self.last_generation.wrapping_add(1).max(1);
@@ -250,7 +255,7 @@ impl Dataplane {
                 log_one_in: want.log_one_in,
             };
             let unmoved = current.is_some_and(|c| {
-                c.same_id
+                same_id
                     && c.live == live
                     && self
                         .services

@@ -231,7 +231,6 @@ struct AppliedService {
 #[derive(Clone, Copy)]
 struct Current {
     unchanged: bool,
-    same_id: bool,
     same_ring: bool,
     live: Window,
     generation: u32,
@@ -277,10 +276,6 @@ pub struct Dataplane {
     nat_source_slots: BTreeSet<u32>,
     /// Last service generation handed out (never zero once used).
     last_generation: u32,
-    /// Service ids given a new generation by the apply under way: a backend of theirs
-    /// leaving or changing owner now belonged to the id's previous holder, whose counters
-    /// went with it.
-    renumbered: BTreeSet<u32>,
     /// `RINGS`, mapped into this process.
     ring_memory: RingMemory,
     ring_slots_written: u64,
@@ -397,7 +392,6 @@ impl Dataplane {
             fullnat_pool: None,
             nat_source_slots: BTreeSet::new(),
             last_generation: 0,
-            renumbered: BTreeSet::new(),
             // Pinned maps may be an earlier daemon's, whatever was adopted: only a map this
             // process created without pinning is known to be zero.
             ring_memory,
