@@ -107,6 +107,11 @@ pub mod decap {
 
 /// The test and benchmark object (`lb-xdp-test`), which only the tests load.
 pub mod test_object {
+    /// Flows a set of the set-associative connection-table candidates (`REFERENCE_SETS`).
+    pub const REFERENCE_WAYS: u32 = 4;
+    /// Flows a set of the tagged candidate (`REFERENCE_TAGGED`).
+    pub const TAGGED_WAYS: u32 = 8;
+
     /// Map names.
     pub mod maps {
         pub const BENCH_CFG: &str = "BENCH_CFG";
@@ -121,6 +126,10 @@ pub mod test_object {
         pub const FLOOR_FWD: &str = "FLOOR_FWD";
         pub const FLOOR_EGRESS: &str = "FLOOR_EGRESS";
         pub const REFERENCE_FLOWS: &str = "REFERENCE_FLOWS";
+        pub const REFERENCE_SETS: &str = "REFERENCE_SETS";
+        pub const REFERENCE_CPU_SETS: &str = "REFERENCE_CPU_SETS";
+        pub const REFERENCE_MASKS: &str = "REFERENCE_MASKS";
+        pub const REFERENCE_TAGGED: &str = "REFERENCE_TAGGED";
     }
 
     /// Program names.
@@ -146,6 +155,17 @@ pub mod test_object {
         /// `REFERENCE_FLOWS`, an LRU map like the connection table (same key, value and
         /// flags; its size set at load), with a key never seen before on every run.
         pub const LRU_INSERT: &str = "lb_lru_insert";
+        /// Connection-table candidates, run through the benchmark driver (IPv4 TCP frames
+        /// without options): the flow of the frame looked up, and inserted on a miss, in
+        /// an LRU map like the connection table (`REFERENCE_FLOWS`), in a set-associative
+        /// table in an array map shared by the CPUs (`REFERENCE_SETS`), and in one such
+        /// table per CPU (`REFERENCE_CPU_SETS`). See `TestPrograms::load_with_reference_table`.
+        pub const REF_LRU: &str = "lb_ref_lru";
+        pub const REF_SETS: &str = "lb_ref_sets";
+        pub const REF_CPU_SETS: &str = "lb_ref_cpu_sets";
+        /// As `REF_SETS`, in sets whose ways' tags and stamps share a header line
+        /// (`REFERENCE_TAGGED`).
+        pub const REF_TAGGED: &str = "lb_ref_tagged";
     }
 }
 

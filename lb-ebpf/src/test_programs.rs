@@ -212,6 +212,234 @@ mod programs {
         xdp_action::XDP_TX
     }
 
+    /// The connection table candidates the `lb_ref_*` programs measure against the LRU map
+    /// before one is chosen: a set-associative table in an array map, `REFERENCE_WAYS`
+    /// flows a set, a new flow overwriting its set's least recently seen way. Nothing
+    /// links the ways (no lists to keep, no allocation), so an insert is a hash, one
+    /// array lookup the kernel inlines, and a few compares.
+    const REFERENCE_WAYS: usize = lb_common::test_object::REFERENCE_WAYS as usize;
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct FlowWay {
+        key: FlowKey,
+        flow: Flow,
+    }
+
+    /// One set: `REFERENCE_WAYS` ways of 64 bytes (a cache line each).
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct FlowSet {
+        ways: [FlowWay; REFERENCE_WAYS],
+    }
+
+    /// Shared by every CPU; sized at load, its set count minus one in `REFERENCE_MASKS[0]`.
+    #[map]
+    static REFERENCE_SETS: Array<FlowSet> = Array::with_max_entries(1, 0);
+
+    /// One table per CPU (Katran's layout, without the LRU); set count minus one in
+    /// `REFERENCE_MASKS[1]`.
+    #[map]
+    static REFERENCE_CPU_SETS: PerCpuArray<FlowSet> = PerCpuArray::with_max_entries(1, 0);
+
+    /// The third candidate: a set of `TAGGED_WAYS` ways behind a header line holding each
+    /// way's tag (its flow's hash, zero when empty) and stamp. A miss reads that one line
+    /// and writes the victim's (stores the CPU does not wait for); a hit reads it and the
+    /// matching way's line.
+    const TAGGED_WAYS: usize = lb_common::test_object::TAGGED_WAYS as usize;
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct TaggedSet {
+        tags: [u32; TAGGED_WAYS],
+        stamps: [u32; TAGGED_WAYS],
+        ways: [FlowWay; TAGGED_WAYS],
+    }
+
+    /// Shared by every CPU; set count minus one in `REFERENCE_MASKS[2]`.
+    #[map]
+    static REFERENCE_TAGGED: Array<TaggedSet> = Array::with_max_entries(1, 0);
+
+    #[map]
+    static REFERENCE_MASKS: Array<u32> = Array::with_max_entries(3, 0);
+
+    /// A flow seen this many runs ago is stamped again (the stand-in for the balancer's
+    /// one-second refresh; the runs count stands in for the clock).
+    const REFERENCE_REFRESH: u64 = 1 << 20;
+
+    /// The flow key of a driven frame (IPv4 without options, TCP), and this CPU's run
+    /// count as the clock.
+    #[inline(always)]
+    fn reference_key(ctx: &XdpContext) -> Option<(FlowKey, u64)> {
+        let (start, end) = (ctx.data(), ctx.data_end());
+        if start + BENCH_TCP_SPORT + 4 > end {
+            return None;
+        }
+        let next = REFERENCE_NEXT.get_ptr_mut(0)?;
+        // SAFETY: 38 bytes bounds-checked above; packet data is unaligned. The counter is
+        // this CPU's own slot.
+        unsafe {
+            let now = *next;
+            *next = now + 1;
+            let word = |at: usize| ((start + at) as *const u32).read_unaligned();
+            let key = FlowKey {
+                src: [word(14 + 12), 0, 0, 0],
+                dst: [word(14 + 16), 0, 0, 0],
+                sport: ((start + BENCH_TCP_SPORT) as *const u16).read_unaligned(),
+                dport: ((start + BENCH_TCP_SPORT + 2) as *const u16).read_unaligned(),
+                proto: 6,
+                family: 4,
+                _pad: 0,
+            };
+            Some((key, now))
+        }
+    }
+
+    #[inline(always)]
+    fn reference_flow(now: u64) -> Flow {
+        Flow { backend: 1, service: 1, state: 1, cpu: 0, service_generation: 1, last_seen_ns: now }
+    }
+
+    /// Finds `key` in the set (refreshing its stamp) or writes it over the way seen least
+    /// recently. Keys compare as five 8-byte words: a way is 8-aligned in the map.
+    #[inline(always)]
+    fn set_lookup_or_insert(set: *mut FlowSet, key: &FlowKey, now: u64) {
+        // SAFETY: `FlowKey` is 40 bytes without padding bytes of undefined value (`_pad`).
+        let want: [u64; 5] = unsafe { core::mem::transmute(*key) };
+        let mut victim = 0;
+        let mut oldest = u64::MAX;
+        for w in 0..REFERENCE_WAYS {
+            // SAFETY: `set` is a map value, valid for this run; `w` is in bounds.
+            unsafe {
+                let way = (&raw mut (*set).ways).cast::<FlowWay>().add(w);
+                let have = way.cast::<[u64; 5]>();
+                if (*have)[0] == want[0]
+                    && (*have)[1] == want[1]
+                    && (*have)[2] == want[2]
+                    && (*have)[3] == want[3]
+                    && (*have)[4] == want[4]
+                {
+                    if now.wrapping_sub((*way).flow.last_seen_ns) >= REFERENCE_REFRESH {
+                        (*way).flow.last_seen_ns = now;
+                    }
+                    return;
+                }
+                let seen = (*way).flow.last_seen_ns;
+                if seen < oldest {
+                    oldest = seen;
+                    victim = w;
+                }
+            }
+        }
+        // SAFETY: as above; `victim` < REFERENCE_WAYS.
+        unsafe {
+            let way = (&raw mut (*set).ways).cast::<FlowWay>().add(victim & (REFERENCE_WAYS - 1));
+            (*way).key = *key;
+            (*way).flow = reference_flow(now);
+        }
+    }
+
+    /// The set of `key` in a table of `mask + 1` sets.
+    #[inline(always)]
+    fn set_index(key: &FlowKey, mask: u32) -> u32 {
+        lb_common::hash::tuple_hash(&key.src, &key.dst, key.sport, key.dport, key.proto, false) & mask
+    }
+
+    /// The tagged table's lookup or insert, for the driven frame's flow.
+    #[xdp]
+    pub fn lb_ref_tagged(ctx: XdpContext) -> u32 {
+        let Some((key, now)) = reference_key(&ctx) else { return xdp_action::XDP_ABORTED };
+        let mask = REFERENCE_MASKS.get(2).copied().unwrap_or(0);
+        let hash = lb_common::hash::tuple_hash(&key.src, &key.dst, key.sport, key.dport, key.proto, false);
+        let Some(set) = REFERENCE_TAGGED.get_ptr_mut(hash & mask) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        let tag = hash.max(1);
+        let stamp = now as u32;
+        // SAFETY: `FlowKey` is 40 bytes without padding bytes of undefined value (`_pad`).
+        let want: [u64; 5] = unsafe { core::mem::transmute(key) };
+        let mut victim = 0;
+        let mut oldest = u32::MAX;
+        for w in 0..TAGGED_WAYS {
+            // SAFETY: `set` is a map value, valid for this run; `w` is in bounds.
+            unsafe {
+                if (*set).tags[w] == tag {
+                    let way = (&raw mut (*set).ways).cast::<FlowWay>().add(w);
+                    let have = way.cast::<[u64; 5]>();
+                    if (*have)[0] == want[0]
+                        && (*have)[1] == want[1]
+                        && (*have)[2] == want[2]
+                        && (*have)[3] == want[3]
+                        && (*have)[4] == want[4]
+                    {
+                        if stamp.wrapping_sub((*set).stamps[w]) as u64 >= REFERENCE_REFRESH {
+                            (*set).stamps[w] = stamp;
+                        }
+                        return xdp_action::XDP_TX;
+                    }
+                }
+                let age = stamp.wrapping_sub((*set).stamps[w]);
+                let seen = u32::MAX - age;
+                if (*set).tags[w] == 0 || seen < oldest {
+                    oldest = if (*set).tags[w] == 0 { 0 } else { seen };
+                    victim = w;
+                }
+            }
+        }
+        let victim = victim & (TAGGED_WAYS - 1);
+        // SAFETY: as above; `victim` < TAGGED_WAYS.
+        unsafe {
+            let way = (&raw mut (*set).ways).cast::<FlowWay>().add(victim);
+            (*way).key = key;
+            (*way).flow = reference_flow(now);
+            (*set).tags[victim] = tag;
+            (*set).stamps[victim] = stamp;
+        }
+        xdp_action::XDP_TX
+    }
+
+    /// The LRU map's lookup, and its insert on a miss, for the driven frame's flow.
+    #[xdp]
+    pub fn lb_ref_lru(ctx: XdpContext) -> u32 {
+        let Some((key, now)) = reference_key(&ctx) else { return xdp_action::XDP_ABORTED };
+        match REFERENCE_FLOWS.get_ptr_mut(&key) {
+            // SAFETY: an LRU element, valid for this run.
+            Some(f) => unsafe {
+                if now.wrapping_sub((*f).last_seen_ns) >= REFERENCE_REFRESH {
+                    (*f).last_seen_ns = now;
+                }
+            },
+            None => {
+                let _ = REFERENCE_FLOWS.insert(&key, &reference_flow(now), 0);
+            }
+        }
+        xdp_action::XDP_TX
+    }
+
+    /// The shared set-associative table's lookup or insert, for the driven frame's flow.
+    #[xdp]
+    pub fn lb_ref_sets(ctx: XdpContext) -> u32 {
+        let Some((key, now)) = reference_key(&ctx) else { return xdp_action::XDP_ABORTED };
+        let mask = REFERENCE_MASKS.get(0).copied().unwrap_or(0);
+        let Some(set) = REFERENCE_SETS.get_ptr_mut(set_index(&key, mask)) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        set_lookup_or_insert(set, &key, now);
+        xdp_action::XDP_TX
+    }
+
+    /// This CPU's set-associative table's lookup or insert, for the driven frame's flow.
+    #[xdp]
+    pub fn lb_ref_cpu_sets(ctx: XdpContext) -> u32 {
+        let Some((key, now)) = reference_key(&ctx) else { return xdp_action::XDP_ABORTED };
+        let mask = REFERENCE_MASKS.get(1).copied().unwrap_or(0);
+        let Some(set) = REFERENCE_CPU_SETS.get_ptr_mut(set_index(&key, mask)) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        set_lookup_or_insert(set, &key, now);
+        xdp_action::XDP_TX
+    }
+
     /// Ports of the test switch (`lb_test_trunk`), by ingress ifindex.
     #[map]
     static TRUNK_PORTS: HashMap<u32, TrunkPort> = HashMap::with_max_entries(4, 0);

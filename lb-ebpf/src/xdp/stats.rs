@@ -1,6 +1,4 @@
 //! Per-CPU counters: plain adds on this CPU's copy, no atomics, no shared cache line.
-use lb_common::Counters;
-
 use super::maps::{BACKEND_STATS, GLOBAL_STATS};
 
 #[inline(always)]

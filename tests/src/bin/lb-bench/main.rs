@@ -29,7 +29,9 @@ mod health;
 use anyhow::{Result, ensure};
 use aya::programs::Xdp;
 use lb_common::programs::{BALANCER, PASS};
-use lb_common::test_object::programs::{BENCH_DRIVER, FLOOR, LRU_INSERT};
+use lb_common::test_object::programs::{
+    BENCH_DRIVER, FLOOR, LRU_INSERT, REF_CPU_SETS, REF_LRU, REF_SETS, REF_TAGGED,
+};
 use lb_daemon::dataplane::{Dataplane, LoadOptions};
 use lb_daemon::model::{Forward, Neighbour, ServiceSpec};
 use lb_daemon::plan::Planner;
@@ -123,7 +125,11 @@ impl Case {
 
 /// A program of the production object, or of the test object (floor and driver).
 fn program<'a>(dp: &'a Dataplane, test: &'a mut TestPrograms, name: &'static str) -> Result<&'a Xdp> {
-    if [FLOOR, BENCH_DRIVER, LRU_INSERT].contains(&name) { test.program(name) } else { Ok(dp.program(name)?) }
+    if [FLOOR, BENCH_DRIVER, LRU_INSERT, REF_LRU, REF_SETS, REF_CPU_SETS, REF_TAGGED].contains(&name) {
+        test.program(name)
+    } else {
+        Ok(dp.program(name)?)
+    }
 }
 
 fn main() -> Result<()> {
@@ -301,6 +307,80 @@ fn data_path() -> Result<()> {
             name: "reference: LRU miss + insert (full)",
             program: LRU_INSERT,
             warmup: share,
+            new_flows: Some(0),
+            ..base.clone()
+        },
+        // Connection-table candidates, through the driver as the floor via driver is: new
+        // flows into a full table, and 65,536 flows visited in turn (see `REF_LRU`).
+        Case {
+            name: "table: LRU map, new flows (full)",
+            program: BENCH_DRIVER,
+            driver: Some((REF_LRU, u32::MAX)),
+            warmup: share,
+            output: Output::SameMacs,
+            new_flows: Some(0),
+            ..base.clone()
+        },
+        Case {
+            name: "table: shared sets, new flows (full)",
+            program: BENCH_DRIVER,
+            driver: Some((REF_SETS, u32::MAX)),
+            warmup: TABLE_ENTRIES,
+            output: Output::SameMacs,
+            new_flows: Some(0),
+            ..base.clone()
+        },
+        Case {
+            name: "table: per-CPU sets, new flows (full)",
+            program: BENCH_DRIVER,
+            driver: Some((REF_CPU_SETS, u32::MAX)),
+            warmup: share,
+            output: Output::SameMacs,
+            new_flows: Some(0),
+            ..base.clone()
+        },
+        Case {
+            name: "table: tagged sets, new flows (full)",
+            program: BENCH_DRIVER,
+            driver: Some((REF_TAGGED, u32::MAX)),
+            warmup: TABLE_ENTRIES,
+            output: Output::SameMacs,
+            new_flows: Some(0),
+            ..base.clone()
+        },
+        Case {
+            name: "table: LRU map, 65,536 flows",
+            program: BENCH_DRIVER,
+            driver: Some((REF_LRU, CYCLED_FLOWS)),
+            warmup: CYCLED_FLOWS,
+            output: Output::SameMacs,
+            new_flows: Some(0),
+            ..base.clone()
+        },
+        Case {
+            name: "table: shared sets, 65,536 flows",
+            program: BENCH_DRIVER,
+            driver: Some((REF_SETS, CYCLED_FLOWS)),
+            warmup: CYCLED_FLOWS,
+            output: Output::SameMacs,
+            new_flows: Some(0),
+            ..base.clone()
+        },
+        Case {
+            name: "table: per-CPU sets, 65,536 flows",
+            program: BENCH_DRIVER,
+            driver: Some((REF_CPU_SETS, CYCLED_FLOWS)),
+            warmup: CYCLED_FLOWS,
+            output: Output::SameMacs,
+            new_flows: Some(0),
+            ..base.clone()
+        },
+        Case {
+            name: "table: tagged sets, 65,536 flows",
+            program: BENCH_DRIVER,
+            driver: Some((REF_TAGGED, CYCLED_FLOWS)),
+            warmup: CYCLED_FLOWS,
+            output: Output::SameMacs,
             new_flows: Some(0),
             ..base.clone()
         },
@@ -528,6 +608,23 @@ fn data_path() -> Result<()> {
             median_ratio(&samples[syn], &samples[lru]),
             ratio_to_floor(&samples[lru])
         );
+    }
+    // The table candidates against each other, less the driver and floor they share.
+    if let Some(floor_driven) = by_name("floor via driver") {
+        let table_cases: Vec<usize> =
+            (0..cases.len()).filter(|&i| cases[i].name.starts_with("table: ")).collect();
+        if !table_cases.is_empty() {
+            println!("\nconnection-table candidates (median over rounds of case - floor via driver):");
+        }
+        for i in table_cases {
+            let over: Vec<f64> = samples[i].iter().zip(&samples[floor_driven]).map(|(c, f)| c - f).collect();
+            println!(
+                "  {:<38} {:>6.0} ns over the floor via driver, {:.2}x it",
+                cases[i].name,
+                median(&over),
+                median_ratio(&samples[i], &samples[floor_driven])
+            );
+        }
     }
     if let (Some(dr), Some(tun)) =
         (by_name("ACK, one flow, via driver"), by_name("tunnel ACK, one flow, via driver"))
