@@ -6,6 +6,8 @@
 //! four `u32` words (IPv4 in the first word, the rest zero), so the data path never
 //! byte-swaps an address.
 #![no_std]
+// The BPF build's barrier in `hash::flow_hash` is inline assembly (nightly there).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 pub mod hash;
 
@@ -15,6 +17,7 @@ pub mod maps {
     pub const BACKENDS: &str = "BACKENDS";
     pub const RINGS: &str = "RINGS";
     pub const FLOWS: &str = "FLOWS";
+    pub const FLOW_TABLE: &str = "FLOW_TABLE";
     pub const MARK_RULES_V4: &str = "MARK_RULES_V4";
     pub const MARK_RULES_V6: &str = "MARK_RULES_V6";
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
@@ -66,6 +69,8 @@ pub mod programs {
     /// Translates a full-NAT backend's reply; entered by `lb_nat_reply`'s tail call.
     pub const NAT_FULL_REPLY: &str = "lb_fullnat_reply";
     pub const NAT_FULL_REPLY_SLOT: u32 = 3;
+    /// Every program a director loads.
+    pub const ALL: [&str; 6] = [BALANCER, PASS, NAT_REPLY, NAT_FORWARD, NAT_ICMP, NAT_FULL_REPLY];
 }
 
 /// The real servers' decapsulation object (`lb-xdp-decap`): `lb-daemon decap attach`
@@ -107,11 +112,6 @@ pub mod decap {
 
 /// The test and benchmark object (`lb-xdp-test`), which only the tests load.
 pub mod test_object {
-    /// Flows a set of the set-associative connection-table candidates (`REFERENCE_SETS`).
-    pub const REFERENCE_WAYS: u32 = 4;
-    /// Flows a set of the tagged candidate (`REFERENCE_TAGGED`).
-    pub const TAGGED_WAYS: u32 = 8;
-
     /// Map names.
     pub mod maps {
         pub const BENCH_CFG: &str = "BENCH_CFG";
@@ -126,10 +126,6 @@ pub mod test_object {
         pub const FLOOR_FWD: &str = "FLOOR_FWD";
         pub const FLOOR_EGRESS: &str = "FLOOR_EGRESS";
         pub const REFERENCE_FLOWS: &str = "REFERENCE_FLOWS";
-        pub const REFERENCE_SETS: &str = "REFERENCE_SETS";
-        pub const REFERENCE_CPU_SETS: &str = "REFERENCE_CPU_SETS";
-        pub const REFERENCE_MASKS: &str = "REFERENCE_MASKS";
-        pub const REFERENCE_TAGGED: &str = "REFERENCE_TAGGED";
     }
 
     /// Program names.
@@ -155,17 +151,6 @@ pub mod test_object {
         /// `REFERENCE_FLOWS`, an LRU map like the connection table (same key, value and
         /// flags; its size set at load), with a key never seen before on every run.
         pub const LRU_INSERT: &str = "lb_lru_insert";
-        /// Connection-table candidates, run through the benchmark driver (IPv4 TCP frames
-        /// without options): the flow of the frame looked up, and inserted on a miss, in
-        /// an LRU map like the connection table (`REFERENCE_FLOWS`), in a set-associative
-        /// table in an array map shared by the CPUs (`REFERENCE_SETS`), and in one such
-        /// table per CPU (`REFERENCE_CPU_SETS`). See `TestPrograms::load_with_reference_table`.
-        pub const REF_LRU: &str = "lb_ref_lru";
-        pub const REF_SETS: &str = "lb_ref_sets";
-        pub const REF_CPU_SETS: &str = "lb_ref_cpu_sets";
-        /// As `REF_SETS`, in sets whose ways' tags and stamps share a header line
-        /// (`REFERENCE_TAGGED`).
-        pub const REF_TAGGED: &str = "lb_ref_tagged";
     }
 }
 
@@ -209,13 +194,13 @@ pub const MAX_LOCAL_MACS: usize = 8;
 /// Default number of Maglev ring slots shared by all services: room for four services
 /// with the largest common ring (65537) double-buffered.
 pub const DEFAULT_RING_SLOTS: u32 = 8 * 65537;
-/// Default size of the connection table.
+/// Default size of the connection table (flows; a power of two, `FLOW_WAYS` a set).
 pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
 
 /// Version of the layout of every map's keys and values. Pinned maps are kept under a
 /// directory named after it, so a daemon only ever adopts maps it understands: bump it
 /// whenever a map's key or value type changes meaning or size.
-pub const MAP_LAYOUT_VERSION: u32 = 8;
+pub const MAP_LAYOUT_VERSION: u32 = 9;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -390,6 +375,59 @@ pub struct NatJob {
     pub counter: u32,
 }
 
+/// Ways of a connection-table set (`FlowSet`).
+pub const FLOW_WAYS: u32 = 4;
+
+/// One flow of the connection table: 64 bytes, a cache line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowWay {
+    pub key: FlowKey,
+    pub flow: Flow,
+}
+
+/// A set of the connection table (`FLOWS`), a set-associative table in an array map: a
+/// flow's hash picks its set, and a new flow takes the set's empty way or else the one
+/// seen least recently. Nothing links the ways, so recording a flow keeps no lists and
+/// takes no lock (the kernel's LRU map cost a new flow three times as much; see
+/// docs/benchmarks.md).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSet {
+    pub ways: [FlowWay; FLOW_WAYS as usize],
+}
+
+/// How the data path finds a flow's set (`FLOW_TABLE[0]`), written once by the daemon
+/// that creates the table and kept with it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowTable {
+    /// Seed of the flows' hash, drawn at random: from a public fixed seed an attacker
+    /// who knows a flow could compute the few flows that evict it from its set.
+    pub seed: u32,
+    /// Sets minus one (their count is a power of two).
+    pub set_mask: u32,
+}
+
+impl FlowTable {
+    /// The set of a flow whose `hash::flow_hash` is `hash`.
+    #[inline(always)]
+    pub const fn set(&self, hash: u32) -> u32 {
+        hash & self.set_mask
+    }
+
+    /// `Flow::check` of a flow whose `hash::flow_hash` is `hash`: the hash, never zero
+    /// (without a branch, which the verifier would walk twice).
+    #[inline(always)]
+    pub const fn check(hash: u32) -> u32 {
+        hash | 1
+    }
+}
+
+/// A new flow that takes the way of one seen less than this long ago is counted
+/// (`stat::FLOWS_EVICTED_RECENT`): the table is too small for the flows it must hold.
+pub const FLOW_EVICTED_RECENT_NS: u64 = 10_000_000_000;
+
 /// Connection-table key: the 5-tuple as seen on the wire.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -430,19 +468,24 @@ pub const FLOW_NAT_SYN_SENT: u16 = 9;
 /// side's FIN, or a RST from either, closes the flow.
 pub const FLOW_FIN_SERVER: u16 = 8;
 
+/// A recorded flow: the value of a connection-table way (`FlowWay`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
     pub backend: u32,
-    pub service: u32,
+    /// The key's `FlowTable::check`, never zero in a used way (zero: the way is empty).
+    /// `backend` and `check` are one aligned 8-byte word, written last and read first as
+    /// one: two CPUs recording different flows into one way at the same instant can
+    /// leave one flow's key with the other's value, and a reader that finds the check
+    /// not matching the key it compared takes the way for empty (the flow is scheduled
+    /// afresh, to the same backend while the ring is unchanged), never the other flow's
+    /// backend for its own.
+    pub check: u32,
+    pub service: u16,
     /// One of the `FLOW_*` states. Padding fields here and in other hot-path structs are
     /// integers, not byte arrays: zeroing an odd-sized byte array compiles to a call into
     /// a byte-at-a-time BPF `memset`.
     pub state: u16,
-    /// The CPU that recorded the flow. With per-CPU LRU lists each CPU holds its share of
-    /// the table (its entries / possible CPUs) and evicts from that share alone, so the
-    /// daemon counts entries per CPU to tell how full the table really is.
-    pub cpu: u16,
     /// The service's generation when the flow started: an established flow is forwarded
     /// without looking its service up, for as long as `SERVICE_GENERATIONS[service]`
     /// still holds this value (the service was neither removed nor its id reused).
@@ -670,6 +713,10 @@ pub mod stat {
     /// route's MTU): the kernel resolves it (or answers "too big") where XDP cannot.
     pub const NAT_REPLY_TO_STACK: u32 = 45;
 
+    /// New flows that took the connection-table way of a flow seen in the last
+    /// `FLOW_EVICTED_RECENT_NS` (not closed): the table is too small for the traffic.
+    pub const FLOWS_EVICTED_RECENT: u32 = 46;
+
     /// ICMP errors that quote a service's flow, forwarded to that flow's backend (it
     /// answered from the VIP, so the error came back to the director), by kind.
     pub const ICMP_FRAG_NEEDED: u32 = 48;
@@ -821,6 +868,9 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::FlowWay {}
+    unsafe impl aya::Pod for super::FlowSet {}
+    unsafe impl aya::Pod for super::FlowTable {}
     unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::MarkRule {}
     unsafe impl aya::Pod for super::MarkRuleSet {}
@@ -852,6 +902,10 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 44);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 24);
+        assert_eq!(size_of::<FlowWay>(), 64, "a way is a cache line");
+        assert_eq!(core::mem::offset_of!(FlowWay, flow), 40);
+        assert_eq!(size_of::<FlowSet>(), 64 * FLOW_WAYS as usize);
+        assert_eq!(size_of::<FlowTable>(), 8);
         assert_eq!(size_of::<MarkRule>(), 44);
         assert_eq!(size_of::<MarkRuleSet>(), 4 + 8 * 44);
         assert_eq!(size_of::<AddrKey>(), 20);

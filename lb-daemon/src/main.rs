@@ -356,6 +356,13 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             let dp = Dataplane::load(&LoadOptions { ring_slots, flow_entries, pin_dir: None })
                 .context("loading the XDP data path")?;
+            // How close each program came to the verifier's limit: what a change to the
+            // data path must stay under.
+            for name in lb_common::programs::ALL {
+                if let Some(n) = dp.program(name)?.info()?.verified_instruction_count() {
+                    println!("{n:>9} instructions verified  {name} (the kernel's limit: 1000000)");
+                }
+            }
             println!(
                 "ok: {} bytes of XDP object loaded and verified ({} ring slots, {} flow entries); nothing attached",
                 lb_daemon::dataplane::OBJECT.len(),

@@ -301,21 +301,13 @@ pub fn render(snap: &Snapshot) -> Result<String, MetricsError> {
     let capacity = IntGauge::new("lb_connection_table_capacity", "Size of the connection table.")?;
     capacity.set(snap.flow_capacity as i64);
     reg.register(Box::new(capacity))?;
-    let cpu_entries = gauge(
+    let evicted = counter(
         &reg,
-        "lb_connection_table_cpu_entries",
-        "Entries recorded by each CPU; a CPU evicts from its own share once it holds lb_connection_table_cpu_capacity.",
-        &["cpu"],
+        "lb_connection_table_evicted_recent_total",
+        "New flows that took the connection-table way of a flow seen in the last 10 s (not closed): the table is too small for the traffic.",
+        &[],
     )?;
-    for (cpu, n) in snap.flow_entries_per_cpu.iter().enumerate() {
-        cpu_entries.with_label_values(&[cpu.to_string().as_str()]).set(*n as i64);
-    }
-    let cpu_capacity = IntGauge::new(
-        "lb_connection_table_cpu_capacity",
-        "Each CPU's share of the connection table (per-CPU LRU lists): the capacity over the possible CPUs.",
-    )?;
-    cpu_capacity.set(snap.flow_capacity_per_cpu as i64);
-    reg.register(Box::new(cpu_capacity))?;
+    evicted.with_label_values::<&str>(&[]).inc_by(snap.flows_evicted_recent);
     let guard = IntGauge::new(
         "lb_xdp_flood_guard_active",
         "CPUs whose new-flow rate is over director.flood_guard_flows_per_sec now (their new flows go unrecorded).",

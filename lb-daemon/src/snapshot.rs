@@ -183,10 +183,9 @@ pub struct Snapshot {
     /// How old the connection counts (ActiveConn, InActConn, entries) are: one walk of the
     /// table serves every request for a few seconds.
     pub conn_counts_age: std::time::Duration,
-    /// Entries recorded by each CPU: each evicts from its own share of the table.
-    pub flow_entries_per_cpu: Vec<u64>,
-    /// The share of each CPU (the capacity over the possible CPUs).
-    pub flow_capacity_per_cpu: u32,
+    /// New flows that took the way of a flow seen in the last 10 s: the table is too
+    /// small for the traffic (`stat::FLOWS_EVICTED_RECENT`).
+    pub flows_evicted_recent: u64,
     /// CPUs whose new-flow rate is over the flood guard's limit now.
     pub flood_guard_active_cpus: u32,
     /// New flows forwarded without being recorded while the guard was active.

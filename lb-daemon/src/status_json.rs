@@ -53,6 +53,11 @@ pub struct Interface {
 pub struct Table {
     pub entries: u64,
     pub capacity: u64,
+    /// New flows that took the way of a flow seen in the last 10 s, counted since the
+    /// data path's maps were created: when it grows, the table is too small for the
+    /// traffic.
+    #[serde(default)]
+    pub evicted_recent: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -174,7 +179,11 @@ impl Status {
                     .to_owned(),
                 })
                 .collect(),
-            connection_table: Table { entries: snap.flow_entries, capacity: snap.flow_capacity.into() },
+            connection_table: Table {
+                entries: snap.flow_entries,
+                capacity: snap.flow_capacity.into(),
+                evicted_recent: snap.flows_evicted_recent,
+            },
             connection_counts_age_ms: snap.conn_counts_age.as_millis() as u64,
             services: snap
                 .services

@@ -127,6 +127,12 @@ fn verify_probes_every_kernel_feature_then_loads_the_object() {
         stdout.lines().last().is_some_and(|l| l.starts_with("ok: ") && l.ends_with("nothing attached")),
         "{stdout}"
     );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.ends_with("instructions verified  lb_balancer (the kernel's limit: 1000000)")),
+        "{stdout}"
+    );
     // The helper probe tells a helper XDP cannot call (bpf_override_return is for kprobes)
     // from one it can: what makes a missing one show as MISSING on an older kernel.
     use aya::sys::{BpfHelper, is_helper_supported};

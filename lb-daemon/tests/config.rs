@@ -160,6 +160,7 @@ const MALFORMED: &[(&str, &str, u64, u64, &str, &str)] = &[
     ("bad metrics address", "director:\n  interfaces: [eth0]\n  metrics_listen: localhost\n", 3, 19, "director.metrics_listen", "socket address"),
     ("relative bpf dir", "director:\n  interfaces: [eth0]\n  bpf_dir: lb\n", 3, 12, "director.bpf_dir", "absolute path"),
     ("zero connection table", "director:\n  interfaces: [eth0]\n  connection_table_size: 0\n", 3, 26, "director.connection_table_size", "out of range"),
+    ("connection table not a power of two", "director:\n  interfaces: [eth0]\n  connection_table_size: 1000000\n", 3, 26, "director.connection_table_size", "1000000 is not a power of two (the table is 4-way set-associative): use 524288 or 1048576"),
     ("mark zero", "DIRECTORmarks:\n  - { mark: 0, dst: 192.0.2.0/24 }\n", 4, 13, "marks[0].mark", "mark 0"),
     ("bad prefix", "DIRECTORmarks:\n  - { mark: 1, dst: 192.0.2.0/33 }\n", 4, 21, "marks[0].dst", "invalid IP address"),
     ("prefix with host bits", "DIRECTORmarks:\n  - { mark: 1, dst: 192.0.2.1/24 }\n", 4, 21, "marks[0].dst", "did you mean 192.0.2.0/24"),
@@ -429,7 +430,6 @@ fn alert_rules_and_dashboard_name_only_metrics_the_daemon_exports() {
         fragments: vec![("first", 0)],
         nat_replies: vec![("sent", 0)],
         conn_log: vec![("written", 0)],
-        flow_entries_per_cpu: vec![0, 0],
         last_reload_success: Some(0.0),
         config_digest: "00".into(),
         ..Default::default()

@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{Array, DevMap, HashMap, MapData, PerCpuArray, PerCpuValues, ProgramArray};
 use aya::programs::{ProgramFd, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
-use lb_common::test_object::{REFERENCE_WAYS, TAGGED_WAYS, maps, programs};
+use lb_common::test_object::{maps, programs};
 use lb_common::{BENCH_FRAME_LEN, BenchConfig, FloorForward, GEN_FRAME_LEN, SinkExpect, TrunkPort};
 
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_XDP_TEST_OBJECT"));
@@ -21,31 +21,10 @@ impl TestPrograms {
         Self::load_from(&mut EbpfLoader::new())
     }
 
-    /// As [`TestPrograms::load`], with the connection-table candidates (`lb_lru_insert`'s
-    /// and the `lb_ref_*` programs' tables) as large as a connection table of `entries`
-    /// (a power of two): the shared set-associative table in `entries / REFERENCE_WAYS`
-    /// sets, each CPU's its share of that.
+    /// As [`TestPrograms::load`], with `lb_lru_insert`'s table as large as a connection
+    /// table of `entries`.
     pub fn load_with_reference_table(entries: u32) -> Result<Self> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)? as u32;
-        let sets = (entries / REFERENCE_WAYS).max(1);
-        let cpu_sets = (sets / cpus.next_power_of_two()).max(1);
-        let tagged_sets = (entries / TAGGED_WAYS).max(1);
-        let mut test = Self::load_from(
-            EbpfLoader::new()
-                .map_max_entries(maps::REFERENCE_FLOWS, entries)
-                .map_max_entries(maps::REFERENCE_SETS, sets)
-                .map_max_entries(maps::REFERENCE_CPU_SETS, cpu_sets)
-                .map_max_entries(maps::REFERENCE_TAGGED, tagged_sets),
-        )?;
-        let map = test
-            .ebpf
-            .map_mut(maps::REFERENCE_MASKS)
-            .ok_or_else(|| anyhow!("no map {}", maps::REFERENCE_MASKS))?;
-        let mut masks: Array<&mut MapData, u32> = Array::try_from(map)?;
-        masks.set(0, sets - 1, 0)?;
-        masks.set(1, cpu_sets - 1, 0)?;
-        masks.set(2, tagged_sets - 1, 0)?;
-        Ok(test)
+        Self::load_from(EbpfLoader::new().map_max_entries(maps::REFERENCE_FLOWS, entries))
     }
 
     fn load_from(loader: &mut EbpfLoader) -> Result<Self> {

@@ -213,12 +213,20 @@ impl Env {
 
 /// Runs `f` with a freshly loaded data path in a namespace of its own.
 fn with_env(f: impl FnOnce(&mut Env) -> Result<()> + Send + 'static) -> Result<()> {
+    with_env_pinned(None, f)
+}
+
+/// [`with_env`], with the maps pinned under `pin_dir`.
+fn with_env_pinned(
+    pin_dir: Option<std::path::PathBuf>,
+    f: impl FnOnce(&mut Env) -> Result<()> + Send + 'static,
+) -> Result<()> {
     let ns = NetNs::new("fx")?;
     ns.ip(&["link", "add", DUMMY, "type", "veth", "peer", "name", "lbfx1"])?;
     ns.ip(&["link", "set", DUMMY, "up"])?;
     ns.run(move || {
         let dummy = nix::net::if_::if_nametoindex(DUMMY)?;
-        let dp = Dataplane::load(&LoadOptions { ring_slots: 18 * 4093, flow_entries: 65536, pin_dir: None })?;
+        let dp = Dataplane::load(&LoadOptions { ring_slots: 18 * 4093, flow_entries: 65536, pin_dir })?;
         let neighbours = neighbours(dummy);
         let mut planner = Planner::default();
         let plan = with_director_settings(planner.plan(&services(), &mark_rules(), &neighbours)?);
@@ -1477,16 +1485,149 @@ fn icmp_errors_about_a_service_flow_go_to_its_backend() -> Result<()> {
     })
 }
 
+/// `count` clients (source address and port) whose flows to the VIP's port 80 share one
+/// connection-table set, found by the table's own hash.
+fn flows_sharing_a_set(dp: &Dataplane, count: usize) -> Result<Vec<([u8; 4], u16)>> {
+    let table = dp.flow_table()?;
+    let set = |(src, sport): ([u8; 4], u16)| {
+        let key = lb_common::FlowKey {
+            src: [u32::from_ne_bytes(src), 0, 0, 0],
+            dst: [u32::from_ne_bytes(VIP), 0, 0, 0],
+            sport: sport.to_be(),
+            dport: 80u16.to_be(),
+            proto: lb_common::PROTO_TCP,
+            family: lb_common::FAMILY_V4,
+            _pad: 0,
+        };
+        table.set(lb_common::hash::flow_hash(&key, table.seed))
+    };
+    let candidates =
+        (1..=250u8).flat_map(|host| (40000..40400u16).map(move |port| ([10, 20, 0, host], port)));
+    let first = set(([10, 20, 0, 1], 40000));
+    let flows: Vec<_> = candidates.filter(|c| set(*c) == first).take(count).collect();
+    ensure!(flows.len() == count, "only {} of 100,000 flows share a set", flows.len());
+    Ok(flows)
+}
+
+/// The connection table is 4-way set-associative: a fifth flow in a full set takes the
+/// way seen least recently, counted as a recent flow evicted, and the evicted flow's next
+/// packet still reaches its server (the ring gives it the same one while it is
+/// unchanged). A flow recorded from one CPU is found from another (one shared table).
 #[test]
-fn a_new_flow_records_the_cpu_whose_share_of_the_table_holds_it() -> Result<()> {
+fn a_new_flow_in_a_full_set_takes_the_way_seen_least_recently() -> Result<()> {
     with_env(|env| {
-        for (cpu, sport) in [(0usize, 52000u16), (1, 52001)] {
-            lb_tests::pin_to_cpu(cpu)?;
-            env.forward(&tcp4([10, 19, 0, 1], VIP, sport, 80, TCP_SYN))?;
-            let recorded =
-                env.dp.flows()?.into_iter().find(|(k, _)| u16::from_be(k.sport) == sport).map(|(_, f)| f.cpu);
-            ensure!(recorded == Some(cpu as u16), "flow from CPU {cpu} recorded {recorded:?}");
+        let flows = flows_sharing_a_set(&env.dp, 5)?;
+        let recorded = |dp: &Dataplane, (src, sport): ([u8; 4], u16)| -> Result<bool> {
+            Ok(dp
+                .flows()?
+                .iter()
+                .any(|(k, _)| u16::from_be(k.sport) == sport && k.src[0] == u32::from_ne_bytes(src)))
+        };
+        let mut first_backend = Vec::new();
+        for (i, (src, port)) in flows[..4].iter().enumerate() {
+            lb_tests::pin_to_cpu(i % 2)?;
+            first_backend.push(env.forward(&tcp4(*src, VIP, *port, 80, TCP_SYN))?);
         }
+        for flow in &flows[..4] {
+            ensure!(recorded(&env.dp, *flow)?, "flow {flow:?} not recorded");
+        }
+        // The first flow goes on, from the other CPU, past the one-second refresh: it is
+        // now the set's most recently seen, and was not taken for a new flow.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        lb_tests::pin_to_cpu(1)?;
+        let svc = env.plan.service_ids["web"];
+        let new_before = env.dp.service_counters(svc)?.new_flows;
+        let (src, port) = flows[0];
+        ensure!(env.forward(&tcp4(src, VIP, port, 80, TCP_ACK))? == first_backend[0]);
+        ensure!(env.dp.service_counters(svc)?.new_flows == new_before, "the ACK started a new flow");
+        let evicted_before = env.dp.global_counters()?[stat::FLOWS_EVICTED_RECENT as usize];
+        let (src, port) = flows[4];
+        env.forward(&tcp4(src, VIP, port, 80, TCP_SYN))?;
+        let still: Vec<bool> = flows.iter().map(|f| recorded(&env.dp, *f)).collect::<Result<_>>()?;
+        ensure!(still == [true, false, true, true, true], "recorded after the fifth flow: {still:?}");
+        ensure!(
+            env.dp.global_counters()?[stat::FLOWS_EVICTED_RECENT as usize] == evicted_before + 1,
+            "the eviction was not counted"
+        );
+        // The evicted flow's next packet: the same server, by the ring.
+        let (src, port) = flows[1];
+        ensure!(env.forward(&tcp4(src, VIP, port, 80, TCP_ACK))? == first_backend[1]);
+        Ok(())
+    })
+}
+
+/// Two CPUs recording different flows into one way at the same instant can leave one
+/// flow's key with the other's head (backend and check). Such a way is taken for empty:
+/// the flow's packet goes where the ring sends it and is recorded afresh, never to the
+/// backend the way names. (The test writes the way through the pinned map: first a
+/// backend with the flow's own check, which is followed, then the same with another
+/// flow's check, which is not.)
+#[test]
+fn a_way_whose_check_does_not_vouch_for_its_key_is_taken_for_empty() -> Result<()> {
+    use aya::maps::{Array, Map, MapData};
+    use lb_common::{FlowSet, maps};
+    let pins = Pins(std::path::PathBuf::from("/sys/fs/bpf").join(lb_tests::unique_name("lbtorn")));
+    let flows_pin = pins.0.join(format!("maps-v{}", lb_common::MAP_LAYOUT_VERSION)).join(maps::FLOWS);
+    with_env_pinned(Some(pins.0.clone()), move |env| {
+        let src = [10, 21, 0, 1];
+        let port = 41000;
+        let ring_backend = env.forward(&tcp4(src, VIP, port, 80, TCP_SYN))?;
+        let other = *env
+            .plan
+            .state
+            .backends
+            .iter()
+            .find(|(id, b)| **id != ring_backend && b.service as u32 == env.plan.service_ids["web"])
+            .map(|(id, _)| id)
+            .ok_or_else(|| anyhow::anyhow!("web has one backend"))?;
+        let mut table: Array<MapData, FlowSet> =
+            Array::try_from(Map::from_map_data(MapData::from_pin(&flows_pin)?)?)?;
+        let (set_index, way) = {
+            let (key, _) = env
+                .dp
+                .flows()?
+                .into_iter()
+                .find(|(k, _)| u16::from_be(k.sport) == port)
+                .ok_or_else(|| anyhow::anyhow!("the SYN was not recorded"))?;
+            let t = env.dp.flow_table()?;
+            let set_index = t.set(lb_common::hash::flow_hash(&key, t.seed));
+            let set = table.get(&set_index, 0)?;
+            let way = set
+                .ways
+                .iter()
+                .position(|w| w.key == key)
+                .ok_or_else(|| anyhow::anyhow!("not in its set"))?;
+            (set_index, way)
+        };
+        let mut rewrite = |backend: u32, check_flip: u32| -> Result<()> {
+            let mut set = table.get(&set_index, 0)?;
+            set.ways[way].flow.backend = backend;
+            set.ways[way].flow.check ^= check_flip;
+            table.set(set_index, set, 0)?;
+            Ok(())
+        };
+        let svc = env.plan.service_ids["web"];
+        rewrite(other, 0)?;
+        ensure!(
+            env.forward(&tcp4(src, VIP, port, 80, TCP_ACK))? == other,
+            "a way with its own check is the flow's"
+        );
+        // Another flow's check (a different hash, still odd, as every check is).
+        rewrite(other, 0x8000_0000)?;
+        let new_before = env.dp.service_counters(svc)?.new_flows;
+        let to = env.forward(&tcp4(src, VIP, port, 80, TCP_ACK))?;
+        ensure!(to == ring_backend, "the flow went to {to}, not where the ring sends it ({ring_backend})");
+        ensure!(
+            env.dp.service_counters(svc)?.new_flows == new_before + 1,
+            "the flow was not recorded afresh"
+        );
+        ensure!(
+            table
+                .get(&set_index, 0)?
+                .ways
+                .iter()
+                .any(|w| w.key.sport == port.to_be() && w.flow.backend == ring_backend)
+        );
         Ok(())
     })
 }

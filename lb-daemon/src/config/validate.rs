@@ -373,8 +373,23 @@ impl Checker<'_> {
             &d.connection_table_size,
             "director.connection_table_size",
             DEFAULT_FLOW_ENTRIES,
-            1..=MAX_FLOW_ENTRIES,
+            lb_common::FLOW_WAYS..=MAX_FLOW_ENTRIES,
         )?;
+        if let Some(size) = &d.connection_table_size
+            && !size.value.is_power_of_two()
+        {
+            return Err(self.err(
+                size,
+                "director.connection_table_size",
+                format!(
+                    "{} is not a power of two (the table is {}-way set-associative): use {} or {}",
+                    size.value,
+                    lb_common::FLOW_WAYS,
+                    size.value.next_power_of_two() / 2,
+                    size.value.next_power_of_two()
+                ),
+            ));
+        }
         let ring_slots =
             self.ranged(&d.ring_slots, "director.ring_slots", DEFAULT_RING_SLOTS, 1..=MAX_RING_SLOTS)?;
         let bpf_dir = match d.bpf_dir {

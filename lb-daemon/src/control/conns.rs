@@ -1,8 +1,7 @@
-//! Connection counts (per backend, active and inactive; per CPU, for how full the table
-//! really is) from a walk of the connection table. The walk takes about a microsecond per
-//! entry, a second for a full table of a million: it runs outside the daemon's lock, so
-//! that reloads, health changes and the watchdog never wait for it, and its result serves
-//! every scrape and status request for a few seconds.
+//! Connection counts (per backend, active and inactive) from a walk of the connection
+//! table. The walk reads the table's memory (64 MB for a million flows): it runs outside
+//! the daemon's lock, so that reloads, health changes and the watchdog never wait for it,
+//! and its result serves every scrape and status request for a few seconds.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,9 +20,6 @@ pub struct ConnCounts {
     /// Backend id -> (active, inactive).
     pub by_backend: HashMap<u32, (u64, u64)>,
     pub entries: u64,
-    /// Entries recorded by each possible CPU (one element each), which holds
-    /// `capacity / cpus` of them at most.
-    pub per_cpu: Vec<u64>,
     /// When the walk started: what it counts is at least this fresh.
     pub walked_at: Option<Instant>,
 }
@@ -62,11 +58,8 @@ fn walk(reader: &FlowReader) -> Result<ConnCounts> {
     let walked_at = Some(Instant::now());
     let now =
         flow_clock_ns().map_err(|source| ControlError::Io { what: "reading the clock".into(), source })?;
-    let mut counts = ConnCounts { per_cpu: vec![0; reader.cpus() as usize], walked_at, ..Default::default() };
+    let mut counts = ConnCounts { walked_at, ..Default::default() };
     counts.entries = reader.for_each(|_, flow| {
-        if let Some(n) = counts.per_cpu.get_mut(flow.cpu as usize) {
-            *n += 1;
-        }
         let c = counts.by_backend.entry(flow.backend).or_default();
         match classify(flow, now) {
             Some(ConnKind::Active) => c.0 += 1,

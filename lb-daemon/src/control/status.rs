@@ -71,6 +71,7 @@ fn fill_counters(snapshot: &mut Snapshot, ids: &CounterIds, counters: &CounterRe
     snapshot.drops = pick(&stat::DROP_REASONS);
     snapshot.passes = pick(&stat::PASS_REASONS);
     snapshot.flows_unrecorded = global[stat::FLOWS_UNRECORDED_FLOOD as usize];
+    snapshot.flows_evicted_recent = global[stat::FLOWS_EVICTED_RECENT as usize];
     snapshot.icmp_forwarded =
         stat::ICMP_FORWARDED.iter().map(|(i, family, kind)| (*family, *kind, global[*i as usize])).collect();
     snapshot.too_big_sent = pick(&stat::TOO_BIG_SENT);
@@ -160,9 +161,7 @@ impl Daemon {
             flow_entries: conns.entries,
             conn_counts_age: conns.walked_at.map_or(Duration::ZERO, |t| t.elapsed()),
             flow_capacity: self.dataplane.load_report().flow_entries,
-            flow_entries_per_cpu: conns.per_cpu.clone(),
-            flow_capacity_per_cpu: self.dataplane.load_report().flow_entries
-                / (conns.per_cpu.len() as u32).max(1),
+            flows_evicted_recent: 0,
             flood_guard_active_cpus: self.dataplane.flood_guard_active_cpus(now)?,
             flows_unrecorded: 0,
             icmp_forwarded: Vec::new(),

@@ -1,31 +1,12 @@
 //! Reading back: counters, the connection table (also from outside the daemon's lock,
 //! through a [`FlowReader`]) and the flood guard's state.
 
+use super::flow_memory::FlowMemory;
 use super::*;
 
 /// The possible CPUs, which per-CPU maps hold a value for each of; an error is `map`'s.
 pub(super) fn possible_cpus(map: &'static str) -> Result<usize> {
     aya::util::nr_cpus().map_err(|(_, e)| map_err(map)(MapError::IoError(e)))
-}
-
-/// Visits the entries of a connection table; returns how many there were.
-pub(super) fn walk_flows<T: std::borrow::Borrow<MapData>>(
-    map: &HashMap<T, FlowKey, Flow>,
-    mut visit: impl FnMut(&FlowKey, &Flow),
-) -> Result<u64> {
-    let mut n = 0;
-    for entry in map.iter() {
-        match entry {
-            Ok((k, f)) => {
-                visit(&k, &f);
-                n += 1;
-            }
-            // An entry evicted between the key walk and its lookup.
-            Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_err(maps::FLOWS)(e)),
-        }
-    }
-    Ok(n)
 }
 
 fn sum_counters<T: std::borrow::Borrow<MapData>>(
@@ -72,19 +53,13 @@ impl CounterReader {
 
 /// The connection table, readable on its own (see [`Dataplane::flow_reader`]).
 pub struct FlowReader {
-    flows: HashMap<MapData, FlowKey, Flow>,
-    /// Possible CPUs: each holds `capacity / cpus` entries of the table.
-    cpus: u32,
+    memory: FlowMemory,
 }
 
 impl FlowReader {
+    /// Visits every recorded flow; returns how many there were.
     pub fn for_each(&self, visit: impl FnMut(&FlowKey, &Flow)) -> Result<u64> {
-        walk_flows(&self.flows, visit)
-    }
-
-    /// CPUs the kernel splits the table's LRU lists over.
-    pub fn cpus(&self) -> u32 {
-        self.cpus
+        Ok(self.memory.for_each(visit))
     }
 }
 
@@ -133,20 +108,14 @@ impl Dataplane {
         self.zero_counters(id)
     }
 
-    /// A handle of its own on the connection table, for walking it without the
-    /// `Dataplane` (and whatever lock guards it): a walk of a million entries takes about
-    /// a second.
+    /// A mapping of its own of the connection table, for walking it without the
+    /// `Dataplane` (and whatever lock guards it).
     pub fn flow_reader(&self) -> Result<FlowReader> {
         let map = self.ebpf.map(maps::FLOWS).ok_or(DataplaneError::MissingMap(maps::FLOWS))?;
-        let aya::maps::Map::LruHashMap(data) = map else {
+        let aya::maps::Map::Array(data) = map else {
             return Err(map_err(maps::FLOWS)(MapError::InvalidName { name: maps::FLOWS.into() }));
         };
-        let fd =
-            data.fd().as_fd().try_clone_to_owned().map_err(|e| map_err(maps::FLOWS)(MapError::IoError(e)))?;
-        let own = MapData::from_fd(fd).map_err(map_err(maps::FLOWS))?;
-        let map = aya::maps::Map::from_map_data(own).map_err(map_err(maps::FLOWS))?;
-        let flows = HashMap::try_from(map).map_err(map_err(maps::FLOWS))?;
-        Ok(FlowReader { flows, cpus: possible_cpus(maps::FLOWS)? as u32 })
+        Ok(FlowReader { memory: FlowMemory::map(data, self.report.flow_entries / FLOW_WAYS)? })
     }
 
     /// A service's counters summed over CPUs: its departed backends' and its current ones'.
@@ -188,9 +157,17 @@ impl Dataplane {
         })
     }
 
+    /// The connection table's seed and set mask: with `lb_common::hash::flow_hash`, where
+    /// a flow's set is.
+    pub fn flow_table(&self) -> Result<FlowTable> {
+        let map: Array<&MapData, FlowTable> = map_ref(&self.ebpf, maps::FLOW_TABLE)?;
+        map.get(&0, 0).map_err(map_err(maps::FLOW_TABLE))
+    }
+
     /// A snapshot of the connection table.
     pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
-        let map: HashMap<&MapData, FlowKey, Flow> = map_ref(&self.ebpf, maps::FLOWS)?;
-        map.iter().collect::<std::result::Result<_, _>>().map_err(map_err(maps::FLOWS))
+        let mut flows = Vec::new();
+        self.flow_reader()?.for_each(|k, f| flows.push((*k, *f)))?;
+        Ok(flows)
     }
 }

@@ -27,7 +27,7 @@ use aya::{
 };
 use lb_common::{
     AddrKey, Backend, Counters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SLOTS, DataplaneConfig, FAMILY_V4,
-    FAMILY_V6, FloodWindow, Flow, FlowKey, FullNatPool, LocalMacs, MAP_LAYOUT_VERSION,
+    FAMILY_V6, FLOW_WAYS, FloodWindow, Flow, FlowKey, FlowTable, FullNatPool, LocalMacs, MAP_LAYOUT_VERSION,
     MAX_ATTACHED_INTERFACES, MAX_BACKENDS, MAX_LOCAL_MACS, MAX_SERVICES, MarkRuleSet, Service, ServiceKey,
     departed_stats_slot, hash::vip_filter_slot, local_mac_slot, maps, programs, stat,
 };
@@ -37,6 +37,7 @@ mod attach;
 mod counters;
 pub mod decap;
 mod events;
+mod flow_memory;
 pub mod probe;
 mod ring_memory;
 mod rings;
@@ -60,6 +61,12 @@ pub enum DataplaneError {
     Size { what: &'static str, value: u32, max: u32 },
     #[error("mapping the ring array into memory")]
     RingMemory(#[source] std::io::Error),
+    #[error("mapping the connection table into memory")]
+    FlowMemory(#[source] std::io::Error),
+    #[error(
+        "the connection table's size must be a power of two of at least {FLOW_WAYS} flows (it is {FLOW_WAYS}-way set-associative), not {0}"
+    )]
+    FlowEntries(u32),
     #[error("program {name}")]
     Program { name: &'static str, source: ProgramError },
     #[error("program {0} is missing from the object")]
@@ -115,6 +122,7 @@ const PINNED_MAPS: &[&str] = &[
     maps::BACKENDS,
     maps::RINGS,
     maps::FLOWS,
+    maps::FLOW_TABLE,
     maps::MARK_RULES_V4,
     maps::MARK_RULES_V6,
     maps::VIP_ADDRS,
@@ -306,6 +314,20 @@ fn load_xdp(ebpf: &mut Ebpf, name: &'static str) -> Result<()> {
     xdp_mut(ebpf, name)?.load().map_err(|source| DataplaneError::Program { name, source })
 }
 
+/// Gives a connection table of `sets` sets its hash seed and set mask, unless it has them
+/// already (adopted: a new seed would lose every flow recorded under the old one).
+fn init_flow_table(ebpf: &mut Ebpf, sets: u32) -> Result<()> {
+    use std::hash::BuildHasher as _;
+    let mut map: Array<&mut MapData, FlowTable> = map_mut(ebpf, maps::FLOW_TABLE)?;
+    let current = map.get(&0, 0).map_err(map_err(maps::FLOW_TABLE))?;
+    if current.set_mask == sets - 1 && current.seed != 0 {
+        return Ok(());
+    }
+    // The standard library's hasher keys come from the OS's random source.
+    let seed = (std::collections::hash_map::RandomState::new().hash_one(std::process::id()) as u32).max(1);
+    map.set(0, FlowTable { seed, set_mask: sets - 1 }, 0).map_err(map_err(maps::FLOW_TABLE))
+}
+
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { map, source }
 }
@@ -324,10 +346,13 @@ impl Dataplane {
                 return Err(DataplaneError::Size { what, value, max });
             }
         }
+        if !opts.flow_entries.is_power_of_two() || opts.flow_entries < FLOW_WAYS {
+            return Err(DataplaneError::FlowEntries(opts.flow_entries));
+        }
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(maps::RINGS, opts.ring_slots)
-            .map_max_entries(maps::FLOWS, opts.flow_entries)
+            .map_max_entries(maps::FLOWS, opts.flow_entries / FLOW_WAYS)
             .map_max_entries(maps::NAT_REPLIES, opts.flow_entries)
             .map_max_entries(maps::FULLNAT_SOURCES, opts.flow_entries);
         let mut adopted = false;
@@ -346,14 +371,7 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(OBJECT)?;
-        for name in [
-            programs::BALANCER,
-            programs::PASS,
-            programs::NAT_REPLY,
-            programs::NAT_FORWARD,
-            programs::NAT_ICMP,
-            programs::NAT_FULL_REPLY,
-        ] {
+        for name in programs::ALL {
             load_xdp(&mut ebpf, name)?;
         }
         let capacity = |ebpf: &Ebpf, name: &'static str| -> Result<u32> {
@@ -367,8 +385,9 @@ impl Dataplane {
         let report = LoadReport {
             adopted,
             ring_slots: capacity(&ebpf, maps::RINGS)?,
-            flow_entries: capacity(&ebpf, maps::FLOWS)?,
+            flow_entries: capacity(&ebpf, maps::FLOWS)? * FLOW_WAYS,
         };
+        init_flow_table(&mut ebpf, report.flow_entries / FLOW_WAYS)?;
         let ring_memory = {
             let map = ebpf.map(maps::RINGS).ok_or(DataplaneError::MissingMap(maps::RINGS))?;
             let aya::maps::Map::Array(data) = map else {

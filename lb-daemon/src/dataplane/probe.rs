@@ -37,7 +37,7 @@ fn requirements() -> Vec<(&'static str, &'static str, Probe)> {
         ("array maps", "3.19", Probe::Map(MapType::Array)),
         ("per-CPU array maps", "4.6", Probe::Map(MapType::PerCpuArray)),
         ("hash maps", "3.19", Probe::Map(MapType::Hash)),
-        ("LRU hash maps (the connection table)", "4.10", Probe::Map(MapType::LruHash)),
+        ("LRU hash maps (NAT replies, fragments)", "4.10", Probe::Map(MapType::LruHash)),
         ("LPM trie maps (mark rules, VIP filter)", "4.11", Probe::Map(MapType::LpmTrie)),
         ("device hash maps (XDP_REDIRECT by ifindex)", "5.4", Probe::Map(MapType::DevMapHash)),
         ("program arrays (tail calls)", "4.2", Probe::Map(MapType::ProgramArray)),

@@ -1,8 +1,6 @@
 //! The connection table and Maglev scheduling: an existing flow keeps its backend while
 //! that backend is up; a new one (or one whose backend went down) is hashed onto the ring.
-use aya_ebpf::helpers::{
-    bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_coarse_ns,
-};
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_UP, Backend, ConnEvent, FAMILY_V6, FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_FIN, FLOW_FIN_SERVER,
     FLOW_MIDSTREAM, FLOW_NAT_SYN_SENT, FLOW_SYN_RECV, FLOW_SYN_SENT, FLOW_UDP, Flow, FlowKey,
@@ -13,8 +11,9 @@ use lb_common::{
 };
 use lb_ebpf::parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
+use super::flow_table;
 use super::maps::{
-    BACKENDS, CLOCK, CONFIG, CONN_EVENTS, FLOOD_GUARD, FLOWS, RINGS, SERVICE_GENERATIONS, WRR_CURSORS,
+    BACKENDS, CLOCK, CONFIG, CONN_EVENTS, FLOOD_GUARD, RINGS, SERVICE_GENERATIONS, WRR_CURSORS,
 };
 use super::stats;
 
@@ -92,11 +91,12 @@ fn next_tcp_state(state: u16, flags: u8) -> u16 {
 /// A new NAT flow's SYN waits for the server's answer (see `next_tcp_state`).
 #[inline(always)]
 pub fn nat_syn(key: &FlowKey) {
-    if let Some(f) = FLOWS.get_ptr_mut(key) {
+    if let Some((f, _)) = flow_table::find_inline(key) {
         // SAFETY: as in `server_segment`.
-        let f = unsafe { &mut *f };
-        if f.state == FLOW_SYN_SENT {
-            f.state = FLOW_NAT_SYN_SENT;
+        unsafe {
+            if (*f).state == FLOW_SYN_SENT {
+                (*f).state = FLOW_NAT_SYN_SENT;
+            }
         }
     }
 }
@@ -106,8 +106,8 @@ pub fn nat_syn(key: &FlowKey) {
 /// RST ends the flow.
 #[inline(always)]
 pub fn server_segment(f: *mut Flow, flags: u8) {
-    // SAFETY: an LRU element, valid for this program run (RCU); read and written through
-    // the pointer (other CPUs may write it too), as in `established`.
+    // SAFETY: a connection-table way, valid for this program run; read and written
+    // through the pointer (other CPUs may write it too), as in `established`.
     let state = unsafe { (*f).state };
     let next = if flags & TCP_RST != 0 {
         FLOW_CLOSED
@@ -135,7 +135,7 @@ const LAST_SEEN_REFRESH_NS: u64 = 1_000_000_000;
 /// Stamps the flow as seen `now`, unless its stamp is fresh enough.
 #[inline(always)]
 fn refresh(f: *mut Flow, now: u64) {
-    // SAFETY: an LRU element, valid for this program run (RCU); a plain 8-byte field.
+    // SAFETY: a connection-table way, valid for this program run; a plain 8-byte field.
     unsafe {
         if now.wrapping_sub((*f).last_seen_ns) >= LAST_SEEN_REFRESH_NS {
             (*f).last_seen_ns = now;
@@ -151,27 +151,27 @@ fn backend(id: u32) -> Option<Backend> {
 /// The entry of a flow that may go on, with its backend: its service still exists (same
 /// generation) and its backend is up.
 #[inline(always)]
-fn live_entry(key: &FlowKey) -> Option<(*mut Flow, Backend)> {
-    let f = FLOWS.get_ptr_mut(key)?;
-    // SAFETY: the element stays valid for this program run (RCU); fields are read once.
-    let (service, generation, backend_id) = unsafe { ((*f).service, (*f).service_generation, (*f).backend) };
-    if *SERVICE_GENERATIONS.get(service)? != generation {
+fn live_entry(key: &FlowKey) -> Option<(*mut Flow, u32, Backend)> {
+    let (f, backend_id) = flow_table::find(key)?;
+    // SAFETY: a connection-table way, valid for this program run; fields are read once.
+    let (service, generation) = unsafe { ((*f).service, (*f).service_generation) };
+    if *SERVICE_GENERATIONS.get(service as u32)? != generation {
         return None;
     }
     let b = backend(backend_id)?;
     if b.state != BACKEND_UP {
         return None;
     }
-    Some((f, b))
+    Some((f, backend_id, b))
 }
 
 /// The backend of a recorded flow, read only: for an ICMP error about the flow, which
 /// says nothing about the connection's state.
 #[inline(always)]
 pub fn lookup(key: &FlowKey) -> Option<Decision> {
-    let (f, b) = live_entry(key)?;
+    let (f, backend_id, b) = live_entry(key)?;
     // SAFETY: as in live_entry.
-    let (service_id, backend_id) = unsafe { ((*f).service, (*f).backend) };
+    let service_id = unsafe { (*f).service } as u32;
     Some(Decision { service_id, backend_id, backend: b, new_flow: false })
 }
 
@@ -193,12 +193,13 @@ pub fn about_error(p: &Parsed, key: &FlowKey, svc: &Service) -> Option<Decision>
 /// reusing the ports, to be scheduled afresh).
 #[inline(always)]
 pub fn established(p: &Parsed, key: &FlowKey) -> Option<Decision> {
-    let (f, b) = live_entry(key)?;
-    // SAFETY: the element stays valid for this program run (RCU). Other CPUs may write
-    // it at the same time (the two directions of a NAT flow, RSS moving a flow), so no
-    // `&mut` is made of it: each field is read and written through the pointer, and the
-    // races are on a timestamp or a state word, each written whole.
-    let (state, service_id, backend_id) = unsafe { ((*f).state, (*f).service, (*f).backend) };
+    let (f, backend_id, b) = live_entry(key)?;
+    // SAFETY: a connection-table way, valid for this program run. Other CPUs may write
+    // it at the same time (the two directions of a NAT flow, RSS moving a flow, a new
+    // flow taking the way), so no `&mut` is made of it: each field is read and written
+    // through the pointer, and the races are on a timestamp or a state word, each
+    // written whole (the backend comes with its check, see `flow_table::find`).
+    let (state, service_id) = unsafe { ((*f).state, (*f).service as u32) };
     if is_syn(p) && (state == FLOW_FIN || state == FLOW_FIN_SERVER || state == FLOW_CLOSED) {
         return None;
     }
@@ -234,16 +235,16 @@ pub fn schedule(p: &Parsed, key: &FlowKey, svc: &Service) -> Result<Decision, u3
     if flood_guard_allows(now) {
         let flow = Flow {
             backend: d.backend_id,
-            service: svc.id,
+            check: 0,
+            // Service ids are below `MAX_SERVICES` (16 bits).
+            service: svc.id as u16,
             state,
-            // SAFETY: a plain helper call with no arguments.
-            cpu: unsafe { bpf_get_smp_processor_id() } as u16,
             service_generation: svc.generation,
             last_seen_ns: now,
         };
-        // A full table is no reason to drop: the hash sends the next packet to the same
-        // backend for as long as the ring is unchanged.
-        let _ = FLOWS.insert(key, &flow, 0);
+        // A full set is no reason to drop: the way seen least recently goes, and the hash
+        // sends its flow's next packet to the same backend while the ring is unchanged.
+        flow_table::record(key, &flow);
         // Junk without a handshake is no connection to log; nor are the flows the flood
         // guard leaves unrecorded (a flood would only fill the log).
         if svc.log_one_in != 0 && state != FLOW_MIDSTREAM {

@@ -5,13 +5,14 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, BACKEND_STATS_ENTRIES, Backend, CONN_EVENTS_BYTES, ClockCache, Counters, DEFAULT_FLOW_ENTRIES,
-    DEFAULT_RING_SLOTS, DataplaneConfig, FRAGMENT_ENTRIES, FloodWindow, Flow, FlowKey, FragEntry, FragKey,
-    FullNatPool, FullNatSource, LocalMacs, MAX_ATTACHED_INTERFACES, MAX_BACKENDS, MAX_EGRESS_INTERFACES,
-    MAX_MARK_PREFIXES, MAX_SERVICES, MarkRuleSet, NatJob, Service, ServiceKey, hash::VIP_FILTER_SLOTS, stat,
+    DEFAULT_RING_SLOTS, DataplaneConfig, FLOW_WAYS, FRAGMENT_ENTRIES, FloodWindow, FlowKey, FlowSet,
+    FlowTable, FragEntry, FragKey, FullNatPool, FullNatSource, LocalMacs, MAX_ATTACHED_INTERFACES,
+    MAX_BACKENDS, MAX_EGRESS_INTERFACES, MAX_MARK_PREFIXES, MAX_SERVICES, MarkRuleSet, NatJob, Service,
+    ServiceKey, hash::VIP_FILTER_SLOTS, stat,
 };
 
-/// Per-CPU LRU lists: no cross-CPU lock on insert, at the price of each CPU evicting
-/// from its own share of the table (flows stay on one CPU through RSS anyway).
+/// Per-CPU LRU lists (the NAT tables): no cross-CPU lock on insert, at the price of each
+/// CPU evicting from its own share of the table (flows stay on one CPU through RSS anyway).
 const BPF_F_NO_COMMON_LRU: u32 = 2;
 
 #[map]
@@ -24,16 +25,22 @@ pub static SERVICE_GENERATIONS: Array<u32> = Array::with_max_entries(MAX_SERVICE
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// The daemon maps the ring array into its memory and writes slots as memory.
+/// The daemon maps the ring array (and the connection table) into its memory and
+/// accesses them as memory.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// All Maglev rings, back to back; each service owns two windows and flips between them.
 #[map]
 pub static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_RING_SLOTS, BPF_F_MMAPABLE);
 
+/// The connection table (see `lb_common::FlowSet`): `DEFAULT_FLOW_ENTRIES / FLOW_WAYS`
+/// sets by default, the daemon sizes it. Mapped by the daemon, which reads it as memory.
 #[map]
-pub static FLOWS: LruHashMap<FlowKey, Flow> =
-    LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, BPF_F_NO_COMMON_LRU);
+pub static FLOWS: Array<FlowSet> = Array::with_max_entries(DEFAULT_FLOW_ENTRIES / FLOW_WAYS, BPF_F_MMAPABLE);
+
+/// `FLOW_TABLE[0]`: the connection table's hash seed and set mask.
+#[map]
+pub static FLOW_TABLE: Array<FlowTable> = Array::with_max_entries(1, 0);
 
 /// Destination prefix (IPv4 address bytes) -> the fwmark rules that apply under it.
 #[map]

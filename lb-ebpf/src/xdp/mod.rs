@@ -2,6 +2,7 @@
 //! tracking and scheduling, forwarding, counters; `programs` wires them into entry points.
 mod classify;
 mod conntrack;
+mod flow_table;
 mod forward;
 mod fragments;
 mod maps;

@@ -39,10 +39,9 @@ use lb_ebpf::{
 use super::{
     classify,
     conntrack::{self, Decision, flow_key},
-    forward,
+    flow_table, forward,
     maps::{
-        BACKENDS, FLOWS, FULLNAT_POOL, FULLNAT_SOURCES, NAT_JOBS, NAT_PROGRAMS, NAT_REPLIES,
-        SERVICE_GENERATIONS,
+        BACKENDS, FULLNAT_POOL, FULLNAT_SOURCES, NAT_JOBS, NAT_PROGRAMS, NAT_REPLIES, SERVICE_GENERATIONS,
     },
     stats,
 };
@@ -591,13 +590,12 @@ fn reply_of(ctx: &XdpContext) -> Result<ReplyOf, u32> {
     // SAFETY: the element stays valid for this program run (RCU); copied once, so that
     // the lookups below use a stable key.
     let flow = unsafe { *flow };
-    let entry = FLOWS.get_ptr_mut(&flow).ok_or(xdp_action::XDP_PASS)?;
-    // SAFETY: the element stays valid for this program run (RCU); fields are read once.
-    let (service, generation, backend_id) =
-        unsafe { ((*entry).service, (*entry).service_generation, (*entry).backend) };
+    let (entry, backend_id) = flow_table::find(&flow).ok_or(xdp_action::XDP_PASS)?;
+    // SAFETY: a connection-table way, valid for this program run; fields are read once.
+    let (service, generation) = unsafe { ((*entry).service, (*entry).service_generation) };
     // The flow must still be this backend's: one moved elsewhere (its backend went down)
     // or a service since removed leaves a stale reverse entry behind.
-    if SERVICE_GENERATIONS.get(service).copied() != Some(generation) {
+    if SERVICE_GENERATIONS.get(service as u32).copied() != Some(generation) {
         return Err(xdp_action::XDP_PASS);
     }
     let b = BACKENDS.get(backend_id).ok_or(xdp_action::XDP_PASS)?;
