@@ -1,11 +1,13 @@
 //! The connection table's ways: finding a flow, recording one (see `lb_common::FlowSet`).
 //!
-//! Both are global functions, which the kernel verifies once, on their own, where an
-//! inlined lookup (the hash, four ways' compares) was walked again at every state of the
-//! balancer that reaches one, past the verifier's limit. A global function returns a
-//! number, not a pointer: the slot it found, from which `find` makes the way's pointer.
-//! Their stack is what the balancer's leaves (512 bytes in all), so they keep nothing
-//! on it.
+//! The search of a set (`lb_flow_find`) and the choice of a way for a new flow
+//! (`lb_flow_place`) are global functions, which the kernel verifies once, on their own:
+//! inlined, the hash and the four ways' compares were walked again at every state of the
+//! balancer that reaches a lookup, past the verifier's million instructions. A global
+//! function returns a number, not a pointer: the slot, from which the caller makes the
+//! way's pointer (one array lookup the kernel inlines). Their stack is what the
+//! balancer's leaves of the 512 bytes, so they keep next to nothing on it; writing the new
+//! flow there too took more, so `record` writes it inline.
 //!
 //! Ways are read and written through raw pointers, the head word (`backend`, `check`)
 //! whole and last: other CPUs read and write the same ways at the same time.

@@ -92,6 +92,10 @@ struct Case {
     output: Output,
     /// New flows the service must count per timed run; `None` where the balancer is not run.
     new_flows: Option<u64>,
+    /// How many more new flows than `new_flows` a run may count: the flows of a set that
+    /// holds more than its four ways take each other's way in turn (a set or two of the
+    /// table for 65,536 flows).
+    new_flows_slack: u64,
     /// Runs against a data path loaded afresh before each round, with a connection table
     /// of this many entries: what the case measures does not depend on the cases before.
     fresh: Option<u32>,
@@ -239,6 +243,7 @@ fn data_path() -> Result<()> {
         action: XDP_TX,
         output: Output::Unchanged,
         new_flows: None,
+        new_flows_slack: 0,
         fresh: None,
     };
     // The reference LRU map's lists are per CPU: this many SYNs fill the bench CPU's share.
@@ -274,6 +279,7 @@ fn data_path() -> Result<()> {
             warmup: CYCLED_FLOWS,
             output: driven,
             new_flows: Some(0),
+            new_flows_slack: u64::from(REPEAT / 1000),
             fresh: Some(TABLE_ENTRIES),
             ..base.clone()
         },
@@ -462,9 +468,10 @@ fn data_path() -> Result<()> {
             );
             if let Some(want) = case.new_flows {
                 ensure!(
-                    new_flows == want,
-                    "{}: {new_flows} new flows in {REPEAT} runs, want {want}",
-                    case.name
+                    (want..=want + case.new_flows_slack).contains(&new_flows),
+                    "{}: {new_flows} new flows in {REPEAT} runs, want {want} (+ at most {})",
+                    case.name,
+                    case.new_flows_slack
                 );
             }
             samples.push(kernel_ns);
