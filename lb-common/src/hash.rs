@@ -78,35 +78,24 @@ pub const fn tuple_hash(
     finish(h, if ipv6 { 40 } else { 16 })
 }
 
-/// The connection table's hash of a flow (`FlowTable`), under the table's own seed: every
-/// word of the key, for both families (an IPv4 key's upper address words are zero), so
-/// that the data path has no branch here for the verifier to walk twice.
+/// The connection table's hash of a flow (`FlowTable`), under the table's own seed: the
+/// 5-tuple and the family (the upper address words only for IPv6).
 #[inline(always)]
-pub fn flow_hash(key: &crate::FlowKey, seed: u32) -> u32 {
-    let mut h = seed;
-    for i in 0..4 {
-        one_word_at_a_time();
-        h = block(h, key.src[i]);
-        one_word_at_a_time();
-        h = block(h, key.dst[i]);
+pub const fn flow_hash(key: &crate::FlowKey, seed: u32) -> u32 {
+    let mut h = block(seed, key.src[0]);
+    h = block(h, key.dst[0]);
+    let ipv6 = key.family == crate::FAMILY_V6;
+    if ipv6 {
+        h = block(h, key.src[1]);
+        h = block(h, key.src[2]);
+        h = block(h, key.src[3]);
+        h = block(h, key.dst[1]);
+        h = block(h, key.dst[2]);
+        h = block(h, key.dst[3]);
     }
-    one_word_at_a_time();
     h = block(h, ((key.sport as u32) << 16) | key.dport as u32);
-    one_word_at_a_time();
     h = block(h, ((key.family as u32) << 8) | key.proto as u32);
-    finish(h, 40)
-}
-
-/// On BPF, a barrier no load moves across: the compiler would otherwise load every word
-/// first and keep ten partial results alive, spilled to a stack that the data path's
-/// global functions (`lb_flow_find`) have only a few bytes of.
-#[inline(always)]
-fn one_word_at_a_time() {
-    #[cfg(target_arch = "bpf")]
-    // SAFETY: an empty instruction sequence; it only stands for "memory may change".
-    unsafe {
-        core::arch::asm!("", options(nostack, preserves_flags))
-    };
+    finish(h, if ipv6 { 40 } else { 16 })
 }
 
 #[cfg(test)]

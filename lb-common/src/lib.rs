@@ -6,8 +6,6 @@
 //! four `u32` words (IPv4 in the first word, the rest zero), so the data path never
 //! byte-swaps an address.
 #![no_std]
-// The BPF build's barrier in `hash::flow_hash` is inline assembly (nightly there).
-#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 pub mod hash;
 
