@@ -5,47 +5,27 @@
 //! the counts tolerate (a connection counted once under another backend for a few
 //! seconds); the data path itself never trusts such a way (see `lb_common::Flow::check`).
 
-use std::ffi::c_void;
-use std::num::NonZeroUsize;
-use std::ptr::NonNull;
-
 use aya::maps::MapData;
 use lb_common::{Flow, FlowKey, FlowSet};
-use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
+use super::array_mapping::ArrayMapping;
 use super::{DataplaneError, Result};
 
 pub(super) struct FlowMemory {
-    base: NonNull<c_void>,
-    len: usize,
+    mapping: ArrayMapping,
     sets: usize,
 }
 
-// SAFETY: the mapping is plain shared memory that lives as long as this value; it is only
-// read, through volatile reads.
-unsafe impl Send for FlowMemory {}
-unsafe impl Sync for FlowMemory {}
-
 impl FlowMemory {
     pub(super) fn map(map: &MapData, sets: u32) -> Result<Self> {
-        // SAFETY: sysconf reads a constant of the system.
-        let page = usize::try_from(unsafe { nix::libc::sysconf(nix::libc::_SC_PAGESIZE) }).unwrap_or(4096);
-        let bytes = (sets as usize * size_of::<FlowSet>()).div_ceil(page) * page;
-        let len = NonZeroUsize::new(bytes).ok_or(DataplaneError::Size {
-            what: "flow entries",
-            value: 0,
-            max: 0,
-        })?;
-        // SAFETY: a fresh shared read-only mapping of the map's value area, of the size the
-        // kernel allows for it.
-        let base = unsafe { mmap(None, len, ProtFlags::PROT_READ, MapFlags::MAP_SHARED, map.fd(), 0) }
-            .map_err(|e| DataplaneError::FlowMemory(std::io::Error::from(e)))?;
-        Ok(FlowMemory { base, len: bytes, sets: sets as usize })
+        let mapping = ArrayMapping::new(map, sets as usize * size_of::<FlowSet>(), false)
+            .map_err(DataplaneError::FlowMemory)?;
+        Ok(FlowMemory { mapping, sets: sets as usize })
     }
 
     /// Visits every used way (its check is not zero); returns how many there were.
     pub(super) fn for_each(&self, mut visit: impl FnMut(&FlowKey, &Flow)) -> u64 {
-        let sets = self.base.as_ptr().cast::<FlowSet>();
+        let sets = self.mapping.as_ptr().cast::<FlowSet>();
         let mut n = 0;
         for i in 0..self.sets {
             // SAFETY: set `i` is inside the mapping (`sets` sets were mapped); the kernel
@@ -60,14 +40,5 @@ impl FlowMemory {
             }
         }
         n
-    }
-}
-
-impl Drop for FlowMemory {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once.
-        if let Err(e) = unsafe { munmap(self.base, self.len) } {
-            tracing::warn!(error = %e, "unmapping the connection table");
-        }
     }
 }

@@ -33,6 +33,7 @@ use lb_common::{
 };
 
 mod apply;
+mod array_mapping;
 mod attach;
 mod counters;
 pub mod decap;

@@ -5,44 +5,26 @@
 //! never a torn one; the window flip stays a map update of the service (a syscall, which
 //! orders the stores before it).
 
-use std::ffi::c_void;
-use std::num::NonZeroUsize;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use aya::maps::MapData;
-use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
+use super::array_mapping::ArrayMapping;
 use super::{DataplaneError, Result};
 
 /// The kernel keeps array values 8-byte aligned: slot `i`'s u32 is at byte `8 * i`.
 const SLOT_STRIDE: usize = 8;
 
 pub(super) struct RingMemory {
-    base: NonNull<c_void>,
-    len: usize,
+    mapping: ArrayMapping,
     slots: usize,
 }
 
-// SAFETY: the mapping is plain shared memory that lives as long as this value; every access
-// goes through atomics.
-unsafe impl Send for RingMemory {}
-unsafe impl Sync for RingMemory {}
-
 impl RingMemory {
     pub(super) fn map(map: &MapData, slots: u32) -> Result<Self> {
-        // SAFETY: sysconf reads a constant of the system.
-        let page = usize::try_from(unsafe { nix::libc::sysconf(nix::libc::_SC_PAGESIZE) }).unwrap_or(4096);
-        let bytes = (slots as usize * SLOT_STRIDE).div_ceil(page) * page;
-        let len =
-            NonZeroUsize::new(bytes).ok_or(DataplaneError::Size { what: "ring slots", value: 0, max: 0 })?;
-        // SAFETY: a fresh shared mapping of the map's value area, of the size the kernel
-        // allows for it; nothing else in this process aliases it.
-        let base = unsafe {
-            mmap(None, len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, map.fd(), 0)
-        }
-        .map_err(|e| DataplaneError::RingMemory(std::io::Error::from(e)))?;
-        Ok(RingMemory { base, len: bytes, slots: slots as usize })
+        let mapping =
+            ArrayMapping::new(map, slots as usize * SLOT_STRIDE, true).map_err(DataplaneError::RingMemory)?;
+        Ok(RingMemory { mapping, slots: slots as usize })
     }
 
     fn slot(&self, i: u32) -> Option<&AtomicU32> {
@@ -52,7 +34,7 @@ impl RingMemory {
         }
         // SAFETY: in bounds of the mapping (checked above), 8-byte aligned, and only ever
         // accessed atomically here; the kernel's readers load it whole.
-        Some(unsafe { &*self.base.as_ptr().cast::<u8>().add(i * SLOT_STRIDE).cast::<AtomicU32>() })
+        Some(unsafe { &*self.mapping.as_ptr().add(i * SLOT_STRIDE).cast::<AtomicU32>() })
     }
 
     pub(super) fn get(&self, i: u32) -> Option<u32> {
@@ -71,14 +53,5 @@ impl RingMemory {
         }
         slot.store(value, Ordering::Release);
         Ok(true)
-    }
-}
-
-impl Drop for RingMemory {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once.
-        if let Err(e) = unsafe { munmap(self.base, self.len) } {
-            tracing::warn!(error = %e, "unmapping the ring array");
-        }
     }
 }
