@@ -145,9 +145,10 @@ pub mod test_object {
         /// The end-to-end benchmark's XDP floor: new MACs (`FLOOR_FWD[0]`) and out of
         /// another interface through a devmap, nothing else.
         pub const REDIRECT_FLOOR: &str = "lb_redirect_floor";
-        /// The kernel's own cost of a new flow: a lookup that misses and an insert into
-        /// `REFERENCE_FLOWS`, an LRU map like the connection table (same key, value and
-        /// flags; its size set at load), with a key never seen before on every run.
+        /// The kernel's LRU map's own cost of a new flow (the connection table was one
+        /// until map layout 9): a lookup that misses and an insert into `REFERENCE_FLOWS`
+        /// (the table's key and value, per-CPU lists; its size set at load), with a key
+        /// never seen before on every run.
         pub const LRU_INSERT: &str = "lb_lru_insert";
     }
 }

@@ -11,8 +11,8 @@ use lb_common::{Counters, FLOW_CLOSED, FLOW_ESTABLISHED, FLOW_MIDSTREAM, FLOW_UD
 use crate::model::{Forward, Scheduler, ServiceMatch, XdpMode};
 
 /// How long an entry still counts as a connection, per state: IPVS's default timeouts
-/// (`ipvsadm --timeout`: tcp 900 s, tcpfin 120 s, udp 300 s). The table is an LRU, so
-/// entries past these are only waiting to be evicted.
+/// (`ipvsadm --timeout`: tcp 900 s, tcpfin 120 s, udp 300 s). Entries past these stay
+/// in the table until a new flow takes their way.
 pub const TCP_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(900);
 pub const TCP_OTHER_TIMEOUT: Duration = Duration::from_secs(120);
 pub const UDP_TIMEOUT: Duration = Duration::from_secs(300);

@@ -170,7 +170,7 @@ mod programs {
         FLOOR_EGRESS.redirect(0, 0).unwrap_or(xdp_action::XDP_DROP)
     }
 
-    /// Per-CPU LRU lists, as the balancer's `FLOWS`.
+    /// Per-CPU LRU lists, as the balancer's `FLOWS` had until map layout 9.
     const BPF_F_NO_COMMON_LRU: u32 = 2;
 
     /// A stand-in for the connection table, for `lb_lru_insert`; the benchmark sizes it as

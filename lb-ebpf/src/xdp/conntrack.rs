@@ -317,7 +317,7 @@ pub fn pick(p: &Parsed, svc: &Service) -> Result<Decision, u32> {
 
 /// Katran's guard against SYN floods: past a number of new flows per second on this CPU,
 /// new flows are forwarded by the ring without being recorded, so that they cannot evict
-/// the established flows from the LRU table. Each CPU counts in its own window.
+/// the established flows from the table. Each CPU counts in its own window.
 #[inline(always)]
 fn flood_guard_allows(now: u64) -> bool {
     let limit = CONFIG.get(0).map_or(0, |c| c.flood_guard_flows_per_sec);

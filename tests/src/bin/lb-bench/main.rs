@@ -86,7 +86,7 @@ struct Case {
     service: &'static str,
     frame: Vec<u8>,
     /// Untimed runs just before each timed one, undoing what other cases did meanwhile
-    /// (the new-flow case evicts the others' flows from the LRU table).
+    /// (the new-flow case evicts the others' flows from the connection table).
     warmup: u32,
     action: u32,
     output: Output,
