@@ -246,6 +246,65 @@ impl Status {
     }
 }
 
+/// The control socket's `connections json`: each backend's connection counts and state,
+/// without the packet counters (reading those for every backend is most of what a `status
+/// json` costs the daemon), for `lb-daemon wait-drained`, which asks every second.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Connections {
+    /// As in [`Status`].
+    pub connection_counts_age_ms: u64,
+    pub backends: Vec<BackendConnections>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendConnections {
+    pub service: String,
+    pub address: IpAddr,
+    pub weight: u32,
+    /// As [`Backend::state`].
+    pub state: String,
+    pub active_connections: u64,
+    pub inactive_connections: u64,
+}
+
+impl Connections {
+    pub fn of(snap: &Snapshot) -> Connections {
+        Connections {
+            connection_counts_age_ms: snap.conn_counts_age.as_millis() as u64,
+            backends: snap
+                .services
+                .iter()
+                .flat_map(|s| {
+                    s.backends.iter().map(|b| BackendConnections {
+                        service: s.name.clone(),
+                        address: b.addr,
+                        weight: b.weight,
+                        state: b.status.name().to_owned(),
+                        active_connections: b.active,
+                        inactive_connections: b.inactive,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// The backend `addr` of every service `service` names (`None`: all services).
+    pub fn backends<'a>(
+        &'a self,
+        service: Option<&'a str>,
+        addr: IpAddr,
+    ) -> impl Iterator<Item = &'a BackendConnections> {
+        self.backends.iter().filter(move |b| b.address == addr && service.is_none_or(|n| b.service == n))
+    }
+}
+
+/// [`Connections::of`] as one line of JSON.
+pub fn render_connections(snap: &Snapshot) -> Result<String, serde_json::Error> {
+    let mut text = serde_json::to_string(&Connections::of(snap))?;
+    text.push('\n');
+    Ok(text)
+}
+
 /// The JSON Schema of [`Status`], pretty-printed, as `docs/status.schema.json` holds it.
 pub fn schema() -> String {
     let schema = schemars::schema_for!(Status);
@@ -317,5 +376,22 @@ mod tests {
         assert_eq!(back, Status::of(&snap));
         assert_eq!(back.backends(None, "10.0.2.11".parse().unwrap()).count(), 1);
         assert_eq!(back.backends(Some("other"), "10.0.2.11".parse().unwrap()).count(), 0);
+
+        // `connections json` tells what `status json` does of each backend's connections.
+        let conns: Connections = serde_json::from_str(&render_connections(&snap).unwrap()).unwrap();
+        let addr = "10.0.2.11".parse().unwrap();
+        let found: Vec<_> = conns.backends(Some("web"), addr).collect();
+        assert_eq!(found.len(), 1);
+        let (_, full) = back.backends(Some("web"), addr).next().unwrap();
+        assert_eq!(
+            (
+                found[0].state.as_str(),
+                found[0].weight,
+                found[0].active_connections,
+                found[0].inactive_connections
+            ),
+            (full.state.as_str(), full.weight, full.active_connections, full.inactive_connections)
+        );
+        assert_eq!(conns.backends(Some("other"), addr).count(), 0);
     }
 }

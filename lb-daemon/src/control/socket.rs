@@ -12,7 +12,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use super::bounded::serve_bounded;
 use super::overrides::parse_request;
-use super::status::{Views, snapshot_of};
+use super::status::{Views, shape_of, snapshot_of};
 use super::{ControlError, Result, io, lock};
 
 /// Connections the control socket serves at once; more wait in the kernel's backlog.
@@ -38,6 +38,9 @@ pub(super) async fn serve_control(views: Arc<Views>, listener: UnixListener) {
                 "status" => snapshot_of(&views).await.map(|s| s.status_table()),
                 "status json" => snapshot_of(&views).await.and_then(|s| Ok(crate::status_json::render(&s)?)),
                 "metrics" => snapshot_of(&views).await.and_then(|s| Ok(crate::metrics::render(&s)?)),
+                "connections json" => {
+                    shape_of(&views).await.and_then(|s| Ok(crate::status_json::render_connections(&s)?))
+                }
                 _ if !line.ends_with(b"\n") && line.len() as u64 >= CONTROL_MAX_REQUEST => {
                     Ok(format!("error: request longer than {CONTROL_MAX_REQUEST} bytes\n"))
                 }
@@ -52,7 +55,7 @@ pub(super) async fn serve_control(views: Arc<Views>, listener: UnixListener) {
                     }
                     Some(Err(usage)) => Ok(format!("error: {usage}\n")),
                     None => Ok(format!(
-                        "error: unknown request `{}` (try status, status json, metrics, drain, disable, enable, weight, overrides clear)\n",
+                        "error: unknown request `{}` (try status, status json, connections json, metrics, drain, disable, enable, weight, overrides clear)\n",
                         crate::config::shorten(other)
                     )),
                 },

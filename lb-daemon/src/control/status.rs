@@ -51,6 +51,16 @@ pub(super) async fn snapshot_of(views: &Views) -> Result<Snapshot> {
     .map_err(|e| ControlError::Io { what: "snapshot task".into(), source: std::io::Error::other(e) })?
 }
 
+/// What [`snapshot_of`] gives but the counters (left at zero): services, backends and
+/// their connection counts, without reading a counter per backend.
+pub(super) async fn shape_of(views: &Views) -> Result<Snapshot> {
+    let conns = views.conns.counts().await?;
+    let daemon = Arc::clone(&views.daemon);
+    tokio::task::spawn_blocking(move || Ok(lock(&daemon).snapshot_shape(&conns)?.0))
+        .await
+        .map_err(|e| ControlError::Io { what: "snapshot task".into(), source: std::io::Error::other(e) })?
+}
+
 /// Puts the counters of the services and backends named by `ids` into `snapshot`.
 fn fill_counters(snapshot: &mut Snapshot, ids: &CounterIds, counters: &CounterReader) -> Result<()> {
     for (service, (id, backend_ids)) in snapshot.services.iter_mut().zip(&ids.services) {

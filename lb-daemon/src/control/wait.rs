@@ -1,12 +1,12 @@
-//! `lb-daemon wait-drained`: polls the daemon's JSON status until a backend has no
-//! connections left, for rolling upgrades driven by scripts.
+//! `lb-daemon wait-drained`: polls the daemon's connection counts (`connections json`)
+//! until a backend has no connections left, for rolling upgrades driven by scripts.
 
 use std::time::Instant;
 
 use super::*;
-use crate::status_json::Status;
+use crate::status_json::Connections;
 
-/// How often the status is asked again (the daemon walks its table at most every
+/// How often the counts are asked again (the daemon walks its table at most every
 /// `CONN_COUNT_TTL` anyway).
 const POLL: Duration = Duration::from_secs(1);
 /// How often a wait that goes on says so.
@@ -27,7 +27,7 @@ pub struct Drained {
 pub enum WaitError {
     #[error(transparent)]
     Control(#[from] ControlError),
-    #[error("the daemon's status is not the JSON this lb-daemon reads")]
+    #[error("the daemon's connection counts are not the JSON this lb-daemon reads")]
     Status(#[from] serde_json::Error),
     #[error("{0}")]
     NoBackend(String),
@@ -40,12 +40,12 @@ pub enum WaitError {
     Unconfirmed { backend: IpAddr, after: Duration },
 }
 
-/// Connections of `what`'s backend in `status`, and whether any of its services still
-/// sends it new flows.
-fn left(status: &Status, what: &Drained) -> std::result::Result<(u64, bool), WaitError> {
+/// Connections of `what`'s backend, and whether any of its services still sends it new
+/// flows.
+fn left(status: &Connections, what: &Drained) -> std::result::Result<(u64, bool), WaitError> {
     let mut found = false;
     let (mut left, mut taking) = (0, false);
-    for (_, b) in status.backends(what.service.as_deref(), what.backend) {
+    for b in status.backends(what.service.as_deref(), what.backend) {
         found = true;
         left += b.active_connections + if what.inactive_too { b.inactive_connections } else { 0 };
         taking |= b.state == "active" && b.weight > 0;
@@ -68,7 +68,7 @@ pub async fn wait_drained(
     let start = Instant::now();
     let mut said = None::<Instant>;
     loop {
-        let status: Status = serde_json::from_str(&command(socket, "status json").await?)?;
+        let status: Connections = serde_json::from_str(&command(socket, "connections json").await?)?;
         let (n, taking) = left(&status, what)?;
         // Counts from a walk of the table that began before this wait may predate a
         // connection opened just before the drain: only a later walk's zero is believed.
