@@ -386,8 +386,9 @@ pub struct FlowWay {
 }
 
 /// A set of the connection table (`FLOWS`), a set-associative table in an array map: a
-/// flow's hash picks its set, and a new flow takes the set's empty way or else the one
-/// seen least recently. Nothing links the ways, so recording a flow keeps no lists and
+/// flow's hash picks its set, and a new flow takes its own way if its key is there (a
+/// closed tuple reused), else the way seen least recently (a way never used is all
+/// zeroes, the oldest of all). Nothing links the ways, so recording a flow keeps no lists and
 /// takes no lock (the kernel's LRU map cost a new flow three times as much; see
 /// docs/benchmarks.md).
 #[repr(C)]
@@ -424,7 +425,7 @@ impl FlowTable {
 }
 
 /// A new flow that takes the way of one seen less than this long ago is counted
-/// (`stat::FLOWS_EVICTED_RECENT`): the table is too small for the flows it must hold.
+/// (`stat::FLOWS_EVICTED_RECENT`).
 pub const FLOW_EVICTED_RECENT_NS: u64 = 10_000_000_000;
 
 /// Connection-table key: the 5-tuple as seen on the wire.
@@ -713,7 +714,8 @@ pub mod stat {
     pub const NAT_REPLY_TO_STACK: u32 = 45;
 
     /// New flows that took the connection-table way of a flow seen in the last
-    /// `FLOW_EVICTED_RECENT_NS` (not closed): the table is too small for the traffic.
+    /// `FLOW_EVICTED_RECENT_NS` (not closed). A few always do (sets fill unevenly); many
+    /// mean the table is too small for the traffic.
     pub const FLOWS_EVICTED_RECENT: u32 = 46;
 
     /// ICMP errors that quote a service's flow, forwarded to that flow's backend (it
