@@ -79,7 +79,10 @@ pub const fn tuple_hash(
 }
 
 /// The connection table's hash of a flow (`FlowTable`), under the table's own seed: the
-/// 5-tuple and the family (the upper address words only for IPv6).
+/// 5-tuple and the family (the upper address words only for IPv6). It repeats
+/// `tuple_hash`'s steps rather than share a core with it: through a shared function taking
+/// the fields by value, LLVM loads every field first and spills them, and the data path's
+/// global functions (`lb_flow_find`) have no stack to spare (the verifier refused it).
 #[inline(always)]
 pub const fn flow_hash(key: &crate::FlowKey, seed: u32) -> u32 {
     let mut h = block(seed, key.src[0]);

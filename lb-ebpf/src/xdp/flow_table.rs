@@ -41,14 +41,28 @@ pub fn find_inline(key: &FlowKey) -> Option<(*mut Flow, u32)> {
 /// The way `lb_flow_find` found, and the backend id it read.
 #[inline(always)]
 fn way_of(found: u64) -> Option<(*mut Flow, u32)> {
-    if found == 0 {
+    let way = way_at(found)?;
+    // SAFETY: a way of the table, valid for this program run.
+    Some((unsafe { &raw mut (*way).flow }, found as u32))
+}
+
+/// What the global functions return: zero for none, else the way's slot (set *
+/// FLOW_WAYS + way) plus one in the upper half, and `low` in the lower.
+#[inline(always)]
+fn slot_word(set: u32, way: usize, low: u32) -> u64 {
+    (u64::from(set * FLOW_WAYS + way as u32 + 1) << 32) | u64::from(low)
+}
+
+/// The way a [`slot_word`] names, `None` for zero.
+#[inline(always)]
+fn way_at(word: u64) -> Option<*mut FlowWay> {
+    if word == 0 {
         return None;
     }
-    let slot = ((found >> 32) as u32).wrapping_sub(1);
+    let slot = ((word >> 32) as u32).wrapping_sub(1);
     let set = FLOWS.get_ptr_mut(slot / FLOW_WAYS)?;
-    let w = (slot % FLOW_WAYS) as usize;
-    // SAFETY: `w` < WAYS: a way of the set, valid for this program run.
-    Some((unsafe { &raw mut (*set.cast::<FlowWay>().add(w)).flow }, found as u32))
+    // SAFETY: `slot % FLOW_WAYS` < WAYS: a way of the set, valid for this program run.
+    Some(unsafe { set.cast::<FlowWay>().add((slot % FLOW_WAYS) as usize) })
 }
 
 /// Records `flow` (its `check` is set here) under `key`: over the key's own way if it is
@@ -58,16 +72,11 @@ fn way_of(found: u64) -> Option<(*mut Flow, u32)> {
 #[inline(always)]
 pub fn record(key: &FlowKey, flow: &Flow) {
     let placed = lb_flow_place(key, flow.last_seen_ns);
-    if placed == 0 {
-        return;
-    }
-    let slot = ((placed >> 32) as u32).wrapping_sub(1);
-    let Some(set) = FLOWS.get_ptr_mut(slot / FLOW_WAYS) else { return };
+    let Some(way) = way_at(placed) else { return };
     let check = placed as u32;
-    // SAFETY: `slot % FLOW_WAYS` < WAYS: a way of the set, valid for this program run.
-    // Every field is written whole, the head last.
+    // SAFETY: a way of the table, valid for this program run. Every field is written
+    // whole, the head last.
     unsafe {
-        let way = set.cast::<FlowWay>().add((slot % FLOW_WAYS) as usize);
         let f = &raw mut (*way).flow;
         let (to, from) = (way.cast::<u32>(), (key as *const FlowKey).cast::<u32>());
         for i in 0..KEY_WORDS {
@@ -112,8 +121,8 @@ fn holds(way: *mut FlowWay, key: *const FlowKey) -> bool {
     diff == 0
 }
 
-/// Where `key`'s flow is: zero if it is not recorded, else its slot (set * FLOW_WAYS +
-/// way) plus one in the upper half and its backend id in the lower.
+/// Where `key`'s flow is: zero if it is not recorded, else its [`slot_word`] with its
+/// backend id.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn lb_flow_find(key: *const FlowKey) -> u64 {
@@ -132,16 +141,14 @@ fn find_slot(key: *const FlowKey) -> u64 {
         let way = unsafe { ways.add(w) };
         let head = head(way);
         if (head >> 32) as u32 == check && holds(way, key) {
-            let slot = set * FLOW_WAYS + w as u32 + 1;
-            return (u64::from(slot) << 32) | (head & 0xffff_ffff);
+            return slot_word(set, w, head as u32);
         }
     }
     0
 }
 
 /// Where `key`'s flow goes: its own way if it is in its set, else the way seen least
-/// recently; zero if the table is missing, else the slot plus one in the upper half and
-/// the check in the lower. Counts a flow seen within `FLOW_EVICTED_RECENT_NS` of `now`
+/// recently; zero if the table is missing, else its [`slot_word`] with the check. Counts a flow seen within `FLOW_EVICTED_RECENT_NS` of `now`
 /// (not closed) that loses its way.
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -176,5 +183,5 @@ pub extern "C" fn lb_flow_place(key: *const FlowKey, now: u64) -> u64 {
     if evicts_recent {
         stats::global(stat::FLOWS_EVICTED_RECENT);
     }
-    (u64::from(set * FLOW_WAYS + victim as u32 + 1) << 32) | u64::from(check)
+    slot_word(set, victim, check)
 }
