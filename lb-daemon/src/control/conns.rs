@@ -45,9 +45,7 @@ impl ConnCounter {
             return Ok(Arc::clone(counts));
         }
         let reader = Arc::clone(&self.reader);
-        let counts = tokio::task::spawn_blocking(move || walk(&reader)).await.map_err(|e| {
-            ControlError::Io { what: "counting connections".into(), source: std::io::Error::other(e) }
-        })??;
+        let counts = super::blocking("counting connections", move || walk(&reader)).await?;
         let counts = Arc::new(counts);
         *cache = Some((Instant::now(), Arc::clone(&counts)));
         Ok(counts)
@@ -66,6 +64,6 @@ fn walk(reader: &FlowReader) -> Result<ConnCounts> {
             Some(ConnKind::Inactive) => c.1 += 1,
             None => {}
         }
-    })?;
+    });
     Ok(counts)
 }

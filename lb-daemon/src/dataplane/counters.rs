@@ -1,7 +1,7 @@
 //! Reading back: counters, the connection table (also from outside the daemon's lock,
 //! through a [`FlowReader`]) and the flood guard's state.
 
-use super::flow_memory::FlowMemory;
+use super::flow_memory::FlowReader;
 use super::*;
 
 /// The possible CPUs, which per-CPU maps hold a value for each of; an error is `map`'s.
@@ -48,18 +48,6 @@ impl CounterReader {
 
     pub fn global(&self) -> Result<[u64; stat::COUNT as usize]> {
         global_counters(&self.global)
-    }
-}
-
-/// The connection table, readable on its own (see [`Dataplane::flow_reader`]).
-pub struct FlowReader {
-    memory: FlowMemory,
-}
-
-impl FlowReader {
-    /// Visits every recorded flow; returns how many there were.
-    pub fn for_each(&self, visit: impl FnMut(&FlowKey, &Flow)) -> Result<u64> {
-        Ok(self.memory.for_each(visit))
     }
 }
 
@@ -115,7 +103,7 @@ impl Dataplane {
         let aya::maps::Map::Array(data) = map else {
             return Err(map_err(maps::FLOWS)(MapError::InvalidName { name: maps::FLOWS.into() }));
         };
-        Ok(FlowReader { memory: FlowMemory::map(data, self.report.flow_entries / FLOW_WAYS)? })
+        FlowReader::map(data, self.report.flow_entries / FLOW_WAYS)
     }
 
     /// A service's counters summed over CPUs: its departed backends' and its current ones'.
@@ -167,7 +155,7 @@ impl Dataplane {
     /// A snapshot of the connection table.
     pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
         let mut flows = Vec::new();
-        self.flow_reader()?.for_each(|k, f| flows.push((*k, *f)))?;
+        self.flow_reader()?.for_each(|k, f| flows.push((*k, *f)));
         Ok(flows)
     }
 }

@@ -11,20 +11,22 @@ use lb_common::{Flow, FlowKey, FlowSet};
 use super::array_mapping::ArrayMapping;
 use super::{DataplaneError, Result};
 
-pub(super) struct FlowMemory {
+/// The connection table, readable on its own (see `Dataplane::flow_reader`).
+pub struct FlowReader {
     mapping: ArrayMapping,
     sets: usize,
 }
 
-impl FlowMemory {
+impl FlowReader {
     pub(super) fn map(map: &MapData, sets: u32) -> Result<Self> {
         let mapping = ArrayMapping::new(map, sets as usize * size_of::<FlowSet>(), false)
             .map_err(DataplaneError::FlowMemory)?;
-        Ok(FlowMemory { mapping, sets: sets as usize })
+        Ok(FlowReader { mapping, sets: sets as usize })
     }
 
-    /// Visits every used way (its check is not zero); returns how many there were.
-    pub(super) fn for_each(&self, mut visit: impl FnMut(&FlowKey, &Flow)) -> u64 {
+    /// Visits every recorded flow (a way whose check is not zero); returns how many there
+    /// were.
+    pub fn for_each(&self, mut visit: impl FnMut(&FlowKey, &Flow)) -> u64 {
         let sets = self.mapping.as_ptr().cast::<FlowSet>();
         let mut n = 0;
         for i in 0..self.sets {

@@ -43,8 +43,9 @@ pub mod probe;
 mod ring_memory;
 mod rings;
 
-pub use counters::{CounterReader, FlowReader};
+pub use counters::CounterReader;
 pub use events::ConnEventReader;
+pub use flow_memory::FlowReader;
 use ring_memory::RingMemory;
 use rings::{RingSpace, Window};
 
