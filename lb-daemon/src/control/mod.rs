@@ -104,6 +104,18 @@ use status::Views;
 use tasks::{follow_routing, lock, refresh_neighbours, reload};
 pub use wait::{Drained, WaitError, wait_drained};
 
+/// Runs `work` on the blocking pool (it takes the daemon's lock, walks the table or reads a
+/// file), so that the runtime's threads never wait on it; a task that panicked is an error
+/// naming `what` it was doing.
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ControlError::Io { what: what.into(), source: std::io::Error::other(e) })?
+}
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ControlError {
     let what = what.into();
     move |source| ControlError::Io { what, source }

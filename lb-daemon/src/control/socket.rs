@@ -47,11 +47,7 @@ pub(super) async fn serve_control(views: Arc<Views>, listener: UnixListener) {
                 other => match parse_request(other) {
                     Some(Ok(request)) => {
                         let daemon = Arc::clone(&views.daemon);
-                        tokio::task::spawn_blocking(move || lock(&daemon).override_request(&request))
-                            .await
-                            .unwrap_or_else(|e| {
-                                Err(ControlError::Io { what: "override task".into(), source: std::io::Error::other(e) })
-                            })
+                        super::blocking("override task", move || lock(&daemon).override_request(&request)).await
                     }
                     Some(Err(usage)) => Ok(format!("error: {usage}\n")),
                     None => Ok(format!(

@@ -32,7 +32,7 @@ const UNLOCKED_TRIES: usize = 3;
 pub(super) async fn snapshot_of(views: &Views) -> Result<Snapshot> {
     let conns = views.conns.counts().await?;
     let (daemon, counters) = (Arc::clone(&views.daemon), Arc::clone(&views.counters));
-    tokio::task::spawn_blocking(move || {
+    super::blocking("snapshot task", move || {
         for _ in 0..UNLOCKED_TRIES {
             let (mut snapshot, ids) = lock(&daemon).snapshot_shape(&conns)?;
             fill_counters(&mut snapshot, &ids, &counters)?;
@@ -48,7 +48,6 @@ pub(super) async fn snapshot_of(views: &Views) -> Result<Snapshot> {
         Ok(snapshot)
     })
     .await
-    .map_err(|e| ControlError::Io { what: "snapshot task".into(), source: std::io::Error::other(e) })?
 }
 
 /// What [`snapshot_of`] gives but the counters (left at zero): services, backends and
@@ -56,9 +55,7 @@ pub(super) async fn snapshot_of(views: &Views) -> Result<Snapshot> {
 pub(super) async fn shape_of(views: &Views) -> Result<Snapshot> {
     let conns = views.conns.counts().await?;
     let daemon = Arc::clone(&views.daemon);
-    tokio::task::spawn_blocking(move || Ok(lock(&daemon).snapshot_shape(&conns)?.0))
-        .await
-        .map_err(|e| ControlError::Io { what: "snapshot task".into(), source: std::io::Error::other(e) })?
+    super::blocking("snapshot task", move || Ok(lock(&daemon).snapshot_shape(&conns)?.0)).await
 }
 
 /// Puts the counters of the services and backends named by `ids` into `snapshot`.

@@ -15,9 +15,7 @@ pub(super) async fn reload(daemon: &Arc<Mutex<Daemon>>) {
     let result = async {
         // Off the runtime's threads: a file on a slow disk must not hold up anything else.
         let file = path.clone();
-        let config = tokio::task::spawn_blocking(move || load_config(&file))
-            .await
-            .map_err(|e| ControlError::Io { what: "reading the config".into(), source: std::io::Error::other(e) })??;
+        let config = super::blocking("reading the config", move || load_config(&file)).await?;
         // Checked before anything is written, so that a typo refuses the whole reload.
         for iface in &config.director.interfaces {
             if nix::net::if_::if_nametoindex(iface.as_str()).is_err() {
