@@ -177,19 +177,42 @@ pub fn parse_eth(start: usize, end: usize) -> Option<(usize, u16)> {
 /// Parses a frame down to its TCP/UDP ports.
 #[inline(always)]
 pub fn parse(start: usize, end: usize) -> Result<Parsed, ParseError> {
+    parse_unless(start, end, |_, _, _| false)
+}
+
+/// As [`parse`], but an IPv4 packet for which `not_ours(protocol, source, destination)`
+/// holds (addresses as raw network-order words) is `NotOurs` as soon as those three fields
+/// are read, before the rest of its header is looked at: a caller that passes most packets
+/// untouched spares them the rest of the parse.
+#[inline(always)]
+pub fn parse_unless(
+    start: usize,
+    end: usize,
+    not_ours: impl Fn(u8, u32, u32) -> bool,
+) -> Result<Parsed, ParseError> {
     let (l3, ethertype) = parse_eth(start, end).ok_or(ParseError::NotOurs)?;
     match ethertype {
-        ETH_P_IP => parse_ipv4(start, end, l3),
+        ETH_P_IP => parse_ipv4(start, end, l3, not_ours),
         ETH_P_IPV6 => parse_ipv6(start, end, l3),
         _ => Err(ParseError::NotOurs),
     }
 }
 
 #[inline(always)]
-fn parse_ipv4(start: usize, end: usize, l3: usize) -> Result<Parsed, ParseError> {
+fn parse_ipv4(
+    start: usize,
+    end: usize,
+    l3: usize,
+    not_ours: impl Fn(u8, u32, u32) -> bool,
+) -> Result<Parsed, ParseError> {
     // Without the fixed header there is no trustworthy destination, so nothing says the
     // packet was meant for a service: leave it to the kernel, which drops it.
     let dst0 = read_raw32(start, end, l3 + 16).ok_or(ParseError::NotOurs)?;
+    let proto = read_u8(start, end, l3 + 9).ok_or(ParseError::NotOurs)?;
+    let src0 = read_raw32(start, end, l3 + 12).ok_or(ParseError::NotOurs)?;
+    if not_ours(proto, src0, dst0) {
+        return Err(ParseError::NotOurs);
+    }
     let dst = [dst0, 0, 0, 0];
     let malformed = |reason| ParseError::Malformed { reason, family: FAMILY_V4, dst };
     let vhl = read_u8(start, end, l3).ok_or(ParseError::NotOurs)?;
@@ -206,8 +229,6 @@ fn parse_ipv4(start: usize, end: usize, l3: usize) -> Result<Parsed, ParseError>
         return Err(malformed(stat::DROP_BAD_LENGTH));
     }
     let frag = read_be16(start, end, l3 + 6).ok_or(ParseError::NotOurs)?;
-    let proto = read_u8(start, end, l3 + 9).ok_or(ParseError::NotOurs)?;
-    let src0 = read_raw32(start, end, l3 + 12).ok_or(ParseError::NotOurs)?;
     let src = [src0, 0, 0, 0];
     // A fragment: MF set (the first, offset zero, or a middle one) or an offset.
     let (offset, more) = (frag & 0x1fff, frag & 0x2000 != 0);
@@ -641,6 +662,36 @@ mod tests {
             testpkt::ipv4([10, 0, 0, 1], [192, 0, 2, 1], L4::tcp(1, 80, TCP_ACK), Ipv4Opts::default());
         f.extend_from_slice(&[0; 6]);
         assert!(run(&f).is_ok());
+    }
+
+    #[test]
+    fn a_packet_the_caller_disowns_stops_at_its_addresses_even_when_malformed() {
+        let start_of = |f: &[u8]| (f.as_ptr() as usize, f.as_ptr() as usize + f.len());
+        let seen = core::cell::Cell::new(None);
+        let disown_192_0_2_9 = |proto, src, dst| {
+            seen.set(Some((proto, src, dst)));
+            dst == u32::from_ne_bytes([192, 0, 2, 9])
+        };
+        let vlan = Ipv4Opts { vlan: Some(7), ..Default::default() };
+        let f = testpkt::ipv4([10, 0, 0, 1], [192, 0, 2, 9], L4::udp(53, 5353), vlan.clone());
+        let (start, end) = start_of(&f);
+        assert_eq!(parse_unless(start, end, disown_192_0_2_9), Err(ParseError::NotOurs));
+        let fields = (PROTO_UDP, u32::from_ne_bytes([10, 0, 0, 1]), u32::from_ne_bytes([192, 0, 2, 9]));
+        assert_eq!(seen.get(), Some(fields));
+        // A header the full parse would call malformed: disowned all the same.
+        let bad_ihl = Ipv4Opts { ihl: Some(4), ..Default::default() };
+        let f = testpkt::ipv4([10, 0, 0, 1], [192, 0, 2, 9], L4::tcp(1, 80, TCP_SYN), bad_ihl.clone());
+        let (start, end) = start_of(&f);
+        assert_eq!(parse_unless(start, end, disown_192_0_2_9), Err(ParseError::NotOurs));
+        // Another destination is parsed in full, malformed or not.
+        let f = testpkt::ipv4([10, 0, 0, 1], [192, 0, 2, 1], L4::tcp(1, 80, TCP_SYN), bad_ihl);
+        let (start, end) = start_of(&f);
+        let malformed =
+            ParseError::Malformed { reason: stat::DROP_BAD_IHL, family: FAMILY_V4, dst: v4([192, 0, 2, 1]) };
+        assert_eq!(parse_unless(start, end, disown_192_0_2_9), Err(malformed));
+        let f = testpkt::ipv4([10, 0, 0, 1], [192, 0, 2, 1], L4::udp(53, 5353), vlan);
+        let (start, end) = start_of(&f);
+        assert_eq!(parse_unless(start, end, disown_192_0_2_9).map(|p| u16::from_be(p.dport)), Ok(5353));
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! fwmark-style rules (`iptables -t mangle ... -j MARK` + `ipvsadm -A -f`), done here.
 use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
 use lb_common::{
-    AddrKey, FAMILY_V4, KIND_MARK, MAX_LOCAL_MACS, MAX_MARK_RULES_PER_PREFIX, MarkRuleSet, Service,
-    ServiceKey, hash::vip_filter_slot, local_mac_slot,
+    AddrKey, FAMILY_V4, KIND_MARK, MAX_LOCAL_MACS, MAX_MARK_RULES_PER_PREFIX, MarkRuleSet, PROTO_ICMP,
+    Service, ServiceKey, hash::vip_filter_slot, local_mac_slot,
 };
 use lb_ebpf::parse::{Parsed, ptr_at};
 
@@ -29,6 +29,25 @@ fn maybe_vip_address(addr: &[u32; 4], ipv6: bool) -> bool {
 pub fn maybe_nat_backend(p: &Parsed) -> bool {
     let slot = vip_filter_slot(&p.src, p.family != FAMILY_V4);
     NAT_SOURCE_FILTER.get(slot).is_some_and(|f| *f != 0)
+}
+
+/// True for an IPv4 packet (given its protocol and raw addresses) that can be neither a
+/// service's nor a NAT backend's reply: its destination is no VIP and in no mark rule's
+/// prefix (none exist), its source is no NAT backend's, and it is no ICMP message (an
+/// error quotes a flow of its own). Whatever the rest of its header holds (a fragment,
+/// a malformed header), `balance` would pass it; told by three inlined array loads, so
+/// that most traffic through a director, which is for no service, skips the rest of the
+/// parse. False when not sure.
+#[inline(always)]
+pub fn certainly_not_ours_v4(proto: u8, src: u32, dst: u32) -> bool {
+    if proto == PROTO_ICMP || maybe_vip_address(&[dst, 0, 0, 0], false) {
+        return false;
+    }
+    match CONFIG.get(0) {
+        Some(cfg) if cfg.mark_prefixes_v4 == 0 => {}
+        _ => return false,
+    }
+    NAT_SOURCE_FILTER.get(vip_filter_slot(&[src, 0, 0, 0], false)).is_some_and(|f| *f == 0)
 }
 
 /// The service of a packet: by exact VIP if `maybe_vip(p)`, else by mark rules.

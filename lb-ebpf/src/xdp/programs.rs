@@ -77,7 +77,7 @@ fn nat_reply(ctx: &XdpContext) -> u32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
-    let mut p = match parse::parse(start, end) {
+    let mut p = match parse::parse_unless(start, end, classify::certainly_not_ours_v4) {
         Ok(p) => p,
         Err(ParseError::NotOurs) => return xdp_action::XDP_PASS,
         // A malformed frame's ports cannot be trusted: it is ours if its destination
