@@ -124,6 +124,8 @@ pub mod test_object {
         pub const FLOOR_FWD: &str = "FLOOR_FWD";
         pub const FLOOR_EGRESS: &str = "FLOOR_EGRESS";
         pub const REFERENCE_FLOWS: &str = "REFERENCE_FLOWS";
+        pub const REFERENCE_SETS: &str = "REFERENCE_SETS";
+        pub const REFERENCE_TABLE: &str = "REFERENCE_TABLE";
     }
 
     /// Program names.
@@ -145,6 +147,10 @@ pub mod test_object {
         /// The end-to-end benchmark's XDP floor: new MACs (`FLOOR_FWD[0]`) and out of
         /// another interface through a devmap, nothing else.
         pub const REDIRECT_FLOOR: &str = "lb_redirect_floor";
+        /// The end-to-end floor plus one read of a flow's way in `REFERENCE_SETS` (a
+        /// stand-in for the connection table, as large, never written): what keeping
+        /// per-flow state costs at least.
+        pub const REDIRECT_FLOOR_TABLE: &str = "lb_redirect_floor_table";
         /// The kernel's LRU map's own cost of a new flow (the connection table was one
         /// until map layout 9): a lookup that misses and an insert into `REFERENCE_FLOWS`
         /// (the table's key and value, per-CPU lists; its size set at load), with a key

@@ -8,14 +8,15 @@
 mod programs {
     use aya_ebpf::maps::DevMap;
     use aya_ebpf::{
-        bindings::xdp_action,
+        bindings::{BPF_F_MMAPABLE, xdp_action},
         helpers::{bpf_redirect, bpf_xdp_adjust_head},
         macros::{map, xdp},
         maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
         programs::XdpContext,
     };
     use lb_common::{
-        BENCH_FRAME_LEN, BenchConfig, FloorForward, Flow, FlowKey, GEN_FRAME_LEN, SinkExpect, TrunkPort,
+        BENCH_FRAME_LEN, BenchConfig, FloorForward, Flow, FlowKey, FlowSet, FlowTable, FlowWay, GEN_FRAME_LEN,
+        SinkExpect, TrunkPort, hash::flow_hash,
     };
     use lb_ebpf::{
         csum,
@@ -157,6 +158,56 @@ mod programs {
     /// another interface through a devmap).
     #[xdp]
     pub fn lb_redirect_floor(ctx: XdpContext) -> u32 {
+        redirect_to_floor_egress(&ctx)
+    }
+
+    /// A stand-in for the connection table's memory, as many sets as the benchmark's
+    /// table (sized at load time), never written: for `lb_redirect_floor_table`.
+    #[map]
+    static REFERENCE_SETS: Array<FlowSet> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+    /// `REFERENCE_SETS`' seed and set mask.
+    #[map]
+    static REFERENCE_TABLE: Array<FlowTable> = Array::with_max_entries(1, 0);
+
+    /// The end-to-end floor plus the least that keeping per-flow state costs: the flow's
+    /// hash and one read of the way it picks in a table as large as the connection
+    /// table (a cache line, and a TLB entry, of its own for each of many flows).
+    #[xdp]
+    pub fn lb_redirect_floor_table(ctx: XdpContext) -> u32 {
+        let Some(table) = REFERENCE_TABLE.get(0).copied() else { return xdp_action::XDP_PASS };
+        let Ok(p) = parse::parse(ctx.data(), ctx.data_end()) else { return xdp_action::XDP_PASS };
+        let key = FlowKey {
+            src: p.src,
+            dst: p.dst,
+            sport: p.sport,
+            dport: p.dport,
+            proto: p.proto,
+            family: p.family,
+            _pad: 0,
+        };
+        let Some(set) = REFERENCE_SETS.get_ptr(table.set(flow_hash(&key, table.seed))) else {
+            return xdp_action::XDP_PASS;
+        };
+        // SAFETY: a set of the map, valid for this program run; read as the balancer reads
+        // a way (its head word, then its key), volatile so that the reads stay.
+        let (head, first_key_word) = unsafe {
+            let way = set.cast::<FlowWay>();
+            (
+                core::ptr::read_volatile((&raw const (*way).flow).cast::<u64>()),
+                core::ptr::read_volatile(way.cast::<u32>()),
+            )
+        };
+        // Never true (the table is all zeroes): the values are used, so the reads stay.
+        if head == u64::MAX && first_key_word == key.src[0] {
+            return xdp_action::XDP_DROP;
+        }
+        redirect_to_floor_egress(&ctx)
+    }
+
+    /// New MACs (`FLOOR_FWD[0]`), then out of `FLOOR_EGRESS[0]`.
+    #[inline(always)]
+    fn redirect_to_floor_egress(ctx: &XdpContext) -> u32 {
         let Some(fwd) = FLOOR_FWD.get(0).copied() else { return xdp_action::XDP_PASS };
         let (start, end) = (ctx.data(), ctx.data_end());
         if start + 12 > end {

@@ -7,7 +7,9 @@ use aya::maps::{Array, DevMap, HashMap, MapData, PerCpuArray, PerCpuValues, Prog
 use aya::programs::{ProgramFd, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::test_object::{maps, programs};
-use lb_common::{BENCH_FRAME_LEN, BenchConfig, FloorForward, GEN_FRAME_LEN, SinkExpect, TrunkPort};
+use lb_common::{
+    BENCH_FRAME_LEN, BenchConfig, FLOW_WAYS, FloorForward, FlowTable, GEN_FRAME_LEN, SinkExpect, TrunkPort,
+};
 
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_XDP_TEST_OBJECT"));
 
@@ -21,10 +23,22 @@ impl TestPrograms {
         Self::load_from(&mut EbpfLoader::new())
     }
 
-    /// As [`TestPrograms::load`], with `lb_lru_insert`'s table as large as a connection
-    /// table of `entries`.
+    /// As [`TestPrograms::load`], with the tables of `lb_lru_insert` and
+    /// `lb_redirect_floor_table` as large as a connection table of `entries` (a power of
+    /// two, at least `FLOW_WAYS`).
     pub fn load_with_reference_table(entries: u32) -> Result<Self> {
-        Self::load_from(EbpfLoader::new().map_max_entries(maps::REFERENCE_FLOWS, entries))
+        let sets = entries / FLOW_WAYS;
+        anyhow::ensure!(sets.is_power_of_two(), "a reference table of {entries} entries: not a power of two");
+        let mut programs = Self::load_from(
+            EbpfLoader::new()
+                .map_max_entries(maps::REFERENCE_FLOWS, entries)
+                .map_max_entries(maps::REFERENCE_SETS, sets),
+        )?;
+        let mut table: Array<&mut MapData, FlowTable> =
+            Array::try_from(programs.map_mut(maps::REFERENCE_TABLE)?)?;
+        // Any seed does: nothing is ever found in the table.
+        table.set(0, FlowTable { seed: 0x5eed_f10e, set_mask: sets - 1 }, 0)?;
+        Ok(programs)
     }
 
     fn load_from(loader: &mut EbpfLoader) -> Result<Self> {

@@ -1,5 +1,6 @@
 //! Every map of the object. Sizes are defaults; the daemon may override them at load time.
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
@@ -25,11 +26,8 @@ pub static SERVICE_GENERATIONS: Array<u32> = Array::with_max_entries(MAX_SERVICE
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// The daemon maps the ring array (and the connection table) into its memory and
-/// accesses them as memory.
-const BPF_F_MMAPABLE: u32 = 1 << 10;
-
-/// All Maglev rings, back to back; each service owns two windows and flips between them.
+/// All Maglev rings, back to back (`BPF_F_MMAPABLE`: the daemon maps them, as the
+/// connection table, into its memory); each service owns two windows and flips between them.
 #[map]
 pub static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_RING_SLOTS, BPF_F_MMAPABLE);
 
