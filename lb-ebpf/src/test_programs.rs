@@ -15,8 +15,8 @@ mod programs {
         programs::XdpContext,
     };
     use lb_common::{
-        BENCH_FRAME_LEN, BenchConfig, FloorForward, Flow, FlowKey, FlowSet, FlowTable, FlowWay, GEN_FRAME_LEN,
-        SinkExpect, TrunkPort, hash::flow_hash,
+        BENCH_FRAME_LEN, BenchConfig, FloorForward, Flow, FlowKey, FlowSet, FlowTable, FlowWay,
+        GEN_FRAME_LEN, SinkExpect, TrunkPort, hash::flow_hash,
     };
     use lb_ebpf::{
         csum,

@@ -1,5 +1,6 @@
 //! `cargo xtask bench e2e` keeps working: in quick mode every variant of the end-to-end
-//! benchmark (the kernel's forwarding and nftables DNAT, the XDP floor, our direct routing,
+//! benchmark (the kernel's forwarding and nftables DNAT, the XDP floor, the floor with a
+//! table read, our direct routing,
 //! tunnel and masquerading, for UDP and TCP SYN frames) runs once, and the benchmark's own
 //! checks hold: only frames in the form the variant must deliver count at the sink, and any
 //! other frame arriving there fails the run. No rate is judged: too few frames to measure.
@@ -18,9 +19,15 @@ fn every_end_to_end_variant_delivers_its_frames_as_it_must() {
         "lb-bench e2e --quick failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for variant in
-        ["kernel forwarding", "nftables DNAT", "XDP floor", "lb direct routing", "lb tunnel", "lb masquerade"]
-    {
+    for variant in [
+        "kernel forwarding",
+        "nftables DNAT",
+        "XDP floor (",
+        "XDP floor + a 1M-entry table read",
+        "lb direct routing",
+        "lb tunnel",
+        "lb masquerade",
+    ] {
         let row = stdout
             .lines()
             .find(|l| l.starts_with(variant))

@@ -290,7 +290,9 @@ pub fn run_all(quick: bool) -> Result<()> {
                             dp.program(PASS)?.fd()?.try_clone()?
                         }
                         Variant::XdpFloor => test.program(REDIRECT_FLOOR)?.fd()?.try_clone()?,
-                        Variant::FloorWithTableRead => test.program(REDIRECT_FLOOR_TABLE)?.fd()?.try_clone()?,
+                        Variant::FloorWithTableRead => {
+                            test.program(REDIRECT_FLOOR_TABLE)?.fd()?.try_clone()?
+                        }
                         Variant::DirectRouting | Variant::Tunnel | Variant::Masquerade => {
                             dp.program(BALANCER)?.fd()?.try_clone()?
                         }
