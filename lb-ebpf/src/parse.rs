@@ -5,7 +5,7 @@
 //! by ordinary tests. Each read is preceded by an explicit comparison against `end`; the
 //! verifier needs to see that comparison on the exact pointer it dereferences.
 
-use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, stat};
+use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, stat};
 
 pub const ETH_HLEN: usize = 14;
 pub const VLAN_HLEN: usize = 4;
@@ -66,6 +66,22 @@ pub struct Parsed {
     /// The datagram's identification (IPv4: 16 bits; IPv6: the fragment header's 32),
     /// for fragments.
     pub frag_id: u32,
+}
+
+impl Parsed {
+    /// The packet's connection-table key.
+    #[inline(always)]
+    pub fn flow_key(&self) -> FlowKey {
+        FlowKey {
+            src: self.src,
+            dst: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            family: self.family,
+            _pad: 0,
+        }
+    }
 }
 
 pub const FRAG_FIRST: u8 = 1;

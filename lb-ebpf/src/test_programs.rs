@@ -177,15 +177,7 @@ mod programs {
     pub fn lb_redirect_floor_table(ctx: XdpContext) -> u32 {
         let Some(table) = REFERENCE_TABLE.get(0).copied() else { return xdp_action::XDP_PASS };
         let Ok(p) = parse::parse(ctx.data(), ctx.data_end()) else { return xdp_action::XDP_PASS };
-        let key = FlowKey {
-            src: p.src,
-            dst: p.dst,
-            sport: p.sport,
-            dport: p.dport,
-            proto: p.proto,
-            family: p.family,
-            _pad: 0,
-        };
+        let key = p.flow_key();
         let Some(set) = REFERENCE_SETS.get_ptr(table.set(flow_hash(&key, table.seed))) else {
             return xdp_action::XDP_PASS;
         };

@@ -24,20 +24,6 @@ pub struct Decision {
     pub new_flow: bool,
 }
 
-/// The connection-table key of a packet.
-#[inline(always)]
-pub fn flow_key(p: &Parsed) -> FlowKey {
-    FlowKey {
-        src: p.src,
-        dst: p.dst,
-        sport: p.sport,
-        dport: p.dport,
-        proto: p.proto,
-        family: p.family,
-        _pad: 0,
-    }
-}
-
 /// The coarse clock, which only moves once a tick: within the tick of this CPU's latest
 /// read, that read. The kernel inlines `bpf_jiffies64` (a load) and this per-CPU array's
 /// lookup, where the clock helper is a call that cost an established packet 10-20 ns.

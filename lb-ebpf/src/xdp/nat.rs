@@ -38,7 +38,7 @@ use lb_ebpf::{
 
 use super::{
     classify,
-    conntrack::{self, Decision, flow_key},
+    conntrack::{self, Decision},
     flow_table, forward,
     maps::{
         BACKENDS, FULLNAT_POOL, FULLNAT_SOURCES, NAT_JOBS, NAT_PROGRAMS, NAT_REPLIES, SERVICE_GENERATIONS,
@@ -229,7 +229,7 @@ pub fn error_to_backend(ctx: &XdpContext) -> u32 {
     let Some(svc) = classify::lookup_service(&p, classify::maybe_vip(&p)) else {
         return xdp_action::XDP_PASS;
     };
-    let key = flow_key(&p);
+    let key = p.flow_key();
     let Some(d) = conntrack::about_error(&p, &key, &svc) else {
         return xdp_action::XDP_PASS;
     };
@@ -586,7 +586,7 @@ fn reply_of(ctx: &XdpContext) -> Result<ReplyOf, u32> {
     if p.frag != 0 || !classify::addressed_to_us(ctx) {
         return Err(xdp_action::XDP_PASS);
     }
-    let flow = NAT_REPLIES.get_ptr(&flow_key(&p)).ok_or(xdp_action::XDP_PASS)?;
+    let flow = NAT_REPLIES.get_ptr(&p.flow_key()).ok_or(xdp_action::XDP_PASS)?;
     // SAFETY: the element stays valid for this program run (RCU); copied once, so that
     // the lookups below use a stable key.
     let flow = unsafe { *flow };

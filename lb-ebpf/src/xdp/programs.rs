@@ -125,7 +125,7 @@ fn balance(ctx: &XdpContext) -> u32 {
         let ours = later_fragment || mark_service.is_some() || classify::lookup_service(&p, true).is_some();
         return drop_if_ours(ours, reason);
     }
-    let key = conntrack::flow_key(&p);
+    let key = p.flow_key();
     // One way out for every decision below: `forward` is inlined once (twice would not fit
     // the balancer's stack).
     let (d, counter) = if later_fragment {
@@ -217,7 +217,7 @@ fn icmp_error(ctx: &XdpContext, p: &Parsed) -> u32 {
     if !classify::addressed_to_us(ctx) || parse::check_ipv4_header(ctx.data(), ctx.data_end(), p).is_err() {
         return xdp_action::XDP_PASS;
     }
-    let key = conntrack::flow_key(p);
+    let key = p.flow_key();
     let Some(d) = conntrack::about_error(p, &key, &svc) else {
         return xdp_action::XDP_PASS;
     };
