@@ -403,9 +403,12 @@ fn thousands_of_idle_local_clients_take_no_backend_down() -> Result<()> {
     Ok(())
 }
 
-/// Fills the pinned connection table as the data path would: `n` established flows seen
-/// now, from sources 10.100.x.y, each in a free way of the set its hash gives it (a flow
-/// whose set is full is left out). Returns how many were placed.
+/// Fills the pinned connection table as the data path would: `n` established flows from
+/// sources 10.100.x.y, each in a free way of the set its hash gives it (a flow whose set is
+/// full is left out). Every flow of a set written, those already there included, is
+/// stamped as seen when its set is written: a fill of millions of flows takes seconds, and
+/// a stamp taken when it began could be past `FLOW_EVICTED_RECENT_NS` by the time the
+/// caller's next connection evicts a flow. Returns how many were placed.
 fn fill_flows(bpf_dir: &std::path::Path, n: u32) -> Result<u64> {
     use aya::maps::{Array, Map, MapData};
     use lb_common::{FLOW_ESTABLISHED, Flow, FlowKey, FlowSet, FlowTable, hash::flow_hash, maps};
@@ -414,7 +417,6 @@ fn fill_flows(bpf_dir: &std::path::Path, n: u32) -> Result<u64> {
     let table: FlowTable = Array::<MapData, FlowTable>::try_from(open(maps::FLOW_TABLE)?)?.get(&0, 0)?;
     let mut flows: Array<MapData, FlowSet> = Array::try_from(open(maps::FLOWS)?)?;
     let mut sets: std::collections::BTreeMap<u32, FlowSet> = std::collections::BTreeMap::new();
-    let now = lb_daemon::snapshot::flow_clock_ns()?;
     let mut placed = 0;
     for i in 0..n {
         let src = u32::from_ne_bytes([10, 100, (i >> 16) as u8, (i >> 8) as u8]);
@@ -441,12 +443,16 @@ fn fill_flows(bpf_dir: &std::path::Path, n: u32) -> Result<u64> {
                 service: 0,
                 state: FLOW_ESTABLISHED,
                 service_generation: 0,
-                last_seen_ns: now,
+                last_seen_ns: 0,
             };
             placed += 1;
         }
     }
-    for (index, set) in sets {
+    for (index, mut set) in sets {
+        let now = lb_daemon::snapshot::flow_clock_ns()?;
+        for way in set.ways.iter_mut().filter(|w| w.flow.check != 0) {
+            way.flow.last_seen_ns = now;
+        }
         flows.set(index, set, 0)?;
     }
     Ok(placed)
