@@ -23,17 +23,18 @@ impl TestPrograms {
         Self::load_from(&mut EbpfLoader::new())
     }
 
-    /// As [`TestPrograms::load`], with the tables of `lb_lru_insert` and
-    /// `lb_redirect_floor_table` as large as a connection table of `entries` (a power of
-    /// two, at least `FLOW_WAYS`).
-    pub fn load_with_reference_table(entries: u32) -> Result<Self> {
+    /// As [`TestPrograms::load`], with `lb_lru_insert`'s LRU map as large as a connection
+    /// table of `entries`.
+    pub fn load_with_lru_reference(entries: u32) -> Result<Self> {
+        Self::load_from(EbpfLoader::new().map_max_entries(maps::REFERENCE_FLOWS, entries))
+    }
+
+    /// As [`TestPrograms::load`], with `lb_redirect_floor_table`'s sets as many as a
+    /// connection table of `entries` has (a power of two, at least `FLOW_WAYS`).
+    pub fn load_with_set_reference(entries: u32) -> Result<Self> {
         let sets = entries / FLOW_WAYS;
         anyhow::ensure!(sets.is_power_of_two(), "a reference table of {entries} entries: not a power of two");
-        let mut programs = Self::load_from(
-            EbpfLoader::new()
-                .map_max_entries(maps::REFERENCE_FLOWS, entries)
-                .map_max_entries(maps::REFERENCE_SETS, sets),
-        )?;
+        let mut programs = Self::load_from(EbpfLoader::new().map_max_entries(maps::REFERENCE_SETS, sets))?;
         let mut table: Array<&mut MapData, FlowTable> =
             Array::try_from(programs.map_mut(maps::REFERENCE_TABLE)?)?;
         // Any seed does: nothing is ever found in the table.

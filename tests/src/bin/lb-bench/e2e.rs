@@ -245,7 +245,7 @@ pub fn run_all(quick: bool) -> Result<()> {
     }
     let (d1_index, g0_index) = (ifindex_in(&dir_ns, &d1)?, ifindex_in(&gen_ns, &g0)?);
 
-    let mut test = TestPrograms::load_with_reference_table(TABLE_ENTRIES)?;
+    let mut test = TestPrograms::load_with_set_reference(TABLE_ENTRIES)?;
     sink_ns.scoped(|| test.attach(SINK, &s0))?;
     // Devmap entries name interfaces of the writer's namespace.
     dir_ns.scoped(|| {

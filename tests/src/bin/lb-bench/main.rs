@@ -157,7 +157,7 @@ fn main() -> Result<()> {
 
 /// The data-path cases, inside the bench namespace.
 fn data_path() -> Result<()> {
-    let mut test = TestPrograms::load_with_reference_table(TABLE_ENTRIES)?;
+    let mut test = TestPrograms::load_with_lru_reference(TABLE_ENTRIES)?;
     let load =
         |flow_entries| Dataplane::load(&LoadOptions { ring_slots: 4 * 65537, flow_entries, pin_dir: None });
     let mut dp = load(TABLE_ENTRIES)?;
